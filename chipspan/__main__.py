@@ -1,0 +1,3 @@
+from chipspan.cli import main
+
+raise SystemExit(main())
