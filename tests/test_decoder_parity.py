@@ -28,10 +28,12 @@ VARIANTS = {
 }
 
 
-def make_reference(tmp_path, variant, seed=0):
-    """A random transformers model of ``variant``, saved to tmp_path; returns (model, folder)."""
+def make_reference(tmp_path, variant, seed=0, **changes):
+    """A random transformers model of ``variant`` (config ``changes`` applied), saved to tmp_path.
+
+    Returns (model, folder)."""
     class_name, overrides = VARIANTS[variant]
-    config = getattr(transformers, class_name)(**{**TINY, **overrides})
+    config = getattr(transformers, class_name)(**{**TINY, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # biases start at zero: make them count

@@ -1,0 +1,87 @@
+"""The ``chipspan`` command line: one subcommand per job.
+
+    chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
+    chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
+
+A ChipspanError is printed as one line (``chipspan: error: ...``) and exits 1; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chipspan.errors import ChipspanError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chipspan", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser("convert", help="turn a Llama-architecture GGUF into a Hugging Face folder")
+    convert.add_argument("gguf", help="the .gguf file")
+    convert.add_argument("out_dir", help="folder to create (config.json, model.safetensors, tokenizer)")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    convert.add_argument("--tokenizer", dest="tokenizer_dir", metavar="DIR",
+                         help="copy the tokenizer from this HF folder instead of rebuilding it from the GGUF")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    convert.set_defaults(run=_run_convert)
+
+    chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
+    chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
+    chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
+    chat.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max_new_tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top_p", type=float, default=1.0)
+    chat.add_argument("--top_k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--dtype", choices=DTYPES, default="float32")
+    chat.add_argument("--device", default="cpu")
+    chat.set_defaults(run=_run_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ChipspanError as exc:
+        if args.debug:
+            raise
+        print(f"chipspan: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from chipspan.models.gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                       overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from chipspan.infer.chat import ChatSession
+
+    session = ChatSession.load(args)
+    if args.prompt is not None:
+        session.reply(args.prompt, stream=sys.stdout)
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            session.reply(line.rstrip("\n"), stream=sys.stdout)

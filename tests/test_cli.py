@@ -1,0 +1,72 @@
+"""The command line: bad input gets one error line, no traceback unless --debug."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_decoder_parity import make_reference
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "llama2-tokenizer"
+
+
+def chipspan(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "chipspan", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chipspan: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture()
+def model_folder(tmp_path):
+    if not LLAMA2_TOKENIZER.is_dir():
+        pytest.skip(f"the Llama-2 tokenizer is not at {LLAMA2_TOKENIZER}")
+    _, folder = make_reference(tmp_path / "model", "llama2-mha", vocab_size=32000)
+    for file in LLAMA2_TOKENIZER.iterdir():
+        shutil.copy(file, folder)
+    return folder
+
+
+def test_missing_model_folder(tmp_path):
+    result = chipspan("chat", "--model_name_or_path", tmp_path / "no-such-model", "--prompt", "hi")
+    assert_one_error_line(result, "no-such-model", "does not exist")
+
+
+def test_config_without_model_type(model_folder):
+    config = json.loads((model_folder / "config.json").read_text())
+    del config["model_type"]
+    (model_folder / "config.json").write_text(json.dumps(config))
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hi")
+    assert_one_error_line(result, "no 'model_type'", "llama, mistral, qwen2")
+
+
+def test_truncated_safetensors_and_debug_traceback(model_folder):
+    weights = model_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hi")
+    assert_one_error_line(result, "model.safetensors", "truncated")
+    debug = chipspan("--debug", "chat", "--model_name_or_path", model_folder, "--prompt", "hi")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_chat_answers_a_prompt(model_folder):
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hello", "--max_new_tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(model_folder):
+    config = json.loads((model_folder / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (model_folder / "config.json").write_text(json.dumps(config))
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hi")
+    assert_one_error_line(result, "32000 tokens", "vocab_size is 1000")
