@@ -70,3 +70,15 @@ def test_tokenizer_larger_than_the_model_vocabulary(model_folder):
     (model_folder / "config.json").write_text(json.dumps(config))
     result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hi")
     assert_one_error_line(result, "32000 tokens", "vocab_size is 1000")
+
+
+def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["qproj"], "bias": "none"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--adapter_name_or_path", adapter,
+                      "--prompt", "hi")
+    assert_one_error_line(result, "'qproj' matches no module", "q_proj", "v_proj")

@@ -10,6 +10,7 @@ from typing import TextIO
 
 import torch
 
+from chipspan.adapters.peft_io import check_adapter, load_adapter
 from chipspan.errors import ChipspanError
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.models.checkpoint import load_pretrained
@@ -33,10 +34,10 @@ class ChatSession:
         if tokenizer.vocab_size > config.vocab_size:
             raise ChipspanError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's "
                                 f"vocab_size is {config.vocab_size}: tokenizer and weights are from different models")
+        if args.adapter_name_or_path:
+            check_adapter(config, args.adapter_name_or_path)
         model = load_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device)
         if args.adapter_name_or_path:
-            from chipspan.adapters.peft_io import load_adapter
-
             load_adapter(model, args.adapter_name_or_path)
         settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
