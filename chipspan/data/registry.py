@@ -1,0 +1,99 @@
+"""The dataset registry: names -> where the data is and how to read it (``dataset_info.json``).
+
+chipspan ships the seed's ``dataset_info.json`` (LLaMA-Factory at b988ce0); a ``dataset_info.json``
+in ``--dataset_dir`` adds entries and replaces built-in ones of the same name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from chipspan.errors import ChipspanError
+
+REGISTRY_FILE = "dataset_info.json"
+# Entry keys for data chipspan does not fetch yet -> where that data comes from.
+_REMOTE = {"hf_hub_url": "the Hugging Face Hub", "ms_hub_url": "ModelScope", "script_url": "a loading script"}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset that chipspan can read: a file (or folder) under ``dataset_dir``.
+
+    ``columns`` is the entry's column mapping, None when it has none; ``builtin`` says the entry
+    comes from the seed's registry rather than the user's ``dataset_info.json``.
+    """
+
+    name: str
+    file_name: str
+    file_sha1: str | None
+    columns: dict[str, str] | None
+    builtin: bool
+
+
+def builtin_registry() -> dict[str, dict]:
+    """The seed's ``dataset_info.json``, as shipped inside the package."""
+    text = resources.files("chipspan.data").joinpath("dataset_info_seed.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def user_registry(dataset_dir: str | Path) -> dict[str, dict]:
+    """Entries of ``dataset_info.json`` in ``dataset_dir``; empty when there is no such file."""
+    path = Path(dataset_dir) / REGISTRY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ChipspanError(f"{path.absolute()} is not valid JSON ({reason}): fix it") from exc
+    if not isinstance(registry, dict):
+        raise ChipspanError(f"{path.absolute()} must hold a JSON object of dataset entries, name -> entry")
+    return registry
+
+
+def lookup(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
+    """The entries for a comma-separated list of names, in order; every name is checked first."""
+    builtin, user = builtin_registry(), user_registry(dataset_dir)
+    registry = {**builtin, **user}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
+    entries = []
+    for name in wanted:
+        if name not in registry:
+            close = difflib.get_close_matches(name, list(registry), n=3)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            where = Path(dataset_dir).absolute() / REGISTRY_FILE
+            raise ChipspanError(
+                f"unknown dataset '{name}'{hint}: add it to {where} or use a name the seed's registry has"
+            )
+        entries.append(_entry(name, registry[name], builtin=name not in user))
+    return entries
+
+
+def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
+    if not isinstance(info, dict):
+        raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} must be a JSON object with a file_name")
+    for key, what in _REMOTE.items():
+        if key in info:
+            raise ChipspanError(
+                f"dataset '{name}' comes from {what} ({key} '{info[key]}'), which chipspan does not "
+                f"load yet: save the data as a JSON/JSONL file and register it with file_name"
+            )
+    if "file_name" not in info:
+        raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} has no file_name: add one")
+    formatting = info.get("formatting", "alpaca")
+    if formatting != "alpaca":
+        raise ChipspanError(
+            f"dataset '{name}' uses formatting '{formatting}', which is not supported yet: only alpaca is"
+        )
+    columns = info.get("columns")
+    if columns is not None and not isinstance(columns, dict):
+        raise ChipspanError(
+            f"dataset '{name}': columns must be a JSON object such as {{\"prompt\": \"instruction\"}}"
+        )
+    return DatasetEntry(name, info["file_name"], info.get("file_sha1"), columns, builtin)
