@@ -82,3 +82,12 @@ def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
     result = chipspan("chat", "--model_name_or_path", model_folder, "--adapter_name_or_path", adapter,
                       "--prompt", "hi")
     assert_one_error_line(result, "'qproj' matches no module", "q_proj", "v_proj")
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    from test_gguf import tiny_model, write_gguf
+
+    write_gguf(tmp_path / "m.gguf", tiny_model(), arch="qwen2")
+    result = chipspan("convert", tmp_path / "m.gguf", tmp_path / "out")
+    assert_one_error_line(result, "GGUF architecture 'qwen2' is not supported; chipspan converts: llama")
+    assert not (tmp_path / "out").exists()

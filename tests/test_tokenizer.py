@@ -1,7 +1,6 @@
 """Tokenizer: ids, decoding, chat templates and saved files agree with transformers' AutoTokenizer."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from chipspan.models.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2 = REPO.parent / "shared" / "assets" / "llama2-tokenizer"
-LLAMA3 = Path(os.environ.get("CHIPSPAN_ASSETS", "~/.cache/chipspan-assets")).expanduser() / "llama3-tokenizer"
 
 TEXTS = [
     "Hello, world!",
@@ -107,16 +105,12 @@ TOOLS = [
 
 
 needs_llama2 = pytest.mark.skipif(not LLAMA2.is_dir(), reason=f"no Llama-2 tokenizer at {LLAMA2}")
-needs_llama3 = pytest.mark.skipif(
-    not LLAMA3.is_dir(), reason=f"no Llama-3 tokenizer at {LLAMA3}: run ../shared/scripts/fetch_assets.sh"
-)
 
 
-def _folders():
-    return [
-        pytest.param(LLAMA2, id="llama2", marks=needs_llama2),
-        pytest.param(LLAMA3, id="llama3", marks=needs_llama3),
-    ]
+@pytest.fixture(params=[pytest.param("llama2", marks=needs_llama2), "llama3"])
+def folder(request):
+    """The real Llama-2 tokenizer (in ../shared) and the Llama-3 one (fetched from PyPI, cached)."""
+    return LLAMA2 if request.param == "llama2" else request.getfixturevalue("llama3_tokenizer_dir")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +146,6 @@ def _copy(src: Path, dst: Path, config: dict | None = None, drop: tuple = ()) ->
 # ---- ids and text -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("folder", _folders())
 def test_encode_decode_match_transformers(folder, auto_tokenizer):
     ours, ref = Tokenizer.from_folder(folder), auto_tokenizer(folder)
     assert ours.vocab_size == len(ref)
@@ -182,9 +175,8 @@ def test_llama2_specials_and_pad_is_eos():
     assert 2 in ids and "</s>" not in tok.decode(ids) and "</s>" in tok.decode(ids, skip_special_tokens=False)
 
 
-@needs_llama3
-def test_llama3_has_its_own_pad():
-    tok = Tokenizer.from_folder(LLAMA3)
+def test_llama3_has_its_own_pad(llama3_tokenizer_dir):
+    tok = Tokenizer.from_folder(llama3_tokenizer_dir)
     assert tok.pad_token == "<|finetune_right_pad_id|>" and not tok.pad_is_eos
     assert tok.encode("hi", add_special_tokens=True)[0] == tok.bos_token_id == 128000
 
@@ -213,7 +205,6 @@ def test_special_token_missing_from_vocab_is_added(tmp_path, auto_tokenizer):
 # ---- chat templates ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("folder", _folders())
 @pytest.mark.parametrize(
     "template", [CHATML, LLAMA3_STYLE, GENERATION_TAG], ids=["chatml", "llama3-style", "generation-tag"])
 @pytest.mark.parametrize("generation_prompt", [False, True])
@@ -296,7 +287,6 @@ def test_chat_template_errors(tmp_path):
 # ---- saving and folder errors --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("folder", _folders())
 def test_save_round_trip_loads_in_transformers(folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = Tokenizer.from_folder(folder)
