@@ -24,7 +24,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest
 
 demo: $(BIN)/chipspan
-	$(BIN)/python -m chipspan.demo
+	$(BIN)/chipspan demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

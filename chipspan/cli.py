@@ -2,6 +2,7 @@
 
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
+    chipspan demo                            a real model, end to end
 
 A ChipspanError is printed as one line (``chipspan: error: ...``) and exits 1; ``--debug`` shows
 the traceback instead.
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", choices=DTYPES, default="float32")
     chat.add_argument("--device", default="cpu")
     chat.set_defaults(run=_run_chat)
+
+    demo = commands.add_parser("demo", help="fetch a small real model and run the main job end to end")
+    demo.add_argument("--cache_dir", help="where fetched models go (default: $CHIPSPAN_CACHE or ~/.cache/chipspan)")
+    demo.set_defaults(run=_run_demo)
     return parser
 
 
@@ -67,6 +72,12 @@ def _run_convert(args: argparse.Namespace) -> None:
     out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                        overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from chipspan.demo import run_demo
+
+    run_demo(args.cache_dir)
 
 
 def _run_chat(args: argparse.Namespace) -> None:
