@@ -57,8 +57,8 @@ class ModelConfig:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     @property
-    def num_parameters(self) -> int:
-        """Parameter count (tied embeddings counted once)."""
+    def parameters_per_layer(self) -> int:
+        """Parameters of one decoder layer (attention, MLP, two norms)."""
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
@@ -69,10 +69,14 @@ class ModelConfig:
         mlp = 3 * h * self.intermediate_size
         if self.mlp_bias:
             mlp += 2 * self.intermediate_size + h
-        layer = attn + mlp + 2 * h
-        embed = self.vocab_size * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return embed + self.num_hidden_layers * layer + h + head
+        return attn + mlp + 2 * h
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + self.num_hidden_layers * self.parameters_per_layer + self.hidden_size + head
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
