@@ -4,13 +4,12 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from shared_assets import LLAMA2_TOKENIZER
 from test_decoder_parity import make_reference
 
-LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "llama2-tokenizer"
 
 
 def chipspan(*args, cwd=None):

@@ -16,9 +16,9 @@ from chipspan.data import IGNORE_INDEX, Example, collate, load_examples
 from chipspan.data.templates import get_template
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
+from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-LLAMA2 = REPO.parent / "shared" / "assets" / "llama2-tokenizer"
+pytestmark = needs_llama2_tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
 BOS, EOS = 1, 2
@@ -35,7 +35,7 @@ LLAMA2_SYSTEM = (
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_folder(LLAMA2)
+    return Tokenizer.from_folder(LLAMA2_TOKENIZER)
 
 
 def enc(tok, text):
@@ -201,7 +201,7 @@ def test_matches_the_seed_code_on_the_frozen_fixture(tmp_path, tok):
 
 
 def test_chatml_replaces_eos_and_adds_its_tokens(tmp_path):
-    tok = Tokenizer.from_folder(LLAMA2)  # fixing the tokenizer changes it: a fresh one
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)  # fixing the tokenizer changes it: a fresh one
     [ex] = encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "Hello!"}], template="chatml")
     im_end, im_start = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>")
     assert (im_end, im_start, tok.eos_token_id, tok.pad_token_id) == (32000, 32001, 32000, 32000)
@@ -335,8 +335,7 @@ def test_unsupported_entries_say_so(tmp_path, tok, entry, message):
 
 
 def test_seed_registry_entry_loads_from_the_shared_data(tok):
-    shared = REPO.parent / "shared" / "data"
-    examples = load_examples("oaast_sft_zh", shared, tok, max_samples=50)  # the seed's file: sha1 matches
+    examples = load_examples("oaast_sft_zh", SHARED_DATA, tok, max_samples=50)  # the seed's file: sha1 matches
     assert len(examples) == 50 and all(len(e.input_ids) == len(e.labels) for e in examples)
 
 
@@ -392,7 +391,7 @@ def test_collate_pads_right_to_a_multiple_of_8():
 
 def test_shared_demo_data_with_the_seed_command_names(tmp_path, tok):
     """The seed's command (--dataset alpaca_gpt4_zh --template default) on the 1,000-row stand-in."""
-    demo = REPO.parent / "shared" / "data" / "alpaca_zh_demo.json"
+    demo = SHARED_DATA / "alpaca_zh_demo.json"
     shutil.copy(demo, tmp_path / "alpaca_gpt4_data_zh.json")
     examples = load_examples("alpaca_gpt4_zh", tmp_path, tok, "default")
     assert len(examples) == 1000

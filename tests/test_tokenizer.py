@@ -8,9 +8,8 @@ import pytest
 
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
+from shared_assets import LLAMA2_TOKENIZER, needs_llama2_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-LLAMA2 = REPO.parent / "shared" / "assets" / "llama2-tokenizer"
 
 TEXTS = [
     "Hello, world!",
@@ -104,13 +103,12 @@ TOOLS = [
 ]
 
 
-needs_llama2 = pytest.mark.skipif(not LLAMA2.is_dir(), reason=f"no Llama-2 tokenizer at {LLAMA2}")
 
 
-@pytest.fixture(params=[pytest.param("llama2", marks=needs_llama2), "llama3"])
+@pytest.fixture(params=[pytest.param("llama2", marks=needs_llama2_tokenizer), "llama3"])
 def folder(request):
     """The real Llama-2 tokenizer (in ../shared) and the Llama-3 one (fetched from PyPI, cached)."""
-    return LLAMA2 if request.param == "llama2" else request.getfixturevalue("llama3_tokenizer_dir")
+    return LLAMA2_TOKENIZER if request.param == "llama2" else request.getfixturevalue("llama3_tokenizer_dir")
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +160,9 @@ def test_encode_decode_match_transformers(folder, auto_tokenizer):
     assert set(ours.all_special_ids) >= {ours.bos_token_id, ours.eos_token_id}
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_llama2_specials_and_pad_is_eos():
-    tok = Tokenizer.from_folder(LLAMA2)
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
     assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size, len(tok)) == (1, 2, 32000, 32000)
     assert tok.pad_token == "</s>" and tok.pad_token_id == 2 and tok.pad_is_eos
@@ -181,9 +179,9 @@ def test_llama3_has_its_own_pad(llama3_tokenizer_dir):
     assert tok.encode("hi", add_special_tokens=True)[0] == tok.bos_token_id == 128000
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_add_eos_token_and_dict_special_tokens(tmp_path):
-    folder = _copy(LLAMA2, tmp_path / "t", {"add_eos_token": True, "eos_token": None})
+    folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t", {"add_eos_token": True, "eos_token": None})
     (folder / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False, "normalized": False}}))
     tok = Tokenizer.from_folder(folder)
@@ -193,9 +191,9 @@ def test_add_eos_token_and_dict_special_tokens(tmp_path):
     assert tok.encode("Hello") == ids[1:-1]
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_special_token_missing_from_vocab_is_added(tmp_path, auto_tokenizer):
-    folder = _copy(LLAMA2, tmp_path / "t", {"pad_token": "<pad>"})
+    folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t", {"pad_token": "<pad>"})
     tok, ref = Tokenizer.from_folder(folder), auto_tokenizer(folder)
     assert tok.vocab_size == len(ref) == 32001
     assert tok.pad_token_id == ref.pad_token_id == 32000 and not tok.pad_is_eos
@@ -219,9 +217,9 @@ def test_chat_template_matches_transformers(folder, template, generation_prompt,
         assert got == want
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_chatml_renders_exactly():
-    tok = Tokenizer.from_folder(LLAMA2)
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     tok.chat_template = CHATML
     assert tok.apply_chat_template(MESSAGES[1:3], add_generation_prompt=True) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -231,33 +229,33 @@ def test_chatml_renders_exactly():
     )
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_strftime_now_renders_today():
-    tok = Tokenizer.from_folder(LLAMA2)
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     tok.chat_template = "{{ strftime_now('%Y') }}"
     assert tok.apply_chat_template([]).isdigit()
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_chat_template_sources(tmp_path):
-    plain = _copy(LLAMA2, tmp_path / "plain", {"chat_template": CHATML})
+    plain = _copy(LLAMA2_TOKENIZER, tmp_path / "plain", {"chat_template": CHATML})
     assert Tokenizer.from_folder(plain).chat_template == CHATML
     templates = [
         {"name": "default", "template": CHATML},
         {"name": "tool_use", "template": "tools: {{ tools | length }}"},
     ]
-    named = _copy(LLAMA2, tmp_path / "named", {"chat_template": templates})
+    named = _copy(LLAMA2_TOKENIZER, tmp_path / "named", {"chat_template": templates})
     tok = Tokenizer.from_folder(named)
     assert tok.apply_chat_template(MESSAGES[:2]).startswith("<|im_start|>system\n")
     assert tok.apply_chat_template(MESSAGES[:2], tools=TOOLS) == "tools: 1"
-    jinja_file = _copy(LLAMA2, tmp_path / "file", {"chat_template": "from the config"})
+    jinja_file = _copy(LLAMA2_TOKENIZER, tmp_path / "file", {"chat_template": "from the config"})
     (jinja_file / "chat_template.jinja").write_text(LLAMA3_STYLE)
     assert Tokenizer.from_folder(jinja_file).chat_template == LLAMA3_STYLE
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_unsafe_template_is_stopped():
-    tok = Tokenizer.from_folder(LLAMA2)
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     jinja2 = pytest.importorskip("jinja2")
     unsafe = ("{{ ''.__class__.__mro__ }}", "{{ messages.append(1) }}", "{{ cycler.__init__.__globals__ }}")
     for template in unsafe:
@@ -267,9 +265,9 @@ def test_unsafe_template_is_stopped():
         assert isinstance(info.value.__cause__, jinja2.exceptions.SecurityError)
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_chat_template_errors(tmp_path):
-    tok = Tokenizer.from_folder(LLAMA2)
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     assert tok.chat_template is None
     with pytest.raises(ChipspanError, match="no chat template"):
         tok.apply_chat_template(MESSAGES)
@@ -306,10 +304,10 @@ def test_save_round_trip_loads_in_transformers(folder, tmp_path):
     assert again.apply_chat_template(MESSAGES, **kwargs) == want
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_saved_add_eos_token_survives_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    tok = Tokenizer.from_folder(_copy(LLAMA2, tmp_path / "t", {"add_eos_token": True}))
+    tok = Tokenizer.from_folder(_copy(LLAMA2_TOKENIZER, tmp_path / "t", {"add_eos_token": True}))
     tok.save(tmp_path / "out")
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert ref.encode("Hello") == tok.encode("Hello", add_special_tokens=True) == [1, 15043, 2]
@@ -329,9 +327,9 @@ def test_missing_tokenizer_json(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
-@needs_llama2
+@needs_llama2_tokenizer
 def test_broken_config_json(tmp_path):
-    folder = _copy(LLAMA2, tmp_path / "t")
+    folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t")
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ChipspanError, match="not valid JSON"):
         Tokenizer.from_folder(folder)
