@@ -1,5 +1,6 @@
 """The ``chipspan`` command line: one subcommand per job.
 
+    chipspan train [run.yaml] [--flag ...]   fine-tune, spanned over chips
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
     chipspan demo                            a real model, end to end
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     convert.set_defaults(run=_run_convert)
 
+    train = commands.add_parser("train", add_help=False,
+                                help="fine-tune (LLaMA-Factory's flags; `chipspan train --help` lists them)")
+    train.set_defaults(run=_run_train)  # its flags are read by chipspan.args
+
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
     chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
     chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
@@ -53,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.flags = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except ChipspanError as exc:
@@ -72,6 +82,16 @@ def _run_convert(args: argparse.Namespace) -> None:
     out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                        overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.train.recipe import run_train
+
+    if {"-h", "--help"} & set(args.flags):
+        print(flags_help())
+        return
+    run_train(parse_run_arguments(args.flags))
 
 
 def _run_demo(args: argparse.Namespace) -> None:

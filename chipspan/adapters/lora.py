@@ -78,11 +78,14 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        options = dict(bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Linear(self.in_features, r, **options)
-        self.lora_B = nn.Linear(r, self.out_features, **options)
+        # Drawn on the CPU generator, then moved: the same seed gives the same adapter on any chip.
+        init_device = "meta" if base.weight.is_meta else "cpu"
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=init_device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=init_device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(base.weight.device)
+        self.lora_B.to(base.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False

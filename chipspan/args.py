@@ -1,0 +1,242 @@
+"""Run settings, spelled as LLaMA-Factory (and the Hugging Face Trainer) spell them.
+
+Flags come from the command line (``--key value``, ``--flag`` or ``--flag true``), from a YAML file
+(``chipspan train run.yaml key=value ...``), and for chips from the seed's environment variables
+``USE_SOPHGO``, ``SOPHGO_SPLIT`` and ``CHIPS``. Defaults are the seed's (LLaMA-Factory at b988ce0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+import yaml
+
+from chipspan.errors import ChipspanError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hugging Face model folder"})
+    adapter_name_or_path: str | None = field(default=None, metadata={"help": "LoRA adapter to start from"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "comma-separated dataset names"})
+    dataset_dir: str = field(default="data", metadata={"help": "folder with dataset_info.json and files"})
+    template: str = field(default="default", metadata={"help": "prompt template"})
+    template_revision: str = field(default="seed", metadata={"help": "seed | lf-0.9"})
+    cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example"})
+    max_samples: int | None = field(default=None, metadata={"help": "first N rows of each dataset"})
+    overwrite_cache: bool = field(default=False, metadata={"help": "re-encode the dataset"})
+    val_size: float = field(default=0.0, metadata={"help": "held-out rows (count or fraction)"})
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = field(default="sft", metadata={"help": "sft | pt"})
+    finetuning_type: str = field(default="lora", metadata={"help": "lora | full | freeze"})
+    lora_target: str | None = field(default=None, metadata={"help": "comma list of module names, or all"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    additional_target: str | None = field(default=None, metadata={"help": "modules trained in full beside LoRA"})
+    num_layer_trainable: int = field(default=3, metadata={"help": "freeze: layers trained (<0: the first)"})
+    name_module_trainable: str = field(default="mlp", metadata={"help": "freeze: mlp | self_attn | all"})
+    plot_loss: bool = field(default=False, metadata={"help": "write training_loss.png"})
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "where results and checkpoints go"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a non-empty output_dir"})
+    do_train: bool = field(default=False, metadata={"help": "train (the seed's flag)"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs (fractions allowed)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs"})
+    lr_scheduler_type: str = field(default="linear",
+                                   metadata={"help": "linear | cosine | constant | constant_with_warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps"})
+    logging_steps: int = field(default=500, metadata={"help": "log every N steps"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints"})
+    seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)"})
+    fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
+    disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
+
+
+@dataclass
+class ChipArguments:
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda | tpu | npu | xpu | emu | ..."})
+    chips: str | None = field(default=None, metadata={"help": "chips to span, e.g. 0-3 or 0,1 (default: 0)"})
+
+
+@dataclass
+class RunArguments:
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: TrainingArguments
+    chips: ChipArguments
+
+
+_GROUPS = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
+           ("training", TrainingArguments), ("chips", ChipArguments))
+
+
+def known_flags() -> dict[str, tuple[str, dataclasses.Field, type]]:
+    """flag name -> (group, field, python type)."""
+    flags = {}
+    for group, cls in _GROUPS:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flags[f.name] = (group, f, hints[f.name])
+    return flags
+
+
+def parse_run_arguments(argv: list[str], environ: Mapping[str, str] = os.environ) -> RunArguments:
+    """Parse ``[run.yaml] [key=value ...] [--key value ...]``; later settings win."""
+    values = _collect(argv)
+    values = {**_seed_environment(environ), **values}
+    return build_run_arguments(values)
+
+
+def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
+    """Typed, validated RunArguments from a flat name -> value mapping (strings are converted)."""
+    flags = known_flags()
+    grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
+    for name, raw in values.items():
+        if name not in flags:
+            raise ChipspanError(_unknown_flag_message(name, flags))
+        group, _, kind = flags[name]
+        grouped[group][name] = _convert(name, raw, kind)
+    return RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
+
+
+def _collect(argv: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            name, eq, inline = token[2:].partition("=")
+            name = name.replace("-", "_")
+            if eq:
+                values[name] = inline
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _is_bool_flag(name):
+                values[name] = argv[i + 1]
+                i += 1
+            elif i + 1 < len(argv) and _is_bool_flag(name) and argv[i + 1].lower() in _BOOLEANS:
+                values[name] = argv[i + 1]
+                i += 1
+            else:
+                values[name] = True
+        elif token.endswith((".yaml", ".yml")) and "=" not in token:
+            values.update(_read_yaml(Path(token)))
+        elif "=" in token:
+            name, _, value = token.partition("=")
+            values[name.replace("-", "_")] = value
+        else:
+            raise ChipspanError(f"cannot read argument '{token}': write flags as --name value, "
+                                "key=value, or name a .yaml file")
+        i += 1
+    return values
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _is_bool_flag(name: str) -> bool:
+    flags = known_flags()
+    return name in flags and flags[name][2] is bool
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ChipspanError(f"run file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ChipspanError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ChipspanError(f"{path} must hold a mapping of flag names to values")
+    return data
+
+
+def _seed_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The seed's chip variables as flags: USE_SOPHGO=1 -> device tpu; SOPHGO_SPLIT=N, CHIPS=K -> K..K+N-1."""
+    values: dict[str, Any] = {}
+    if environ.get("USE_SOPHGO", "0") not in ("", "0"):
+        values["device"] = "tpu"
+    split, first = environ.get("SOPHGO_SPLIT"), environ.get("CHIPS")
+    if split is not None or first is not None:
+        try:
+            count, start = int(split or 1), int(first or 0)
+        except ValueError:
+            raise ChipspanError(f"SOPHGO_SPLIT={split!r} and CHIPS={first!r} must be whole numbers "
+                                "(chips to span, first chip id)") from None
+        if count < 1 or start < 0:
+            raise ChipspanError(f"SOPHGO_SPLIT must be >= 1 and CHIPS >= 0 (got {count} and {start})")
+        values["chips"] = f"{start}-{start + count - 1}"
+    return values
+
+
+def _convert(name: str, raw: Any, kind: Any) -> Any:
+    optional = type(None) in getattr(kind, "__args__", ())
+    base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), kind)
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ChipspanError(f"--{name} needs a value")
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in _BOOLEANS:
+            return _BOOLEANS[str(raw).lower()]
+        raise ChipspanError(f"--{name} takes true or false, not '{raw}'")
+    if base is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if re.fullmatch(r"\s*-?\d+\s*", str(raw)):
+            return int(raw)
+        raise ChipspanError(f"--{name} takes a whole number, not '{raw}'")
+    if base is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ChipspanError(f"--{name} takes a number, not '{raw}'") from None
+    if isinstance(raw, bool):
+        raise ChipspanError(f"--{name} needs a value")
+    return str(raw)
+
+
+def _unknown_flag_message(name: str, flags: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(flags), n=1, cutoff=0.6)
+    hint = f"; did you mean --{close[0]}?" if close else "; see `chipspan train --help` for the flags"
+    return f"unknown flag --{name}{hint}"
+
+
+def flags_help() -> str:
+    """Every flag of `chipspan train`, grouped, with its default and meaning."""
+    lines = ["usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
+             "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K"]
+    for group, cls in _GROUPS:
+        lines.append(f"\n{group}:")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default})")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""One model spanned over several chips in one process.
+
+Each chip holds a ``CausalLM`` slice (see ``placement``). A batch enters on the first chip; the
+hidden states cross to the next chip's device at each boundary (the only place a tensor changes
+chip); the loss is computed on the last chip. Autograd carries gradients back across the same
+boundaries.
+
+Tied embeddings spanned over several chips live twice — the embedding matrix on the first chip,
+its copy as the head on the last. Their gradients are summed into both before the optimizer step,
+and the global gradient norm counts the matrix once, so both copies stay equal and the update is
+the one a single device would make.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chipspan.chips.placement import Placement
+from chipspan.models.checkpoint import load_pretrained
+from chipspan.models.decoder import CausalLM, build_attention_mask
+
+
+class SpannedModel(nn.Module):
+    def __init__(self, stages: list[CausalLM], placement: Placement):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.placement = placement
+        self.config = stages[0].config
+
+    @classmethod
+    def load(cls, path: str | Path, placement: Placement, dtype: torch.dtype) -> "SpannedModel":
+        """Read each chip's slice of the checkpoint straight onto that chip."""
+        last = placement.num_chips - 1
+        stages = [load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last)
+                  for i, (device, layers) in enumerate(zip(placement.devices, placement.layers))]
+        return cls(stages, placement)
+
+    @property
+    def first(self) -> CausalLM:
+        return self.stages[0]
+
+    @property
+    def last(self) -> CausalLM:
+        return self.stages[-1]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss (fp32 scalar, on the last chip) of input_ids/labels (b, s)."""
+        b, s = input_ids.shape
+        device = self.placement.devices[0]
+        input_ids = input_ids.to(device)
+        positions = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+        mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None,
+                                    s, 0, device)
+        hidden = self.first.embed(input_ids)
+        for stage, stage_device in zip(self.stages, self.placement.devices):
+            if hidden.device != stage_device:  # the chip boundary
+                hidden = hidden.to(stage_device)
+                positions = positions.to(stage_device)
+                mask = mask.to(stage_device) if mask is not None else None
+            hidden = stage.run_layers(hidden, positions, mask)
+        return self.last.loss(hidden, labels.to(hidden.device))
+
+    def tied_copies(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """(embedding, head copy) when tied embeddings live on two different stages."""
+        if not self.config.tie_word_embeddings or len(self.stages) == 1:
+            return None
+        return self.first.model.embed_tokens.weight, self.last.lm_head.weight
+
+    def unique_parameters(self) -> list[nn.Parameter]:
+        """Every parameter once: the head copy of tied embeddings left out."""
+        copies = self.tied_copies()
+        skip = {id(copies[1])} if copies else set()
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Sum tied gradients, clip the global gradient norm over all chips, return the norm before clipping."""
+        copies = self.tied_copies()
+        if copies and copies[0].requires_grad:
+            embed, head = copies
+            if head.grad is not None:
+                embed.grad = head.grad.to(embed.device) if embed.grad is None else embed.grad + head.grad.to(embed.device)
+        trainable = [p for p in self.unique_parameters() if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+        if copies and copies[0].requires_grad and copies[0].grad is not None:
+            copies[1].grad = copies[0].grad.to(copies[1].device)
+        return norm

@@ -1,0 +1,124 @@
+"""``checkpoint-N/`` folders: the trained weights plus everything needed to continue the run.
+
+A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the tokenizer files,
+``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement),
+``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``. It is written into a hidden
+temporary folder and renamed into place, so a crash never leaves a half-written ``checkpoint-N``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chipspan.adapters.peft_io import adapter_state_dict, save_adapter
+from chipspan.chips.span import SpannedModel
+from chipspan.models.checkpoint import model_state_dict, save_weights
+from chipspan.models.tokenizer import Tokenizer
+from chipspan.train.reporting import TrainerState
+
+PREFIX = "checkpoint-"
+
+
+def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_lora: bool) -> None:
+    """The adapter (LoRA) or the whole model (full, freeze) gathered from every chip, in HF formats."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_lora:
+        tensors: dict[str, torch.Tensor] = {}
+        for stage in model.stages:
+            tensors.update(adapter_state_dict(stage))
+        save_adapter(model.first, folder, base_model, state_dict=tensors)
+        return
+    tensors = {}
+    for stage in model.stages:
+        tensors.update(model_state_dict(stage))
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_weights(tensors, folder)
+    config = dict(model.config.raw)
+    config["torch_dtype"] = _dtype_name(next(iter(tensors.values())).dtype)
+    (folder / "config.json").write_text(_json(config))
+
+
+def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer: Tokenizer,
+                    optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
+                    base_model: str, is_lora: bool) -> Path:
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_trained_weights(model, tmp, base_model, is_lora)
+    tokenizer.save(tmp)
+    torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng_state.pth")
+    state.save(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders, oldest first."""
+    found = [p for p in output_dir.glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def remove_old_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` checkpoints (None: all)."""
+    if keep is None or keep <= 0:
+        return
+    for old in checkpoints_in(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW state keyed by parameter name, on the CPU: independent of how the model is placed."""
+    names = _parameter_names(model)
+    state = {names[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+             for group in optimizer.param_groups for p in group["params"] if p in optimizer.state}
+    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                             for g in optimizer.param_groups]}
+
+
+def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    names = _parameter_names(model)
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(saved_group)
+        for p in group["params"]:
+            entry = saved["state"].get(names[id(p)])
+            if entry is not None:
+                optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                      for k, v in entry.items()}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+
+
+def restore_rng_state(saved: dict) -> None:
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["cpu"])
+
+
+def _parameter_names(model: SpannedModel) -> dict[int, str]:
+    names = {}
+    for stage in model.stages:
+        for name, param in stage.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), name)
+    return names
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,70 @@
+"""What trains: LoRA adapters, the whole model, or the last (or first) few layers ("freeze").
+
+Trainable parameters are always fp32, whatever dtype the frozen base is kept in (the seed's
+``--fp16``: frozen fp16 base, fp32 trainable weights).
+"""
+
+from __future__ import annotations
+
+from chipspan.adapters.lora import inject_lora
+from chipspan.adapters.peft_io import load_adapter
+from chipspan.args import FinetuningArguments
+from chipspan.chips.span import SpannedModel
+from chipspan.errors import ChipspanError
+
+FINETUNING_TYPES = ("lora", "full", "freeze")
+FREEZE_MODULES = ("mlp", "self_attn")
+
+
+def check_finetuning_arguments(args: FinetuningArguments, num_layers: int) -> None:
+    """Refuse settings that cannot work, before anything loads."""
+    if args.finetuning_type not in FINETUNING_TYPES:
+        raise ChipspanError(f"finetuning_type '{args.finetuning_type}' is not supported; "
+                            f"choose one of: {', '.join(FINETUNING_TYPES)}")
+    if args.finetuning_type == "lora" and not args.lora_target:
+        raise ChipspanError("LoRA needs --lora_target: the layers to adapt, e.g. q_proj,v_proj (or all)")
+    if args.finetuning_type == "freeze":
+        unknown = [m for m in _freeze_modules(args) if m not in FREEZE_MODULES]
+        if unknown:
+            raise ChipspanError(f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
+                                f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all")
+        if args.num_layer_trainable == 0 or abs(args.num_layer_trainable) > num_layers:
+            raise ChipspanError(f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
+                                f"for the first layers), not {args.num_layer_trainable}")
+
+
+def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: str | None = None) -> None:
+    """Mark what trains on every chip and make it fp32.
+
+    LoRA: a new adapter, or ``adapter`` (a PEFT folder) to train further. New LoRA weights are drawn
+    in layer order on the CPU generator, so a seed gives the same adapter however the model is spanned.
+    """
+    if args.finetuning_type == "lora":
+        for stage in model.stages:
+            if adapter:
+                load_adapter(stage, adapter)
+            else:
+                inject_lora(stage, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
+                            dropout=args.lora_dropout, additional_target=args.additional_target)
+        return
+    trainable = _freeze_selection(args, model.config.num_hidden_layers)
+    for stage in model.stages:
+        for name, param in stage.named_parameters():
+            train = trainable is None or any(name.startswith(prefix) for prefix in trainable)
+            param.requires_grad_(train)
+            if train:
+                param.data = param.data.float()
+
+
+def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] | None:
+    """Parameter-name prefixes that train under "freeze"; None (everything) under "full"."""
+    if args.finetuning_type == "full":
+        return None
+    count = args.num_layer_trainable
+    layers = range(num_layers - count, num_layers) if count > 0 else range(-count)
+    return [f"model.layers.{i}.{module}." for i in layers for module in _freeze_modules(args)]
+
+
+def _freeze_modules(args: FinetuningArguments) -> list[str]:
+    names = [n.strip() for n in args.name_module_trainable.split(",") if n.strip()]
+    return list(FREEZE_MODULES) if names == ["all"] else names

@@ -1,0 +1,211 @@
+"""`chipspan train`: the whole job, top to bottom.
+
+    arguments -> checks -> placement -> output_dir -> tokenizer -> data -> weights on the chips
+    -> what trains -> optimizer -> loop -> outputs
+
+Everything that can be wrong with the user's input is found before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chipspan import devices
+from chipspan.args import RunArguments
+from chipspan.chips.placement import Placement, even_placement
+from chipspan.chips.span import SpannedModel
+from chipspan.data import load_examples
+from chipspan.errors import ChipspanError
+from chipspan.models.config import ModelConfig
+from chipspan.models.tokenizer import Tokenizer
+from chipspan.train import checkpoints
+from chipspan.train.finetune import check_finetuning_arguments, prepare_trainable
+from chipspan.train.loop import Precision, total_steps, train
+from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, truncate_log,
+                                      write_results)
+from chipspan.train.schedule import build_scheduler, warmup_steps_for
+
+STAGES = ("sft", "pt")
+
+
+def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
+    """Train as ``run`` says; returns the output folder."""
+    model_args, data_args, ft_args, train_args = run.model, run.data, run.finetuning, run.training
+    config = _check_arguments(run)
+    placement = _placement(run, config)
+    output_dir = Path(train_args.output_dir)
+    resume = _resume_point(output_dir, train_args.overwrite_output_dir)
+    tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
+    examples = load_examples(data_args.dataset, data_args.dataset_dir, tokenizer, data_args.template,
+                             cutoff_len=data_args.cutoff_len, stage=ft_args.stage,
+                             max_samples=data_args.max_samples, template_revision=data_args.template_revision)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
+                            f"may have added some) but the model's vocab_size is {config.vocab_size}; "
+                            "resizing embeddings is not supported yet: pick a template the tokenizer knows")
+    precision, base_dtype = _precision(run, placement, report)
+
+    _seed_everything(train_args.seed)
+    weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
+    model = SpannedModel.load(weights, placement, base_dtype)
+    for stage in model.stages:
+        stage.gradient_checkpointing = not train_args.disable_gradient_checkpointing
+    adapter = resume if (resume and ft_args.finetuning_type == "lora") else model_args.adapter_name_or_path
+    prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None)
+    _report_placement(model, placement, report)
+
+    steps = total_steps(len(examples), train_args)
+    optimizer = _optimizer(model, train_args)
+    scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
+                                warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
+    state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
+                         logging_steps=train_args.logging_steps, save_steps=train_args.save_steps,
+                         train_batch_size=train_args.per_device_train_batch_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = _restore(resume, model, optimizer, scheduler, state)
+        report(f"resuming from {resume} at step {state.global_step}")
+    truncate_log(output_dir / LOG_FILE, state.global_step)  # drop lines of the run being replaced
+
+    base_model = model_args.model_name_or_path
+    is_lora = ft_args.finetuning_type == "lora"
+
+    def save(step: int) -> None:
+        checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
+                                    base_model, is_lora)
+        checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
+
+    report(f"training {len(examples)} examples for {steps} steps "
+           f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)")
+    metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
+                     state, TrainLog(output_dir, steps, state.global_step), save, report)
+
+    checkpoints.save_trained_weights(model, output_dir, base_model, is_lora)
+    tokenizer.save(output_dir)
+    state.log_history.append({**metrics, "step": state.global_step})
+    state.save(output_dir)
+    write_results(output_dir, metrics)
+    if ft_args.plot_loss:
+        plot = plot_metric(output_dir, state.log_history, "loss")
+        if plot:
+            report(f"loss plot: {plot}")
+    _report_memory(placement, report)
+    report(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
+    return output_dir
+
+
+# --- checks, before anything loads ---------------------------------------------------------------
+
+def _check_arguments(run: RunArguments) -> ModelConfig:
+    ft, train_args = run.finetuning, run.training
+    if ft.stage not in STAGES:
+        raise ChipspanError(f"--stage {ft.stage} is not supported yet; chipspan trains: {', '.join(STAGES)}")
+    if not train_args.do_train:
+        raise ChipspanError("nothing to do: add --do_train (evaluation and prediction are not supported yet)")
+    for flag, value in (("model_name_or_path", run.model.model_name_or_path), ("dataset", run.data.dataset),
+                        ("output_dir", train_args.output_dir)):
+        if not value:
+            raise ChipspanError(f"--{flag} is required")
+    if train_args.fp16 and train_args.bf16:
+        raise ChipspanError("choose one of --fp16 and --bf16")
+    if train_args.per_device_train_batch_size < 1 or train_args.gradient_accumulation_steps < 1:
+        raise ChipspanError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
+    if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
+        raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
+    config = ModelConfig.from_folder(run.model.model_name_or_path)
+    if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
+        check_finetuning_arguments(ft, config.num_hidden_layers)
+    return config
+
+
+def _placement(run: RunArguments, config: ModelConfig) -> Placement:
+    device_type = run.chips.device or devices.default_device_type()
+    chip_ids = devices.parse_chip_ids(run.chips.chips)
+    if len(chip_ids) > config.num_hidden_layers:
+        raise ChipspanError(f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
+                            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}")
+    devices.prepare_device_type(device_type, chip_ids[-1] + 1)
+    return even_placement(config, devices.chip_devices(device_type, chip_ids))
+
+
+def _resume_point(output_dir: Path, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, None to start fresh; refuses to write into someone's folder."""
+    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+        return None
+    found = checkpoints.checkpoints_in(output_dir)
+    if found:
+        return found[-1]
+    raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
+                        "pass --overwrite_output_dir to write over it, or choose an empty folder")
+
+
+def _precision(run: RunArguments, placement: Placement, report: Callable[[str], None]):
+    """(Precision, dtype of the frozen base) for --fp16/--bf16 on this device."""
+    train_args, ft = run.training, run.finetuning
+    device_type = placement.devices[0].type
+    half = torch.float16 if train_args.fp16 else torch.bfloat16 if train_args.bf16 else None
+    if half is None:
+        return Precision(device_type), torch.float32
+    if not devices.supports_half_compute(device_type):
+        report(f"note: --{'fp16' if train_args.fp16 else 'bf16'} is ignored on {device_type}, which has no fast "
+               "half-precision arithmetic: computing in fp32")
+        return Precision(device_type), torch.float32
+    scaler = torch.amp.GradScaler(device_type) if half is torch.float16 else None
+    base_dtype = torch.float32 if ft.finetuning_type == "full" else half
+    return Precision(device_type, half, scaler), base_dtype
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
+    """AdamW as the HF Trainer builds it: no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for stage in model.stages:
+        for name, param in stage.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if name.endswith("bias") or "norm" in name else decay).append(param)
+    if not decay and not no_decay:
+        raise ChipspanError("nothing is trainable; check --finetuning_type and its module settings")
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, fresh: TrainerState) -> TrainerState:
+    checkpoints.load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
+    state = TrainerState.load(folder)
+    state.max_steps = fresh.max_steps
+    return state
+
+
+def _report_placement(model: SpannedModel, placement: Placement, report: Callable[[str], None]) -> None:
+    trainable = sum(p.numel() for p in model.unique_parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.unique_parameters())
+    report(f"placement over {placement.num_chips} chip(s):")
+    for line in placement.describe(model.config):
+        report(f"  {line}")
+    report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+
+def _report_memory(placement: Placement, report: Callable[[str], None]) -> None:
+    for i, device in enumerate(dict.fromkeys(placement.devices)):
+        stats = devices.memory_stats(device)
+        if stats:
+            report(f"chip {i} ({device}): peak memory {stats['peak'] / 2**30:.2f} GiB")
+

@@ -1,0 +1,145 @@
+"""What a run leaves in ``output_dir`` about itself, in the seed's formats.
+
+- ``trainer_log.jsonl``: one JSON object per log (LLaMA-Factory's LogCallback fields).
+- ``trainer_state.json``: the Hugging Face Trainer's state, ``log_history`` included.
+- ``train_results.json`` / ``all_results.json``: the final metrics.
+- ``training_loss.png``: raw and EMA-smoothed loss, with ``--plot_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+LOG_FILE = "trainer_log.jsonl"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """The Hugging Face Trainer's ``trainer_state.json``."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    num_train_epochs: float = 0.0
+    logging_steps: int = 500
+    save_steps: int = 500
+    train_batch_size: int = 1
+    num_input_tokens_seen: int = 0
+    total_flos: float = 0.0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_model_checkpoint: str | None = None
+    is_hyper_param_search: bool = False
+    is_local_process_zero: bool = True
+    is_world_process_zero: bool = True
+    trial_name: str | None = None
+    trial_params: dict | None = None
+
+    def save(self, folder: Path) -> None:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainerState":
+        data = json.loads((folder / STATE_FILE).read_text())
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class TrainLog:
+    """Appends the seed's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0):
+        self.file = output_dir / LOG_FILE
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.time()
+
+    def timing(self, step: int) -> tuple[str, str]:
+        """(elapsed, remaining) as H:MM:SS, from the pace of the steps run in this process."""
+        elapsed = time.time() - self.start_time
+        done = step - self.start_step
+        per_step = elapsed / done if done > 0 else 0.0
+        return (str(timedelta(seconds=int(elapsed))),
+                str(timedelta(seconds=int((self.total_steps - step) * per_step))))
+
+    def write(self, step: int, epoch: float, loss: float | None = None, learning_rate: float | None = None,
+              eval_loss: float | None = None, **extra: Any) -> dict[str, Any]:
+        elapsed, remaining = self.timing(step)
+        record = {
+            "current_steps": step,
+            "total_steps": self.total_steps,
+            "loss": loss,
+            "eval_loss": eval_loss,
+            "predict_loss": None,
+            "reward": None,
+            "learning_rate": learning_rate,
+            "epoch": epoch,
+            "percentage": round(step / self.total_steps * 100, 2) if self.total_steps else 100,
+            "elapsed_time": elapsed,
+            "remaining_time": remaining,
+            **extra,
+        }
+        with self.file.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        return record
+
+
+def truncate_log(file: Path, last_step: int) -> None:
+    """Keep only the log lines up to ``last_step`` (a resumed run rewrites what came after)."""
+    if not file.exists():
+        return
+    kept = [line for line in file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("current_steps", 0) <= last_step]
+    file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def write_results(output_dir: Path, metrics: dict[str, Any], split: str = "train") -> None:
+    """``{split}_results.json``, merged into ``all_results.json``, as the HF Trainer writes them."""
+    (output_dir / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+    all_file = output_dir / "all_results.json"
+    merged = json.loads(all_file.read_text()) if all_file.is_file() else {}
+    merged.update(metrics)
+    all_file.write_text(json.dumps(merged, indent=4, sort_keys=True) + "\n")
+
+
+def smooth(values: list[float]) -> list[float]:
+    """TensorBoard-style EMA whose weight grows with the number of points (the seed's smoothing)."""
+    if not values:
+        return []
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    smoothed, last = [], values[0]
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def plot_metric(output_dir: Path, log_history: list[dict[str, Any]], key: str = "loss") -> Path | None:
+    """``training_{key}.png``: raw and smoothed curve over steps; None when nothing was logged."""
+    points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*points)
+    figure = plt.figure()
+    plt.plot(steps, values, alpha=0.4, label="original")
+    plt.plot(steps, smooth(list(values)), label="smoothed")
+    plt.title(f"training {key} of {output_dir}")
+    plt.xlabel("step")
+    plt.ylabel(key)
+    plt.legend()
+    path = output_dir / f"training_{key}.png"
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
+    return path

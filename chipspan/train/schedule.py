@@ -1,0 +1,39 @@
+"""Learning-rate schedules, as the Hugging Face Trainer defines them (the seed's trainer)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from chipspan.errors import ChipspanError
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
+    """``warmup_steps`` when set, else ``ceil(warmup_ratio * total_steps)``."""
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total_steps)
+
+
+def lr_factor(kind: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate for the optimizer step numbered ``step`` (from 0)."""
+    if kind not in SCHEDULES:
+        raise ChipspanError(f"lr_scheduler_type '{kind}' is not supported; choose one of: {', '.join(SCHEDULES)}")
+    if kind == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant_with_warmup":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_factor(kind, 0, total_steps, warmup_steps)  # validates the name before training starts
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(kind, step, total_steps, warmup_steps))

@@ -1,0 +1,198 @@
+"""`chipspan train` end to end: the seed's command lines, chips, resume, and one-line errors."""
+
+import json
+import shlex
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chipspan.adapters.peft_io import adapter_state_dict
+from chipspan.args import parse_run_arguments
+from chipspan.chips import span
+from chipspan.chips.placement import even_placement, split_layers
+from chipspan.cli import main
+from chipspan.models.config import ModelConfig
+from chipspan.train.finetune import prepare_trainable
+from chipspan.train.recipe import run_train
+from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
+from test_decoder_parity import make_reference
+
+pytestmark = needs_llama2_tokenizer
+
+SEED_LORA = ("--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
+             "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
+             "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --lr_scheduler_type cosine "
+             "--logging_steps 1 --save_steps 10 --learning_rate 5e-5 --num_train_epochs 4.0 --plot_loss --fp16 "
+             "--overwrite_output_dir --disable_gradient_checkpointing")
+SEED_FULL = SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full") \
+                     .replace("--save_steps 10", "--save_steps 100").replace("--num_train_epochs 4.0",
+                                                                           "--num_train_epochs 3.0")
+# The seed's four jobs: (command, chips) for 7B LoRA, 13B LoRA, 7B full, 13B full.
+SEED_JOBS = [(SEED_LORA, 2), (SEED_LORA, 4), (SEED_FULL, 11), (SEED_FULL, 21)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A Llama-2-shaped random model (22 layers, the real tokenizer) and the seed's data folder."""
+    root = tmp_path_factory.mktemp("train")
+    _, model = make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=22, num_attention_heads=4,
+                              num_key_value_heads=4)
+    for file in LLAMA2_TOKENIZER.iterdir():
+        shutil.copy(file, model)
+    (root / "data").mkdir()
+    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
+    return root
+
+
+def seed_command(template, workspace, out, *extra):
+    return shlex.split(template.format(model=workspace / "model", out=out)) + [
+        "--dataset_dir", str(workspace / "data"), *extra]
+
+
+@pytest.mark.parametrize("command,chips", SEED_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
+def test_seed_command_lines_run_and_write_the_seed_outputs(workspace, tmp_path, command, chips, capsys):
+    out = tmp_path / "out"
+    argv = seed_command(command, workspace, out, "--max_steps", "2", "--save_steps", "1")
+    run = parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips), "CHIPS": "0"})
+    run_train(run, report=print)
+    printed = capsys.readouterr().out
+    assert f"placement over {chips} chip(s)" in printed
+    assert printed.count("\n  chip ") == chips
+
+    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [line["current_steps"] for line in lines] == [1, 2]
+    assert {"loss", "learning_rate", "epoch", "percentage", "elapsed_time", "remaining_time"} <= set(lines[0])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"][-1]["train_loss"] > 0
+    assert json.loads((out / "train_results.json").read_text())["epoch"] > 0
+    assert (out / "all_results.json").is_file() and (out / "training_loss.png").stat().st_size > 1000
+    assert (out / "tokenizer.json").is_file()
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1"]  # step 2 is the end
+    checkpoint = out / "checkpoint-1"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+    if "lora" in command:
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16, ["q_proj", "v_proj"])
+        keys = load_file(out / "adapter_model.safetensors").keys()
+        assert len(keys) == 22 * 2 * 2  # 22 layers x (q, v) x (A, B)
+        assert (checkpoint / "adapter_model.safetensors").is_file()
+    else:
+        weights = load_file(out / "model.safetensors")
+        assert len(weights) == 3 + 22 * 9 and all(t.dtype == torch.float32 for t in weights.values())
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 22
+
+
+def train_losses(workspace, out, chips, *extra):
+    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "6", "--save_steps", "0",
+                        "--max_samples", "24", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra)
+    run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
+    return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_any_number_of_chips_trains_the_same_model(workspace, tmp_path, finetuning):
+    extra = ["--finetuning_type", "full"] if finetuning == "full" else []
+    one = train_losses(workspace, tmp_path / "one", 1, *extra)
+    for chips in (2, 5):
+        assert train_losses(workspace, tmp_path / f"c{chips}", chips, *extra) == one
+    name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
+    reference = load_file(tmp_path / "one" / name)
+    for chips in (2, 5):
+        spanned = load_file(tmp_path / f"c{chips}" / name)
+        assert spanned.keys() == reference.keys()
+        assert all(torch.allclose(spanned[k], reference[k], atol=1e-6) for k in reference)
+
+
+def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
+    """Full fine-tuning of a tied model: the embedding (first chip) and head (last chip) copies get
+    the summed gradient, so they stay equal and match the one-device run."""
+    _, model = make_reference(tmp_path / "model", "smollm-tied", vocab_size=32000, num_hidden_layers=4)
+    for file in LLAMA2_TOKENIZER.iterdir():
+        shutil.copy(file, model)
+    (tmp_path / "data").mkdir()
+    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", tmp_path / "data" / "alpaca_gpt4_data_zh.json")
+    results = {}
+    for chips in (1, 3):
+        argv = seed_command(SEED_FULL, tmp_path, tmp_path / f"out{chips}", "--max_steps", "3", "--max_samples", "8",
+                            "--learning_rate", "1e-3")
+        run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
+        results[chips] = load_file(tmp_path / f"out{chips}" / "model.safetensors")
+    assert "lm_head.weight" not in results[3]
+    assert all(torch.allclose(results[3][k], results[1][k], atol=1e-6) for k in results[1])
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
+    straight = train_losses(workspace, tmp_path / "straight", 2)
+    out = tmp_path / "resumed"
+    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "6", "--save_steps", "4", "--max_samples", "24",
+                        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                        "--learning_rate", "1e-3")
+    run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
+    argv.remove("--overwrite_output_dir")  # the seed's way: the same command again resumes
+    messages = []
+    run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "3"}), report=messages.append)
+    assert any("resuming from" in m and "checkpoint-4 at step 4" in m for m in messages)
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [line["current_steps"] for line in log] == [1, 2, 3, 4, 5, 6]
+    assert [line["loss"] for line in log] == straight  # steps 5-6 again, on 3 chips instead of 2
+
+
+# --- bad input: one line, before any weight is read ----------------------------------------------
+
+@pytest.fixture()
+def no_weight_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(span, "load_pretrained", refuse)
+
+
+def run_cli(argv, env, monkeypatch, capsys):
+    for name in ("USE_SOPHGO", "SOPHGO_SPLIT", "CHIPS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["train", *map(str, argv)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("change,env,message", [
+    (["--lora_rnak", "4"], {}, "unknown flag --lora_rnak; did you mean --lora_rank?"),
+    (["--dataset", "alpaca_gpt5_zh"], {}, "alpaca_gpt5_zh"),
+    (["--dataset", "alpaca_gpt4_en"], {}, "alpaca_gpt4_data_en.json"),
+    ([], {"SOPHGO_SPLIT": "23"}, "23 chips asked for (SOPHGO_SPLIT / --chips) but the model has only 22"),
+    (["--device", "cuda"], {"SOPHGO_SPLIT": "2", "CHIPS": "3"}, "chip 3 does not exist"),
+    (["--lora_target", "none"], {}, "LoRA needs --lora_target"),
+    (["--stage", "ppo"], {}, "--stage ppo is not supported yet"),
+    ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
+])
+def test_bad_input_gets_one_line(workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys):
+    argv = seed_command(SEED_LORA, workspace, tmp_path / "out") + change
+    code, err = run_cli(argv, env, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("chipspan: error: ")
+    assert message in err[0]
+
+
+def test_non_empty_output_dir_is_refused_and_kept(workspace, tmp_path, no_weight_loading, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = [a for a in seed_command(SEED_LORA, workspace, out) if a != "--overwrite_output_dir"]
+    code, err = run_cli(argv, {}, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and "is not empty and holds no checkpoint" in err[0]
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_lora_spanned_stages_hold_their_own_layers(workspace):
+    assert [len(r) for r in split_layers(22, 4)] == [6, 6, 5, 5]  # uneven: the head's chip gets fewer
+    run = parse_run_arguments(seed_command(SEED_LORA, workspace, workspace / "unused"))
+    placement = even_placement(ModelConfig.from_folder(workspace / "model"), [torch.device("cpu")] * 4)
+    model = span.SpannedModel.load(workspace / "model", placement, torch.float32)
+    prepare_trainable(model, run.finetuning)
+    keys = [set(adapter_state_dict(stage)) for stage in model.stages]
+    assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
