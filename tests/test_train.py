@@ -168,6 +168,7 @@ def run_cli(argv, env, monkeypatch, capsys):
     ([], {"SOPHGO_SPLIT": "23"}, "23 chips asked for (SOPHGO_SPLIT / --chips) but the model has only 22"),
     (["--device", "cuda"], {"SOPHGO_SPLIT": "2", "CHIPS": "3"}, "chip 3 does not exist"),
     (["--lora_target", "none"], {}, "LoRA needs --lora_target"),
+    (["--lora_target", "q_proj,qkv"], {}, "lora_target 'qkv' matches no module; this model has: down_proj, gate_proj"),
     (["--stage", "ppo"], {}, "--stage ppo is not supported yet"),
     ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
 ])

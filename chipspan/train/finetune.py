@@ -6,23 +6,32 @@ Trainable parameters are always fp32, whatever dtype the frozen base is kept in 
 
 from __future__ import annotations
 
+import torch
+
 from chipspan.adapters.lora import inject_lora
 from chipspan.adapters.peft_io import load_adapter
 from chipspan.args import FinetuningArguments
 from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
+from chipspan.models.config import ModelConfig
+from chipspan.models.decoder import CausalLM
 
 FINETUNING_TYPES = ("lora", "full", "freeze")
 FREEZE_MODULES = ("mlp", "self_attn")
 
 
-def check_finetuning_arguments(args: FinetuningArguments, num_layers: int) -> None:
-    """Refuse settings that cannot work, before anything loads."""
+def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig) -> None:
+    """Refuse settings that cannot work, before anything loads (module names checked on a meta model)."""
+    num_layers = config.num_hidden_layers
     if args.finetuning_type not in FINETUNING_TYPES:
         raise ChipspanError(f"finetuning_type '{args.finetuning_type}' is not supported; "
                             f"choose one of: {', '.join(FINETUNING_TYPES)}")
     if args.finetuning_type == "lora" and not args.lora_target:
         raise ChipspanError("LoRA needs --lora_target: the layers to adapt, e.g. q_proj,v_proj (or all)")
+    if args.finetuning_type == "lora":
+        with torch.device("meta"):
+            inject_lora(CausalLM(config), args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
+                        dropout=args.lora_dropout, additional_target=args.additional_target)
     if args.finetuning_type == "freeze":
         unknown = [m for m in _freeze_modules(args) if m not in FREEZE_MODULES]
         if unknown:

@@ -119,7 +119,7 @@ def _check_arguments(run: RunArguments) -> ModelConfig:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
     if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
-        check_finetuning_arguments(ft, config.num_hidden_layers)
+        check_finetuning_arguments(ft, config)
     return config
 
 
