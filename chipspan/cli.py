@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="fetch a small real model and run the main job end to end")
     demo.add_argument("--cache_dir", help="where fetched models go (default: $CHIPSPAN_CACHE or ~/.cache/chipspan)")
+    demo.add_argument("--output_dir", default="demo_out", help="where the adapter and plots go")
     demo.set_defaults(run=_run_demo)
     return parser
 
@@ -97,7 +98,7 @@ def _run_train(args: argparse.Namespace) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from chipspan.demo import run_demo
 
-    run_demo(args.cache_dir)
+    run_demo(args.cache_dir, args.output_dir)
 
 
 def _run_chat(args: argparse.Namespace) -> None:
