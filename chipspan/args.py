@@ -84,6 +84,8 @@ class TrainingArguments:
 class ChipArguments:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | tpu | npu | xpu | emu | ..."})
     chips: str | None = field(default=None, metadata={"help": "chips to span, e.g. 0-3 or 0,1 (default: 0)"})
+    chip_memory: str | None = field(default=None,
+                                    metadata={"help": "memory per emulated chip, e.g. 14GiB (--device emu)"})
 
 
 @dataclass

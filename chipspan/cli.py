@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from chipspan.errors import ChipspanError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"chipspan: error: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as exc:
+        if args.debug:
+            raise
+        print(f"chipspan: error: {str(exc).splitlines()[0]} — span the model over more chips, or lower "
+              "per_device_train_batch_size or cutoff_len", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -23,19 +23,22 @@ SINGLE_DEVICE_TYPES = ("cpu", "mps")
 
 
 def default_device_type() -> str:
-    """The accelerator PyTorch reports, else cpu."""
+    """The accelerator PyTorch reports, else cpu. Emulated chips are used only when asked for."""
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and accelerator.is_available():
-        return accelerator.current_accelerator().type
+        kind = accelerator.current_accelerator().type
+        if kind != "emu":
+            return kind
     return "cpu"
 
 
-def prepare_device_type(device_type: str, chips_wanted: int = 1) -> None:
-    """Import the plugin a device type needs (or start the emulator); one clear line if it is missing."""
+def prepare_device_type(device_type: str, chips_wanted: int = 1, emu_memory_limit: int | None = None) -> None:
+    """Import the plugin a device type needs, or start ``chips_wanted`` emulated chips with an
+    optional per-chip memory limit (bytes); one clear line if it is missing."""
     if device_type == "emu":
         from chipspan import emu
 
-        emu.enable(num_chips=chips_wanted)
+        emu.enable(num_chips=chips_wanted, memory_limit_bytes=emu_memory_limit)
         return
     plugin = PLUGINS.get(device_type)
     if plugin is None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chipspan import emu
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.args import parse_run_arguments
 from chipspan.chips import span
@@ -86,8 +87,8 @@ def test_seed_command_lines_run_and_write_the_seed_outputs(workspace, tmp_path, 
         assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 22
 
 
-def train_losses(workspace, out, chips, *extra):
-    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "6", "--save_steps", "0",
+def train_losses(workspace, out, chips, *extra, steps=6):
+    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", str(steps), "--save_steps", "0",
                         "--max_samples", "24", "--per_device_train_batch_size", "2",
                         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra)
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
@@ -106,6 +107,55 @@ def test_any_number_of_chips_trains_the_same_model(workspace, tmp_path, finetuni
         spanned = load_file(tmp_path / f"c{chips}" / name)
         assert spanned.keys() == reference.keys()
         assert all(torch.allclose(spanned[k], reference[k], atol=1e-6) for k in reference)
+
+
+needs_emu = pytest.mark.skipif(not emu.is_available(), reason="the emu device cannot be built here (no C++ compiler?)")
+
+
+@needs_emu
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_emulated_chips_train_the_same_model_as_one_cpu(workspace, tmp_path, finetuning):
+    # fp32 on both: with the seed's --fp16, emu (like a real chip) computes in fp16
+    extra = ["--fp16", "false"] + (["--finetuning_type", "full"] if finetuning == "full" else [])
+    one = train_losses(workspace, tmp_path / "cpu", 1, *extra, steps=10)
+    name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
+    reference = load_file(tmp_path / "cpu" / name)
+    for chips in (2, 4):
+        out = tmp_path / f"emu{chips}"
+        losses = train_losses(workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10)
+        assert max(abs(a - b) for a, b in zip(losses, one)) <= 1e-5 and len(losses) == 10
+        spanned = load_file(out / name)
+        assert all(torch.allclose(spanned[k], reference[k], atol=1e-6, rtol=0) for k in reference)
+
+
+@needs_emu
+def test_every_stage_lives_on_its_own_emulated_chip(workspace):
+    emu.enable(num_chips=4)
+    placement = even_placement(ModelConfig.from_folder(workspace / "model"),
+                               [torch.device("emu", i) for i in range(4)])
+    model = span.SpannedModel.load(workspace / "model", placement, torch.float32)
+    prepare_trainable(model, parse_run_arguments(seed_command(SEED_LORA, workspace, workspace / "x")).finetuning)
+    for chip, stage in enumerate(model.stages):
+        assert {p.device for p in stage.parameters()} == {torch.device("emu", chip)}
+    ids = torch.randint(0, 32000, (1, 16))
+    model(ids, ids).backward()  # crossing chips only at the stage boundaries: a stray tensor would raise
+    assert all(p.grad.device == p.device for p in model.parameters() if p.requires_grad)
+
+
+@needs_emu
+def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(workspace, tmp_path, monkeypatch, capsys):
+    argv = seed_command(SEED_LORA, workspace, tmp_path / "ok", "--max_steps", "1", "--max_samples", "4",
+                        "--device", "emu", "--chips", "0-1", "--chip_memory", "1GiB")
+    code, _ = run_cli(argv, {}, monkeypatch, capsys)
+    assert code == 0
+    results = json.loads((tmp_path / "ok" / "train_results.json").read_text())
+    peaks = [results[f"chip{i}_peak_memory_bytes"] for i in range(2)]
+    assert all(0 < peak < 2**30 for peak in peaks)
+    argv = seed_command(SEED_LORA, workspace, tmp_path / "oom", "--max_steps", "1", "--max_samples", "4",
+                        "--device", "emu", "--chips", "0-1", "--chip_memory", "3MiB")
+    code, err = run_cli(argv, {}, monkeypatch, capsys)
+    emu.set_memory_limit(None)
+    assert code == 1 and len(err) == 1 and "out of memory" in err[0] and "emu:" in err[0]
 
 
 def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):

@@ -83,11 +83,28 @@ class SpannedModel(nn.Module):
             embed, head = copies
             if head.grad is not None:
                 embed.grad = head.grad.to(embed.device) if embed.grad is None else embed.grad + head.grad.to(embed.device)
-        trainable = [p for p in self.unique_parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+        norm = clip_global_norm([p for p in self.unique_parameters() if p.grad is not None], max_norm)
         if copies and copies[0].requires_grad and copies[0].grad is not None:
             copies[1].grad = copies[0].grad.to(copies[1].device)
         return norm
+
+
+def clip_global_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm`` (0: only measure);
+    returns the norm before scaling, an fp32 scalar.
+
+    The norm is the same however the parameters are spread over chips: one fp32 norm per
+    parameter, on its own chip, then gathered in parameter order on the first chip. (Summing per
+    device first, as ``torch.nn.utils.clip_grad_norm_`` does, rounds differently for each placement.)
+    """
+    grads = [p.grad for p in parameters]
+    if not grads:
+        return torch.zeros(())
+    first = grads[0].device
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(first) for g in grads])
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device, g.dtype))
+    return total

@@ -21,6 +21,7 @@ from chipspan.chips.placement import Placement, even_placement
 from chipspan.chips.span import SpannedModel
 from chipspan.data import load_examples
 from chipspan.errors import ChipspanError
+from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
@@ -85,6 +86,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
                      state, TrainLog(output_dir, steps, state.global_step), save, report)
 
+    metrics.update(_peak_memory(placement, report))
     checkpoints.save_trained_weights(model, output_dir, base_model, is_lora)
     tokenizer.save(output_dir)
     state.log_history.append({**metrics, "step": state.global_step})
@@ -94,7 +96,6 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
         plot = plot_metric(output_dir, state.log_history, "loss")
         if plot:
             report(f"loss plot: {plot}")
-    _report_memory(placement, report)
     report(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
     return output_dir
 
@@ -129,7 +130,13 @@ def _placement(run: RunArguments, config: ModelConfig) -> Placement:
     if len(chip_ids) > config.num_hidden_layers:
         raise ChipspanError(f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
                             f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}")
-    devices.prepare_device_type(device_type, chip_ids[-1] + 1)
+    limit = None
+    if run.chips.chip_memory is not None:
+        if device_type != "emu":
+            raise ChipspanError("--chip_memory sets the memory of emulated chips (--device emu); "
+                                f"device '{device_type}' reports its own")
+        limit = parse_size(run.chips.chip_memory)
+    devices.prepare_device_type(device_type, chip_ids[-1] + 1, emu_memory_limit=limit)
     return even_placement(config, devices.chip_devices(device_type, chip_ids))
 
 
@@ -203,9 +210,12 @@ def _report_placement(model: SpannedModel, placement: Placement, report: Callabl
     report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
 
-def _report_memory(placement: Placement, report: Callable[[str], None]) -> None:
-    for i, device in enumerate(dict.fromkeys(placement.devices)):
-        stats = devices.memory_stats(device)
+def _peak_memory(placement: Placement, report: Callable[[str], None]) -> dict[str, int]:
+    """Each chip's peak bytes where the device reports it, printed and returned for the results."""
+    peaks = {}
+    for i, device in enumerate(placement.devices):
+        stats = devices.memory_stats(device) if device not in placement.devices[:i] else None
         if stats:
-            report(f"chip {i} ({device}): peak memory {stats['peak'] / 2**30:.2f} GiB")
-
+            peaks[f"chip{i}_peak_memory_bytes"] = stats["peak"]
+            report(f"chip {i} ({device}): peak memory {stats['peak'] / 2**30:.3f} GiB")
+    return peaks
