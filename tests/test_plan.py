@@ -1,0 +1,144 @@
+"""The memory plan: per-chip estimates, the greedy packer, the balanced split, the seed's chip counts."""
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+
+from chipspan.chips.memory import balanced_split, estimate, min_chips, pack_layers
+from chipspan.chips.placement import split_layers
+from chipspan.errors import ChipspanError
+from chipspan.models.config import ModelConfig
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+LLAMA2_7B = ModelConfig.from_folder(CONFIGS / "llama2-7b.json")
+LLAMA2_13B = ModelConfig.from_folder(CONFIGS / "llama2-13b.json")
+SEED_LORA = dict(finetuning_type="lora", base_dtype_bytes=2, seq_len=1024, batch=1, gradient_checkpointing=False)
+SEED_FULL = dict(SEED_LORA, finetuning_type="full", base_dtype_bytes=4)
+
+
+def _toy(layers=6, tied=False):
+    return ModelConfig.from_dict({"model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+                                  "intermediate_size": 160, "num_hidden_layers": layers,
+                                  "num_attention_heads": 4, "tie_word_embeddings": tied})
+
+
+def _totals(config, slices, job):
+    last = config.num_hidden_layers
+    return [estimate(config, r, r.start == 0, r.stop == last, **job).total for r in slices]
+
+
+def test_published_parameter_counts():
+    assert LLAMA2_7B.num_parameters == 6_738_415_616
+    assert LLAMA2_13B.num_parameters == 13_015_864_320
+
+
+@pytest.mark.parametrize("config, job, gb_chips, gib_chips", [
+    (LLAMA2_7B, SEED_LORA, 2, 2), (LLAMA2_13B, SEED_LORA, 4, 3),
+    (LLAMA2_7B, SEED_FULL, 11, 11), (LLAMA2_13B, SEED_FULL, 21, 20),
+])
+def test_seed_chip_counts_at_14_gb_usable(config, job, gb_chips, gib_chips):
+    # "14 GB usable" read as 14·10^9 bytes reproduces the seed's 2 / 4 / 11 / 21; as 14 GiB the
+    # bigger chips hold one more 13B layer each (docs/plan.md).
+    assert min_chips(config, 14 * 10**9, **job) == gb_chips
+    assert min_chips(config, 16 * 10**9, usable_fraction=0.875, **job) == gb_chips
+    assert min_chips(config, 14 * 2**30, **job) == gib_chips
+
+
+def test_greedy_packing_fills_chips_in_order():
+    slices = pack_layers(LLAMA2_13B, 14 * 10**9, **SEED_FULL)
+    assert [len(r) for r in slices] == [1] + [2] * 19 + [1]
+    assert [r.start for r in slices[1:]] == [r.stop for r in slices[:-1]]
+    assert max(_totals(LLAMA2_13B, slices, SEED_FULL)) <= 14 * 10**9
+
+
+def test_bytes_per_parameter():
+    whole = dict(layers=range(LLAMA2_7B.num_hidden_layers), first=True, last=True)
+    lora = estimate(LLAMA2_7B, **whole, **SEED_LORA)
+    assert 2.0 < lora.weights / LLAMA2_7B.num_parameters < 2.02  # fp16 base + fp32 adapters and their copies
+    assert lora.gradients == lora.optimizer / 2 > 0
+    full = estimate(LLAMA2_7B, **whole, **SEED_FULL)
+    assert full.weights + full.gradients + full.optimizer == 16 * LLAMA2_7B.num_parameters
+    # split over chips the full job still holds 16 bytes per parameter, no more (untied head)
+    slices = pack_layers(LLAMA2_7B, 14 * 10**9, **SEED_FULL)
+    states = [estimate(LLAMA2_7B, r, r.start == 0, r.stop == 32, **SEED_FULL) for r in slices]
+    assert sum(s.weights + s.gradients + s.optimizer for s in states) == 16 * LLAMA2_7B.num_parameters
+    # fp32 weights under 16-bit autocast keep a 16-bit copy: 18 bytes per parameter
+    mixed = estimate(LLAMA2_7B, **whole, **dict(SEED_FULL, base_dtype_bytes=2))
+    assert mixed.weights + mixed.gradients + mixed.optimizer == 18 * LLAMA2_7B.num_parameters
+
+
+def test_activations_follow_korthikanti_and_scale():
+    s, h, a = 1024, 4096, 32
+    one = estimate(LLAMA2_7B, range(1, 2), False, False, **SEED_LORA)
+    assert one.activations == s * h * (34 + 5 * a * s // h) and one.logits == 0
+    assert estimate(LLAMA2_7B, range(1, 2), False, False, **SEED_FULL).activations == 2 * one.activations
+    four = estimate(LLAMA2_7B, range(1, 5), False, False, **dict(SEED_LORA, micro_batches_in_flight=3))
+    assert four.activations == 12 * one.activations
+    assert estimate(LLAMA2_7B, range(1, 2), False, False, **dict(SEED_LORA, batch=2)).activations == 2 * one.activations
+    recomputed = estimate(LLAMA2_7B, range(1, 5), False, False, **dict(SEED_LORA, gradient_checkpointing=True))
+    assert recomputed.activations == 4 * s * h * 2 + one.activations
+
+
+def test_only_the_last_chip_pays_for_the_loss_and_tied_head_is_copied_there():
+    job = dict(SEED_LORA, seq_len=32)
+    assert estimate(_toy(), range(0, 3), True, False, **job).logits == 0
+    assert estimate(_toy(), range(3, 6), False, True, **job).logits > 0
+    tied = _toy(tied=True)
+    embed = tied.vocab_size * tied.hidden_size
+    alone = estimate(tied, range(0, 6), True, True, **job).weights
+    split = [estimate(tied, r, r.start == 0, r.stop == 6, **job).weights for r in (range(0, 3), range(3, 6))]
+    assert sum(split) - alone == 2 * embed  # one more fp16 copy of the embeddings, on the last chip
+
+
+def test_freeze_trains_and_keeps_activations_only_from_the_first_trainable_layer():
+    config = _toy(layers=6)
+    job = dict(SEED_LORA, finetuning_type="freeze", seq_len=32, num_layer_trainable=2)
+    early, late = (estimate(config, r, r.start == 0, r.stop == 6, **job) for r in (range(0, 4), range(4, 6)))
+    assert early.gradients == early.activations == 0
+    assert late.gradients == 2 * 3 * 64 * 160 * 4  # two layers' fp32 MLP gradients
+    first = estimate(config, range(0, 4), True, False, **dict(job, num_layer_trainable=-1))
+    assert first.gradients > 0 and first.activations > 0
+
+
+@pytest.mark.parametrize("job", [SEED_LORA, SEED_FULL, dict(SEED_LORA, gradient_checkpointing=True)])
+@pytest.mark.parametrize("config", [LLAMA2_7B, LLAMA2_13B])
+def test_balanced_split_is_never_fuller_than_even_or_greedy(config, job):
+    greedy = pack_layers(config, 14 * 10**9, **job)
+    balanced = balanced_split(config, len(greedy), **job)
+    assert [len(r) for r in balanced] and sum(len(r) for r in balanced) == config.num_hidden_layers
+    assert max(_totals(config, balanced, job)) <= max(_totals(config, greedy, job))
+    for chips in (1, 2, 3, 8):
+        even = split_layers(config.num_hidden_layers, chips)
+        assert max(_totals(config, balanced_split(config, chips, **job), job)) <= max(_totals(config, even, job))
+
+
+def test_balanced_split_is_optimal_on_a_small_model():
+    config, job = _toy(layers=7), dict(SEED_FULL, seq_len=64)
+    for chips in range(1, 8):
+        best = min(max(_totals(config, [range(a, b) for a, b in zip((0,) + cuts, cuts + (7,))], job))
+                   for cuts in itertools.combinations(range(1, 7), chips - 1))
+        assert max(_totals(config, balanced_split(config, chips, **job), job)) == best
+
+
+def test_a_chip_smaller_than_one_layer_says_what_would_fit():
+    with pytest.raises(ChipspanError, match=r"needs at least \d+\.\d\d GiB usable per chip") as error:
+        pack_layers(LLAMA2_13B, 4 * 2**30, **SEED_FULL)
+    need = float(re.search(r"at least (\S+) GiB", str(error.value)).group(1))
+    assert min_chips(LLAMA2_13B, int((need + 0.01) * 2**30), **SEED_FULL) == 40
+    with pytest.raises(ChipspanError, match="cannot fit one decoder layer"):
+        pack_layers(LLAMA2_13B, int((need - 0.01) * 2**30), **SEED_FULL)
+    with pytest.raises(ChipspanError, match="1 to 32 chips"):
+        balanced_split(LLAMA2_7B, 33, **SEED_LORA)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(finetuning_type="qlora"), "finetuning_type"), (dict(base_dtype_bytes=1), "base_dtype_bytes"),
+    (dict(seq_len=0), "at least 1"), (dict(lora_targets=("qkv",)), "lora target 'qkv'"),
+    (dict(finetuning_type="freeze", num_layer_trainable=0), "num_layer_trainable"),
+    (dict(finetuning_type="freeze", name_module_trainable="attn"), "name_module_trainable"),
+])
+def test_bad_knobs_are_user_errors(change, message):
+    with pytest.raises(ChipspanError, match=message):
+        estimate(_toy(), range(0, 2), True, False, **dict(SEED_LORA, **change))
