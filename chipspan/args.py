@@ -84,8 +84,9 @@ class TrainingArguments:
 class ChipArguments:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | tpu | npu | xpu | emu | ..."})
     chips: str | None = field(default=None, metadata={"help": "chips to span, e.g. 0-3 or 0,1 (default: 0)"})
-    chip_memory: str | None = field(default=None,
-                                    metadata={"help": "memory per emulated chip, e.g. 14GiB (--device emu)"})
+    chip_memory: str | None = field(default=None, metadata={
+        "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips"})
+    usable_fraction: float = field(default=1.0, metadata={"help": "share of chip_memory a job may use (plan)"})
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The ``chipspan`` command line: one subcommand per job.
 
     chipspan train [run.yaml] [--flag ...]   fine-tune, spanned over chips
+    chipspan plan [--flag ...]               memory per chip, before anything loads
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
     chipspan demo                            a real model, end to end
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="fine-tune (LLaMA-Factory's flags; `chipspan train --help` lists them)")
     train.set_defaults(run=_run_train)  # its flags are read by chipspan.args
 
+    plan = commands.add_parser("plan", add_help=False,
+                               help="memory per chip for a job, before anything loads (train's flags, --json)")
+    plan.set_defaults(run=_run_plan)
+
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
     chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
     chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "plan"):
         args.flags = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -101,6 +106,20 @@ def _run_train(args: argparse.Namespace) -> None:
         print(flags_help())
         return
     run_train(parse_run_arguments(args.flags))
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.chips.plan import make_plan, render, to_json
+
+    if {"-h", "--help"} & set(args.flags):
+        print("chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
+              "--usable_fraction 0.9, --chips N-M or auto, --json\n")
+        print(flags_help())
+        return
+    as_json = "--json" in args.flags
+    plan = make_plan(parse_run_arguments([f for f in args.flags if f != "--json"]))
+    print(to_json(plan) if as_json else render(plan))
 
 
 def _run_demo(args: argparse.Namespace) -> None:
