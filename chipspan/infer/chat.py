@@ -11,6 +11,7 @@ from typing import TextIO
 import torch
 
 from chipspan.adapters.peft_io import check_adapter, load_adapter
+from chipspan.devices import prepare_device_type
 from chipspan.errors import ChipspanError
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.models.checkpoint import load_pretrained
@@ -36,6 +37,10 @@ class ChatSession:
                                 f"vocab_size is {config.vocab_size}: tokenizer and weights are from different models")
         if args.adapter_name_or_path:
             check_adapter(config, args.adapter_name_or_path)
+        device_type, _, index = args.device.partition(":")
+        if index and not index.isdigit():
+            raise ChipspanError(f"cannot read device '{args.device}'; write it like cpu, cuda:1 or emu:0")
+        prepare_device_type(device_type, int(index or 0) + 1)
         model = load_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device)
         if args.adapter_name_or_path:
             load_adapter(model, args.adapter_name_or_path)
