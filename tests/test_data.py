@@ -323,7 +323,7 @@ def test_user_entries_replace_builtin_ones(tmp_path, tok):
     [
         ({"hf_hub_url": "org/data"}, "dataset 'toy' comes from the Hugging Face Hub .*not load yet"),
         ({"script_url": "toy"}, "dataset 'toy' comes from a loading script"),
-        ({"file_name": "x.json", "formatting": "sharegpt"}, "formatting 'sharegpt', which is not supported"),
+        ({"file_name": "x.json", "formatting": "ranking"}, "formatting 'ranking', which is not supported"),
         ({"file_name": "x.arrow"}, r"cannot read \.arrow files"),
     ],
 )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from chipspan.data import registry, sources
 from chipspan.data.encode import Example, encode_pretrain, encode_supervised
-from chipspan.data.formats import BadRow, Conversation, alpaca_columns, from_alpaca
+from chipspan.data.formats import BadRow, Conversation, converter
 from chipspan.data.templates import fix_tokenizer, get_template
 from chipspan.errors import ChipspanError
 
@@ -49,8 +49,8 @@ def load_examples(
     conversations: list[Conversation] = []
     for entry in entries:
         rows = sources.read_rows(entry, dataset_dir)[:max_samples]
-        columns = alpaca_columns(entry.columns)
-        conversations += _convert(entry.name, rows, columns, need_response=stage == "sft")
+        convert = converter(entry.formatting, entry.columns, entry.tags)
+        conversations += _convert(entry.name, rows, convert, need_response=stage == "sft")
     fix_tokenizer(tokenizer, chosen)
     if stage == "pt":
         examples = encode_pretrain([c.prompt[0][1] for c in conversations], tokenizer, cutoff_len)
@@ -64,12 +64,12 @@ def load_examples(
     return examples
 
 
-def _convert(name: str, rows: list, columns: dict, need_response: bool) -> list[Conversation]:
+def _convert(name: str, rows: list, convert: Callable, need_response: bool) -> list[Conversation]:
     """Conversations of the usable rows; one log line counts the others by reason."""
     kept, dropped, first = [], Counter(), {}
     for number, row in enumerate(rows, 1):
         try:
-            conversation = from_alpaca(row, columns)
+            conversation = convert(row)
             if need_response and len(conversation.response) != 1:
                 raise BadRow(f"has {len(conversation.response)} responses, not one")
         except BadRow as exc:

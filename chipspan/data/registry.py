@@ -15,6 +15,7 @@ from pathlib import Path
 from chipspan.errors import ChipspanError
 
 REGISTRY_FILE = "dataset_info.json"
+FORMATTINGS = ("alpaca", "sharegpt")
 # Entry keys for data chipspan does not fetch yet -> where that data comes from.
 _REMOTE = {"hf_hub_url": "the Hugging Face Hub", "ms_hub_url": "ModelScope", "script_url": "a loading script"}
 
@@ -24,7 +25,9 @@ class DatasetEntry:
     """One registered dataset that chipspan can read: a file (or folder) under ``dataset_dir``.
 
     ``columns`` is the entry's column mapping, None when it has none; ``builtin`` says the entry
-    comes from the seed's registry rather than the user's ``dataset_info.json``.
+    comes from the seed's registry rather than the user's ``dataset_info.json``. ``formatting`` is
+    ``alpaca`` or ``sharegpt``; ``tags`` (sharegpt only) names the role/content keys and role values,
+    None when the entry has none.
     """
 
     name: str
@@ -32,6 +35,8 @@ class DatasetEntry:
     file_sha1: str | None
     columns: dict[str, str] | None
     builtin: bool
+    formatting: str = "alpaca"
+    tags: dict[str, str] | None = None
 
 
 def builtin_registry() -> dict[str, dict]:
@@ -87,13 +92,19 @@ def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
     if "file_name" not in info:
         raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} has no file_name: add one")
     formatting = info.get("formatting", "alpaca")
-    if formatting != "alpaca":
+    if formatting not in FORMATTINGS:
         raise ChipspanError(
-            f"dataset '{name}' uses formatting '{formatting}', which is not supported yet: only alpaca is"
+            f"dataset '{name}' uses formatting '{formatting}', which is not supported: "
+            f"use one of {', '.join(FORMATTINGS)}"
         )
     columns = info.get("columns")
     if columns is not None and not isinstance(columns, dict):
         raise ChipspanError(
             f"dataset '{name}': columns must be a JSON object such as {{\"prompt\": \"instruction\"}}"
         )
-    return DatasetEntry(name, info["file_name"], info.get("file_sha1"), columns, builtin)
+    tags = info.get("tags")
+    if tags is not None and not isinstance(tags, dict):
+        raise ChipspanError(
+            f"dataset '{name}': tags must be a JSON object such as {{\"role_tag\": \"role\"}}"
+        )
+    return DatasetEntry(name, info["file_name"], info.get("file_sha1"), columns, builtin, formatting, tags)
