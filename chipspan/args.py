@@ -74,6 +74,8 @@ class TrainingArguments:
     logging_steps: int = field(default=500, metadata={"help": "log every N steps"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "a checkpoint folder to continue from, or true for the last one in output_dir"})
     seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)"})
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})

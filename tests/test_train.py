@@ -14,6 +14,7 @@ from chipspan.args import parse_run_arguments
 from chipspan.chips import span
 from chipspan.chips.placement import even_placement, split_layers
 from chipspan.cli import main
+from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
@@ -247,3 +248,28 @@ def test_lora_spanned_stages_hold_their_own_layers(workspace):
     prepare_trainable(model, run.finetuning)
     keys = [set(adapter_state_dict(stage)) for stage in model.stages]
     assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
+
+
+def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(workspace, tmp_path, no_weight_loading,
+                                                                       monkeypatch, capsys):
+    free = shutil.disk_usage(tmp_path).free
+    # full fine-tuning of this 2.3M-parameter model: ~27.6 MB per checkpoint (fp32 weights + AdamW)
+    steps = int(free // 27_000_000) + 10
+    argv = seed_command(SEED_FULL, workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1",
+                        "--fp16", "false")
+    code, err = run_cli(argv, {}, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1
+    assert "would not fit on disk" in err[0] and "--save_total_limit" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_named_checkpoint(workspace, tmp_path):
+    out = tmp_path / "out"
+    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "8")
+    run_train(parse_run_arguments(argv, {}), report=lambda _: None)
+    messages = []
+    again = argv + ["--resume_from_checkpoint", str(out / "checkpoint-2")]  # despite --overwrite_output_dir
+    run_train(parse_run_arguments(again, {}), report=messages.append)
+    assert any("checkpoint-2 at step 2" in m for m in messages)
+    with pytest.raises(ChipspanError, match="not a checkpoint folder"):
+        run_train(parse_run_arguments(argv + ["--resume_from_checkpoint", str(tmp_path)], {}), report=print)

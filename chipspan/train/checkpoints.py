@@ -19,6 +19,7 @@ import torch
 
 from chipspan.adapters.peft_io import adapter_state_dict, save_adapter
 from chipspan.chips.span import SpannedModel
+from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import model_state_dict, save_weights
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.reporting import TrainerState
@@ -62,6 +63,28 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_limit: int | None,
+                     checkpoint_bytes: int, final_bytes: int, report) -> None:
+    """Refuse a run whose checkpoints cannot fit on the disk of ``output_dir``; warn when nearly so.
+
+    ``checkpoint_bytes``: one checkpoint (weights + optimizer); ``final_bytes``: the final weights.
+    With ``save_total_limit`` N, N + 1 checkpoints exist for a moment (the new one before the oldest goes).
+    """
+    saves = (steps - 1) // save_steps if save_steps > 0 else 0
+    kept = min(saves, save_total_limit + 1) if save_total_limit else saves
+    needed = kept * checkpoint_bytes + final_bytes
+    existing = next(p for p in (output_dir, *output_dir.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    summary = (f"{kept} checkpoint(s) of {checkpoint_bytes / 1e9:.2f} GB + the final {final_bytes / 1e9:.2f} GB "
+               f"= {needed / 1e9:.1f} GB, with {free / 1e9:.1f} GB free on the disk of {output_dir}")
+    if needed > free:
+        fit = max(int((free - final_bytes) // checkpoint_bytes) - 1, 0)
+        raise ChipspanError(f"the run would not fit on disk: {summary}; pass --save_total_limit {fit} "
+                            "(or fewer) or a larger --save_steps")
+    if needed > 0.9 * free:
+        report(f"warning: the run will nearly fill the disk: {summary}")
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:

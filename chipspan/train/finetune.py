@@ -11,6 +11,7 @@ import torch
 from chipspan.adapters.lora import inject_lora
 from chipspan.adapters.peft_io import load_adapter
 from chipspan.args import FinetuningArguments
+from chipspan.chips.placement import Placement
 from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -77,3 +78,13 @@ def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] |
 def _freeze_modules(args: FinetuningArguments) -> list[str]:
     names = [n.strip() for n in args.name_module_trainable.split(",") if n.strip()]
     return list(FREEZE_MODULES) if names == ["all"] else names
+
+
+def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int, int]:
+    """(trainable, total) parameters of a job, counted on a meta-device model: nothing is allocated."""
+    with torch.device("meta"):
+        whole = CausalLM(config)
+    model = SpannedModel([whole], Placement((torch.device("meta"),), (range(config.num_hidden_layers),)))
+    prepare_trainable(model, args)
+    parameters = model.unique_parameters()
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

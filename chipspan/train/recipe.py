@@ -25,7 +25,7 @@ from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
-from chipspan.train.finetune import check_finetuning_arguments, prepare_trainable
+from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
 from chipspan.train.loop import Precision, total_steps, train
 from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, truncate_log,
                                       write_results)
@@ -40,7 +40,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     config = _check_arguments(run)
     placement = _placement(run, config)
     output_dir = Path(train_args.output_dir)
-    resume = _resume_point(output_dir, train_args.overwrite_output_dir)
+    resume = _resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     examples = load_examples(data_args.dataset, data_args.dataset_dir, tokenizer, data_args.template,
                              cutoff_len=data_args.cutoff_len, stage=ft_args.stage,
@@ -50,6 +50,8 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
                             f"may have added some) but the model's vocab_size is {config.vocab_size}; "
                             "resizing embeddings is not supported yet: pick a template the tokenizer knows")
     precision, base_dtype = _precision(run, placement, report)
+    steps = total_steps(len(examples), train_args)
+    _check_disk(run, config, base_dtype, steps, report)
 
     _seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
@@ -60,7 +62,6 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None)
     _report_placement(model, placement, report)
 
-    steps = total_steps(len(examples), train_args)
     optimizer = _optimizer(model, train_args)
     scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
                                 warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
@@ -140,11 +141,36 @@ def _placement(run: RunArguments, config: ModelConfig) -> Placement:
     return even_placement(config, devices.chip_devices(device_type, chip_ids))
 
 
-def _resume_point(output_dir: Path, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, None to start fresh; refuses to write into someone's folder."""
+def _check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, steps: int,
+                report: Callable[[str], None]) -> None:
+    """Checkpoint size from a meta-device count of what trains, against the free disk."""
+    trainable, total = count_trainable(config, run.finetuning)
+    if run.finetuning.finetuning_type == "lora":
+        weights = trainable * 4  # the adapter alone, fp32
+    else:
+        weights = trainable * 4 + (total - trainable) * base_dtype.itemsize
+    train_args = run.training
+    checkpoints.check_disk_space(Path(train_args.output_dir), steps, train_args.save_steps,
+                                 train_args.save_total_limit, weights + trainable * 8, weights, report)
+
+
+def _resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path | None:
+    """The checkpoint to resume from, None to start fresh; refuses to write into someone's folder.
+
+    ``asked`` is --resume_from_checkpoint: a folder, or true for the last checkpoint in output_dir.
+    """
+    found = checkpoints.checkpoints_in(output_dir) if output_dir.is_dir() else []
+    if asked is not None and asked.lower() not in ("false", "0", "no"):
+        if asked.lower() in ("true", "1", "yes"):
+            if not found:
+                raise ChipspanError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-N folder")
+            return found[-1]
+        if not (Path(asked) / "trainer_state.json").is_file():
+            raise ChipspanError(f"--resume_from_checkpoint {asked} is not a checkpoint folder "
+                                "(no trainer_state.json in it)")
+        return Path(asked)
     if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
         return None
-    found = checkpoints.checkpoints_in(output_dir)
     if found:
         return found[-1]
     raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
