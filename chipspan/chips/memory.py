@@ -27,8 +27,8 @@ from functools import cache
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.loss import LOGITS_CHUNK_ELEMENTS
+from chipspan.train.finetune import FINETUNING_TYPES, freeze_layers, freeze_modules
 
-FINETUNING_TYPES = ("lora", "full", "freeze")
 TRAINED_BYTES = 4  # trained parameters are fp32
 GRADIENT_BYTES = 4  # fp32 gradient per trained parameter
 ADAMW_BYTES = 8  # AdamW's two fp32 moments per trained parameter
@@ -83,7 +83,7 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
         trained, extra = 0, len(layers) * _lora_parameters_per_layer(config, lora_rank, lora_targets)
         grad_path = layers
     else:
-        trainable = _freeze_layers(num_layers, num_layer_trainable)
+        trainable = freeze_layers(num_layers, num_layer_trainable)
         per_layer = _freeze_parameters_per_layer(config, name_module_trainable)
         trained, extra = per_layer * len(set(layers) & set(trainable)), 0
         grad_path = range(max(layers.start, trainable.start), layers.stop)
@@ -198,25 +198,12 @@ def _lora_parameters_per_layer(config: ModelConfig, rank: int, targets: tuple[st
     return sum(rank * sum(shapes[n]) for n in names)
 
 
-def _freeze_layers(num_layers: int, count: int) -> range:
-    """Layers "freeze" trains: the last ``count``, or the first ``-count`` when negative."""
-    if count == 0 or abs(count) > num_layers:
-        raise ChipspanError(f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
-                            f"for the first layers), not {count}")
-    return range(num_layers - count, num_layers) if count > 0 else range(-count)
-
-
 def _freeze_parameters_per_layer(config: ModelConfig, modules: str) -> int:
     """Trained parameters of one trainable layer under "freeze" (mlp, self_attn, or all)."""
     h, inter = config.hidden_size, config.intermediate_size
     mlp = 3 * h * inter + (2 * inter + h if config.mlp_bias else 0)
     sizes = {"mlp": mlp, "self_attn": config.parameters_per_layer - mlp - 2 * h}
-    names = [n.strip() for n in modules.split(",") if n.strip()]
-    names = list(sizes) if names == ["all"] else names
-    unknown = [n for n in names if n not in sizes]
-    if unknown or not names:
-        raise ChipspanError(f"name_module_trainable must be mlp, self_attn or all, not '{modules}'")
-    return sum(sizes[n] for n in names)
+    return sum(sizes[n] for n in freeze_modules(modules))
 
 
 def _too_small(config: ModelConfig, budget: int, chip: int, job: dict) -> str:

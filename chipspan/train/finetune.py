@@ -34,13 +34,8 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig) -
             inject_lora(CausalLM(config), args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                         dropout=args.lora_dropout, additional_target=args.additional_target)
     if args.finetuning_type == "freeze":
-        unknown = [m for m in _freeze_modules(args) if m not in FREEZE_MODULES]
-        if unknown:
-            raise ChipspanError(f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
-                                f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all")
-        if args.num_layer_trainable == 0 or abs(args.num_layer_trainable) > num_layers:
-            raise ChipspanError(f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
-                                f"for the first layers), not {args.num_layer_trainable}")
+        freeze_modules(args.name_module_trainable)
+        freeze_layers(num_layers, args.num_layer_trainable)
 
 
 def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: str | None = None) -> None:
@@ -70,14 +65,27 @@ def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] |
     """Parameter-name prefixes that train under "freeze"; None (everything) under "full"."""
     if args.finetuning_type == "full":
         return None
-    count = args.num_layer_trainable
-    layers = range(num_layers - count, num_layers) if count > 0 else range(-count)
-    return [f"model.layers.{i}.{module}." for i in layers for module in _freeze_modules(args)]
+    return [f"model.layers.{i}.{module}." for i in freeze_layers(num_layers, args.num_layer_trainable)
+            for module in freeze_modules(args.name_module_trainable)]
 
 
-def _freeze_modules(args: FinetuningArguments) -> list[str]:
-    names = [n.strip() for n in args.name_module_trainable.split(",") if n.strip()]
-    return list(FREEZE_MODULES) if names == ["all"] else names
+def freeze_layers(num_layers: int, count: int) -> range:
+    """Layers "freeze" trains: the last ``count``, or the first ``-count`` when negative."""
+    if count == 0 or abs(count) > num_layers:
+        raise ChipspanError(f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
+                            f"for the first layers), not {count}")
+    return range(num_layers - count, num_layers) if count > 0 else range(-count)
+
+
+def freeze_modules(names: str) -> list[str]:
+    """The decoder-layer modules "freeze" trains, from ``name_module_trainable`` (comma list, or all)."""
+    modules = [n.strip() for n in names.split(",") if n.strip()]
+    modules = list(FREEZE_MODULES) if modules == ["all"] else modules
+    unknown = [m for m in modules if m not in FREEZE_MODULES] or ([] if modules else [names])
+    if unknown:
+        raise ChipspanError(f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
+                            f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all")
+    return modules
 
 
 def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from chipspan.args import RunArguments
 from chipspan.chips.placement import Placement, even_placement
 from chipspan.chips.span import SpannedModel
 from chipspan.data import load_examples
+from chipspan.data.loader import STAGES
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
@@ -30,9 +31,6 @@ from chipspan.train.loop import Precision, total_steps, train
 from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, truncate_log,
                                       write_results)
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
-
-STAGES = ("sft", "pt")
-
 
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     """Train as ``run`` says; returns the output folder."""
