@@ -36,6 +36,23 @@ class DataArguments:
     max_samples: int | None = field(default=None, metadata={"help": "first N rows of each dataset"})
     overwrite_cache: bool = field(default=False, metadata={"help": "re-encode the dataset"})
     val_size: float = field(default=0.0, metadata={"help": "held-out rows (count or fraction)"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "train on prompt tokens too"})
+    mask_history: bool = field(default=False, metadata={"help": "train only the last assistant turn"})
+    default_system: str | None = field(default=None, metadata={"help": "replace the template's system prompt"})
+    tool_format: str | None = field(default=None, metadata={"help": "how tool calls are written (lf-0.9)"})
+    packing: bool | None = field(default=None, metadata={
+        "help": "pack SFT examples into cutoff_len blocks, each kept apart in attention"})
+    sft_packing: bool = field(default=False, metadata={"help": "the seed's name for --packing"})
+    neat_packing: bool = field(default=False, metadata={
+        "help": "accepted from LLaMA-Factory; chipspan's packing always keeps examples apart"})
+    mix_strategy: str = field(default="concat", metadata={
+        "help": "concat | interleave_under | interleave_over"})
+    interleave_probs: str | None = field(default=None, metadata={
+        "help": "comma list of sampling probabilities, one per dataset (interleave)"})
+    streaming: bool = field(default=False, metadata={"help": "read JSON-lines files lazily"})
+    buffer_size: int = field(default=16384, metadata={"help": "shuffle buffer when streaming"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "accepted from LLaMA-Factory; encoding runs in one process"})
 
 
 @dataclass
