@@ -2,13 +2,18 @@
 
 A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the tokenizer files,
 ``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement),
-``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``. It is written into a hidden
-temporary folder and renamed into place, so a crash never leaves a half-written ``checkpoint-N``.
+``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``.
+
+Durability: a checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, every file and the
+folder are fsynced, and only then is it renamed to ``checkpoint-N`` (and the parent fsynced). A kill
+or power loss at any moment leaves the previous checkpoints intact and at worst a hidden temporary
+folder, which resume never picks and the next save removes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -52,17 +57,44 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
                     base_model: str, is_lora: bool) -> Path:
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_unfinished(output_dir)
     save_trained_weights(model, tmp, base_model, is_lora)
     tokenizer.save(tmp)
     torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pth")
     state.save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    _fsync_tree(tmp)
+    if final.exists():  # resumed from an earlier checkpoint: this step is written again
+        replaced = final.rename(output_dir / f".{PREFIX}{step}.old")
+        tmp.rename(final)
+        shutil.rmtree(replaced)
+    else:
+        tmp.rename(final)
+    _fsync(output_dir)
     return final
+
+
+def remove_unfinished(output_dir: Path) -> None:
+    """Remove the hidden folders a killed save left behind (never a complete checkpoint)."""
+    for leftover in output_dir.glob(f".{PREFIX}*"):
+        if leftover.is_dir() and leftover.suffix in (".tmp", ".old"):
+            shutil.rmtree(leftover)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder``, then the folders themselves, to the disk."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_limit: int | None,
@@ -122,13 +154,19 @@ def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, 
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    """Python, NumPy and torch generator states; CUDA's per device when CUDA is in use."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng_state(saved: dict) -> None:
     random.setstate(saved["python"])
     np.random.set_state(saved["numpy"])
     torch.set_rng_state(saved["cpu"])
+    if "cuda" in saved and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def _parameter_names(model: SpannedModel) -> dict[int, str]:
