@@ -219,10 +219,10 @@ def test_empty_template_adds_nothing(tmp_path, tok):
 
 
 def test_unknown_template_lists_the_known_ones(tmp_path, tok):
-    with pytest.raises(ChipspanError, match="unknown template 'llama3x'.*known templates are chatml, def"):
+    with pytest.raises(ChipspanError, match=r"unknown template 'llama3x' \(did you mean 'llama3'\?\): known templates are alp"):
         encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], template="llama3x")
-    with pytest.raises(ChipspanError, match="template 'default' has no revision 'lf-0.9' yet"):
-        encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], template_revision="lf-0.9")
+    with pytest.raises(ChipspanError, match="template 'ziya' is not in LLaMA-Factory 0.9"):
+        encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], template="ziya", template_revision="lf-0.9")
 
 
 # ---- rows and formats ------------------------------------------------------------------------------

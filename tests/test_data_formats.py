@@ -71,9 +71,12 @@ def test_openai_rows_equal_sharegpt_rows(tmp_path, tok):
     assert from_openai == encode(tmp_path / "sharegpt", tok, [share], formatting="sharegpt")
 
 
-def test_observation_and_function_call_render_as_user_and_assistant_turns(tmp_path, tok):
-    calls = sharegpt(("human", "q"), ("function_call", "f()"), ("observation", "42"), ("gpt", "a"))
-    plain = sharegpt(("human", "q"), ("gpt", "f()"), ("human", "42"), ("gpt", "a"))
+def test_function_calls_and_observations_use_the_template_tool_slots(tmp_path, tok):
+    """Seed ``default``: a call is written "Action: name\nAction Input: arguments" + EOS, an observation
+    like a user turn; an empty tool list adds nothing to the system."""
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
+    plain = sharegpt(("human", "q"), ("gpt", 'Action: f\nAction Input: {"x": 1}'), ("human", "42"), ("gpt", "a"))
     with_tools = encode(tmp_path / "a", tok, [{"conversations": calls, "tools": "[]"}], formatting="sharegpt",
                         columns={"messages": "conversations", "tools": "tools"})
     assert with_tools == encode(tmp_path / "b", tok, [{"conversations": plain}], formatting="sharegpt")

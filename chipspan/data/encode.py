@@ -1,20 +1,26 @@
 """Conversations and texts -> token ids and labels: SFT masking and truncation, PT blocks.
 
-SFT (as at the seed commit): a conversation is a list of (prompt, answer) pairs, one per assistant
-turn. Prompt tokens get label -100; answer tokens (with the template's EOS) are trained, in every
-turn. Pairs are cut to fit ``cutoff_len`` by the template revision's rule, the earliest pair first.
+SFT: a conversation is a list of (prompt, answer) pairs, one per assistant-side turn. Prompt tokens get
+label -100 (unless ``train_on_prompt``); answer tokens (with the template's EOS) are trained, in every
+turn (only the last with ``mask_history``). Pairs are cut to fit ``cutoff_len`` by the template
+revision's rule (the seed's or LLaMA-Factory 0.9's), the earliest pair first (the last first with
+``mask_history``). ``--template auto`` tokenizes the chat template's text once and finds the pairs by
+character offsets.
 
 PT: texts + EOS each, concatenated, cut into ``cutoff_len`` blocks.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
 
 from chipspan.data.formats import Conversation
-from chipspan.data.templates import Special, Template
+from chipspan.data.template_auto import ChatTemplate
+from chipspan.data.templates import Special, Template, Token
+from chipspan.errors import ChipspanError
 
 if TYPE_CHECKING:
     from chipspan.models.tokenizer import Tokenizer
@@ -34,27 +40,135 @@ class Example:
 
 
 def encode_supervised(
-    conversations: list[Conversation], template: Template, tokenizer: Tokenizer, cutoff_len: int
+    conversations: list[Conversation],
+    template: Template | ChatTemplate,
+    tokenizer: Tokenizer,
+    cutoff_len: int,
+    *,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> list[Example]:
-    """One example per conversation; each must have exactly one response."""
-    truncate = _TRUNCATION[template.revision]
+    """One example per conversation; each must have exactly one response.
+
+    ``train_on_prompt``: prompt tokens are trained too. ``mask_history`` (lf-0.9 and ``auto``): only the
+    last answer is trained, and when the conversation is too long the latest turns are kept.
+    """
+    if isinstance(template, ChatTemplate):
+        return _encode_with_chat_template(
+            conversations, template, tokenizer, cutoff_len, train_on_prompt, mask_history
+        )
+    check_options(template, train_on_prompt, mask_history)
+    eos = tokenizer.eos_token_id
     examples = []
     for start in range(0, len(conversations), CHUNK_ROWS):
         chunk = conversations[start : start + CHUNK_ROWS]
-        rendered = [template.render([*c.prompt, ("assistant", c.response[0])], c.system) for c in chunk]
+        rendered = [
+            template.render(c.messages(), c.system, c.tools, mask_history=mask_history) for c in chunk
+        ]
         for messages in _tokenize(rendered, template, tokenizer):
-            input_ids, labels = [], []
-            total = 0
-            for source, target in zip(messages[::2], messages[1::2]):
-                if total >= cutoff_len:
-                    break
-                source_stop, target_stop = truncate(len(source), len(target), cutoff_len - total)
-                source, target = source[:source_stop], target[:target_stop]
-                total += len(source) + len(target)
-                input_ids += source + target
-                labels += [IGNORE_INDEX] * len(source) + target
-            examples.append(Example(input_ids, labels))
+            pairs = list(zip(messages[::2], messages[1::2]))
+            if template.revision == "seed":
+                example = _join_seed(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt)
+            else:
+                example = _join_lf09(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt, mask_history)
+            examples.append(example)
     return examples
+
+
+def _encode_with_chat_template(
+    conversations: list[Conversation],
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+) -> list[Example]:
+    """``--template auto``: each conversation's text tokenized once; a token is an answer token when it
+    starts inside an answer's span. Pairs (text before an answer, the answer) are cut by lf-0.9's rule."""
+    examples = []
+    for start in range(0, len(conversations), CHUNK_ROWS):
+        chunk = conversations[start : start + CHUNK_ROWS]
+        rendered = [template.render_spans(c.messages(), c.system, c.tools) for c in chunk]
+        encodings = tokenizer.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        for (_, spans), encoding in zip(rendered, encodings):
+            starts = [offset[0] for offset in encoding.offsets]
+            pairs, done = [], 0
+            for answer_start, answer_end in spans:
+                first = bisect_left(starts, answer_start)
+                stop = bisect_left(starts, answer_end)
+                pairs.append((encoding.ids[done:first], encoding.ids[first:stop]))
+                done = stop
+            eos = tokenizer.eos_token_id
+            examples.append(_join_lf09(pairs, False, eos, cutoff_len, train_on_prompt, mask_history))
+    return examples
+
+
+def check_options(template: Template | ChatTemplate, train_on_prompt: bool, mask_history: bool) -> None:
+    """Refuse the options a template's revision cannot honour (callers may check before reading data)."""
+    if mask_history and template.revision == "seed":
+        raise ChipspanError("--mask_history needs --template_revision lf-0.9: the seed trained every answer")
+    if train_on_prompt and template.efficient_eos and template.revision != "seed":
+        raise ChipspanError(
+            f"template '{template.name}' (lf-0.9) cannot train on the prompt: it ends turns with an EOS "
+            "label in the next prompt; drop --train_on_prompt or use --template_revision seed"
+        )
+
+
+def _source_labels(source: list[int], turn: int, efficient_eos: bool, eos: int, train_on_prompt: bool) -> list[int]:
+    """Labels of one prompt: the ids when trained; with efficient_eos a later prompt's first label is the
+    EOS that ends the answer before it (the prompt's first token stands where that EOS would be)."""
+    if train_on_prompt:
+        return list(source)
+    if efficient_eos and turn != 0 and source:
+        return [eos] + [IGNORE_INDEX] * (len(source) - 1)
+    return [IGNORE_INDEX] * len(source)
+
+
+def _join_seed(pairs: list, efficient_eos: bool, eos: int, cutoff_len: int, train_on_prompt: bool) -> Example:
+    """The seed's sequence: pairs in order, each cut by the seed's rule, EOS appended with efficient_eos
+    (after the cut, so such an example may be ``cutoff_len + 1`` long, as in the seed)."""
+    input_ids, labels = [], []
+    total = 0
+    for turn, (source, target) in enumerate(pairs):
+        if total >= cutoff_len:
+            break
+        source_stop, target_stop = _seed_truncation(len(source), len(target), cutoff_len - total)
+        source, target = source[:source_stop], target[:target_stop]
+        total += len(source) + len(target)
+        input_ids += source + target
+        labels += _source_labels(source, turn, efficient_eos, eos, train_on_prompt) + target
+    if efficient_eos:
+        input_ids.append(eos)
+        labels.append(eos)
+    return Example(input_ids, labels)
+
+
+def _join_lf09(
+    pairs: list, efficient_eos: bool, eos: int, cutoff_len: int, train_on_prompt: bool, mask_history: bool
+) -> Example:
+    """LLaMA-Factory 0.9's sequence: the final EOS of efficient_eos counted in the budget; with
+    ``mask_history`` the pairs are cut last-first (the last one trained, the others not) and kept in order."""
+    input_ids, labels = [], []
+    total = 1 if efficient_eos else 0
+    ordered = pairs[::-1] if mask_history else pairs
+    for turn, (source, target) in enumerate(ordered):
+        if total >= cutoff_len:
+            break
+        source_len, target_len = _lf09_truncation(len(source), len(target), cutoff_len - total)
+        source, target = source[:source_len], target[:target_len]
+        total += source_len + target_len
+        source_labels = _source_labels(source, turn, efficient_eos, eos, train_on_prompt)
+        target_labels = [IGNORE_INDEX] * target_len if mask_history and turn != 0 else target
+        if mask_history:
+            input_ids = source + target + input_ids
+            labels = source_labels + target_labels + labels
+        else:
+            input_ids += source + target
+            labels += source_labels + target_labels
+    if efficient_eos:
+        input_ids.append(eos)
+        labels.append(eos)
+    return Example(input_ids, labels)
 
 
 def encode_pretrain(texts: list[str], tokenizer: Tokenizer, cutoff_len: int) -> list[Example]:
@@ -90,7 +204,7 @@ def _tokenize(rendered: list[list[list]], template: Template, tokenizer: Tokeniz
         for msg in conv:
             ids: list[int] = []
             for piece in msg:
-                if isinstance(piece, Special):
+                if isinstance(piece, (Special, Token)):
                     if piece not in specials:
                         specials[piece] = template.special_id(piece, tokenizer)
                     if specials[piece] is not None:

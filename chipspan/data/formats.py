@@ -11,10 +11,14 @@ object with a role and a content key, and optional ``system`` and ``tools`` colu
 user/assistant/system/tool) are sharegpt rows with tags that say so. Rows are read as LLaMA-Factory
 0.9 reads them: a leading system message is the system prompt, the turns must alternate user-side
 (user, observation) and assistant-side (assistant, function call) and end on the assistant side.
+As LLaMA-Factory 0.9 reads OpenAI rows, an assistant message with ``tool_calls`` is a function call
+(its content the JSON list of the calls' ``function`` objects) and consecutive tool results are one
+observation, joined by ``\n</tool_response>\n<tool_response>\n``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -33,13 +37,16 @@ SHAREGPT_DEFAULT_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-# The side of the conversation each role tag is on; the templates render it as that side.
-_SHAREGPT_SIDES = {
+# The message role of each role tag.
+_SHAREGPT_ROLES = {
     "user_tag": "user",
-    "observation_tag": "user",
+    "observation_tag": "observation",
     "assistant_tag": "assistant",
-    "function_tag": "assistant",
+    "function_tag": "function",
 }
+# The side of the conversation each role is on: turns alternate user side, assistant side.
+SIDES = {"user": "user", "observation": "user", "assistant": "assistant", "function": "assistant"}
+_JOINED_TOOL_RESULTS = "\n</tool_response>\n<tool_response>\n"
 
 
 class BadRow(ValueError):
@@ -48,29 +55,35 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class Conversation:
-    """One row: ``prompt`` messages ``(role, content)``, user/assistant alternating and ending with
-    a user message; ``response`` the candidate answers (SFT needs exactly one); ``system`` ("" for
-    the template's default); ``tools`` the sharegpt row's tool descriptions ("" for none), not
-    rendered yet: the templates have no tool slots."""
+    """One row: ``prompt`` messages ``(role, content)`` with roles user/observation and
+    assistant/function alternating, ending on the user side; ``response`` the candidate answers (SFT
+    needs exactly one), each a message of role ``response_role`` (assistant, or function for a row
+    that ends in a function call); ``system`` ("" for the template's default); ``tools`` the row's
+    tool schemas as JSON text ("" for none)."""
 
     prompt: tuple[tuple[str, str], ...]
     response: tuple[str, ...]
     system: str = ""
     tools: str = ""
+    response_role: str = "assistant"
+
+    def messages(self) -> list[tuple[str, str]]:
+        """The prompt and the (first) response, as one message list."""
+        return [*self.prompt, (self.response_role, self.response[0])]
 
 
 @dataclass(frozen=True)
 class SharegptSpec:
     """Where a sharegpt row keeps its parts: the ``messages``/``system``/``tools`` columns, the
-    messages' ``role_key``/``content_key``, ``sides`` (role value -> "user" or "assistant") and
-    ``system_role`` (the role value of a leading system message; None: none is taken)."""
+    messages' ``role_key``/``content_key``, ``roles`` (role value -> user, observation, assistant or
+    function) and ``system_role`` (the role value of a leading system message; None: none is taken)."""
 
     messages: str
     system: str | None
     tools: str | None
     role_key: str | None
     content_key: str | None
-    sides: dict[str, str]
+    roles: dict[str, str]
     system_role: str | None
 
 
@@ -126,51 +139,82 @@ def sharegpt_spec(entry_columns: dict | None, entry_tags: dict | None) -> Shareg
     """How to read an entry's sharegpt rows, from its ``columns`` and ``tags`` (None: the defaults)."""
     columns = entry_columns or {}
     tags = SHAREGPT_DEFAULT_TAGS if entry_tags is None else entry_tags
-    sides = {tags[tag]: side for tag, side in _SHAREGPT_SIDES.items() if tags.get(tag) is not None}
+    roles = {tags[tag]: role for tag, role in _SHAREGPT_ROLES.items() if tags.get(tag) is not None}
     return SharegptSpec(
         messages=columns.get("messages", "conversations"),
         system=columns.get("system"),
         tools=columns.get("tools"),
         role_key=tags.get("role_tag"),
         content_key=tags.get("content_tag"),
-        sides=sides,
+        roles=roles,
         system_role=tags.get("system_tag"),
     )
 
 
 def from_sharegpt(row: object, spec: SharegptSpec) -> Conversation:
-    """The conversation in one sharegpt row; raises ``BadRow`` when it cannot be trained on.
-
-    Observation turns are rendered as user turns and function-call turns as assistant turns: the
-    templates have no tool slots yet (LLaMA-Factory formats those turns, and the tools, its own way).
-    """
+    """The conversation in one sharegpt row; raises ``BadRow`` when it cannot be trained on."""
     if not isinstance(row, dict):
         raise BadRow("row is not a JSON object")
     messages = row.get(spec.messages)
     if not isinstance(messages, list):
         raise BadRow(f"{spec.messages} is {'missing' if messages is None else 'not a list'}")
-    if not all(isinstance(m, dict) and isinstance(m.get(spec.content_key), str) for m in messages):
+    if not all(isinstance(m, dict) for m in messages):
         raise BadRow(f"a message is not an object with text {spec.content_key}")
     system = _optional_text(row, spec.system)
     if messages and spec.system_role is not None and messages[0].get(spec.role_key) == spec.system_role:
         system, messages = messages[0][spec.content_key], messages[1:]
-    turns = [(_side(message, spec), message[spec.content_key]) for message in messages]
-    if any(side != ("user", "assistant")[i % 2] for i, (side, _) in enumerate(turns)):
+    turns = _merge_tool_results([_turn(message, spec) for message in messages])
+    if any(SIDES[role] != ("user", "assistant")[i % 2] for i, (role, _) in enumerate(turns)):
         raise BadRow("roles do not alternate user/assistant")
     if not turns:
         raise BadRow("has no messages")
-    if turns[-1][0] != "assistant":
+    if SIDES[turns[-1][0]] != "assistant":
         raise BadRow("ends without an assistant turn")
-    return Conversation(tuple(turns[:-1]), (turns[-1][1],), system, _optional_text(row, spec.tools))
+    role, answer = turns[-1]
+    return Conversation(tuple(turns[:-1]), (answer,), system, _tools_text(row, spec.tools), role)
 
 
-def _side(message: dict, spec: SharegptSpec) -> str | None:
-    """The side ("user" or "assistant") a message's role is on; None for a system message."""
-    role = message.get(spec.role_key)
-    side = spec.sides.get(role) if isinstance(role, str) else None
-    if side is None and role != spec.system_role:
-        raise BadRow("a message has an unknown role")
-    return side
+def _calls(message: dict) -> list | None:
+    """An OpenAI message's ``tool_calls`` list, if it has one."""
+    calls = message.get("tool_calls")
+    return calls if isinstance(calls, list) and calls else None
+
+
+def _turn(message: dict, spec: SharegptSpec) -> tuple[str, str]:
+    """``(role, content)`` of a message; a system message (only allowed first) is refused here."""
+    role_value = message.get(spec.role_key)
+    role = spec.roles.get(role_value) if isinstance(role_value, str) else None
+    if role is None:
+        raise BadRow("a message has an unknown role" if role_value != spec.system_role else
+                     "roles do not alternate user/assistant")
+    calls = _calls(message)
+    if calls is not None and role in ("assistant", "function"):
+        try:
+            return "function", json.dumps([call["function"] for call in calls], ensure_ascii=False)
+        except (KeyError, TypeError):
+            raise BadRow("tool_calls are not objects with a function") from None
+    if not isinstance(message.get(spec.content_key), str):
+        raise BadRow(f"a message is not an object with text {spec.content_key}")
+    return role, message[spec.content_key]
+
+
+def _merge_tool_results(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive observations become one, as LLaMA-Factory 0.9 joins an OpenAI row's tool results."""
+    merged: list[tuple[str, str]] = []
+    for role, content in turns:
+        if role == "observation" and merged and merged[-1][0] == "observation":
+            merged[-1] = ("observation", merged[-1][1] + _JOINED_TOOL_RESULTS + content)
+        else:
+            merged.append((role, content))
+    return merged
+
+
+def _tools_text(row: dict, column: str | None) -> str:
+    """The row's tools as JSON text: a JSON list or object in the column is written out."""
+    value = row.get(column) if column else None
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return _optional_text(row, column)
 
 
 def _optional_text(row: dict, column: str | None) -> str:
