@@ -20,7 +20,7 @@ from torch import nn
 
 from chipspan.chips.placement import Placement
 from chipspan.models.checkpoint import load_pretrained
-from chipspan.models.decoder import CausalLM, build_attention_mask
+from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
 
 
 class SpannedModel(nn.Module):
@@ -48,11 +48,15 @@ class SpannedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss (fp32 scalar, on the last chip) of input_ids/labels (b, s)."""
+        """Mean next-token loss (fp32 scalar, on the last chip) of input_ids/labels (b, s).
+
+        ``attention_mask`` (b, s): 0 = padding, 1 = real token, or the segment ids of packed
+        examples; every stage gets the same attention mask and positions, on its own chip.
+        """
         b, s = input_ids.shape
         device = self.placement.devices[0]
         input_ids = input_ids.to(device)
-        positions = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+        positions = default_position_ids(attention_mask, b, s, 0, device).to(device)  # from the host mask
         mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None,
                                     s, 0, device)
         hidden = self.first.embed(input_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from chipspan.data.encode import IGNORE_INDEX, Example
+from chipspan.data.packing import PackedExample
 
 
 def collate(
@@ -13,7 +14,8 @@ def collate(
     """Right-pad to the longest example, rounded up to a multiple of ``pad_to_multiple_of``.
 
     Returns int64 ``input_ids`` (padded with ``pad_id``), ``labels`` (padded with -100) and
-    ``attention_mask`` (1 = real token), each of shape (batch, length).
+    ``attention_mask``, each of shape (batch, length). ``attention_mask`` is 0 on padding and 1 on
+    real tokens; for a ``PackedExample`` it holds its segment ids 1, 2, 3, … instead.
     """
     length = max(len(e.input_ids) for e in examples)
     if pad_to_multiple_of:
@@ -25,5 +27,8 @@ def collate(
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
+        if isinstance(example, PackedExample):
+            attention_mask[row, :n] = torch.tensor(example.segment_ids, dtype=torch.long)
+        else:
+            attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -233,7 +233,7 @@ class CausalLM(nn.Module):
         """Run the layers held here, in order, on hidden (b, s, hidden).
 
         ``mask`` is None for plain causal attention, or bool (b, 1, s, past + s), True = attend
-        (see ``attention_mask``).
+        (see ``build_attention_mask``); position_ids (b, s) place each token for the rotary embeddings.
         """
         cos, sin = self.rope(position_ids, hidden.dtype)
         for layer in self.model.layers.values():
@@ -256,35 +256,64 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_logits: bool = True) -> CausalLMOutput:
-        """input_ids/labels (b, s); attention_mask (b, past + s) with 1 = real token, 0 = padding."""
+        """input_ids/labels (b, s); attention_mask (b, past + s): 0 = padding, 1 = real token, or
+        segment ids 1, 2, 3, … for packed examples (see ``build_attention_mask``)."""
+        b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = past + torch.arange(input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
-        mask = build_attention_mask(attention_mask, input_ids.shape[1], past, input_ids.device)
+            position_ids = default_position_ids(attention_mask, b, s, past, input_ids.device)
+        mask = build_attention_mask(attention_mask, s, past, input_ids.device)
         hidden = self.run_layers(self.embed(input_ids), position_ids, mask, cache)
         loss = self.loss(hidden, labels) if labels is not None else None
         logits = self.logits(hidden) if return_logits else None
         return CausalLMOutput(logits=logits, loss=loss)
 
 
-def build_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past: int,
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
                          device: torch.device | str = "cpu") -> torch.Tensor | None:
     """A bool (b, 1, q_len, past + q_len) mask, True = attend, or None when plain causal suffices.
 
-    ``padding_mask`` (b, past + q_len) marks real tokens with 1. Padding keys are hidden; a query
-    row left with nothing to attend (a padding position before any real token) attends to itself,
-    so its output stays finite — it is never trained on.
+    ``attention_mask`` (b, past + q_len) marks real tokens with 1 and padding with 0; padding keys
+    are hidden, and a padding query attends to itself too, so its row stays finite (it is never
+    trained on). Packed rows number their examples 1, 2, 3, … instead: a token then attends only
+    to earlier tokens of its own example (block-diagonal causal), padding only to earlier padding.
     """
-    if padding_mask is None or bool(padding_mask.all()):
+    lowest, highest = (1, 1) if attention_mask is None else torch.stack(torch.aminmax(attention_mask)).tolist()
+    if lowest == highest == 1:
         if past == 0 or q_len == 1:
             return None
-        padding_mask = None
+        attention_mask = None
     kv_len = past + q_len
     q_pos = torch.arange(past, kv_len, device=device).unsqueeze(1)
     k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
     mask = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, q, kv)
-    if padding_mask is not None:
-        mask = mask & padding_mask.bool()[:, None, None, :]
-        mask = mask | (k_pos == q_pos)
-    return mask
+    if attention_mask is None:
+        return mask
+    if highest > 1:
+        return mask & (attention_mask[:, None, past:, None] == attention_mask[:, None, None, :])
+    return mask & attention_mask.bool()[:, None, None, :] | (k_pos == q_pos)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions (b, q_len) of the new tokens: past, past + 1, …, restarting at 0 at the first
+    token of each packed example when ``attention_mask`` (b, past + q_len) holds segment ids.
+
+    Padding continues the count, as in an unpacked row; under ``dynamic`` rope, whose base follows
+    the batch's largest position, a packed row's trailing padding can therefore still raise it.
+    """
+    if attention_mask is None:
+        return (past + torch.arange(q_len, device=device)).unsqueeze(0).expand(batch, -1)
+    return segment_positions(attention_mask)[:, past:]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (b, n) counted from the start of each segment of ``segment_ids`` (b, n).
+
+    A segment starts where a nonzero id follows a different nonzero id; padding (0) does not start
+    one, so a plain 0/1 mask, padded on either side, gives 0, 1, 2, … like an unpacked row.
+    """
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    previous = F.pad(segment_ids[:, :-1], (1, 0))
+    starts = (segment_ids != previous) & (segment_ids != 0) & (previous != 0)
+    return index - torch.where(starts, index, 0).cummax(dim=1).values

@@ -83,7 +83,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
                 loss = model(batch["input_ids"], batch["labels"], batch["attention_mask"]) / accumulation
             (precision.scaler.scale(loss) if precision.scaler else loss).backward()
             step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].count_nonzero())  # segment ids when packed
         if precision.scaler:
             precision.scaler.unscale_(optimizer)
         grad_norm = float(model.clip_gradients(args.max_grad_norm))

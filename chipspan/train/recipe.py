@@ -21,6 +21,7 @@ from chipspan.chips.placement import Placement, even_placement
 from chipspan.chips.span import SpannedModel
 from chipspan.data import load_examples
 from chipspan.data.loader import STAGES
+from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
@@ -43,6 +44,10 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     examples = load_examples(data_args.dataset, data_args.dataset_dir, tokenizer, data_args.template,
                              cutoff_len=data_args.cutoff_len, stage=ft_args.stage,
                              max_samples=data_args.max_samples, template_revision=data_args.template_revision)
+    if ft_args.stage == "sft" and (data_args.packing or data_args.sft_packing):  # pt is already in blocks
+        packed = pack_examples(examples, data_args.cutoff_len)
+        report(packing_summary(len(examples), packed, data_args.cutoff_len))
+        examples = packed
     if tokenizer.vocab_size > config.vocab_size:
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
                             f"may have added some) but the model's vocab_size is {config.vocab_size}; "
