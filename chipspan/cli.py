@@ -2,6 +2,7 @@
 
     chipspan train [run.yaml] [--flag ...]   fine-tune, spanned over chips
     chipspan plan [--flag ...]               memory per chip, before anything loads
+    chipspan data [--flag ...] [--out FILE]  the encoded dataset as JSON lines, masked spans marked
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
     chipspan demo                            a real model, end to end
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                help="memory per chip for a job, before anything loads (train's flags, --json)")
     plan.set_defaults(run=_run_plan)
 
+    data = commands.add_parser("data", add_help=False,
+                               help="encode the dataset as train would and write it as JSON lines "
+                                    "(train's flags, --out FILE)")
+    data.set_defaults(run=_run_data)
+
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
     chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
     chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
@@ -68,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "plan"):
+    if args.command in ("train", "plan", "data"):
         args.flags = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -120,6 +126,36 @@ def _run_plan(args: argparse.Namespace) -> None:
     as_json = "--json" in args.flags
     plan = make_plan(parse_run_arguments([f for f in args.flags if f != "--json"]))
     print(to_json(plan) if as_json else render(plan))
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.data.inspect import run_data
+
+    if {"-h", "--help"} & set(args.flags):
+        print("chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line per example "
+              "(split, input_ids, labels, text with masked spans in « »), counts on stderr\n")
+        print(flags_help())
+        return
+    flags, out = _take_option(args.flags, "--out")
+    run_data(parse_run_arguments(flags), out)
+
+
+def _take_option(flags: list[str], name: str) -> tuple[list[str], str | None]:
+    """``flags`` without ``name VALUE`` (or ``name=VALUE``), and that value (None when absent)."""
+    rest, value, i = [], None, 0
+    while i < len(flags):
+        if flags[i] == name:
+            if i + 1 == len(flags):
+                raise ChipspanError(f"{name} needs a value")
+            value, i = flags[i + 1], i + 2
+            continue
+        if flags[i].startswith(name + "="):
+            value = flags[i].split("=", 1)[1]
+        else:
+            rest.append(flags[i])
+        i += 1
+    return rest, value
 
 
 def _run_demo(args: argparse.Namespace) -> None:

@@ -321,7 +321,7 @@ def test_user_entries_replace_builtin_ones(tmp_path, tok):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"hf_hub_url": "org/data"}, "dataset 'toy' comes from the Hugging Face Hub .*not load yet"),
+        ({"hf_hub_url": "org/data"}, r"dataset 'toy' is on the Hugging Face Hub \(org/data\)"),
         ({"script_url": "toy"}, "dataset 'toy' comes from a loading script"),
         ({"file_name": "x.json", "formatting": "ranking"}, "formatting 'ranking', which is not supported"),
         ({"file_name": "x.arrow"}, r"cannot read \.arrow files"),

@@ -113,7 +113,10 @@ def from_alpaca(row: object, columns: dict[str, str | None]) -> Conversation:
         return row.get(columns[key]) if columns[key] else None
 
     prompt: list[tuple[str, str]] = []
-    for turn in field("history") or []:
+    history = field("history") or []
+    if not isinstance(history, list):
+        raise BadRow("history is not a list of [user, assistant] text pairs")
+    for turn in history:
         if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise BadRow("history is not a list of [user, assistant] text pairs")
         prompt += [("user", turn[0]), ("assistant", turn[1])]
@@ -162,7 +165,9 @@ def from_sharegpt(row: object, spec: SharegptSpec) -> Conversation:
         raise BadRow(f"a message is not an object with text {spec.content_key}")
     system = _optional_text(row, spec.system)
     if messages and spec.system_role is not None and messages[0].get(spec.role_key) == spec.system_role:
-        system, messages = messages[0][spec.content_key], messages[1:]
+        system, messages = messages[0].get(spec.content_key), messages[1:]
+        if not isinstance(system, str):
+            raise BadRow(f"the system message has no text {spec.content_key}")
     turns = _merge_tool_results([_turn(message, spec) for message in messages])
     if any(SIDES[role] != ("user", "assistant")[i % 2] for i, (role, _) in enumerate(turns)):
         raise BadRow("roles do not alternate user/assistant")

@@ -16,13 +16,17 @@ from chipspan.errors import ChipspanError
 
 REGISTRY_FILE = "dataset_info.json"
 FORMATTINGS = ("alpaca", "sharegpt")
-# Entry keys for data chipspan does not fetch yet -> where that data comes from.
-_REMOTE = {"hf_hub_url": "the Hugging Face Hub", "ms_hub_url": "ModelScope", "script_url": "a loading script"}
+# Entry keys chipspan refuses -> why.
+_REFUSED = {
+    "ms_hub_url": "is on ModelScope, which chipspan does not load from",
+    "script_url": "comes from a loading script, which runs arbitrary code (and datasets 4 dropped them)",
+}
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One registered dataset that chipspan can read: a file (or folder) under ``dataset_dir``.
+    """One registered dataset that chipspan can read: a file (or folder) under ``dataset_dir``, or
+    a Hugging Face Hub dataset (``hf_hub_url``, with its ``subset`` and ``split``; no ``file_name``).
 
     ``columns`` is the entry's column mapping, None when it has none; ``builtin`` says the entry
     comes from the seed's registry rather than the user's ``dataset_info.json``. ``formatting`` is
@@ -31,12 +35,15 @@ class DatasetEntry:
     """
 
     name: str
-    file_name: str
+    file_name: str | None
     file_sha1: str | None
     columns: dict[str, str] | None
     builtin: bool
     formatting: str = "alpaca"
     tags: dict[str, str] | None = None
+    hf_hub_url: str | None = None
+    subset: str | None = None
+    split: str = "train"
 
 
 def builtin_registry() -> dict[str, dict]:
@@ -83,13 +90,13 @@ def lookup(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
 def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
     if not isinstance(info, dict):
         raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} must be a JSON object with a file_name")
-    for key, what in _REMOTE.items():
-        if key in info:
+    for key, why in _REFUSED.items():
+        if key in info and "hf_hub_url" not in info and "file_name" not in info:
             raise ChipspanError(
-                f"dataset '{name}' comes from {what} ({key} '{info[key]}'), which chipspan does not "
-                f"load yet: save the data as a JSON/JSONL file and register it with file_name"
+                f"dataset '{name}' {why} ({key} '{info[key]}'): save the data as a JSON/JSONL file "
+                "and register it with file_name"
             )
-    if "file_name" not in info:
+    if "file_name" not in info and "hf_hub_url" not in info:
         raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} has no file_name: add one")
     formatting = info.get("formatting", "alpaca")
     if formatting not in FORMATTINGS:
@@ -107,4 +114,6 @@ def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
         raise ChipspanError(
             f"dataset '{name}': tags must be a JSON object such as {{\"role_tag\": \"role\"}}"
         )
-    return DatasetEntry(name, info["file_name"], info.get("file_sha1"), columns, builtin, formatting, tags)
+    hub = None if "file_name" in info else info["hf_hub_url"]
+    return DatasetEntry(name, info.get("file_name"), info.get("file_sha1"), columns, builtin, formatting, tags,
+                        hf_hub_url=hub, subset=info.get("subset"), split=info.get("split", "train"))

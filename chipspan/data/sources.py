@@ -1,16 +1,27 @@
-"""Read a registered dataset's rows from its file or folder: JSON, JSON lines, CSV, Parquet, text.
+"""Read a registered dataset's rows, lazily, from its file or folder (JSON, JSON lines, CSV, Parquet,
+text) or from the Hugging Face Hub.
 
-A ``.json`` file may hold a JSON list of rows or JSON lines, and so may a ``.jsonl`` file (as with
-the ``datasets`` library the seed used). A ``.txt`` file gives one row ``{"text": line}`` per line.
+A ``.json`` file may hold a JSON list of rows, one JSON object, or JSON lines, and so may a ``.jsonl``
+file (as with the ``datasets`` library the seed used). A ``.txt`` file gives one row ``{"text": line}``
+per line. Text is UTF-8, or UTF-16/UTF-32 with a byte-order mark.
+
+Line-based files (JSON lines, CSV, text) are read line by line: a line that is not UTF-8 or not valid
+JSON yields an ``Unreadable`` in its place, to be counted and skipped; a file with no readable line at
+all is an error. A JSON document (a list or a pretty-printed object) is read whole, and must be valid.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
 import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from chipspan.data.registry import DatasetEntry
@@ -42,8 +53,35 @@ DESCRIPTIONS = {
 }
 
 
-def read_rows(entry: DatasetEntry, dataset_dir: str | Path) -> list:
-    """All rows of ``entry``'s file, or of every file in its folder (sorted by name)."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A line of a file that gives no row; ``reason`` says why in a few words."""
+
+    reason: str
+
+
+NOT_UTF8 = Unreadable("line is not UTF-8 text")
+NOT_JSON = Unreadable("line is not valid JSON")
+# JSON may escape half of a surrogate pair (\ud800-\udfff) alone: such text cannot be tokenized.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+NOT_UNICODE = Unreadable("text holds a lone surrogate escape (\\udXXX), not Unicode")
+# Byte-order marks, longest first (the UTF-32-LE mark begins with the UTF-16-LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_HUB_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def dataset_files(entry: DatasetEntry, dataset_dir: str | Path) -> list[Path]:
+    """The files holding ``entry``'s rows (sorted, for a folder); empty for a Hub dataset.
+
+    Checks, without reading any row, that the data can be read: the files exist and are of one
+    known type, or the ``datasets`` library is there and may go online.
+    """
+    if entry.hf_hub_url:
+        _check_hub(entry)
+        return []
     path = Path(dataset_dir).absolute() / entry.file_name
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
@@ -52,18 +90,37 @@ def read_rows(entry: DatasetEntry, dataset_dir: str | Path) -> list:
             raise ChipspanError(
                 f"dataset '{entry.name}': {path} must hold files of one type ({', '.join(SUFFIXES)})"
             )
-    elif path.is_file():
-        files = [path]
+        return files
+    if path.is_file():
         _kind(path)
-    else:
-        raise ChipspanError(_missing(entry, path))
-    rows = []
+        return [path]
+    raise ChipspanError(_missing(entry, path))
+
+
+def iter_rows(entry: DatasetEntry, files: list[Path], streaming: bool = False) -> Iterator[tuple[str, object]]:
+    """``(place, row)`` for each row of ``entry``, in order; ``row`` is an ``Unreadable`` for a bad line.
+
+    ``place`` says where the row is: ``"row 3"``, ``"line 3"``, or with the file name for a folder.
+    ``files`` come from :func:`dataset_files`. Nothing is read before the first row is asked for.
+    """
+    if entry.hf_hub_url:
+        yield from _hub_rows(entry, streaming)
+        return
+    if entry.file_sha1 and len(files) == 1:
+        _check_sha1(files[0], entry.file_sha1)
     for file in files:
-        data = file.read_bytes()
-        if entry.file_sha1 and len(files) == 1:
-            _check_sha1(file, data, entry.file_sha1)
-        rows += _parse(file, data)
-    return rows
+        prefix = f"{file.name} " if len(files) > 1 else ""
+        for place, row in _file_rows(file):
+            yield prefix + place, row
+
+
+def fingerprint(files: list[Path]) -> str:
+    """SHA-256 over the files' names and contents."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        _update(digest, file)
+    return digest.hexdigest()
 
 
 def _missing(entry: DatasetEntry, path: Path) -> str:
@@ -82,50 +139,237 @@ def _kind(path: Path) -> str:
     return suffix
 
 
-def _check_sha1(path: Path, data: bytes, expected: str) -> None:
+def _update(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+
+
+def _check_sha1(path: Path, expected: str) -> None:
     """Warn (one line, as the seed did) when the file is not the one the registry describes."""
-    digest = hashlib.sha1(data).hexdigest()
-    if digest != expected:
+    digest = hashlib.sha1()
+    _update(digest, path)
+    if digest.hexdigest() != expected:
         log.warning(
             "%s: SHA-1 %s does not match file_sha1 %s in dataset_info.json; using the file anyway",
-            path, digest, expected,
+            path, digest.hexdigest(), expected,
         )
 
 
-def _parse(path: Path, data: bytes) -> list:
+# ---- files -----------------------------------------------------------------------------------------
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
     kind = _kind(path)
     if kind == "parquet":
-        try:
-            import pyarrow.parquet
-        except ImportError as exc:
-            raise ChipspanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from exc
-        return pyarrow.parquet.read_table(io.BytesIO(data)).to_pylist()
+        yield from ((f"row {i}", row) for i, row in enumerate(_parquet_rows(path), 1))
+    elif kind == "txt":
+        yield from _checked(path, ((f"line {n}", {"text": line} if isinstance(line, str) else line)
+                                   for n, line in _text_lines(path)))
+    elif kind == "csv":
+        yield from _checked(path, _csv_rows(path))
+    elif _is_document(path):
+        yield from _document_rows(path)
+    else:
+        yield from _checked(path, _json_lines(path))
+
+
+def _parquet_rows(path: Path) -> list:
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+        import pyarrow.parquet
+    except ImportError as exc:
+        raise ChipspanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from exc
+    return pyarrow.parquet.read_table(path).to_pylist()
+
+
+def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """``rows``, and an error at the end if not one of them could be read (the file is not text rows)."""
+    good, bad = 0, None
+    for place, row in rows:
+        if isinstance(row, Unreadable):
+            bad = bad or (place, row.reason)
+        else:
+            good += 1
+        yield place, row
+    if not good and bad:
+        hint = " (it holds NUL bytes: UTF-16 without a byte-order mark?)" if _has_nul(path) else ""
         raise ChipspanError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): re-save it as UTF-8"
-        ) from exc
-    if kind == "txt":
-        return [{"text": line} for line in text.splitlines()]
-    if kind == "csv":
-        return list(csv.DictReader(text.splitlines(keepends=True)))
-    return _json_rows(path, text)
+            f"{path} has no readable row: its first bad {bad[0]} {bad[1].removeprefix('line ')}{hint}; "
+            f"save it as UTF-8 {_FORMATS[_kind(path)]}"
+        )
 
 
-def _json_rows(path: Path, text: str) -> list:
-    """A JSON list of rows, one JSON object, or JSON lines (blank lines skipped)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
+_FORMATS = {"json": "JSON lines or a JSON list", "jsonl": "JSON lines (one object per line)",
+            "csv": "CSV with a header line", "txt": "text"}
+
+
+def _has_nul(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(1 << 16)
+
+
+def _sniff(head: bytes) -> tuple[str, int]:
+    """The encoding a file's first bytes announce, and the length of its byte-order mark."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding, len(bom)
+    return "utf-8", 0
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str | Unreadable]]:
+    """``(line number, text)`` for each line, without the line break; ``NOT_UTF8`` for a bad line."""
+    with open(path, "rb") as f:
+        encoding, bom = _sniff(f.read(4))
+        f.seek(bom)
+        if encoding == "utf-8":
+            for number, raw in enumerate(f, 1):
                 try:
-                    rows.append(json.loads(line))
-                except ValueError as exc:
-                    raise ChipspanError(
-                        f"{path} line {number} is not valid JSON ({exc.msg}): fix the line or remove it"
-                    ) from exc
-        return rows
-    return data if isinstance(data, list) else [data]
+                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    yield number, NOT_UTF8
+            return
+        try:  # a UTF-16/32 file cannot be split into lines before decoding
+            for number, line in enumerate(io.TextIOWrapper(f, encoding=encoding), 1):
+                yield number, line.rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise ChipspanError(
+                f"{path} starts with a {encoding} byte-order mark but is not {encoding} text "
+                f"({exc.reason}): re-save it as UTF-8"
+            ) from exc
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """Rows of a CSV file with a header line; lines that are not UTF-8 are skipped and reported."""
+    skipped: list[int] = []
+    last = [0]  # the number of the last line the reader took
+
+    def good_lines() -> Iterator[str]:
+        for number, line in _text_lines(path):
+            if isinstance(line, Unreadable):
+                skipped.append(number)
+            else:
+                last[0] = number
+                yield line + "\n"
+
+    try:
+        for row in csv.DictReader(good_lines()):
+            while skipped:
+                yield f"line {skipped.pop(0)}", NOT_UTF8
+            yield f"line {last[0]}", row
+    except csv.Error as exc:
+        raise ChipspanError(f"{path} line {last[0]} is not valid CSV ({exc}): fix the line") from exc
+    for number in skipped:
+        yield f"line {number}", NOT_UTF8
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    for number, line in _text_lines(path):
+        if isinstance(line, Unreadable):
+            yield f"line {number}", line
+        elif line.strip():
+            try:
+                yield f"line {number}", _unicode_checked(json.loads(line), _SURROGATE_ESCAPE.search(line))
+            except ValueError:
+                yield f"line {number}", NOT_JSON
+
+
+def _first_line(path: Path) -> str:
+    """The first line that is readable and not blank ("" when there is none)."""
+    for _, line in _text_lines(path):
+        if isinstance(line, str) and line.strip():
+            return line.strip()
+    return ""
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_document(path: Path) -> bool:
+    """Whether a JSON file may be one JSON document (a list, or an object over several lines), not
+    JSON lines: it starts with ``[``, or with ``{`` on a line that is not JSON by itself."""
+    first = _first_line(path)
+    return first.startswith("[") or first.startswith("{") and not _parses(first)
+
+
+def _document_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """The rows of a file holding one JSON document: a list of rows, or one row.
+
+    A file that does not parse whole is read as JSON lines (bad lines skipped) when its first line
+    is JSON by itself or starts an object; otherwise it is a broken document, and one error says
+    where it breaks.
+    """
+    data = path.read_bytes()
+    encoding, bom = _sniff(data[:4])
+    try:
+        text = data[bom:].decode(encoding)
+        document = json.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        first = _first_line(path)
+        if first.startswith("{") or _parses(first):
+            yield from _checked(path, _json_lines(path))
+            return
+        if isinstance(exc, UnicodeDecodeError):
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ChipspanError(f"{path} is not {encoding} text ({exc.reason} on line {line}): "
+                                "re-save it as UTF-8") from exc
+        raise ChipspanError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): fix it, "
+            "or write one row per line (JSON lines), so that bad lines are skipped"
+        ) from exc
+    rows = document if isinstance(document, list) else [document]
+    escapes = _SURROGATE_ESCAPE.search(text)
+    for number, row in enumerate(rows, 1):
+        yield f"row {number}", _unicode_checked(row, escapes)
+
+
+def _unicode_checked(row: object, escapes: object) -> object:
+    """``row``, or ``NOT_UNICODE`` when its text has a lone surrogate; only ``escapes`` of surrogates
+    in the JSON text can make one."""
+    if escapes:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return NOT_UNICODE
+    return row
+
+
+# ---- the Hugging Face Hub ------------------------------------------------------------------------------
+
+
+def _check_hub(entry: DatasetEntry) -> None:
+    """Fail early, with what to do, when a Hub dataset cannot be loaded here."""
+    instead = f"or download it and register the file with file_name in {entry.name}'s dataset_info.json entry"
+    offline = [name for name in _HUB_OFFLINE if os.environ.get(name, "").lower() in ("1", "true", "yes")]
+    if offline:
+        raise ChipspanError(
+            f"dataset '{entry.name}' is on the Hugging Face Hub ({entry.hf_hub_url}) but {offline[0]} is set: "
+            f"unset it to download, {instead}"
+        )
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise ChipspanError(
+            f"dataset '{entry.name}' is on the Hugging Face Hub ({entry.hf_hub_url}); reading it needs the "
+            f"datasets library: pip install datasets, {instead}"
+        ) from None
+
+
+def _hub_rows(entry: DatasetEntry, streaming: bool) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(entry.hf_hub_url, name=entry.subset, split=entry.split, streaming=streaming)
+    except Exception as exc:  # the library raises many kinds: network, auth, missing split, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise ChipspanError(
+            f"dataset '{entry.name}' could not be loaded from the Hugging Face Hub ({entry.hf_hub_url}: "
+            f"{type(exc).__name__}: {reason}); check the network and the name, or download it and "
+            "register the file with file_name"
+        ) from exc
+    for number, row in enumerate(rows, 1):
+        yield f"row {number}", row

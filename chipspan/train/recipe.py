@@ -19,7 +19,7 @@ from chipspan import devices
 from chipspan.args import RunArguments
 from chipspan.chips.placement import Placement, even_placement
 from chipspan.chips.span import SpannedModel
-from chipspan.data import load_examples
+from chipspan.data.loader import load_dataset_split
 from chipspan.data.loader import STAGES
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
@@ -41,12 +41,15 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     output_dir = Path(train_args.output_dir)
     resume = _resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
-    examples = load_examples(data_args.dataset, data_args.dataset_dir, tokenizer, data_args.template,
-                             cutoff_len=data_args.cutoff_len, stage=ft_args.stage,
-                             max_samples=data_args.max_samples, template_revision=data_args.template_revision)
+    data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
+    report(data.stats.summary())
+    examples = data.train
     if ft_args.stage == "sft" and (data_args.packing or data_args.sft_packing):  # pt is already in blocks
-        packed = pack_examples(examples, data_args.cutoff_len)
-        report(packing_summary(len(examples), packed, data_args.cutoff_len))
+        examples = list(examples)
+        # a seed template with efficient_eos may make an example one token longer than cutoff_len
+        block = max(data_args.cutoff_len, max(len(e.input_ids) for e in examples))
+        packed = pack_examples(examples, block)
+        report(packing_summary(len(examples), packed, block))
         examples = packed
     if tokenizer.vocab_size > config.vocab_size:
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
