@@ -32,24 +32,49 @@ from chipspan.train.finetune import FINETUNING_TYPES, freeze_layers, freeze_modu
 TRAINED_BYTES = 4  # trained parameters are fp32
 GRADIENT_BYTES = 4  # fp32 gradient per trained parameter
 ADAMW_BYTES = 8  # AdamW's two fp32 moments per trained parameter
+FP32 = 4
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = LORA_MODULES[:4]
+MLP_MODULES = LORA_MODULES[4:]
 GIB = 1 << 30
 
 
 @dataclass(frozen=True)
 class ChipMemory:
-    """One chip's predicted peak, in bytes, by what holds it."""
+    """One chip's predicted memory, in bytes, by what holds it, and its peak (``total``).
+
+    The columns are not summed: ``total`` is the largest of the step's moments (see ``estimate``),
+    and ``peak_at`` says which one it is.
+    """
 
     layers: range  # decoder layers on this chip
-    weights: int  # frozen and trained parameters (and autocast's 16-bit copies of trained ones)
+    weights: int  # frozen parameters in their dtype, trained ones in fp32
     gradients: int  # fp32 gradients of trained parameters
-    optimizer: int  # AdamW moments
-    activations: int  # saved for backward by the decoder layers, all micro-batches in flight
-    logits: int  # final norm, head and loss (last chip only)
+    optimizer: int  # AdamW's two fp32 moments
+    activations: int  # saved for backward at the end of the forward pass, all micro-batches in flight
+    logits: int  # last chip: the loss's working set (final norm output, one chunk of logits)
+    workspace: int  # the transient at the peak moment: a layer's backward, or AdamW's temporaries
+    total: int  # the predicted peak
+    peak_at: str  # "forward" (the loss), "backward" or "optimizer step"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one training step computes, in the terms the byte counts need."""
+
+    config: ModelConfig
+    tokens: int  # N = seq_len * batch, per micro-batch
+    compute: int  # c: bytes of the compute dtype (2 under autocast, 4 in fp32)
+    stream: int  # bytes of the residual stream: fp32 when the base is fp32 (full, or no autocast)
+    lora_rank: int
+    adapted: frozenset  # linear layers with a LoRA adapter
+    trained: frozenset  # linear layers whose own weight trains, in a trained layer
+    norms_trained: bool  # full: the RMSNorm weights and the head train too
+    in_flight: int  # m
 
     @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+    def autocast(self) -> bool:
+        return self.compute < FP32
 
 
 def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, finetuning_type: str,
@@ -58,7 +83,16 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
              micro_batches_in_flight: int = 1, num_layer_trainable: int = 3,
              name_module_trainable: str = "mlp") -> ChipMemory:
     """Peak bytes of one chip holding ``layers`` (and the embeddings if ``first``, the final norm,
-    head and loss if ``last``; a chip both first and last holds the whole model)."""
+    head and loss if ``last``; a chip both first and last holds the whole model).
+
+    The peak is the largest of four moments of a steady-state step (AdamW's moments exist):
+
+    - forward, in the loss (last chip): every activation saved, plus the loss's working set;
+    - backward, first layer out: every activation saved, plus one layer's backward working set
+      (and, last chip, the head's gradient);
+    - backward, last layer out: every gradient, one layer's activations and working set;
+    - optimizer step: every gradient, plus AdamW's foreach temporaries.
+    """
     if finetuning_type not in FINETUNING_TYPES:
         raise ChipspanError(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not '{finetuning_type}'")
     if base_dtype_bytes not in (2, 4):
@@ -69,39 +103,75 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     if not layers or layers.start < 0 or layers.stop > num_layers or layers.step != 1:
         raise ChipspanError(f"a chip must hold a contiguous, non-empty run of layers 0-{num_layers - 1}, not {layers}")
 
-    h, cb, m = config.hidden_size, base_dtype_bytes, micro_batches_in_flight
+    h, c = config.hidden_size, base_dtype_bytes
     embed = config.vocab_size * h
     params = len(layers) * config.parameters_per_layer
     params += embed if first else 0
-    if last:
-        params += h + (embed if not config.tie_word_embeddings or not first else 0)
+    head_here = last and (not config.tie_word_embeddings or not first)
+    params += (h + (embed if head_here else 0)) if last else 0
 
+    adapted = frozenset(_lora_targets(config, lora_targets)) if finetuning_type == "lora" else frozenset()
     if finetuning_type == "full":
         trained, extra = params, 0
-        grad_path = layers
+        trained_layers, grad_path = layers, layers
+        trained_modules = frozenset(LORA_MODULES)
+        decay = trained - len(layers) * 2 * h - (h if last else 0)  # norm weights take no weight decay
     elif finetuning_type == "lora":
         trained, extra = 0, len(layers) * _lora_parameters_per_layer(config, lora_rank, lora_targets)
-        grad_path = layers
+        trained_layers, grad_path, trained_modules = range(0), layers, frozenset()
+        decay = extra
     else:
         trainable = freeze_layers(num_layers, num_layer_trainable)
         per_layer = _freeze_parameters_per_layer(config, name_module_trainable)
-        trained, extra = per_layer * len(set(layers) & set(trainable)), 0
+        trained_layers = range(max(layers.start, trainable.start), min(layers.stop, trainable.stop))
+        trained, extra = per_layer * len(trained_layers), 0
         grad_path = range(max(layers.start, trainable.start), layers.stop)
+        trained_modules = frozenset(m for n in freeze_modules(name_module_trainable)
+                                    for m in (ATTENTION_MODULES if n == "self_attn" else MLP_MODULES))
+        decay = trained
     trained_total = trained + extra
-    weights = (params - trained) * cb + trained_total * TRAINED_BYTES
-    if cb < TRAINED_BYTES:  # autocast's 16-bit copies of fp32 weights, saved for backward
-        weights += trained_total * cb
+    full = finetuning_type == "full"
+    job = _Job(config, seq_len * batch, c, FP32 if (full or c == FP32) else c, lora_rank, adapted,
+               trained_modules, full, micro_batches_in_flight)
 
-    activations = 0
+    weights = (params - trained) * c + trained_total * TRAINED_BYTES
+    gradients, optimizer = trained_total * GRADIENT_BYTES, trained_total * ADAMW_BYTES
+    states = weights + optimizer  # alive all step long
+
+    activations, backward, backward_end, forward = 0, 0, 0, 0
     if grad_path:
-        layer = _layer_activation_bytes(config, seq_len, batch, cb)
-        if gradient_checkpointing:
-            activations = len(grad_path) * m * seq_len * batch * h * cb + layer
+        # no gradient enters the first layer after a frozen embedding or frozen layers
+        gradless = 0 if finetuning_type == "lora" else (-1 if full else max(trainable.start, 0))
+        saved = [_layer_saved_bytes(job, i in trained_layers, input_grad=i != gradless) for i in grad_path]
+        if gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
+            activations = len(grad_path) * job.in_flight * job.tokens * h * job.stream
+            backward = max(saved)
         else:
-            activations = len(grad_path) * m * layer
-    return ChipMemory(layers=layers, weights=weights, gradients=trained_total * GRADIENT_BYTES,
-                      optimizer=trained_total * ADAMW_BYTES, activations=activations,
-                      logits=_loss_bytes(config, seq_len, batch, cb, m) if last else 0)
+            activations = job.in_flight * sum(saved)
+        activations += job.in_flight * _rope_bytes(job)
+        backward += _layer_backward_bytes(job, trained=bool(trained_layers))
+        # the chip's first layer, attention half: its MLP half and every other layer are done
+        backward_end = (_layer_saved_bytes(job, grad_path.start in trained_layers, "attention",
+                                           grad_path.start != gradless) + _attention_backward_bytes(job))
+        forward = _adapter_forward_bytes(job)
+    if len(grad_path) < len(layers):  # layers before the gradient path run forward before any saving
+        forward = max(forward, _forward_bytes(job) - activations)
+    loss_saved = job.in_flight * _loss_saved_bytes(job) if last else 0
+    logits = _loss_working_bytes(job) if last else 0
+    head_gradient = embed * GRADIENT_BYTES if (last and full and head_here) else 0
+
+    moments = {
+        "forward": states + activations + max(loss_saved + logits, forward),
+        "backward": max(states + activations + head_gradient + backward,
+                        states + gradients + backward_end),
+        "optimizer step": states + gradients + _adamw_step_bytes(decay),
+    }
+    peak_at = max(moments, key=moments.get)
+    workspace = {"forward": max(logits, forward), "backward": backward,
+                 "optimizer step": _adamw_step_bytes(decay)}[peak_at]
+    return ChipMemory(layers=layers, weights=weights, gradients=gradients, optimizer=optimizer,
+                      activations=activations + loss_saved, logits=logits, workspace=workspace,
+                      total=moments[peak_at], peak_at=peak_at)
 
 
 def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, **job) -> list[range]:
@@ -167,35 +237,195 @@ def _min_max_split(num_layers: int, num_chips: int, cost) -> list[range]:
     return slices[::-1]
 
 
-def _layer_activation_bytes(config: ModelConfig, seq_len: int, batch: int, dtype_bytes: int) -> int:
-    """Bytes one decoder layer saves for backward, no recomputation: s·b·h·(34 + 5·a·s/h) at
-    16-bit (Korthikanti et al. 2022), scaled by dtype_bytes / 2."""
-    h, a = config.hidden_size, config.num_attention_heads
-    return seq_len * batch * (34 * h + 5 * a * seq_len) * dtype_bytes // 2
+# --- what one step saves and allocates, per term -------------------------------------------------
+#
+# N tokens per micro-batch, h hidden, i intermediate, q = heads * head_dim, k = kv_heads * head_dim,
+# c the compute dtype's bytes, r the residual stream's bytes, V the vocabulary. Every count below
+# is a tensor chipspan's code keeps (docs/plan.md lists them with their shapes).
+
+def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad: bool = True) -> int:
+    """Bytes one decoder layer on the gradient path saves for backward, per micro-batch.
+
+    ``half``: "attention" (the first norm, q/k/v/o and attention), "mlp" (the second norm and the
+    MLP) or "both". ``input_grad``: whether the layer's input carries a gradient (not so for the
+    first layer after a frozen embedding, or the first trained layer of "freeze"); without one a
+    norm keeps nothing, and neither does a half with nothing trained in it. What is saved (docs/plan.md lists the tensors with their shapes):
+
+    - each RMSNorm: its input in fp32 (4·N·h) and the inverse RMS (4·N); when its weight trains
+      (full), also the normalized input (r·N·h);
+    - attention (SDPA's fused kernel, no s×s scores): q, k, v and the output (c·N·(2q + 2k)), and
+      the fp32 log-sum-exp per head and token (4·N·heads);
+    - the SwiGLU MLP: gate output, its SiLU and the up output (3·c·N·i);
+    - the inputs of linear layers whose weight or adapter trains (``_linear_inputs_saved``);
+    - per LoRA adapter, its rank-wide middle (c·N·rank) and, under autocast, the 16-bit copies of
+      A and B; under autocast, the 16-bit copy of each trained weight matrix (autocast's cache).
+    """
+    config, n, c = job.config, job.tokens, job.compute
+    h, i, q, k = config.hidden_size, config.intermediate_size, _q_width(config), _kv_width(config)
+    norm = FP32 * n * h + FP32 * n + (job.stream * n * h if job.norms_trained else 0)
+    shapes = _linear_shapes(config)
+    parts = {"attention": (ATTENTION_MODULES, c * n * (2 * q + 2 * k) + FP32 * n * config.num_attention_heads),
+             "mlp": (MLP_MODULES, 3 * c * n * i)}
+    total = 0
+    for name in ("attention", "mlp"):
+        modules, kept = parts[name]
+        trained_here = frozenset(m for m in modules if trained and m in job.trained)
+        adapted = [m for m in modules if m in job.adapted]
+        if not input_grad and not (trained_here or adapted):
+            continue  # nothing here needs a gradient
+        lora = sum(c * n * job.lora_rank + (c * job.lora_rank * sum(shapes[m]) if job.autocast else 0)
+                   for m in adapted)
+        copies = c * sum(shapes[m][0] * shapes[m][1] for m in trained_here) if job.autocast else 0
+        part = (norm if input_grad else 0) + kept + _linear_inputs_saved(job, modules, trained_here) + lora + copies
+        total += part if half in (name, "both") else 0
+        input_grad = True  # the residual stream now carries a gradient
+    return total
 
 
-def _loss_bytes(config: ModelConfig, seq_len: int, batch: int, dtype_bytes: int, in_flight: int) -> int:
-    """Final norm and chunked loss (chipspan.models.loss): per micro-batch in flight the norm's fp32
-    copies, its output, the gathered hidden states and their gradient (s·b·h·(8 + 3·dtype_bytes));
-    once, one chunk of logits: fp32, plus the 16-bit matmul output and d_logits under autocast."""
-    tokens, vocab = seq_len * batch, config.vocab_size
-    saved = in_flight * tokens * config.hidden_size * (8 + 3 * dtype_bytes)
-    chunk = min(tokens, max(1, LOGITS_CHUNK_ELEMENTS // vocab)) * vocab
-    return saved + chunk * (4 + (2 * dtype_bytes if dtype_bytes < 4 else 0))
+def _linear_inputs_saved(job: _Job, modules: tuple[str, ...], trained: frozenset) -> int:
+    """Inputs of ``modules`` (linear layers) kept for their weight or adapter gradients, in bytes.
+
+    The seven linear layers read four tensors: the first norm's output (q, k, v), the attention
+    output (o), the second norm's output (gate, up) and the SwiGLU product (down). In fp32 a tensor
+    is kept once, however many layers read it (the attention output is kept by attention anyway:
+    o_proj adds only a LoRA adapter's 16-bit copy). Under autocast a trained weight keeps the 16-bit
+    copy autocast makes of its input (the input itself when it is already 16-bit, shared), and a
+    LoRA adapter, which first takes its input to fp32, keeps a fresh 16-bit copy of its own.
+    """
+    config, n, c = job.config, job.tokens, job.compute
+    h, i, q = config.hidden_size, config.intermediate_size, _q_width(config)
+    inputs = [(("q_proj", "k_proj", "v_proj"), h, job.stream), (("o_proj",), q, c),
+              (("gate_proj", "up_proj"), h, job.stream), (("down_proj",), i, c)]
+    total = 0
+    for readers, width, dtype_bytes in inputs:
+        readers = [m for m in readers if m in modules]
+        own, lora = [m for m in readers if m in trained], [m for m in readers if m in job.adapted]
+        if readers == ["o_proj"]:  # the attention output, which attention already keeps
+            own, lora = [], lora if job.autocast else []
+        if not job.autocast:
+            total += dtype_bytes * n * width if (own or lora) else 0
+            continue
+        if own:
+            total += c * n * width * (1 if dtype_bytes == c else len(own))
+        total += c * n * width * len(lora)
+    return total
+
+
+def _rope_bytes(job: _Job) -> int:
+    """The rotary cos and sin tables (N, head_dim) each, in the stream's dtype, saved once per chip
+    and micro-batch: every layer's q·cos and rotate(q)·sin keep the same two tensors."""
+    return 2 * job.stream * job.tokens * job.config.head_dim
+
+
+def _layer_backward_bytes(job: _Job, trained: bool) -> int:
+    """Transient bytes while a decoder layer starts its backward with its saved tensors held: the
+    gradient arriving from above (r·N·h) and, in the MLP's product backward, the gradients of the
+    product and of both its factors (3·c·N·i) — less the product itself (c·N·i) when the down
+    projection kept it, since its backward, which runs first, has freed it by then. A trained down
+    projection adds its weight gradient: fp32 (4 bytes per weight, kept as its ``.grad``), and
+    under autocast first 16-bit (c more) beside the product's gradient."""
+    config, n, c = job.config, job.tokens, job.compute
+    h, i = config.hidden_size, config.intermediate_size
+    down_trained = trained and "down_proj" in job.trained
+    work = 3 * c * n * i
+    if down_trained or "down_proj" in job.adapted:
+        work = 2 * c * n * i
+    if down_trained:
+        weight = h * i
+        work = FP32 * weight + max(work, c * n * i + (c * weight if job.autocast else 0))
+    return job.stream * n * h + work
+
+
+def _attention_backward_bytes(job: _Job) -> int:
+    """Transient bytes of a layer's attention backward: the gradients arriving and leaving (2·r·N·h)
+    and those of q, k and v (c·N·(q + 2k))."""
+    config, n = job.config, job.tokens
+    return 2 * job.stream * n * config.hidden_size + job.compute * n * (_q_width(config) + 2 * _kv_width(config))
+
+
+def _adapter_forward_bytes(job: _Job) -> int:
+    """Transient bytes of a layer's forward on the gradient path, beyond what it saves: under
+    autocast a LoRA adapter first takes its input to fp32 (4·N·in; the widest, down_proj's, beside
+    the SwiGLU product c·N·i it reads), with the layer's input and residual (2·r·N·h)."""
+    config, n, c = job.config, job.tokens, job.compute
+    h, i = config.hidden_size, config.intermediate_size
+    widest = max((_linear_shapes(config)[m][0] for m in job.adapted), default=0) if job.autocast else 0
+    return 2 * job.stream * n * h + c * n * i + FP32 * n * widest
+
+
+def _forward_bytes(job: _Job) -> int:
+    """Transient bytes of one decoder layer's forward that keeps nothing (off the gradient path):
+    its input and the attention's output (2·r·N·h) and the MLP's gate, SiLU, up and product
+    (4·c·N·i)."""
+    config, n, c = job.config, job.tokens, job.compute
+    return 2 * job.stream * n * config.hidden_size + 4 * c * n * config.intermediate_size
+
+
+def _loss_saved_bytes(job: _Job) -> int:
+    """What the last chip's final norm and fused loss keep until backward, per micro-batch: the
+    norm's fp32 input and inverse RMS (plus its normalized input when its weight trains), the
+    hidden-state gradient the loss computes in its forward (r·N·h), and, when the head trains, the
+    head's fp32 gradient (4·V·h)."""
+    config, n = job.config, job.tokens
+    h, vocab = config.hidden_size, config.vocab_size
+    norm = FP32 * n * h + FP32 * n + (job.stream * n * h if job.norms_trained else 0)
+    head = FP32 * vocab * h if job.norms_trained else 0
+    return norm + job.stream * n * h + head
+
+
+def _loss_working_bytes(job: _Job) -> int:
+    """The fused loss's transient working set (chipspan.models.loss), once: the final norm's output
+    and its scored rows (2·r·N·h), and one chunk of logits at its fullest: fp32 logits plus the
+    same again inside ``logsumexp`` (8 bytes per logit), or later the fp32 logits, their gradient in
+    the head's dtype and, when the head trains, the head-gradient product (c·V·h, plus its fp32
+    copy under autocast) — and under autocast, a trained head's 16-bit copy."""
+    config, n = job.config, job.tokens
+    h, vocab = config.hidden_size, config.vocab_size
+    chunk = min(n, max(1, LOGITS_CHUNK_ELEMENTS // vocab)) * vocab
+    head_bytes = FP32 if job.norms_trained else job.compute  # the head weight's dtype
+    gradient_phase = chunk * (FP32 + (head_bytes if head_bytes < FP32 else 0))
+    head_copy = 0
+    if job.norms_trained:
+        gradient_phase += vocab * h * (job.compute + (FP32 if job.autocast else 0))
+        head_copy = job.compute * vocab * h if job.autocast else 0  # autocast's 16-bit head
+    return 2 * job.stream * n * h + head_copy + max(2 * FP32 * chunk, gradient_phase)
+
+
+def _adamw_step_bytes(decay_parameters: int) -> int:
+    """AdamW's foreach step (torch's default on accelerators) allocates sqrt(v) for every parameter
+    of a group at once: 4 bytes per parameter of the largest group, the weight-decay group."""
+    return FP32 * decay_parameters
+
+
+def _q_width(config: ModelConfig) -> int:
+    return config.num_attention_heads * config.head_dim
+
+
+def _kv_width(config: ModelConfig) -> int:
+    return config.num_key_value_heads * config.head_dim
+
+
+def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a decoder layer."""
+    h, inter, q, kv = config.hidden_size, config.intermediate_size, _q_width(config), _kv_width(config)
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The adapted linear layers' names; ChipspanError for a name that is not one."""
+    names = LORA_MODULES if tuple(targets) == ("all",) else tuple(targets)
+    unknown = [n for n in names if n not in LORA_MODULES]
+    if unknown:
+        raise ChipspanError(f"lora target '{unknown[0]}' is not a linear layer of a {config.model_type} decoder; "
+                            f"choose from {', '.join(LORA_MODULES)} or all")
+    return names
 
 
 def _lora_parameters_per_layer(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
     """Adapter parameters of one layer: rank · (in + out) per adapted linear layer."""
-    h, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    names = LORA_MODULES if tuple(targets) == ("all",) else tuple(targets)
-    unknown = [n for n in names if n not in shapes]
-    if unknown:
-        raise ChipspanError(f"lora target '{unknown[0]}' is not a linear layer of a {config.model_type} decoder; "
-                            f"choose from {', '.join(LORA_MODULES)} or all")
-    return sum(rank * sum(shapes[n]) for n in names)
+    shapes = _linear_shapes(config)
+    return sum(rank * sum(shapes[n]) for n in _lora_targets(config, targets))
 
 
 def _freeze_parameters_per_layer(config: ModelConfig, modules: str) -> int:

@@ -68,13 +68,15 @@ def make_plan(run: RunArguments) -> Plan:
 def render(plan: Plan) -> str:
     """A table: one row per chip, GiB per kind of memory, and the verdict."""
     header = f"{'chip':>4}  {'layers':>9}  {'weights':>8}  {'grads':>8}  {'optim':>8}  {'activ':>8}  " \
-             f"{'logits':>8}  {'total':>8}"
+             f"{'logits':>8}  {'work':>8}  {'peak':>8}  at"
     rows = [header]
     for i, chip in enumerate(plan.chips):
         span = f"{chip.layers.start}-{chip.layers.stop - 1}"
-        cells = [chip.weights, chip.gradients, chip.optimizer, chip.activations, chip.logits, chip.total]
-        rows.append(f"{i:>4}  {span:>9}  " + "  ".join(f"{c / GIB:8.2f}" for c in cells))
-    rows.append("(GiB; predicted peak of one training step)")
+        cells = [chip.weights, chip.gradients, chip.optimizer, chip.activations, chip.logits, chip.workspace,
+                 chip.total]
+        rows.append(f"{i:>4}  {span:>9}  " + "  ".join(f"{c / GIB:8.2f}" for c in cells) + f"  {chip.peak_at}")
+    rows.append("(GiB; peak: the predicted peak of a training step, at the moment named — the largest of "
+                "its moments, not the sum of the columns; see docs/plan.md)")
     if plan.chip_bytes is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         rows.append(f"{len(plan.chips)} chip(s) of {plan.chip_bytes / GIB:.2f} GiB usable: {verdict}; "
