@@ -67,6 +67,7 @@ class FinetuningArguments:
     num_layer_trainable: int = field(default=3, metadata={"help": "freeze: layers trained (<0: the first)"})
     name_module_trainable: str = field(default="mlp", metadata={"help": "freeze: mlp | self_attn | all"})
     plot_loss: bool = field(default=False, metadata={"help": "write training_loss.png"})
+    pure_bf16: bool = field(default=False, metadata={"help": "everything in bf16, trained weights too, no autocast"})
 
 
 @dataclass
@@ -74,6 +75,13 @@ class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "where results and checkpoints go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a non-empty output_dir"})
     do_train: bool = field(default=False, metadata={"help": "train (the seed's flag)"})
+    do_eval: bool = field(default=False, metadata={"help": "report eval_loss (held-out rows; all rows without --do_train)"})
+    do_predict: bool = field(default=False, metadata={
+        "help": "answer the eval rows and write generated_predictions.jsonl"})
+    eval_strategy: str = field(default="no", metadata={"help": "no | steps | epoch: evaluate while training"})
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default logging_steps)"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per eval batch"})
+    predict_with_generate: bool = field(default=False, metadata={"help": "accepted; --do_predict always generates"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
@@ -97,6 +105,8 @@ class TrainingArguments:
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard | all (tensorboard if installed)"})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/runs)"})
 
 
 @dataclass
@@ -109,16 +119,30 @@ class ChipArguments:
 
 
 @dataclass
+class GeneratingArguments:
+    """How --do_predict answers (the seed's defaults: sampling at temperature 0.95, top_p 0.7, top_k 50)."""
+
+    do_sample: bool = field(default=True, metadata={"help": "sample (false: greedy)"})
+    temperature: float = field(default=0.95, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass"})
+    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens generated per answer at most"})
+    num_beams: int = field(default=1, metadata={"help": "1 (beam search is not supported)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 (penalties are not supported)"})
+
+
+@dataclass
 class RunArguments:
     model: ModelArguments
     data: DataArguments
     finetuning: FinetuningArguments
     training: TrainingArguments
     chips: ChipArguments
+    generating: GeneratingArguments
 
 
 _GROUPS = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
-           ("training", TrainingArguments), ("chips", ChipArguments))
+           ("training", TrainingArguments), ("chips", ChipArguments), ("generating", GeneratingArguments))
 
 
 def known_flags() -> dict[str, tuple[str, dataclasses.Field, type]]:
@@ -138,11 +162,16 @@ def parse_run_arguments(argv: list[str], environ: Mapping[str, str] = os.environ
     return build_run_arguments(values)
 
 
+# Older names of flags (the seed's Hugging Face Trainer), read as the current ones.
+ALIASES = {"evaluation_strategy": "eval_strategy"}
+
+
 def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     """Typed, validated RunArguments from a flat name -> value mapping (strings are converted)."""
     flags = known_flags()
     grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
     for name, raw in values.items():
+        name = ALIASES.get(name, name)
         if name not in flags:
             raise ChipspanError(_unknown_flag_message(name, flags))
         group, _, kind = flags[name]
@@ -256,7 +285,8 @@ def _unknown_flag_message(name: str, flags: Mapping[str, Any]) -> str:
 def flags_help() -> str:
     """Every flag of `chipspan train`, grouped, with its default and meaning."""
     lines = ["usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
-             "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K"]
+             "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K",
+             "older names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items())]
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):

@@ -2,7 +2,7 @@
 
 A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the tokenizer files,
 ``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement),
-``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``.
+``scheduler.pt``, ``rng_state.pth``, ``scaler.pt`` (the fp16 loss scale) and ``trainer_state.json``.
 
 Durability: a checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, every file and the
 folder are fsynced, and only then is it renamed to ``checkpoint-N`` (and the parent fsynced). A kill
@@ -30,6 +30,7 @@ from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.reporting import TrainerState
 
 PREFIX = "checkpoint-"
+SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF Trainer names it)
 
 
 def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_lora: bool) -> None:
@@ -54,7 +55,7 @@ def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_
 
 def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
-                    base_model: str, is_lora: bool) -> Path:
+                    base_model: str, is_lora: bool, precision_state: dict | None = None) -> Path:
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     remove_unfinished(output_dir)
@@ -63,6 +64,8 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
     torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pth")
+    if precision_state is not None:
+        torch.save(precision_state, tmp / SCALER_FILE)
     state.save(tmp)
     _fsync_tree(tmp)
     if final.exists():  # resumed from an earlier checkpoint: this step is written again

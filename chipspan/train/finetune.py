@@ -1,6 +1,6 @@
 """What trains: LoRA adapters, the whole model, or the last (or first) few layers ("freeze").
 
-Trainable parameters are always fp32, whatever dtype the frozen base is kept in (the seed's
+Trainable parameters are fp32 (bf16 under ``--pure_bf16``), whatever dtype the frozen base is kept in (the seed's
 ``--fp16``: frozen fp16 base, fp32 trainable weights).
 """
 
@@ -38,8 +38,9 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig) -
         freeze_layers(num_layers, args.num_layer_trainable)
 
 
-def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: str | None = None) -> None:
-    """Mark what trains on every chip and make it fp32.
+def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: str | None = None,
+                      trained_dtype: torch.dtype = torch.float32) -> None:
+    """Mark what trains on every chip and make it ``trained_dtype`` (fp32 unless --pure_bf16).
 
     LoRA: a new adapter, or ``adapter`` (a PEFT folder) to train further. New LoRA weights are drawn
     in layer order on the CPU generator, so a seed gives the same adapter however the model is spanned.
@@ -51,14 +52,15 @@ def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: s
             else:
                 inject_lora(stage, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                             dropout=args.lora_dropout, additional_target=args.additional_target)
-        return
-    trainable = _freeze_selection(args, model.config.num_hidden_layers)
+        trainable: list[str] | None = None
+    else:
+        trainable = _freeze_selection(args, model.config.num_hidden_layers)
     for stage in model.stages:
         for name, param in stage.named_parameters():
-            train = trainable is None or any(name.startswith(prefix) for prefix in trainable)
-            param.requires_grad_(train)
-            if train:
-                param.data = param.data.float()
+            if args.finetuning_type != "lora":
+                param.requires_grad_(trainable is None or any(name.startswith(prefix) for prefix in trainable))
+            if param.requires_grad:
+                param.data = param.data.to(trained_dtype)
 
 
 def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] | None:

@@ -21,20 +21,51 @@ from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
 from chipspan.train.reporting import TrainerState, TrainLog
 
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+
 
 @dataclass
 class Precision:
     """How arithmetic runs: autocast to ``autocast_dtype`` on ``device_type`` (None: plain), and a
-    loss scaler for fp16."""
+    dynamic loss scaler for fp16, which skips the steps whose gradients overflow (``skipped_steps``)."""
 
     device_type: str
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    skipped_steps: int = 0
 
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring the gradients back to their true size (before clipping)."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Apply the gradients; False when the scaler found inf/NaN in them and skipped the step."""
+        if not self.scaler:
+            optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        stepped = self.scaler.get_scale() >= scale  # the scale only drops after an overflow
+        self.skipped_steps += not stepped
+        return stepped
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler else None, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if self.scaler and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.skipped_steps = saved.get("skipped_steps", 0)
 
 
 def steps_per_epoch(num_examples: int, args: TrainingArguments) -> int:
@@ -64,8 +95,16 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, pad_id: i
 def train(model: SpannedModel, examples: list[Example], pad_id: int, args: TrainingArguments,
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
           precision: Precision, state: TrainerState, log: TrainLog,
-          save: Callable[[int], None], report: Callable[[str], None]) -> dict[str, float]:
-    """Run from ``state.global_step`` to ``state.max_steps``; returns the train metrics."""
+          save: Callable[[int], None], report: Callable[[str], None],
+          evaluate: Callable[[], float] | None = None,
+          memory: Callable[[], dict[str, int]] = dict) -> dict[str, float]:
+    """Run from ``state.global_step`` to ``state.max_steps``; returns the train metrics.
+
+    ``evaluate`` (the eval loss) runs every ``eval_steps`` under ``eval_strategy steps`` and at the end
+    of each epoch under ``eval_strategy epoch``; ``memory`` gives the per-chip numbers of each log line.
+    A step the fp16 loss scaler skips (gradients overflowed) leaves the weights and the learning
+    rate as they were; the log counts such steps in ``skipped_steps``.
+    """
     accumulation = args.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(examples), args)
     batches = micro_batches(examples, args.per_device_train_batch_size, args.seed, pad_id,
@@ -81,18 +120,13 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             batch = next(batches)
             with precision.autocast():
                 loss = model(batch["input_ids"], batch["labels"], batch["attention_mask"]) / accumulation
-            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+            precision.backward(loss)
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].count_nonzero())  # segment ids when packed
-        if precision.scaler:
-            precision.scaler.unscale_(optimizer)
+        precision.unscale(optimizer)
         grad_norm = float(model.clip_gradients(args.max_grad_norm))
-        if precision.scaler:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
+        if precision.step(optimizer):
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
         state.epoch = state.global_step / per_epoch
@@ -109,12 +143,21 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             entry = {"loss": round(sum(losses_since_log) / len(losses_since_log), 4),
                      "learning_rate": scheduler.get_last_lr()[0], "epoch": round(state.epoch, 4),
                      "grad_norm": grad_norm, "step": state.global_step}
+            if precision.scaler:
+                entry["skipped_steps"] = precision.skipped_steps
             state.log_history.append(entry)
             record = log.write(state.global_step, entry["epoch"], entry["loss"], entry["learning_rate"],
-                               tokens_per_second=round(tokens_per_second, 1))
+                               tokens_per_second=round(tokens_per_second, 1),
+                               **{k: v for k, v in entry.items() if k == "skipped_steps"}, **memory())
             if progress is None:
                 report(_plain_line(record))
             losses_since_log = []
+        if evaluate is not None and _evaluation_due(state.global_step, per_epoch, args):
+            eval_loss = evaluate()
+            state.log_history.append({"eval_loss": eval_loss, "epoch": round(state.epoch, 4),
+                                      "step": state.global_step})
+            log.write(state.global_step, round(state.epoch, 4), eval_loss=eval_loss)
+            report(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
     if progress is not None:
@@ -130,6 +173,12 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
         "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
         "train_tokens_per_second": round(tokens / runtime, 1) if runtime else 0.0,
     }
+
+
+def _evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:
+    if args.eval_strategy == "steps":
+        return step % (args.eval_steps or args.logging_steps) == 0
+    return args.eval_strategy == "epoch" and step % per_epoch == 0
 
 
 def _progress_bar(total: int, done: int):

@@ -8,7 +8,10 @@ Everything that can be wrong with the user's input is found before a single weig
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +22,7 @@ from chipspan import devices
 from chipspan.args import RunArguments
 from chipspan.chips.placement import Placement, even_placement
 from chipspan.chips.span import SpannedModel
-from chipspan.data.loader import load_dataset_split
-from chipspan.data.loader import STAGES
+from chipspan.data.loader import STAGES, DataSplit, load_dataset_split
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
@@ -28,36 +30,36 @@ from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
-from chipspan.train.loop import Precision, total_steps, train
-from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, truncate_log,
-                                      write_results)
+from chipspan.infer.chat import stop_token_ids
+from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
+from chipspan.train.loop import EVAL_STRATEGIES, Precision, total_steps, train
+from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, tensorboard_wanted,
+                                      truncate_log, write_results)
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
-    """Train as ``run`` says; returns the output folder."""
+    """Train, evaluate and/or predict as ``run`` says; returns the output folder."""
     model_args, data_args, ft_args, train_args = run.model, run.data, run.finetuning, run.training
     config = _check_arguments(run)
     placement = _placement(run, config)
     output_dir = Path(train_args.output_dir)
-    resume = _resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
+    resume = None
+    if train_args.do_train:
+        resume = _resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
     report(data.stats.summary())
-    examples = data.train
-    if ft_args.stage == "sft" and (data_args.packing or data_args.sft_packing):  # pt is already in blocks
-        examples = list(examples)
-        # a seed template with efficient_eos may make an example one token longer than cutoff_len
-        block = max(data_args.cutoff_len, max(len(e.input_ids) for e in examples))
-        packed = pack_examples(examples, block)
-        report(packing_summary(len(examples), packed, block))
-        examples = packed
+    examples, eval_examples = _split_examples(run, data, report)
     if tokenizer.vocab_size > config.vocab_size:
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
                             f"may have added some) but the model's vocab_size is {config.vocab_size}; "
                             "resizing embeddings is not supported yet: pick a template the tokenizer knows")
     precision, base_dtype = _precision(run, placement, report)
-    steps = total_steps(len(examples), train_args)
-    _check_disk(run, config, base_dtype, steps, report)
+    steps = total_steps(len(examples), train_args) if train_args.do_train else 0
+    if train_args.do_train:
+        _check_disk(run, config, base_dtype, steps, report)
 
     _seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
@@ -65,18 +67,38 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     for stage in model.stages:
         stage.gradient_checkpointing = not train_args.disable_gradient_checkpointing
     adapter = resume if (resume and ft_args.finetuning_type == "lora") else model_args.adapter_name_or_path
-    prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None)
+    trained_dtype = torch.bfloat16 if ft_args.pure_bf16 and base_dtype == torch.bfloat16 else torch.float32
+    prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None, trained_dtype=trained_dtype)
     _report_placement(model, placement, report)
+    output_dir.mkdir(parents=True, exist_ok=True)
 
+    def evaluate() -> float:
+        return eval_loss(model, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size,
+                         precision)
+
+    metrics: dict[str, float] = {}
+    if train_args.do_train:
+        metrics = _train(run, model, tokenizer, examples, steps, precision, resume, output_dir,
+                         evaluate if train_args.eval_strategy != "no" else None, report)
+    if train_args.do_eval:
+        _final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)
+    if train_args.do_predict:
+        _predict(run, model, tokenizer, eval_examples, output_dir, report)
+    return output_dir
+
+
+def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, steps: int,
+           precision: Precision, resume: Path | None, output_dir: Path, evaluate, report) -> dict[str, float]:
+    """The training loop and what it leaves in ``output_dir``; returns the train metrics."""
+    model_args, ft_args, train_args = run.model, run.finetuning, run.training
     optimizer = _optimizer(model, train_args)
     scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
                                 warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
     state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
                          logging_steps=train_args.logging_steps, save_steps=train_args.save_steps,
                          train_batch_size=train_args.per_device_train_batch_size)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = _restore(resume, model, optimizer, scheduler, state)
+        state = _restore(resume, model, optimizer, scheduler, precision, state)
         report(f"resuming from {resume} at step {state.global_step}")
     truncate_log(output_dir / LOG_FILE, state.global_step)  # drop lines of the run being replaced
 
@@ -85,26 +107,62 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
 
     def save(step: int) -> None:
         checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
-                                    base_model, is_lora)
+                                    base_model, is_lora, precision.state_dict())
         checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
 
     report(f"training {len(examples)} examples for {steps} steps "
            f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)")
-    metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
-                     state, TrainLog(output_dir, steps, state.global_step), save, report)
+    tensorboard = _tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
+    log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
+    try:
+        metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
+                        state, log, save, report, evaluate=evaluate,
+                        memory=lambda: _chip_memory(model.placement))
+    finally:
+        log.close()
 
-    metrics.update(_peak_memory(placement, report))
+    metrics.update(_peak_memory(model.placement, report))
     checkpoints.save_trained_weights(model, output_dir, base_model, is_lora)
     tokenizer.save(output_dir)
     state.log_history.append({**metrics, "step": state.global_step})
     state.save(output_dir)
     write_results(output_dir, metrics)
     if ft_args.plot_loss:
-        plot = plot_metric(output_dir, state.log_history, "loss")
-        if plot:
-            report(f"loss plot: {plot}")
+        for key in ("loss", "eval_loss"):
+            plot = plot_metric(output_dir, state.log_history, key)
+            if plot:
+                report(f"{key} plot: {plot}")
     report(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
-    return output_dir
+    return metrics
+
+
+def _final_evaluation(evaluate, num_examples: int, epoch: float | None, output_dir: Path, report) -> None:
+    """``eval_results.json``: eval_loss (and its perplexity) over the eval examples."""
+    started = time.time()
+    loss = evaluate()
+    runtime = time.time() - started
+    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_runtime": round(runtime, 4),
+               "eval_samples_per_second": round(num_examples / runtime, 3) if runtime else 0.0}
+    if epoch is not None:
+        metrics["epoch"] = epoch
+    write_results(output_dir, metrics, split="eval")
+    report(f"eval_loss {loss:.4f} over {num_examples} examples (perplexity {metrics['perplexity']:.2f})")
+
+
+def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, output_dir: Path,
+             report) -> None:
+    """``generated_predictions.jsonl`` (prompt, predict, label per eval example) and ``predict_results.json``."""
+    settings = sampling_settings(run.generating, run.training.seed)
+    stop_ids = stop_token_ids(Path(run.model.model_name_or_path), model.last, tokenizer)
+    started = time.time()
+    rows = predictions(model, examples, tokenizer, settings, stop_ids)
+    runtime = time.time() - started
+    with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_results(output_dir, {"predict_runtime": round(runtime, 4),
+                               "predict_samples_per_second": round(len(rows) / runtime, 3) if runtime else 0.0},
+                  split="predict")
+    report(f"{len(rows)} predictions written to {output_dir / PREDICTIONS_FILE}")
 
 
 # --- checks, before anything loads ---------------------------------------------------------------
@@ -113,14 +171,16 @@ def _check_arguments(run: RunArguments) -> ModelConfig:
     ft, train_args = run.finetuning, run.training
     if ft.stage not in STAGES:
         raise ChipspanError(f"--stage {ft.stage} is not supported yet; chipspan trains: {', '.join(STAGES)}")
-    if not train_args.do_train:
-        raise ChipspanError("nothing to do: add --do_train (evaluation and prediction are not supported yet)")
+    if not (train_args.do_train or train_args.do_eval or train_args.do_predict):
+        raise ChipspanError("nothing to do: add --do_train, --do_eval or --do_predict")
+    _check_evaluation(run)
+    tensorboard_wanted(train_args.report_to)
     for flag, value in (("model_name_or_path", run.model.model_name_or_path), ("dataset", run.data.dataset),
                         ("output_dir", train_args.output_dir)):
         if not value:
             raise ChipspanError(f"--{flag} is required")
-    if train_args.fp16 and train_args.bf16:
-        raise ChipspanError("choose one of --fp16 and --bf16")
+    if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
+        raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
     if train_args.per_device_train_batch_size < 1 or train_args.gradient_accumulation_steps < 1:
         raise ChipspanError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
@@ -129,6 +189,24 @@ def _check_arguments(run: RunArguments) -> ModelConfig:
     if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
         check_finetuning_arguments(ft, config)
     return config
+
+
+def _check_evaluation(run: RunArguments) -> None:
+    """Evaluation settings: an eval set to use, and generation settings chipspan supports."""
+    train_args, generating = run.training, run.generating
+    if train_args.eval_strategy not in EVAL_STRATEGIES:
+        raise ChipspanError(f"--eval_strategy {train_args.eval_strategy} is not one of {', '.join(EVAL_STRATEGIES)}")
+    if train_args.do_train and run.data.val_size == 0 and (
+            train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict):
+        raise ChipspanError("evaluating while training needs held-out rows: pass --val_size (a count or a "
+                            "fraction, e.g. 0.1)")
+    if train_args.per_device_eval_batch_size < 1 or (train_args.eval_steps is not None and train_args.eval_steps < 1):
+        raise ChipspanError("per_device_eval_batch_size and eval_steps must be at least 1")
+    if train_args.do_predict and run.finetuning.stage != "sft":
+        raise ChipspanError("--do_predict answers prompts: it needs --stage sft")
+    if generating.num_beams != 1 or generating.repetition_penalty != 1.0:
+        raise ChipspanError("beam search and repetition penalties are not supported: use --num_beams 1 "
+                            "--repetition_penalty 1.0")
 
 
 def _placement(run: RunArguments, config: ModelConfig) -> Placement:
@@ -184,16 +262,22 @@ def _resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path 
 
 
 def _precision(run: RunArguments, placement: Placement, report: Callable[[str], None]):
-    """(Precision, dtype of the frozen base) for --fp16/--bf16 on this device."""
+    """(Precision, dtype of the frozen base) for --fp16/--bf16/--pure_bf16 on this device.
+
+    --pure_bf16 keeps every weight in bf16 (trained ones too, see ``prepare_trainable``), no autocast.
+    """
     train_args, ft = run.training, run.finetuning
     device_type = placement.devices[0].type
-    half = torch.float16 if train_args.fp16 else torch.bfloat16 if train_args.bf16 else None
+    half = torch.float16 if train_args.fp16 else torch.bfloat16 if (train_args.bf16 or ft.pure_bf16) else None
     if half is None:
         return Precision(device_type), torch.float32
     if not devices.supports_half_compute(device_type):
-        report(f"note: --{'fp16' if train_args.fp16 else 'bf16'} is ignored on {device_type}, which has no fast "
+        flag = "fp16" if train_args.fp16 else "pure_bf16" if ft.pure_bf16 else "bf16"
+        report(f"note: --{flag} is ignored on {device_type}, which has no fast "
                "half-precision arithmetic: computing in fp32")
         return Precision(device_type), torch.float32
+    if ft.pure_bf16:
+        return Precision(device_type), torch.bfloat16
     scaler = torch.amp.GradScaler(device_type) if half is torch.float16 else None
     base_dtype = torch.float32 if ft.finetuning_type == "full" else half
     return Precision(device_type, half, scaler), base_dtype
@@ -224,10 +308,13 @@ def _optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
-def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, fresh: TrainerState) -> TrainerState:
+def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision: Precision,
+             fresh: TrainerState) -> TrainerState:
     checkpoints.load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
+    if (folder / checkpoints.SCALER_FILE).is_file():
+        precision.load_state_dict(torch.load(folder / checkpoints.SCALER_FILE, weights_only=False))
     state = TrainerState.load(folder)
     state.max_steps = fresh.max_steps
     return state
@@ -240,6 +327,36 @@ def _report_placement(model: SpannedModel, placement: Placement, report: Callabl
     for line in placement.describe(model.config):
         report(f"  {line}")
     report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+
+def _split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], None]):
+    """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train."""
+    if not run.training.do_train:
+        return [], [*data.train, *data.eval]
+    examples = data.train
+    if run.finetuning.stage == "sft" and (run.data.packing or run.data.sft_packing):  # pt is already in blocks
+        examples = list(examples)
+        # a seed template with efficient_eos may make an example one token longer than cutoff_len
+        block = max(run.data.cutoff_len, max(len(e.input_ids) for e in examples))
+        packed = pack_examples(examples, block)
+        report(packing_summary(len(examples), packed, block))
+        examples = packed
+    return examples, data.eval
+
+
+def _tensorboard_dir(run: RunArguments) -> Path:
+    return Path(run.training.logging_dir or Path(run.training.output_dir) / "runs")
+
+
+def _chip_memory(placement: Placement) -> dict[str, int]:
+    """Allocated and peak bytes of each chip now, for a log line (nothing where the device reports nothing)."""
+    numbers = {}
+    for i, device in enumerate(placement.devices):
+        stats = devices.memory_stats(device) if device not in placement.devices[:i] else None
+        if stats:
+            numbers[f"chip{i}_allocated_bytes"] = stats["allocated"]
+            numbers[f"chip{i}_peak_bytes"] = stats["peak"]
+    return numbers
 
 
 def _peak_memory(placement: Placement, report: Callable[[str], None]) -> dict[str, int]:

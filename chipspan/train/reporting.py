@@ -4,10 +4,13 @@
 - ``trainer_state.json``: the Hugging Face Trainer's state, ``log_history`` included.
 - ``train_results.json`` / ``all_results.json``: the final metrics.
 - ``training_loss.png``: raw and EMA-smoothed loss, with ``--plot_loss``.
+- TensorBoard event files under ``logging_dir`` (default ``output_dir/runs``), with
+  ``--report_to tensorboard``: every number of every log line, as ``train/<key>`` or ``eval/<key>``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -16,8 +19,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from chipspan.errors import ChipspanError
+
 LOG_FILE = "trainer_log.jsonl"
 STATE_FILE = "trainer_state.json"
+REPORT_TO = ("none", "tensorboard", "all")
 
 
 @dataclass
@@ -52,14 +58,37 @@ class TrainerState:
         return cls(**known)
 
 
-class TrainLog:
-    """Appends the seed's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining."""
+def tensorboard_wanted(report_to: str) -> bool:
+    """Whether ``--report_to`` asks for TensorBoard; refuses what chipspan cannot report to.
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0):
+    ``all`` means TensorBoard when it is installed, as the Hugging Face Trainer reads it.
+    """
+    if report_to not in REPORT_TO:
+        raise ChipspanError(f"--report_to {report_to} is not supported: use {' or '.join(REPORT_TO)}")
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if report_to == "tensorboard" and not installed:
+        raise ChipspanError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pass --report_to none)")
+    return report_to != "none" and installed
+
+
+class TrainLog:
+    """Appends the seed's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining.
+
+    With ``tensorboard_dir``, the numbers of every line also go to TensorBoard event files there.
+    """
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0,
+                 tensorboard_dir: Path | None = None):
         self.file = output_dir / LOG_FILE
         self.total_steps = total_steps
         self.start_step = start_step
         self.start_time = time.time()
+        self.tensorboard = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def timing(self, step: int) -> tuple[str, str]:
         """(elapsed, remaining) as H:MM:SS, from the pace of the steps run in this process."""
@@ -88,7 +117,25 @@ class TrainLog:
         }
         with self.file.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self._to_tensorboard(step, record)
         return record
+
+    def _to_tensorboard(self, step: int, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key in _NOT_SCALARS or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# Log fields that are bookkeeping, not measurements.
+_NOT_SCALARS = {"current_steps", "total_steps", "percentage"}
 
 
 def truncate_log(file: Path, last_step: int) -> None:

@@ -1,0 +1,69 @@
+"""fp16 loss scaling on the emulated chips (an overflow is skipped, counted and survived), pure bf16,
+and per-chip memory in every log line."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chipspan import emu
+from chipspan.chips.span import SpannedModel
+from test_evaluation import run
+from test_kill_resume import command, workspace  # noqa: F401  (a pytest fixture)
+
+pytestmark = pytest.mark.skipif(not emu.is_available(), reason="the emulated chips cannot be built here")
+
+
+def emu_command(workspace, out, *extra):
+    argv = command(workspace, out, "lora")
+    argv[argv.index("--device") + 1] = "emu"
+    return argv + ["--lr_scheduler_type", "linear", "--save_steps", "3", *extra]
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(workspace, tmp_path, monkeypatch):
+    forward, calls = SpannedModel.forward, [0]
+
+    def overflowing_forward(self, *args, **kwargs):
+        calls[0] += 1
+        loss = forward(self, *args, **kwargs)
+        return loss * float("inf") if calls[0] == 2 else loss  # step 2's gradients overflow
+
+    monkeypatch.setattr(SpannedModel, "forward", overflowing_forward)
+    out = tmp_path / "fp16"
+    run(emu_command(workspace, out, "--fp16"))
+
+    lines = log_lines(out)
+    assert [line["skipped_steps"] for line in lines] == [0, 1, 1, 1, 1, 1]
+    rates = [line["learning_rate"] for line in lines]
+    assert rates[1] == rates[0] and rates[2] < rates[1]  # the skipped step did not advance the schedule
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines[2:])
+    scaler = torch.load(out / "checkpoint-3" / "scaler.pt", weights_only=False)
+    assert scaler["scaler"]["scale"] == 2.0 ** 15 and scaler["skipped_steps"] == 1  # halved once from 2**16
+    assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
+
+
+def test_log_lines_carry_each_chips_memory(workspace, tmp_path):
+    out = tmp_path / "memory"
+    run(emu_command(workspace, out))
+    for line in log_lines(out):
+        for chip in (0, 1):
+            assert 0 < line[f"chip{chip}_allocated_bytes"] <= line[f"chip{chip}_peak_bytes"]
+
+
+def test_pure_bf16_trains_and_saves_bf16_weights(workspace, tmp_path):
+    out = tmp_path / "bf16"
+    run(emu_command(workspace, out, "--pure_bf16"))
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in log_lines(out))
+
+
+def test_pure_bf16_is_ignored_on_the_cpu(workspace, tmp_path):
+    messages = []
+    run(command(workspace, tmp_path / "cpu", "lora") + ["--pure_bf16"], report=messages.append)
+    assert any("--pure_bf16 is ignored on cpu" in m for m in messages)
