@@ -46,7 +46,7 @@ from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
 from chipspan.train.finetune import prepare_trainable  # noqa: E402
 from chipspan.train.loop import Precision  # noqa: E402
-from chipspan.train.recipe import _optimizer  # noqa: E402
+from chipspan.train.recipe import build_optimizer  # noqa: E402
 
 aten = torch.ops.aten
 PHASES = ("forward", "backward", "step")
@@ -191,7 +191,7 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
                              lora_rank=job.lora_rank, num_layer_trainable=job.num_layer_trainable,
                              name_module_trainable=job.name_module_trainable)
     prepare_trainable(model, ft)
-    optimizer = _optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
+    optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
     if isinstance(next(model.parameters()), FakeTensor):
         # torch picks AdamW's foreach path for Parameters on an accelerator (emu included) but
         # not for fake ones; take the path the real chips take.

@@ -84,6 +84,8 @@ class TrainingArguments:
     predict_with_generate: bool = field(default=False, metadata={"help": "accepted; --do_predict always generates"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    micro_batches: int = field(default=1, metadata={
+        "help": "split each batch into M micro-batches pipelined over the chips (GPipe)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
@@ -116,6 +118,12 @@ class ChipArguments:
     chip_memory: str | None = field(default=None, metadata={
         "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips"})
     usable_fraction: float = field(default=1.0, metadata={"help": "share of chip_memory a job may use (plan)"})
+    launcher: str | None = field(default=None, metadata={
+        "help": "torchrun: one process per chip (re-runs this command under torchrun)"})
+    pipeline_schedule: str = field(default="1f1b", metadata={
+        "help": "one process per chip: gpipe | 1f1b | interleaved1f1b (2 stages per process)"})
+    data_parallel: int = field(default=1, metadata={
+        "help": "one process per chip: data-parallel replicas of the pipeline (processes = stages x this)"})
 
 
 @dataclass

@@ -111,7 +111,19 @@ def _run_train(args: argparse.Namespace) -> None:
     if {"-h", "--help"} & set(args.flags):
         print(flags_help())
         return
-    run_train(parse_run_arguments(args.flags))
+    run = parse_run_arguments(args.flags)
+    from chipspan.distributed import launch
+
+    if launch.wants_processes(run):
+        from chipspan.distributed.recipe import run_distributed_train
+
+        run_distributed_train(run)
+    elif run.chips.launcher is not None:
+        code = launch.relaunch(run, args.flags)
+        if code:
+            raise SystemExit(code)
+    else:
+        run_train(run)
 
 
 def _run_plan(args: argparse.Namespace) -> None:

@@ -24,13 +24,13 @@ pytestmark = needs_llama2_tokenizer
 STEPS, SAVE_STEPS = 6, 2
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
-#   step:N  inside the N-th forward pass (mid-step)
+#   step:N  inside the N-th batch's forward pass (mid-step)
 #   save:N  while checkpoint-N is being written, after its optimizer state
 KILLER = """
 import os, signal, sys
 import torch
-from chipspan.chips.span import SpannedModel
 from chipspan.cli import main
+from chipspan.train import loop
 
 torch.set_num_threads(1)
 kind, at = sys.argv[1].split(":")
@@ -40,13 +40,13 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if kind == "step":
-    forward, calls = SpannedModel.forward, [0]
-    def counting_forward(self, *args, **kwargs):
+    forward, calls = loop.pipelined_loss, [0]
+    def counting_forward(*args, **kwargs):
         calls[0] += 1
         if calls[0] == at:
             die()
-        return forward(self, *args, **kwargs)
-    SpannedModel.forward = counting_forward
+        return forward(*args, **kwargs)
+    loop.pipelined_loss = counting_forward
 else:
     save = torch.save
     def dying_save(obj, f, *args, **kwargs):

@@ -9,11 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from chipspan import emu
+from chipspan.args import parse_run_arguments
+from chipspan.chips import span
 from chipspan.chips.memory import balanced_split, estimate, min_chips, pack_layers
 from chipspan.chips.placement import split_layers
+from chipspan.chips.plan import job_of
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
+from chipspan.train.recipe import _placement, run_train
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -219,3 +225,83 @@ def test_estimate_matches_emu_peaks(job):
     config = memory_check.small_config(layers=2, hidden=128, vocab=4096)
     for predicted, measured in _measure(config, [1, 1], memory_check.Job(**job, seq_len=128), "emu"):
         assert 0.9 < predicted / measured < 1.1
+
+
+# --- `train`'s placement from the plan: --chips auto, the balanced split, refusals ----------------
+
+def _model_folder(tmp_path, **shape):
+    """A folder holding only config.json: enough for everything `train` does before loading weights."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 8,
+              "num_attention_heads": 4, "num_key_value_heads": 4, **shape}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+HEAVY_HEAD = dict(vocab_size=32000, hidden_size=64, intermediate_size=160)  # full: the head's chip is the fullest
+HEAVY_LAYERS = dict(vocab_size=512, hidden_size=256, intermediate_size=688)
+
+
+def _train_run(folder, *flags):
+    return parse_run_arguments(["--do_train", "--model_name_or_path", str(folder), "--dataset", "any",
+                                "--output_dir", str(folder / "out"), "--cutoff_len", "256",
+                                "--per_device_train_batch_size", "2", *flags], {})
+
+
+@pytest.fixture()
+def no_weight_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(span, "load_pretrained", refuse)
+
+
+def test_micro_batches_set_the_plans_batch_and_micro_batches_in_flight(tmp_path):
+    folder = _model_folder(tmp_path, **HEAVY_HEAD)
+    assert (job_of(_train_run(folder))["batch"], job_of(_train_run(folder))["micro_batches_in_flight"]) == (2, 1)
+    job = job_of(_train_run(folder, "--per_device_train_batch_size", "5", "--micro_batches", "2"))
+    assert (job["batch"], job["micro_batches_in_flight"]) == (3, 2)  # 3 + 2 examples: the larger counts
+    with pytest.raises(ChipspanError, match=r"--micro_batches 6 must be between 1 and per_device_train_batch_size"):
+        job_of(_train_run(folder, "--per_device_train_batch_size", "5", "--micro_batches", "6"))
+
+
+def test_chips_auto_on_emulated_chips_takes_the_fewest_and_balances_them(tmp_path):
+    if not emu.is_available():
+        pytest.skip("the emu device cannot be built here (no C++ compiler?)")
+    folder = _model_folder(tmp_path, **HEAVY_HEAD)
+    config = ModelConfig.from_folder(folder)
+    job = job_of(_train_run(folder, "--finetuning_type", "full"))
+    balanced = balanced_split(config, 2, **job)
+    assert [len(r) for r in balanced] == [7, 1] and split_layers(8, 2) != tuple(balanced)  # the head is heavy
+    fits_two = max(_totals(config, balanced, job))
+    assert estimate(config, range(8), True, True, **job).total > fits_two  # one chip is not enough
+    try:
+        for chips in ("auto", "0-1"):
+            placement = _placement(_train_run(folder, "--finetuning_type", "full", "--device", "emu",
+                                              "--chips", chips, "--chip_memory", str(fits_two)), config)
+            assert placement.devices == (torch.device("emu", 0), torch.device("emu", 1))
+            assert list(placement.layers) == balanced
+    finally:
+        emu.set_memory_limit(None)
+
+
+def test_a_placement_that_will_not_fit_is_refused_before_loading(tmp_path, no_weight_loading):
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    run = _train_run(folder, "--finetuning_type", "lora", "--lora_target", "all", "--disable_gradient_checkpointing",
+                     "--device", "emu", "--chips", "0-1", "--chip_memory", "50MB")
+    with pytest.raises(ChipspanError) as error:
+        run_train(run)
+    message = str(error.value)
+    assert "\n" not in message and re.fullmatch(
+        r"chip 1 \(emu:1\) would run out of memory: the plan \(docs/plan.md\) predicts a 56\.\d MiB peak for "
+        r"layers 4-7 against 47\.7 MiB usable; it fits if you span 3 chips \(--chips 0-2\), or drop "
+        r"--disable_gradient_checkpointing", message), message
+    assert not (folder / "out").exists()
+
+
+def test_chips_auto_needs_a_chips_memory(tmp_path, no_weight_loading):
+    folder = _model_folder(tmp_path, **HEAVY_HEAD)
+    with pytest.raises(ChipspanError, match="--chips auto needs the memory of one chip, and device 'cpu' reports "
+                                            "none: name the chips"):
+        run_train(_train_run(folder, "--finetuning_type", "full", "--device", "cpu", "--chips", "auto"))
+    with pytest.raises(ChipspanError, match="--chips auto on emulated chips needs --chip_memory"):
+        run_train(_train_run(folder, "--finetuning_type", "full", "--device", "emu", "--chips", "auto"))

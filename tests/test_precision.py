@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from chipspan import emu
-from chipspan.chips.span import SpannedModel
+from chipspan.train import loop
 from test_evaluation import run
 from test_kill_resume import command, workspace  # noqa: F401  (a pytest fixture)
 
@@ -26,14 +26,14 @@ def log_lines(out):
 
 
 def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(workspace, tmp_path, monkeypatch):
-    forward, calls = SpannedModel.forward, [0]
+    forward, calls = loop.pipelined_loss, [0]
 
-    def overflowing_forward(self, *args, **kwargs):
+    def overflowing_forward(*args, **kwargs):
         calls[0] += 1
-        loss = forward(self, *args, **kwargs)
+        loss = forward(*args, **kwargs)
         return loss * float("inf") if calls[0] == 2 else loss  # step 2's gradients overflow
 
-    monkeypatch.setattr(SpannedModel, "forward", overflowing_forward)
+    monkeypatch.setattr(loop, "pipelined_loss", overflowing_forward)
     out = tmp_path / "fp16"
     run(emu_command(workspace, out, "--fp16"))
 

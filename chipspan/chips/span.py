@@ -3,7 +3,8 @@
 Each chip holds a ``CausalLM`` slice (see ``placement``). A batch enters on the first chip; the
 hidden states cross to the next chip's device at each boundary (the only place a tensor changes
 chip); the loss is computed on the last chip. Autograd carries gradients back across the same
-boundaries.
+boundaries. ``place_inputs``, ``stage_forward`` and ``loss`` are the pieces of that forward, which
+``chipspan.chips.pipeline`` interleaves over micro-batches.
 
 Tied embeddings spanned over several chips live twice — the embedding matrix on the first chip,
 its copy as the head on the last. Their gradients are summed into both before the optimizer step,
@@ -53,20 +54,40 @@ class SpannedModel(nn.Module):
         ``attention_mask`` (b, s): 0 = padding, 1 = real token, or the segment ids of packed
         examples; every stage gets the same attention mask and positions, on its own chip.
         """
+        carried = self.place_inputs(input_ids, attention_mask)
+        for i in range(len(self.stages)):
+            carried = self.stage_forward(i, *carried)
+        return self.loss(carried[0], labels)
+
+    # -- the pieces of a forward, for pipelining (chipspan.chips.pipeline) --
+
+    def place_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids (b, s), positions (b, s) and the attention mask (bool (b, 1, s, s), or None for
+        plain causal), all on the first chip: what ``stage_forward(0, ...)`` takes."""
         b, s = input_ids.shape
         device = self.placement.devices[0]
-        input_ids = input_ids.to(device)
         positions = default_position_ids(attention_mask, b, s, 0, device).to(device)  # from the host mask
         mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None,
                                     s, 0, device)
-        hidden = self.first.embed(input_ids)
-        for stage, stage_device in zip(self.stages, self.placement.devices):
-            if hidden.device != stage_device:  # the chip boundary
-                hidden = hidden.to(stage_device)
-                positions = positions.to(stage_device)
-                mask = mask.to(stage_device) if mask is not None else None
-            hidden = stage.run_layers(hidden, positions, mask)
-        return self.last.loss(hidden, labels.to(hidden.device))
+        return input_ids.to(device), positions, mask
+
+    def stage_forward(self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stage ``i`` on its chip: ``x`` is the token ids (b, s) for stage 0, which embeds them, else
+        stage i - 1's hidden states (b, s, hidden). Inputs on another chip cross to this one first
+        (the chip boundary). Returns (hidden states, positions, mask), all on stage i's chip."""
+        device = self.placement.devices[i]
+        if x.device != device:
+            x, positions = x.to(device), positions.to(device)
+            mask = mask.to(device) if mask is not None else None
+        hidden = self.stages[i].embed(x) if i == 0 else x
+        return self.stages[i].run_layers(hidden, positions, mask), positions, mask
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (fp32 scalar, "mean" or "sum" over labels != -100) of the last
+        stage's hidden states (b, s, hidden) against labels (b, s), on the last chip."""
+        return self.last.loss(hidden, labels.to(hidden.device), reduction=reduction)
 
     def tied_copies(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         """(embedding, head copy) when tied embeddings live on two different stages."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from chipspan.args import TrainingArguments
+from chipspan.chips.pipeline import pipelined_loss
 from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
 from chipspan.train.reporting import TrainerState, TrainLog
@@ -119,7 +120,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
         for _ in range(accumulation):
             batch = next(batches)
             with precision.autocast():
-                loss = model(batch["input_ids"], batch["labels"], batch["attention_mask"]) / accumulation
+                loss = pipelined_loss(model, batch, args.micro_batches) / accumulation
             precision.backward(loss)
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].count_nonzero())  # segment ids when packed

@@ -20,12 +20,12 @@ import torch
 
 from chipspan import devices
 from chipspan.args import RunArguments
-from chipspan.chips.placement import Placement, even_placement
+from chipspan.chips.placement import Placement
+from chipspan.chips.plan import train_chips
 from chipspan.chips.span import SpannedModel
 from chipspan.data.loader import STAGES, DataSplit, load_dataset_split
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
@@ -42,26 +42,26 @@ PREDICTIONS_FILE = "generated_predictions.jsonl"
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     """Train, evaluate and/or predict as ``run`` says; returns the output folder."""
     model_args, data_args, ft_args, train_args = run.model, run.data, run.finetuning, run.training
-    config = _check_arguments(run)
+    config = check_arguments(run)
     placement = _placement(run, config)
     output_dir = Path(train_args.output_dir)
     resume = None
     if train_args.do_train:
-        resume = _resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
+        resume = resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
     report(data.stats.summary())
-    examples, eval_examples = _split_examples(run, data, report)
+    examples, eval_examples = split_examples(run, data, report)
     if tokenizer.vocab_size > config.vocab_size:
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
                             f"may have added some) but the model's vocab_size is {config.vocab_size}; "
                             "resizing embeddings is not supported yet: pick a template the tokenizer knows")
-    precision, base_dtype = _precision(run, placement, report)
+    precision, base_dtype = choose_precision(run, placement.devices[0].type, report)
     steps = total_steps(len(examples), train_args) if train_args.do_train else 0
     if train_args.do_train:
-        _check_disk(run, config, base_dtype, steps, report)
+        check_disk(run, config, base_dtype, steps, report)
 
-    _seed_everything(train_args.seed)
+    seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
     model = SpannedModel.load(weights, placement, base_dtype)
     for stage in model.stages:
@@ -91,7 +91,7 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
            precision: Precision, resume: Path | None, output_dir: Path, evaluate, report) -> dict[str, float]:
     """The training loop and what it leaves in ``output_dir``; returns the train metrics."""
     model_args, ft_args, train_args = run.model, run.finetuning, run.training
-    optimizer = _optimizer(model, train_args)
+    optimizer = build_optimizer(model, train_args)
     scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
                                 warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
     state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
@@ -167,7 +167,7 @@ def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examp
 
 # --- checks, before anything loads ---------------------------------------------------------------
 
-def _check_arguments(run: RunArguments) -> ModelConfig:
+def check_arguments(run: RunArguments) -> ModelConfig:
     ft, train_args = run.finetuning, run.training
     if ft.stage not in STAGES:
         raise ChipspanError(f"--stage {ft.stage} is not supported yet; chipspan trains: {', '.join(STAGES)}")
@@ -210,22 +210,15 @@ def _check_evaluation(run: RunArguments) -> None:
 
 
 def _placement(run: RunArguments, config: ModelConfig) -> Placement:
+    """The chips and their layers, from the memory plan (chipspan.chips.plan.train_chips)."""
     device_type = run.chips.device or devices.default_device_type()
-    chip_ids = devices.parse_chip_ids(run.chips.chips)
-    if len(chip_ids) > config.num_hidden_layers:
-        raise ChipspanError(f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
-                            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}")
-    limit = None
-    if run.chips.chip_memory is not None:
-        if device_type != "emu":
-            raise ChipspanError("--chip_memory sets the memory of emulated chips (--device emu); "
-                                f"device '{device_type}' reports its own")
-        limit = parse_size(run.chips.chip_memory)
-    devices.prepare_device_type(device_type, chip_ids[-1] + 1, emu_memory_limit=limit)
-    return even_placement(config, devices.chip_devices(device_type, chip_ids))
+    chip_ids, layers, chip_bytes = train_chips(run, config, device_type)
+    devices.prepare_device_type(device_type, chip_ids[-1] + 1,
+                                emu_memory_limit=chip_bytes if device_type == "emu" else None)
+    return Placement(tuple(devices.chip_devices(device_type, chip_ids)), tuple(layers))
 
 
-def _check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, steps: int,
+def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, steps: int,
                 report: Callable[[str], None]) -> None:
     """Checkpoint size from a meta-device count of what trains, against the free disk."""
     trainable, total = count_trainable(config, run.finetuning)
@@ -238,7 +231,7 @@ def _check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype,
                                  train_args.save_total_limit, weights + trainable * 8, weights, report)
 
 
-def _resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path | None:
+def resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path | None:
     """The checkpoint to resume from, None to start fresh; refuses to write into someone's folder.
 
     ``asked`` is --resume_from_checkpoint: a folder, or true for the last checkpoint in output_dir.
@@ -261,13 +254,12 @@ def _resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path 
                         "pass --overwrite_output_dir to write over it, or choose an empty folder")
 
 
-def _precision(run: RunArguments, placement: Placement, report: Callable[[str], None]):
+def choose_precision(run: RunArguments, device_type: str, report: Callable[[str], None]):
     """(Precision, dtype of the frozen base) for --fp16/--bf16/--pure_bf16 on this device.
 
     --pure_bf16 keeps every weight in bf16 (trained ones too, see ``prepare_trainable``), no autocast.
     """
     train_args, ft = run.training, run.finetuning
-    device_type = placement.devices[0].type
     half = torch.float16 if train_args.fp16 else torch.bfloat16 if (train_args.bf16 or ft.pure_bf16) else None
     if half is None:
         return Precision(device_type), torch.float32
@@ -285,13 +277,13 @@ def _precision(run: RunArguments, placement: Placement, report: Callable[[str], 
 
 # --- pieces --------------------------------------------------------------------------------------
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
+def build_optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
     """AdamW as the HF Trainer builds it: no weight decay on biases and norm weights."""
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -329,7 +321,7 @@ def _report_placement(model: SpannedModel, placement: Placement, report: Callabl
     report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
 
-def _split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], None]):
+def split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], None]):
     """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train."""
     if not run.training.do_train:
         return [], [*data.train, *data.eval]

@@ -1,0 +1,51 @@
+"""Where a `chipspan train` runs: in this process, or one process per chip under torchrun.
+
+    WORLD_SIZE > 1 (started by torchrun)   -> chipspan.distributed (this rank's stages)
+    --launcher torchrun (not yet started)  -> re-run this command under torchrun, one process per chip
+    otherwise                              -> chipspan.train (every chip in this process)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from chipspan import devices
+from chipspan.args import RunArguments
+from chipspan.distributed.mesh import plan_layout
+from chipspan.distributed.pipeline import VIRTUAL_STAGES, check_schedule
+from chipspan.errors import ChipspanError
+
+LAUNCHERS = ("torchrun",)
+
+
+def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
+
+
+def wants_processes(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process is one rank of a torchrun job that should train as a pipeline."""
+    if run.chips.launcher not in (None, *LAUNCHERS):
+        raise ChipspanError(f"--launcher {run.chips.launcher} is not supported; use --launcher torchrun")
+    return under_torchrun(environ) and (int(environ.get("WORLD_SIZE", "1")) > 1 or run.chips.launcher is not None)
+
+
+def relaunch_command(run: RunArguments, flags: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --nproc-per-node N -m chipspan train FLAGS``: one process per chip
+    (N from --chips or SOPHGO_SPLIT)."""
+    if run.chips.chips is None:
+        raise ChipspanError("--launcher torchrun starts one process per chip: name the chips with --chips 0-3 "
+                            "(or SOPHGO_SPLIT=4)")
+    chips = len(devices.parse_chip_ids(run.chips.chips))
+    schedule = run.chips.pipeline_schedule
+    check_schedule(schedule, run.training.micro_batches, run.training.per_device_train_batch_size)
+    plan_layout(chips, 0, run.chips.data_parallel, VIRTUAL_STAGES[schedule])  # refuses what does not divide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={chips}",
+            "-m", "chipspan", "train", *flags]
+
+
+def relaunch(run: RunArguments, flags: list[str]) -> int:
+    """Run the command again under torchrun; returns its exit status."""
+    return subprocess.call(relaunch_command(run, flags))

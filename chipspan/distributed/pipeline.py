@@ -1,0 +1,92 @@
+"""Running one batch through the pipeline with ``torch.distributed.pipelining``.
+
+Batches are padded to their own longest example, so the shape of the hidden states that cross a
+stage boundary changes from batch to batch. The stages are therefore declared with static shapes
+(no metadata inference pass) and rebuilt, cheaply, whenever a batch's shape differs from the last.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B)
+
+from chipspan.errors import ChipspanError
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
+VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved1f1b": 2}  # stages per rank
+
+
+def check_schedule(name: str, micro_batches: int, batch_size: int) -> None:
+    """Refuse an unknown schedule or a batch that does not split into the micro-batches."""
+    if name not in SCHEDULES:
+        raise ChipspanError(f"--pipeline_schedule {name} is not supported; choose one of: {', '.join(SCHEDULES)}")
+    if micro_batches < 1 or batch_size % micro_batches:
+        raise ChipspanError(f"per_device_train_batch_size {batch_size} does not split into --micro_batches "
+                            f"{micro_batches}: use a batch size that is a multiple of it")
+
+
+def _identity_loss(loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+    """The last stage already returns its scaled loss."""
+    return loss
+
+
+class PipelineRunner:
+    """This rank's stages of one pipeline and the schedule that drives them.
+
+    ``modules``: the rank's stage modules (``PipelinePiece``, perhaps DDP-wrapped), ``stage_ids``
+    their stage indices; ``micro_batches`` per step (every batch splits into that many equal
+    parts); ``hidden_size``/``activation_dtype`` describe what crosses between stages.
+    """
+
+    def __init__(self, modules: list[nn.Module], stage_ids: list[int], num_stages: int, schedule: str,
+                 micro_batches: int, device: torch.device, group: dist.ProcessGroup, hidden_size: int,
+                 activation_dtype: torch.dtype):
+        self.modules, self.stage_ids, self.num_stages = modules, stage_ids, num_stages
+        self.schedule_class = SCHEDULES[schedule]
+        self.micro_batches, self.device, self.group = micro_batches, device, group
+        self.hidden_size, self.activation_dtype = hidden_size, activation_dtype
+        self._shape: tuple[int, int] | None = None
+        self._schedule = None
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float | None:
+        """Forward and backward of one batch: input_ids, attention_mask, labels (b, s) and
+        loss_weight (b,); gradients accumulate into .grad.
+
+        Returns the sum of the micro-batch losses on the rank with the last stage, else None.
+        """
+        shape = tuple(batch["input_ids"].shape)
+        if shape != self._shape:
+            self._schedule, self._shape = self._build(*shape), shape
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        mask = inputs["attention_mask"]
+        args = (inputs["input_ids"],) if 0 in self.stage_ids else ()
+        if not self.has_last_stage:
+            self._schedule.step(*args, attention_mask=mask, return_outputs=False)
+            return None
+        losses: list[torch.Tensor] = []
+        labels = inputs["labels"]
+        self._schedule.step(*args, attention_mask=mask, labels=labels, loss_weight=inputs["loss_weight"],
+                            target=labels, losses=losses, return_outputs=False)
+        return float(torch.stack(losses).sum())
+
+    def _build(self, batch_size: int, seq_len: int):
+        micro = batch_size // self.micro_batches
+        hidden = torch.empty(micro, seq_len, self.hidden_size, dtype=self.activation_dtype, device="meta",
+                             requires_grad=True)
+        stages = []
+        for module, index in zip(self.modules, self.stage_ids):
+            first, last = index == 0, index == self.num_stages - 1
+            inputs = torch.empty(micro, seq_len, dtype=torch.long, device="meta") if first else hidden
+            outputs = torch.empty((), dtype=torch.float32, device="meta") if last else hidden
+            stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.group))
+        single = self.schedule_class is not ScheduleInterleaved1F1B
+        return self.schedule_class(stages[0] if single else stages, self.micro_batches, loss_fn=_identity_loss,
+                                   scale_grads=False)

@@ -1,0 +1,61 @@
+"""One pipeline stage's module: a ``CausalLM`` piece plus what crosses the stage boundary.
+
+    first stage:  forward(input_ids (b, s), attention_mask (b, s))          -> hidden (b, s, h)
+    middle stage: forward(hidden (b, s, h), attention_mask)                 -> hidden (b, s, h)
+    last stage:   forward(hidden, attention_mask, labels (b, s), loss_weight (b,)) -> loss, fp32 scalar
+
+Only the hidden states travel between ranks; every stage rebuilds the positions and the attention
+mask from ``attention_mask`` (the schedule hands every stage its micro-batch of it). The last stage
+returns the micro-batch's *sum* of token losses times its ``loss_weight`` (the same for every row of
+a micro-batch: 1 / (trained tokens of the whole global batch × gradient accumulation steps)), so the
+micro-batch losses add up to the loss a single process computes and the gradients need no further
+scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chipspan.chips.placement import split_layers
+from chipspan.models.checkpoint import load_pretrained
+from chipspan.models.config import ModelConfig
+from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
+
+
+class PipelinePiece(nn.Module):
+    def __init__(self, piece: CausalLM, activation_dtype: torch.dtype):
+        super().__init__()
+        self.piece = piece
+        self.activation_dtype = activation_dtype  # what crosses to the next stage
+        self.is_first = piece.model.embed_tokens is not None
+        self.is_last = piece.lm_head is not None
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = attention_mask.shape
+        positions = default_position_ids(attention_mask, b, s, 0, attention_mask.device)
+        mask = build_attention_mask(attention_mask, s, 0, attention_mask.device)
+        hidden = self.piece.embed(inputs) if self.is_first else inputs
+        hidden = self.piece.run_layers(hidden, positions, mask)
+        if self.is_last:
+            return self.piece.loss(hidden, labels, reduction="sum") * loss_weight[0]
+        if not hidden.requires_grad and torch.is_grad_enabled():
+            hidden.requires_grad_()  # nothing trains up to here: the schedule still sends a gradient back
+        return hidden.to(self.activation_dtype)
+
+
+def stage_layers(num_layers: int, num_stages: int) -> tuple[range, ...]:
+    """Decoder layers of each stage (as the in-process placement splits them)."""
+    return split_layers(num_layers, num_stages)
+
+
+def load_stage(weights: str | Path, config: ModelConfig, stage: int, num_stages: int, dtype: torch.dtype,
+               device: torch.device) -> CausalLM:
+    """Read only this stage's slice of the checkpoint: its layers, the embeddings on the first
+    stage, the final norm and head on the last."""
+    layers = stage_layers(config.num_hidden_layers, num_stages)[stage]
+    return load_pretrained(weights, dtype=dtype, device=device, layers=layers,
+                           embed=stage == 0, head=stage == num_stages - 1)

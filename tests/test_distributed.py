@@ -1,0 +1,242 @@
+"""One process per chip (torchrun, gloo on CPU) trains the model a single process trains.
+
+The first test starts one 2-process job that runs one training step's forward/backward/clip under
+several layouts (GPipe, 1F1B, interleaved 1F1B over 2 pipeline ranks; 2 data-parallel replicas) and
+compares every gradient with the single-process ``SpannedModel`` — gradients directly, so a wrong
+loss scale shows (as it would under SGD; AdamW would hide it). The others run `chipspan train`
+end to end and resume checkpoints across the two ways of running.
+
+Run as a script (``torchrun ... test_distributed.py OUT``) this file is the worker of the first test.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from chipspan.args import parse_run_arguments
+from chipspan.chips.placement import even_placement
+from chipspan.chips.span import SpannedModel
+from chipspan.models.config import ModelConfig
+from chipspan.train.finetune import prepare_trainable
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, ACCUMULATION, MICRO_BATCHES, VOCAB = 4, 2, 2, 512
+MAX_NORM = 0.1  # small enough that every layout clips
+# (name, schedule, finetuning, data_parallel, model): each runs on 2 processes
+LAYOUTS = [
+    ("gpipe-lora", "gpipe", "lora", 1, "untied"),
+    ("1f1b-lora", "1f1b", "lora", 1, "untied"),
+    ("1f1b-full-tied", "1f1b", "full", 1, "tied"),
+    ("interleaved-full-tied", "interleaved1f1b", "full", 1, "tied"),
+    ("dp2-full-tied", "gpipe", "full", 2, "tied"),
+    ("dp2-lora", "1f1b", "lora", 2, "untied"),
+]
+
+
+def flags(model, finetuning, schedule="1f1b", data_parallel=1):
+    lora = ["--lora_target", "q_proj,v_proj"] if finetuning == "lora" else []
+    return ["--do_train", "--model_name_or_path", str(model), "--dataset", "x", "--output_dir", "unused",
+            "--finetuning_type", finetuning, *lora, "--per_device_train_batch_size", str(BATCH // data_parallel),
+            "--gradient_accumulation_steps", str(ACCUMULATION), "--micro_batches", str(MICRO_BATCHES // data_parallel),
+            "--pipeline_schedule", schedule, "--data_parallel", str(data_parallel), "--max_grad_norm", str(MAX_NORM),
+            "--disable_gradient_checkpointing"]
+
+
+def global_batches():
+    """ACCUMULATION batches of BATCH rows, padded on the right, prompts not trained."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for length in (24, 16):
+        ids = torch.randint(0, VOCAB, (BATCH, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, length - 5:] = 0
+        labels = torch.where(mask.bool(), ids, -100)
+        labels[:, :6] = -100
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def perturb(named_parameters, tied):
+    """Move every trained parameter by a fixed, name-seeded amount (a fresh LoRA B is zero: A would get
+    no gradient); a tied head copy moves as the embedding it copies."""
+    with torch.no_grad():
+        for name, p in named_parameters:
+            if p.requires_grad:
+                name = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+# --- the worker -------------------------------------------------------------------------------------
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    from chipspan.distributed.gradients import clip_global_norm, sum_tied_gradients
+    from chipspan.distributed.loop import replica_rows
+    from chipspan.distributed.mesh import plan_layout, start
+    from chipspan.distributed.pipeline import VIRTUAL_STAGES
+    from chipspan.distributed.recipe import _rank_training
+    from chipspan.distributed.stage import load_stage
+    from chipspan.distributed.trainable import prepare_stages
+
+    rank, device = int(os.environ["RANK"]), torch.device("cpu")
+    for name, schedule, finetuning, data_parallel, model in LAYOUTS:
+        folder = out / model
+        run = parse_run_arguments(flags(folder, finetuning, schedule, data_parallel), {})
+        layout = plan_layout(2, rank, data_parallel, VIRTUAL_STAGES[schedule])
+        mesh = start(layout, device)
+        config = ModelConfig.from_folder(folder)
+        torch.manual_seed(42)
+        pieces = [load_stage(folder, config, s, layout.num_stages, torch.float32, device) for s in layout.stages]
+        for piece in pieces:
+            piece.gradient_checkpointing = False
+        prepare_stages(pieces, config, run.finetuning, None)
+        initial = {n: p.detach().clone() for piece in pieces for n, p in piece.named_parameters(remove_duplicate=False)
+                   if p.requires_grad}
+        for piece in pieces:
+            perturb(piece.named_parameters(), config.tie_word_embeddings)
+        training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=10)
+        rows = replica_rows(global_batches(), layout, BATCH // data_parallel, 0, training.data_group, device)
+        loss = training.runner.step(rows)
+        sum_tied_gradients(training.tied, training.tied_group)
+        norm = clip_global_norm(training.trained, training.head_copies, MAX_NORM, training.pipeline_group, device)
+        total = torch.tensor(loss or 0.0)
+        dist.all_reduce(total)
+        grads = {n: p.grad for piece in pieces for n, p in piece.named_parameters(remove_duplicate=False)
+                 if p.requires_grad}
+        torch.save({"loss": float(total), "norm": norm, "grads": grads, "initial": initial},
+                   out / f"{name}-rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+# --- the tests ----------------------------------------------------------------------------------------
+
+def torchrun(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def reference(folder, finetuning):
+    """One process, one chip: loss, norm before clipping and clipped gradients of the step."""
+    run = parse_run_arguments(flags(folder, finetuning), {})
+    torch.manual_seed(42)
+    config = ModelConfig.from_folder(folder)
+    model = SpannedModel.load(folder, even_placement(config, [torch.device("cpu")]), torch.float32)
+    prepare_trainable(model, run.finetuning)
+    initial = {n: p.detach().clone() for n, p in model.stages[0].named_parameters(remove_duplicate=False)
+               if p.requires_grad}
+    perturb(model.stages[0].named_parameters(), config.tie_word_embeddings)
+    loss = 0.0
+    for batch in global_batches():
+        step = model(batch["input_ids"], batch["labels"], batch["attention_mask"]) / ACCUMULATION
+        step.backward()
+        loss += step.item()
+    norm = float(model.clip_gradients(MAX_NORM))
+    grads = {n: p.grad for n, p in model.stages[0].named_parameters(remove_duplicate=False) if p.requires_grad}
+    return loss, norm, grads, initial
+
+
+def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_path):
+    from test_decoder_parity import make_reference
+
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2)
+    make_reference(tmp_path / "untied", "llama2-mha", **shape)
+    make_reference(tmp_path / "tied", "smollm-tied", **shape)
+    torchrun(Path(__file__), tmp_path)
+    expected = {model: {ft: reference(tmp_path / model, ft) for ft in ("lora", "full")} for model in ("untied", "tied")}
+    for name, _, finetuning, data_parallel, model in LAYOUTS:
+        loss, norm, grads, initial = expected[model][finetuning]
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(2)]
+        assert ranks[0]["loss"] == pytest.approx(loss, rel=1e-6), name
+        assert ranks[0]["norm"] == pytest.approx(norm, rel=1e-5) and ranks[1]["norm"] == ranks[0]["norm"], name
+        assert norm > MAX_NORM, "the clipping must act for the test to check it"
+        held = {}
+        for r in ranks if data_parallel == 1 else ranks[:1]:
+            held.update(r["grads"])
+            assert all(torch.equal(r["initial"][k], initial[k]) for k in r["initial"]), f"{name}: initial weights"
+        if data_parallel > 1:  # the replicas hold the same summed gradients
+            assert all(torch.equal(ranks[0]["grads"][k], ranks[1]["grads"][k]) for k in held), name
+        assert set(held) == set(grads), name
+        for key, grad in grads.items():
+            torch.testing.assert_close(held[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+# end to end: `chipspan train` under torchrun, checkpoints across the two ways of running
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from test_decoder_parity import make_reference
+
+    root = tmp_path_factory.mktemp("distributed")
+    make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    for file in LLAMA2_TOKENIZER.iterdir():
+        shutil.copy(file, root / "model")
+    (root / "data").mkdir()
+    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
+    return root
+
+
+def train_flags(workspace, out, *extra):
+    return ["--stage", "sft", "--do_train", "--model_name_or_path", workspace / "model", "--dataset", "alpaca_gpt4_zh",
+            "--dataset_dir", workspace / "data", "--template", "default", "--finetuning_type", "full",
+            "--output_dir", out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "24",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--disable_gradient_checkpointing", *extra]
+
+
+def one_process(argv):
+    from chipspan.train.recipe import run_train
+
+    run_train(parse_run_arguments([str(a) for a in argv], {}), report=lambda _: None)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+@needs_llama2_tokenizer
+def test_checkpoints_move_between_two_stages_and_one_process(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    single = tmp_path / "single"  # one process, checkpoint-2 on the way
+    one_process(train_flags(workspace, single, "--overwrite_output_dir"))
+    straight = losses(single)
+
+    staged = tmp_path / "staged"  # two stages, 1F1B, micro-batches
+    torchrun("-m", "chipspan", "train", *train_flags(workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
+    assert losses(staged) == straight
+    ours, theirs = load_file(staged / "model.safetensors"), load_file(single / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
+    written = torch.load(staged / "checkpoint-2" / "optimizer.pt")
+    assert written["state"].keys() == torch.load(single / "checkpoint-2" / "optimizer.pt")["state"].keys()
+
+    one_process(train_flags(workspace, staged))  # no --overwrite_output_dir: resumes from checkpoint-2
+    assert losses(staged) == straight
+
+    shutil.copytree(single / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    torchrun("-m", "chipspan", "train", *train_flags(workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe"))
+    assert [line["current_steps"] for line in map(json.loads, (tmp_path / "resumed" / "trainer_log.jsonl")
+                                                  .read_text().splitlines())] == [3, 4]
+    assert losses(tmp_path / "resumed") == straight[2:]
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
