@@ -14,16 +14,14 @@ when some stage has parameters of that kind; a stage's own groups are matched to
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from chipspan.adapters.peft_io import adapter_state_dict, save_adapter
-from chipspan.models.checkpoint import model_state_dict, save_weights
+from chipspan.adapters.peft_io import adapter_state_dict
+from chipspan.models.checkpoint import model_state_dict
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
@@ -55,28 +53,10 @@ def gather_trained_state(pieces: list[CausalLM], optimizer, scheduler, is_lora: 
     return [g for g in gathered if g is not None] if gathered is not None else None
 
 
-def write_weights(parts: list[dict], first_piece: CausalLM, folder: Path, base_model: str, is_lora: bool) -> None:
-    """The adapter (PEFT) or the whole model (HF safetensors + config.json) from the gathered parts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for part in parts for k, v in part["tensors"].items()}
-    if is_lora:
-        save_adapter(first_piece, folder, base_model, state_dict=tensors)
-        return
-    config = first_piece.config
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    save_weights(tensors, folder)
-    raw = dict(config.raw)
-    raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-
-
 def write_checkpoint(parts: list[dict], first_piece: CausalLM, output_dir: Path, step: int, tokenizer: Tokenizer,
                      state: TrainerState, base_model: str, is_lora: bool) -> Path:
     """``checkpoint-{step}`` from the gathered parts, written on rank 0 through a temporary folder."""
-    final = output_dir / f"{checkpoints.PREFIX}{step}"
-    tmp = output_dir / f".{checkpoints.PREFIX}{step}.tmp"
-    checkpoints.remove_unfinished(output_dir)
+    tmp = checkpoints.start_checkpoint(output_dir, step)
     write_weights(parts, first_piece, tmp, base_model, is_lora)
     tokenizer.save(tmp)
     optimizer_state, scheduler_state = merge_optimizer_states(parts)
@@ -84,15 +64,13 @@ def write_checkpoint(parts: list[dict], first_piece: CausalLM, output_dir: Path,
     torch.save(scheduler_state, tmp / "scheduler.pt")
     torch.save(checkpoints.rng_state(), tmp / "rng_state.pth")
     state.save(tmp)
-    checkpoints._fsync_tree(tmp)
-    if final.exists():  # resumed from an earlier checkpoint: this step is written again
-        replaced = final.rename(output_dir / f".{checkpoints.PREFIX}{step}.old")
-        tmp.rename(final)
-        shutil.rmtree(replaced)
-    else:
-        tmp.rename(final)
-    checkpoints._fsync(output_dir)
-    return final
+    return checkpoints.finish_checkpoint(tmp, output_dir, step)
+
+
+def write_weights(parts: list[dict], first_piece: CausalLM, folder: Path, base_model: str, is_lora: bool) -> None:
+    """The adapter (PEFT) or the whole model (HF safetensors + config.json) from the gathered parts."""
+    tensors = {k: v for part in parts for k, v in part["tensors"].items()}
+    checkpoints.write_trained_weights(tensors, first_piece, folder, base_model, is_lora)
 
 
 def merge_optimizer_states(parts: list[dict]) -> tuple[dict, dict]:
@@ -116,12 +94,7 @@ def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: P
     by_kind = dict(zip(KINDS, saved["param_groups"])) if len(saved["param_groups"]) == len(KINDS) else None
     for group in optimizer.param_groups:
         saved_group = by_kind[_group_kind(pieces, group)] if by_kind else saved["param_groups"][0]
-        group.update(saved_group)
-        for p in group["params"]:
-            entry = saved["state"].get(names[id(p)])
-            if entry is not None:
-                optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                      for k, v in entry.items()}
+        checkpoints.load_group_state(optimizer, group, saved_group, saved["state"], names)
     schedule = torch.load(folder / "scheduler.pt", weights_only=False)
     scheduler.load_state_dict(_resize_scheduler(schedule, len(optimizer.param_groups)))
 

@@ -27,7 +27,7 @@ from chipspan.distributed.gradients import clip_global_norm, sum_tied_gradients
 from chipspan.distributed.mesh import Layout
 from chipspan.distributed.pipeline import PipelineRunner
 from chipspan.train.loop import micro_batches, steps_per_epoch
-from chipspan.train.reporting import TrainerState, TrainLog
+from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
 from chipspan.train.schedule import lr_factor, warmup_steps_for
 
 
@@ -106,17 +106,8 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
             losses_since_log = []
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
-    runtime = time.time() - started
-    steps_run = state.global_step - first_step
-    return {
-        "epoch": round(state.epoch, 4),
-        "train_loss": total_loss / steps_run if steps_run else 0.0,
-        "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps_run * accumulation * whole.per_device_train_batch_size
-                                          / runtime, 3) if runtime else 0.0,
-        "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
-        "train_tokens_per_second": round(tokens / runtime, 1) if runtime else 0.0,
-    }
+    return train_metrics(state.epoch, total_loss, state.global_step - first_step, time.time() - started,
+                         accumulation * whole.per_device_train_batch_size, tokens)
 
 
 def replica_rows(step_batches: list[dict[str, torch.Tensor]], layout: Layout, batch_size: int, pad_id: int,

@@ -26,6 +26,7 @@ from chipspan.adapters.peft_io import adapter_state_dict, save_adapter
 from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import model_state_dict, save_weights
+from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.reporting import TrainerState
 
@@ -35,30 +36,33 @@ SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF T
 
 def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_lora: bool) -> None:
     """The adapter (LoRA) or the whole model (full, freeze) gathered from every chip, in HF formats."""
+    tensors: dict[str, torch.Tensor] = {}
+    for stage in model.stages:
+        tensors.update(adapter_state_dict(stage) if is_lora else model_state_dict(stage))
+    write_trained_weights(tensors, model.first, folder, base_model, is_lora)
+
+
+def write_trained_weights(tensors: dict[str, torch.Tensor], first_stage: CausalLM, folder: Path,
+                          base_model: str, is_lora: bool) -> None:
+    """``tensors`` (every trained tensor, HF names) as a PEFT adapter, or as the whole model
+    (safetensors + config.json); ``first_stage`` supplies the config and the adapter's settings."""
     folder.mkdir(parents=True, exist_ok=True)
     if is_lora:
-        tensors: dict[str, torch.Tensor] = {}
-        for stage in model.stages:
-            tensors.update(adapter_state_dict(stage))
-        save_adapter(model.first, folder, base_model, state_dict=tensors)
+        save_adapter(first_stage, folder, base_model, state_dict=tensors)
         return
-    tensors = {}
-    for stage in model.stages:
-        tensors.update(model_state_dict(stage))
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    config = first_stage.config
+    if config.tie_word_embeddings:
+        tensors = {name: t for name, t in tensors.items() if name != "lm_head.weight"}
     save_weights(tensors, folder)
-    config = dict(model.config.raw)
-    config["torch_dtype"] = _dtype_name(next(iter(tensors.values())).dtype)
-    (folder / "config.json").write_text(_json(config))
+    raw = dict(config.raw)
+    raw["torch_dtype"] = _dtype_name(next(iter(tensors.values())).dtype)
+    (folder / "config.json").write_text(_json(raw))
 
 
 def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
                     base_model: str, is_lora: bool, precision_state: dict | None = None) -> Path:
-    final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".{PREFIX}{step}.tmp"
-    remove_unfinished(output_dir)
+    tmp = start_checkpoint(output_dir, step)
     save_trained_weights(model, tmp, base_model, is_lora)
     tokenizer.save(tmp)
     torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
@@ -67,6 +71,18 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
     if precision_state is not None:
         torch.save(precision_state, tmp / SCALER_FILE)
     state.save(tmp)
+    return finish_checkpoint(tmp, output_dir, step)
+
+
+def start_checkpoint(output_dir: Path, step: int) -> Path:
+    """The hidden temporary folder ``checkpoint-{step}`` is written into (leftovers of killed saves removed)."""
+    remove_unfinished(output_dir)
+    return output_dir / f".{PREFIX}{step}.tmp"
+
+
+def finish_checkpoint(tmp: Path, output_dir: Path, step: int) -> Path:
+    """Flush ``tmp`` to the disk, then rename it to ``checkpoint-{step}``; returns that folder."""
+    final = output_dir / f"{PREFIX}{step}"
     _fsync_tree(tmp)
     if final.exists():  # resumed from an earlier checkpoint: this step is written again
         replaced = final.rename(output_dir / f".{PREFIX}{step}.old")
@@ -148,12 +164,18 @@ def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimize
 def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     names = _parameter_names(model)
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        group.update(saved_group)
-        for p in group["params"]:
-            entry = saved["state"].get(names[id(p)])
-            if entry is not None:
-                optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                      for k, v in entry.items()}
+        load_group_state(optimizer, group, saved_group, saved["state"], names)
+
+
+def load_group_state(optimizer: torch.optim.Optimizer, group: dict, saved_group: dict, saved_state: dict,
+                     names: dict[int, str]) -> None:
+    """One parameter group's settings and its parameters' saved state (found by name, moved to their chip)."""
+    group.update(saved_group)
+    for p in group["params"]:
+        entry = saved_state.get(names[id(p)])
+        if entry is not None:
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                  for k, v in entry.items()}
 
 
 def rng_state() -> dict:

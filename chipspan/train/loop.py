@@ -20,7 +20,7 @@ from chipspan.args import TrainingArguments
 from chipspan.chips.pipeline import pipelined_loss
 from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
-from chipspan.train.reporting import TrainerState, TrainLog
+from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
@@ -163,17 +163,8 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             save(state.global_step)
     if progress is not None:
         progress.close()
-    runtime = time.time() - started
-    steps_run = state.global_step - first_step
-    return {
-        "epoch": round(state.epoch, 4),
-        "train_loss": total_loss / steps_run if steps_run else 0.0,
-        "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps_run * accumulation * args.per_device_train_batch_size
-                                          / runtime, 3) if runtime else 0.0,
-        "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
-        "train_tokens_per_second": round(tokens / runtime, 1) if runtime else 0.0,
-    }
+    return train_metrics(state.epoch, total_loss, state.global_step - first_step, time.time() - started,
+                         accumulation * args.per_device_train_batch_size, tokens)
 
 
 def _evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:

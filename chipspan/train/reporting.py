@@ -147,6 +147,22 @@ def truncate_log(file: Path, last_step: int) -> None:
     file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def train_metrics(epoch: float, total_loss: float, steps: int, runtime: float, examples_per_step: int,
+                  tokens: int) -> dict[str, float]:
+    """The HF Trainer's ``train_results.json`` numbers for ``steps`` steps run in ``runtime`` seconds."""
+    def per_second(amount: float, digits: int) -> float:
+        return round(amount / runtime, digits) if runtime else 0.0
+
+    return {
+        "epoch": round(epoch, 4),
+        "train_loss": total_loss / steps if steps else 0.0,
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": per_second(steps * examples_per_step, 3),
+        "train_steps_per_second": per_second(steps, 3),
+        "train_tokens_per_second": per_second(tokens, 1),
+    }
+
+
 def write_results(output_dir: Path, metrics: dict[str, Any], split: str = "train") -> None:
     """``{split}_results.json``, merged into ``all_results.json``, as the HF Trainer writes them."""
     (output_dir / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
