@@ -211,22 +211,45 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
 
 
+def weights(folder):
+    """Every tensor of an HF model folder, single-file or sharded."""
+    from safetensors.torch import load_file
+
+    from chipspan.models.checkpoint import weight_files
+
+    return {k: v for file in weight_files(folder) for k, v in load_file(file).items()}
+
+
+def assert_same_weights(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
+
+
 @needs_llama2_tokenizer
 def test_checkpoints_move_between_two_stages_and_one_process(workspace, tmp_path):
-    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from chipspan.train.checkpoints import read_optimizer_state
 
     single = tmp_path / "single"  # one process, checkpoint-2 on the way
     one_process(train_flags(workspace, single, "--overwrite_output_dir"))
     straight = losses(single)
 
-    staged = tmp_path / "staged"  # two stages, 1F1B, micro-batches
+    staged = tmp_path / "staged"  # two stages, 1F1B, micro-batches: each stage writes its own share
     torchrun("-m", "chipspan", "train", *train_flags(workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
     assert losses(staged) == straight
-    ours, theirs = load_file(staged / "model.safetensors"), load_file(single / "model.safetensors")
-    assert ours.keys() == theirs.keys()
-    assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
-    written = torch.load(staged / "checkpoint-2" / "optimizer.pt")
-    assert written["state"].keys() == torch.load(single / "checkpoint-2" / "optimizer.pt")["state"].keys()
+    assert_same_weights(weights(staged), weights(single))
+    shares = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+              "optimizer-stage0-of-2.pt", "optimizer-stage1-of-2.pt"]
+    assert all((staged / "checkpoint-2" / f).is_file() for f in shares)
+    assert not any((staged / "checkpoint-2" / f).exists() for f in ("model.safetensors", "optimizer.pt"))
+    expected = weights(single / "checkpoint-2")
+    assert_same_weights(weights(staged / "checkpoint-2"), expected)
+    ours, theirs = read_optimizer_state(staged / "checkpoint-2"), read_optimizer_state(single / "checkpoint-2")
+    assert ours["state"].keys() == theirs["state"].keys()
+    assert [g["weight_decay"] for g in ours["param_groups"]] == [g["weight_decay"] for g in theirs["param_groups"]]
+    hf = AutoModelForCausalLM.from_pretrained(staged / "checkpoint-2", torch_dtype=torch.float32).state_dict()
+    assert_same_weights({k: hf[k] for k in expected}, expected)  # transformers reads the stages' shards
 
     one_process(train_flags(workspace, staged))  # no --overwrite_output_dir: resumes from checkpoint-2
     assert losses(staged) == straight

@@ -1,95 +1,104 @@
-"""Checkpoints of a pipeline run, in the very files a single-process run writes.
+"""Checkpoints of a pipeline run: every stage writes its own share, in formats every loader reads.
 
-Each stage's trained tensors (adapter or model weights) and its AdamW state, keyed by parameter
-name, are gathered on global rank 0, which writes one ``checkpoint-N/`` exactly as
-``chipspan.train.checkpoints.save_checkpoint`` lays it out (HF safetensors or a PEFT adapter,
-``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``), through a hidden
-temporary folder renamed once complete. Such a checkpoint loads into any placement: one process,
-N chips in one process, or any number of pipeline stages here — each stage reads the weights and
-optimizer entries of the parameters it holds.
+Into the hidden temporary folder of ``checkpoint-N/`` (on the shared file system for runs over
+several machines), the first data-parallel replica of pipeline position k of n writes
 
-AdamW's parameter groups are the single-process ones, [weight decay, no weight decay], each present
-when some stage has parameters of that kind; a stage's own groups are matched to them by kind.
+- full/freeze: ``model-0000{k+1}-of-0000{n}.safetensors``, its stage(s)' tensors (a tied head
+  written once, as the embeddings): Hugging Face's sharded layout;
+- ``optimizer-stage{k}-of-{n}.pt``: its AdamW state keyed by parameter name, its parameter groups
+  and their kinds (weight decay or not).
+
+Global rank 0 writes the rest once every stage is done: ``model.safetensors.index.json`` and
+``config.json`` from the tensor names the stages report (names only travel), or the LoRA adapter
+(small: gathered to rank 0, PEFT wants one file), the tokenizer, ``scheduler.pt``, ``rng_state.pth``
+and ``trainer_state.json``; then it flushes and renames the folder
+(``chipspan.train.checkpoints.finish_checkpoint``). No rank ever holds more than its own stage's
+weights and optimizer state.
+
+Such a checkpoint loads into any placement — one process, N chips in one process, or any number of
+pipeline stages — as does one written by a single process (``optimizer.pt``): weights are read
+tensor by tensor, the optimizer files are merged by parameter name and their groups matched by kind
+(``chipspan.train.checkpoints.read_optimizer_state``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from chipspan.adapters.peft_io import adapter_state_dict
-from chipspan.models.checkpoint import model_state_dict
+from chipspan.distributed.mesh import Layout
+from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
+from chipspan.train.checkpoints import KINDS
 from chipspan.train.reporting import TrainerState
 
-KINDS = ("decay", "no_decay")  # the order recipe's AdamW lists its groups in
+
+def save_checkpoint(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, output_dir: Path, step: int,
+                    tokenizer: Tokenizer, state: TrainerState, base_model: str, is_lora: bool,
+                    precision_state: dict | None = None) -> None:
+    """``checkpoint-{step}``, every rank taking part (see the module's docstring); ``precision_state``:
+    the fp16 loss scaler's (``scaler.pt``), the same on every rank."""
+    first = layout.rank == 0
+    tmp = checkpoints.start_checkpoint(output_dir, step) if first else checkpoints.temporary_folder(output_dir, step)
+    write_weights(pieces, layout, tmp, base_model, is_lora)  # its barrier orders start_checkpoint's cleanup first
+    mine = _write_optimizer_share(pieces, optimizer, scheduler, layout, tmp) if layout.replica == 0 else None
+    shares = _on_rank_zero(mine)  # also: every stage's files are written
+    if first:
+        tokenizer.save(tmp)
+        torch.save(_scheduler_state(shares), tmp / "scheduler.pt")
+        torch.save(checkpoints.rng_state(), tmp / "rng_state.pth")
+        state.save(tmp)
+        if precision_state is not None:
+            torch.save(precision_state, tmp / checkpoints.SCALER_FILE)
+        checkpoints.finish_checkpoint(tmp, output_dir, step)
 
 
-def gather_trained_state(pieces: list[CausalLM], optimizer, scheduler, is_lora: bool,
-                         contributes: bool) -> list[dict] | None:
-    """Every stage's tensors and optimizer state on global rank 0 (a list, one entry per rank); None elsewhere.
-
-    ``contributes``: whether this rank sends (the first data-parallel replica does; the others hold copies).
-    """
-    mine = None
-    if contributes:
-        tensors = {}
+def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_model: str, is_lora: bool) -> None:
+    """The trained weights into ``folder``, every rank taking part: the LoRA adapter (gathered, PEFT
+    format) or the whole model (one safetensors shard per pipeline position + index + config.json)."""
+    if layout.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not is_lora:  # a model an earlier run wrote here in another layout
+            for stale in folder.glob("model*.safetensors*"):
+                stale.unlink()
+    dist.barrier()
+    tensors = {}
+    if layout.replica == 0:
         for piece in pieces:
-            tensors.update({k: v.detach().cpu() for k, v in
+            tensors.update({k: v.detach().to("cpu").contiguous() for k, v in
                             (adapter_state_dict(piece) if is_lora else model_state_dict(piece)).items()})
-        mine = {"tensors": tensors}
-        if optimizer is not None:
-            view = SimpleNamespace(stages=pieces)
-            mine["optimizer"] = checkpoints.optimizer_state_by_name(view, optimizer)
-            mine["kinds"] = [_group_kind(pieces, group) for group in optimizer.param_groups]
-            mine["scheduler"] = scheduler.state_dict()
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return [g for g in gathered if g is not None] if gathered is not None else None
-
-
-def write_checkpoint(parts: list[dict], first_piece: CausalLM, output_dir: Path, step: int, tokenizer: Tokenizer,
-                     state: TrainerState, base_model: str, is_lora: bool) -> Path:
-    """``checkpoint-{step}`` from the gathered parts, written on rank 0 through a temporary folder."""
-    tmp = checkpoints.start_checkpoint(output_dir, step)
-    write_weights(parts, first_piece, tmp, base_model, is_lora)
-    tokenizer.save(tmp)
-    optimizer_state, scheduler_state = merge_optimizer_states(parts)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler_state, tmp / "scheduler.pt")
-    torch.save(checkpoints.rng_state(), tmp / "rng_state.pth")
-    state.save(tmp)
-    return checkpoints.finish_checkpoint(tmp, output_dir, step)
-
-
-def write_weights(parts: list[dict], first_piece: CausalLM, folder: Path, base_model: str, is_lora: bool) -> None:
-    """The adapter (PEFT) or the whole model (HF safetensors + config.json) from the gathered parts."""
-    tensors = {k: v for part in parts for k, v in part["tensors"].items()}
-    checkpoints.write_trained_weights(tensors, first_piece, folder, base_model, is_lora)
-
-
-def merge_optimizer_states(parts: list[dict]) -> tuple[dict, dict]:
-    """(optimizer.pt, scheduler.pt) of the whole model from the stages' parts."""
-    state, groups, scheduler = {}, {}, None
-    for part in parts:
-        if "optimizer" not in part:
-            continue  # nothing trains on that stage
-        state.update(part["optimizer"]["state"])
-        for kind, group in zip(part["kinds"], part["optimizer"]["param_groups"]):
-            groups.setdefault(kind, group)
-        scheduler = scheduler or part["scheduler"]
-    ordered = [groups[kind] for kind in KINDS if kind in groups]
-    return {"state": state, "param_groups": ordered}, _resize_scheduler(scheduler, len(ordered))
+    if is_lora:
+        parts = _on_rank_zero(tensors if layout.replica == 0 else None)
+        if parts is not None:
+            merged = {k: v for part in parts for k, v in part.items()}
+            checkpoints.write_trained_weights(merged, pieces[0], folder, base_model, is_lora=True)
+        return
+    mine = None
+    if layout.replica == 0:
+        shard = f"model-{layout.stage_rank + 1:05d}-of-{layout.pipeline:05d}.safetensors"
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        checkpoints.fsync(folder / shard)
+        mine = {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()}
+    parts = _on_rank_zero(mine)
+    if parts is not None:
+        where = {name: entry for part in parts for name, entry in part.items()}
+        index = {"metadata": {"total_size": sum(size for _, size in where.values())},
+                 "weight_map": {name: shard for name, (shard, _) in where.items()}}
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        checkpoints.write_config(pieces[0], folder, next(iter(tensors.values())).dtype)
 
 
 def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: Path) -> None:
-    """This rank's share of a checkpoint's optimizer.pt and scheduler.pt (written by any placement)."""
-    saved = torch.load(folder / "optimizer.pt", weights_only=False)
+    """This rank's share of a checkpoint's optimizer state and its scheduler (written by any placement)."""
+    saved = checkpoints.read_optimizer_state(folder)
     names = _parameter_names(pieces)
     by_kind = dict(zip(KINDS, saved["param_groups"])) if len(saved["param_groups"]) == len(KINDS) else None
     for group in optimizer.param_groups:
@@ -97,6 +106,34 @@ def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: P
         checkpoints.load_group_state(optimizer, group, saved_group, saved["state"], names)
     schedule = torch.load(folder / "scheduler.pt", weights_only=False)
     scheduler.load_state_dict(_resize_scheduler(schedule, len(optimizer.param_groups)))
+
+
+def _write_optimizer_share(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, folder: Path) -> dict:
+    """``optimizer-stage{k}-of-{n}.pt`` (empty where nothing trains, so the set is complete); returns
+    what rank 0 needs for scheduler.pt: the group kinds and the scheduler's state."""
+    saved, kinds, schedule = {"state": {}, "param_groups": []}, [], None
+    if optimizer is not None:
+        saved = checkpoints.optimizer_state_by_name(SimpleNamespace(stages=pieces), optimizer)
+        kinds = [_group_kind(pieces, group) for group in optimizer.param_groups]
+        schedule = scheduler.state_dict()
+    file = folder / f"optimizer-stage{layout.stage_rank}-of-{layout.pipeline}.pt"
+    torch.save({**saved, "kinds": kinds}, file)
+    checkpoints.fsync(file)
+    return {"kinds": kinds, "scheduler": schedule}
+
+
+def _scheduler_state(shares: list[dict]) -> dict | None:
+    """scheduler.pt of the whole model: any stage's (they step alike), one entry per group kind present."""
+    kinds = {kind for share in shares for kind in share["kinds"]}
+    schedule = next((share["scheduler"] for share in shares if share["scheduler"] is not None), None)
+    return _resize_scheduler(schedule, len(kinds))
+
+
+def _on_rank_zero(mine) -> list | None:
+    """The non-None objects of every rank, in rank order, on global rank 0; None elsewhere."""
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return [g for g in gathered if g is not None] if gathered is not None else None
 
 
 def _resize_scheduler(schedule: dict | None, groups: int) -> dict | None:

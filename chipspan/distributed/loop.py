@@ -8,6 +8,10 @@ micro_batches × gradient_accumulation_steps micro-batches. Each micro-batch's t
 weighted by 1 / (trained tokens of its global batch × accumulation steps), which makes the step's
 loss and gradients those of the single process: the token mean of each batch, averaged over the
 accumulation steps.
+
+With fp16 loss scaling (``RankTraining.scaler``) the last stage multiplies its loss by the scale,
+every rank divides its gradients by it, and the ranks agree (one all-reduce) on whether the step
+overflowed: then every rank skips it — weights and learning rate stay — and halves its scale.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from chipspan.data.encode import IGNORE_INDEX
 from chipspan.distributed.gradients import clip_global_norm, sum_tied_gradients
 from chipspan.distributed.mesh import Layout
 from chipspan.distributed.pipeline import PipelineRunner
+from chipspan.distributed.scaling import LossScaler
 from chipspan.train.loop import micro_batches, steps_per_epoch
 from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
 from chipspan.train.schedule import lr_factor, warmup_steps_for
@@ -46,6 +51,7 @@ class RankTraining:
     pipeline_group: dist.ProcessGroup
     data_group: dist.ProcessGroup
     tied_group: dist.ProcessGroup | None
+    scaler: LossScaler | None = None  # fp16 dynamic loss scaling, the same on every rank
 
 
 def global_arguments(args: TrainingArguments, data_parallel: int) -> TrainingArguments:
@@ -75,14 +81,20 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
         step_tokens = sum(int(b["attention_mask"].count_nonzero()) for b in step_batches)
         rows = replica_rows(step_batches, layout, args.per_device_train_batch_size, pad_id, rank.data_group,
                             rank.device)
-        local_loss = rank.runner.step(rows)
+        scaler = rank.scaler
+        local_loss = rank.runner.step(rows, scaler.scale if scaler else 1.0)
         sum_tied_gradients(rank.tied, rank.tied_group)
+        overflowed = scaler is not None and scaler.unscale(
+            [p.grad for p in rank.trained + rank.head_copies if p.grad is not None], rank.device)
         grad_norm = clip_global_norm(rank.trained, rank.head_copies, args.max_grad_norm, rank.pipeline_group,
                                      rank.device)
         if rank.optimizer is not None:
-            rank.optimizer.step()
-            rank.scheduler.step()
+            if not overflowed:
+                rank.optimizer.step()
+                rank.scheduler.step()
             rank.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update(overflowed)
         step_loss = _sum_over_ranks(local_loss or 0.0, rank.device)  # only last stages add theirs
         state.global_step += 1
         state.epoch = state.global_step / per_epoch
@@ -92,14 +104,18 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
         total_loss += step_loss
         elapsed = time.time() - started
         if log is not None and (state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps):
-            learning_rate = args.learning_rate * lr_factor(args.lr_scheduler_type, state.global_step,
+            scheduler_steps = state.global_step - (scaler.skipped_steps if scaler else 0)
+            learning_rate = args.learning_rate * lr_factor(args.lr_scheduler_type, scheduler_steps,
                                                            state.max_steps, warmup)
             entry = {"loss": round(sum(losses_since_log) / len(losses_since_log), 4),
                      "learning_rate": learning_rate, "epoch": round(state.epoch, 4),
                      "grad_norm": grad_norm, "step": state.global_step}
+            if scaler is not None:
+                entry["skipped_steps"] = scaler.skipped_steps
             state.log_history.append(entry)
             record = log.write(state.global_step, entry["epoch"], entry["loss"], entry["learning_rate"],
-                               tokens_per_second=round(tokens / elapsed, 1) if elapsed > 0 else 0.0)
+                               tokens_per_second=round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
+                               **{k: v for k, v in entry.items() if k == "skipped_steps"})
             report(f"step {record['current_steps']}/{record['total_steps']}  loss {record['loss']:.4f}  "
                    f"lr {record['learning_rate']:.3e}  {record['tokens_per_second']:.0f} tok/s")
         if state.global_step % args.logging_steps == 0:

@@ -28,11 +28,6 @@ def check_schedule(name: str, micro_batches: int, batch_size: int) -> None:
                             f"{micro_batches}: use a batch size that is a multiple of it")
 
 
-def _identity_loss(loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
-    """The last stage already returns its scaled loss."""
-    return loss
-
-
 class PipelineRunner:
     """This rank's stages of one pipeline and the schedule that drives them.
 
@@ -50,17 +45,20 @@ class PipelineRunner:
         self.hidden_size, self.activation_dtype = hidden_size, activation_dtype
         self._shape: tuple[int, int] | None = None
         self._schedule = None
+        self._loss_scale = 1.0
 
     @property
     def has_last_stage(self) -> bool:
         return self.num_stages - 1 in self.stage_ids
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float | None:
+    def step(self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0) -> float | None:
         """Forward and backward of one batch: input_ids, attention_mask, labels (b, s) and
-        loss_weight (b,); gradients accumulate into .grad.
+        loss_weight (b,); gradients accumulate into .grad, multiplied by ``loss_scale`` (the fp16 loss
+        scale: the last stage scales its loss, the backward carries it through every stage).
 
-        Returns the sum of the micro-batch losses on the rank with the last stage, else None.
+        Returns the sum of the (unscaled) micro-batch losses on the rank with the last stage, else None.
         """
+        self._loss_scale = loss_scale
         shape = tuple(batch["input_ids"].shape)
         if shape != self._shape:
             self._schedule, self._shape = self._build(*shape), shape
@@ -74,7 +72,7 @@ class PipelineRunner:
         labels = inputs["labels"]
         self._schedule.step(*args, attention_mask=mask, labels=labels, loss_weight=inputs["loss_weight"],
                             target=labels, losses=losses, return_outputs=False)
-        return float(torch.stack(losses).sum())
+        return float(torch.stack(losses).sum()) / loss_scale
 
     def _build(self, batch_size: int, seq_len: int):
         micro = batch_size // self.micro_batches
@@ -88,5 +86,9 @@ class PipelineRunner:
             stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
                                         output_args=outputs, group=self.group))
         single = self.schedule_class is not ScheduleInterleaved1F1B
-        return self.schedule_class(stages[0] if single else stages, self.micro_batches, loss_fn=_identity_loss,
+        return self.schedule_class(stages[0] if single else stages, self.micro_batches, loss_fn=self._scaled_loss,
                                    scale_grads=False)
+
+    def _scaled_loss(self, loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+        """The last stage already returns its weighted loss; only the loss scale is left to apply."""
+        return loss * self._loss_scale

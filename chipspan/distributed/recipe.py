@@ -26,6 +26,7 @@ from chipspan.distributed.gradients import data_parallel, tied_copy
 from chipspan.distributed.loop import RankTraining, global_arguments, train_pipeline
 from chipspan.distributed.mesh import Layout, environment_world, plan_layout, rank_device, start, tied_group
 from chipspan.distributed.pipeline import VIRTUAL_STAGES, PipelineRunner, check_schedule
+from chipspan.distributed.scaling import LossScaler
 from chipspan.distributed.stage import PipelinePiece, load_stage, stage_layers
 from chipspan.distributed.trainable import prepare_stages
 from chipspan.errors import ChipspanError
@@ -59,8 +60,6 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                             f"{config.vocab_size}; pick a template the tokenizer knows")
     precision, base_dtype = recipe.choose_precision(run, device.type, say)
-    if precision.scaler is not None:
-        raise ChipspanError("--fp16 loss scaling is not supported with one process per chip yet: use --bf16")
     steps = total_steps(len(examples), global_arguments(train_args, layout.data))
     recipe.check_disk(run, config, base_dtype, steps, say)
 
@@ -77,6 +76,8 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         f"per batch)")
 
     rank_training = _rank_training(run, layout, device, mesh, pieces, base_dtype, steps)
+    if precision.scaler is not None:  # fp16: one loss scale that every rank agrees on
+        rank_training.scaler = LossScaler.like(precision.scaler)
     state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
                          logging_steps=train_args.logging_steps, save_steps=train_args.save_steps,
                          train_batch_size=train_args.per_device_train_batch_size)
@@ -91,10 +92,11 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     base_model, is_lora = model_args.model_name_or_path, ft_args.finetuning_type == "lora"
 
     def save(step: int) -> None:
-        parts = _gather(pieces, rank_training, is_lora, layout)
-        if parts is not None:
-            stage_checkpoints.write_checkpoint(parts, pieces[0], output_dir, step, tokenizer, state, base_model,
-                                               is_lora)
+        scaler = rank_training.scaler
+        stage_checkpoints.save_checkpoint(pieces, rank_training.optimizer, rank_training.scheduler, layout, output_dir,
+                                          step, tokenizer, state, base_model, is_lora,
+                                          scaler.state_dict() if scaler is not None else None)
+        if layout.writes_outputs:
             checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
         dist.barrier()
 
@@ -103,9 +105,8 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     log = TrainLog(output_dir, steps, state.global_step) if layout.writes_outputs else None
     metrics = train_pipeline(rank_training, examples, tokenizer.pad_token_id, train_args, state, log, save, say)
 
-    parts = _gather(pieces, rank_training, is_lora, layout)
-    if parts is not None:
-        stage_checkpoints.write_weights(parts, pieces[0], output_dir, base_model, is_lora)
+    stage_checkpoints.write_weights(pieces, layout, output_dir, base_model, is_lora)
+    if layout.writes_outputs:
         tokenizer.save(output_dir)
         state.log_history.append({**metrics, "step": state.global_step})
         state.save(output_dir)
@@ -168,12 +169,9 @@ def _rank_training(run: RunArguments, layout: Layout, device: torch.device, mesh
 def _restore(folder: Path, pieces, rank_training: RankTraining, fresh: TrainerState) -> TrainerState:
     if rank_training.optimizer is not None:
         stage_checkpoints.load_stage_optimizer(pieces, rank_training.optimizer, rank_training.scheduler, folder)
+    if rank_training.scaler is not None and (folder / checkpoints.SCALER_FILE).is_file():
+        rank_training.scaler.load_state_dict(torch.load(folder / checkpoints.SCALER_FILE, weights_only=False))
     checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
     state = TrainerState.load(folder)
     state.max_steps = fresh.max_steps
     return state
-
-
-def _gather(pieces, rank_training: RankTraining, is_lora: bool, layout: Layout) -> list[dict] | None:
-    return stage_checkpoints.gather_trained_state(pieces, rank_training.optimizer, rank_training.scheduler,
-                                                  is_lora, contributes=layout.replica == 0)

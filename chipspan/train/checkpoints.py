@@ -1,7 +1,8 @@
 """``checkpoint-N/`` folders: the trained weights plus everything needed to continue the run.
 
 A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the tokenizer files,
-``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement),
+``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement; a run of
+one process per stage writes ``optimizer-stage{k}-of-{n}.pt`` instead, one per pipeline position),
 ``scheduler.pt``, ``rng_state.pth``, ``scaler.pt`` (the fp16 loss scale) and ``trainer_state.json``.
 
 Durability: a checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, every file and the
@@ -31,6 +32,8 @@ from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.reporting import TrainerState
 
 PREFIX = "checkpoint-"
+OPTIMIZER_FILE = "optimizer.pt"
+KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
 SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF Trainer names it)
 
 
@@ -54,8 +57,13 @@ def write_trained_weights(tensors: dict[str, torch.Tensor], first_stage: CausalL
     if config.tie_word_embeddings:
         tensors = {name: t for name, t in tensors.items() if name != "lm_head.weight"}
     save_weights(tensors, folder)
-    raw = dict(config.raw)
-    raw["torch_dtype"] = _dtype_name(next(iter(tensors.values())).dtype)
+    write_config(first_stage, folder, next(iter(tensors.values())).dtype)
+
+
+def write_config(first_stage: CausalLM, folder: Path, dtype: torch.dtype) -> None:
+    """The model's config.json, naming the dtype its weights are saved in."""
+    raw = dict(first_stage.config.raw)
+    raw["torch_dtype"] = _dtype_name(dtype)
     (folder / "config.json").write_text(_json(raw))
 
 
@@ -65,7 +73,7 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
     tmp = start_checkpoint(output_dir, step)
     save_trained_weights(model, tmp, base_model, is_lora)
     tokenizer.save(tmp)
-    torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
+    torch.save(optimizer_state_by_name(model, optimizer), tmp / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pth")
     if precision_state is not None:
@@ -77,6 +85,10 @@ def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer:
 def start_checkpoint(output_dir: Path, step: int) -> Path:
     """The hidden temporary folder ``checkpoint-{step}`` is written into (leftovers of killed saves removed)."""
     remove_unfinished(output_dir)
+    return temporary_folder(output_dir, step)
+
+
+def temporary_folder(output_dir: Path, step: int) -> Path:
     return output_dir / f".{PREFIX}{step}.tmp"
 
 
@@ -90,7 +102,7 @@ def finish_checkpoint(tmp: Path, output_dir: Path, step: int) -> Path:
         shutil.rmtree(replaced)
     else:
         tmp.rename(final)
-    _fsync(output_dir)
+    fsync(output_dir)
     return final
 
 
@@ -104,11 +116,11 @@ def remove_unfinished(output_dir: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     """Flush every file under ``folder``, then the folders themselves, to the disk."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
-    _fsync(folder)
+        fsync(path)
+    fsync(folder)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -161,7 +173,29 @@ def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimize
                                              for g in optimizer.param_groups]}
 
 
-def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+def read_optimizer_state(folder: Path) -> dict:
+    """A checkpoint's AdamW state keyed by parameter name, groups as ``KINDS`` orders those present:
+    ``optimizer.pt``, or the ``optimizer-stage{k}-of-{n}.pt`` files of its stages merged.
+    Memory-mapped: a stage that loads a share reads only that share's tensors."""
+    if (folder / OPTIMIZER_FILE).is_file():
+        return torch.load(folder / OPTIMIZER_FILE, weights_only=False, mmap=True)
+    files = sorted(folder.glob("optimizer-stage*-of-*.pt"))
+    expected = int(files[0].stem.rpartition("-of-")[2]) if files else 0
+    if not files or len(files) != expected:
+        raise ChipspanError(f"{folder} holds no complete optimizer state: expected {OPTIMIZER_FILE} or every "
+                            f"optimizer-stage*-of-*.pt file (found {len(files)} of {expected or '?'})")
+    state, groups = {}, {}
+    for file in files:
+        part = torch.load(file, weights_only=False, mmap=True)
+        state.update(part["state"])
+        for kind, group in zip(part["kinds"], part["param_groups"]):
+            groups.setdefault(kind, group)
+    return {"state": state, "param_groups": [groups[kind] for kind in KINDS if kind in groups]}
+
+
+def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer state of a checkpoint written by any placement (see read_optimizer_state)."""
+    saved = read_optimizer_state(folder)
     names = _parameter_names(model)
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         load_group_state(optimizer, group, saved_group, saved["state"], names)
@@ -174,8 +208,15 @@ def load_group_state(optimizer: torch.optim.Optimizer, group: dict, saved_group:
     for p in group["params"]:
         entry = saved_state.get(names[id(p)])
         if entry is not None:
-            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                  for k, v in entry.items()}
+            optimizer.state[p] = {k: _own_copy(v, p.device) for k, v in entry.items()}
+
+
+def _own_copy(value, device: torch.device):
+    """A saved state value in memory of its own (never the memory-mapped file); 0-dim tensors
+    (AdamW's step) stay on the CPU."""
+    if not torch.is_tensor(value):
+        return value
+    return value.to(device, copy=True) if value.dim() > 0 else value.clone()
 
 
 def rng_state() -> dict:

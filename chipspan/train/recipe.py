@@ -1,7 +1,7 @@
 """`chipspan train`: the whole job, top to bottom.
 
     arguments -> checks -> placement -> output_dir -> tokenizer -> data -> weights on the chips
-    -> what trains -> optimizer -> loop -> outputs
+    -> what trains -> optimizer -> loop (with evaluation) -> outputs -> final evaluation -> predictions
 
 Everything that can be wrong with the user's input is found before a single weight is read.
 """
@@ -38,6 +38,7 @@ from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_met
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
+
 
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     """Train, evaluate and/or predict as ``run`` says; returns the output folder."""
@@ -302,7 +303,7 @@ def build_optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
 
 def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision: Precision,
              fresh: TrainerState) -> TrainerState:
-    checkpoints.load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=False))
+    checkpoints.load_optimizer_state(model, optimizer, folder)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
     if (folder / checkpoints.SCALER_FILE).is_file():
