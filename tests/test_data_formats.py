@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from chipspan.data import IGNORE_INDEX, load_examples
+from chipspan.data.formats import BadRow, converter
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
@@ -154,3 +155,18 @@ def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
     for example in examples:
         trained = [t for t in example.labels if t != IGNORE_INDEX]
         assert len(example.input_ids) == len(example.labels) and trained and example.labels[-1] == EOS
+
+
+@pytest.mark.parametrize("revision, row, user", [
+    ("seed", {"instruction": "", "input": "only an input", "output": "ok"}, "\nonly an input"),
+    ("lf-0.9", {"instruction": "", "input": "only an input", "output": "ok"}, "only an input"),
+    ("lf-0.9", {"input": "q", "output": "ok"}, "q"),  # LLaMA-Factory 0.9.5's converter gives these
+    ("lf-0.9", {"instruction": "a", "input": "b", "output": "ok"}, "a\nb"),
+])
+def test_alpaca_user_turn_is_read_as_each_revision_reads_it(revision, row, user):
+    assert converter("alpaca", None, None, revision)(row).prompt == (("user", user),)
+
+
+def test_the_seed_needs_an_instruction():
+    with pytest.raises(BadRow, match="instruction is missing"):
+        converter("alpaca", None, None, "seed")({"input": "q", "output": "ok"})

@@ -87,11 +87,13 @@ class SharegptSpec:
     system_role: str | None
 
 
-def converter(formatting: str, columns: dict | None, tags: dict | None) -> Callable[[object], Conversation]:
-    """The function that turns one row of a dataset with this ``formatting`` into a conversation."""
+def converter(formatting: str, columns: dict | None, tags: dict | None,
+              revision: str = "seed") -> Callable[[object], Conversation]:
+    """The function that turns one row of a dataset with this ``formatting`` into a conversation,
+    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it."""
     if formatting == "sharegpt":
         return partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
-    return partial(from_alpaca, columns=alpaca_columns(columns))
+    return partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
 
 
 def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:
@@ -101,10 +103,13 @@ def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:
     return {key: entry_columns.get(key) for key in ALPACA_COLUMN_KEYS}
 
 
-def from_alpaca(row: object, columns: dict[str, str | None]) -> Conversation:
+def from_alpaca(row: object, columns: dict[str, str | None], skip_empty_parts: bool = False) -> Conversation:
     """The conversation in one alpaca row; raises ``BadRow`` for missing or non-text fields.
 
-    A field the row lacks counts as null. Empty strings are kept (the seed trained on them).
+    A field the row lacks counts as null. Empty strings are kept (the seed trained on them). The
+    user turn is the instruction, then a newline and the input when there is one; the seed needs an
+    instruction and keeps an empty one ("\ninput"), while LLaMA-Factory 0.9 (``skip_empty_parts``)
+    joins only the parts that are there ("input").
     """
     if not isinstance(row, dict):
         raise BadRow("row is not a JSON object")
@@ -122,13 +127,15 @@ def from_alpaca(row: object, columns: dict[str, str | None]) -> Conversation:
         prompt += [("user", turn[0]), ("assistant", turn[1])]
 
     instruction, query = field("prompt"), field("query")
-    if not isinstance(instruction, str):
+    if not (isinstance(instruction, str) or (skip_empty_parts and instruction is None)):
         raise BadRow(f"{columns['prompt'] or 'prompt'} is {_kind(instruction)}")
-    if query:
-        if not isinstance(query, str):
-            raise BadRow(f"{columns['query']} is {_kind(query)}")
-        instruction += "\n" + query
-    prompt.append(("user", instruction))
+    if query and not isinstance(query, str):
+        raise BadRow(f"{columns['query']} is {_kind(query)}")
+    if skip_empty_parts:
+        text = "\n".join(part for part in (instruction, query) if part)
+    else:
+        text = instruction + "\n" + query if query else instruction
+    prompt.append(("user", text))
 
     answer = field("response")
     answers = answer if isinstance(answer, list) else [] if answer is None else [answer]

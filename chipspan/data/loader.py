@@ -184,7 +184,8 @@ def _build(data, entries, files, tokenizer, template, stage, seed, probs):
     """Encoded ``{"train", "eval"}`` splits and statistics, from the files."""
     stats = DataStats()
     need_response = stage == "sft"
-    readers = [_reader(e, f, data, stats, need_response) for e, f in zip(entries, files)]
+    revision = template.revision if template is not None else data.template_revision  # how rows are read
+    readers = [_reader(e, f, data, stats, need_response, revision) for e, f in zip(entries, files)]
     if not data.streaming:  # read and convert each dataset once; restarts replay the list
         readers = [(lambda rows: lambda: rows)(list(read())) for read in readers]
     rows = mixing.mix(readers, data.mix_strategy, probs, seed)
@@ -214,9 +215,10 @@ def _build(data, entries, files, tokenizer, template, stage, seed, probs):
     return splits, stats
 
 
-def _reader(entry, files, data, stats: DataStats, need_response: bool) -> Callable[[], Iterator[Row]]:
+def _reader(entry, files, data, stats: DataStats, need_response: bool,
+            revision: str) -> Callable[[], Iterator[Row]]:
     """A function that reads ``entry``'s usable rows from the start; the first read counts them."""
-    convert = converter(entry.formatting, entry.columns, entry.tags)
+    convert = converter(entry.formatting, entry.columns, entry.tags, revision)
     counted = [False]
 
     def read() -> Iterator[Row]:
