@@ -7,8 +7,11 @@ slot of a template is tokenized on its own, so each piece starts with its own "â
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 
@@ -248,7 +251,7 @@ def test_columns_rename_and_unnamed_columns_are_ignored(tmp_path, tok):
     assert ex.input_ids == enc(tok, "Human: hi\nAssistant: ") + enc(tok, "yo") + [EOS]
 
 
-def test_json_jsonl_and_csv_give_the_same_examples(tmp_path, tok):
+def test_json_jsonl_csv_and_parquet_give_the_same_examples(tmp_path, tok):
     rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
     write_dataset(tmp_path / "json", rows)
     write_dataset(tmp_path / "jsonl", rows, file_name="toy.jsonl", jsonl=True)
@@ -257,20 +260,20 @@ def test_json_jsonl_and_csv_give_the_same_examples(tmp_path, tok):
         "instruction,input,output\n" + "".join(f"q{i},,a{i}\n" for i in range(5)), encoding="utf-8"
     )
     (tmp_path / "csv" / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.csv"}}))
-    loaded = [load_examples("toy", tmp_path / kind, tok) for kind in ("json", "jsonl", "csv")]
-    assert len(loaded[0]) == 5 and loaded[0] == loaded[1] == loaded[2]
+    (tmp_path / "parquet").mkdir()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "parquet" / "toy.parquet")
+    (tmp_path / "parquet" / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.parquet"}}))
+    loaded = [load_examples("toy", tmp_path / kind, tok) for kind in ("json", "jsonl", "csv", "parquet")]
+    assert len(loaded[0]) == 5 and loaded[0] == loaded[1] == loaded[2] == loaded[3]
 
 
-def test_parquet_without_pyarrow_says_so(tmp_path, tok):
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        (tmp_path / "toy.parquet").write_bytes(b"PAR1")
-        (tmp_path / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.parquet"}}))
-        with pytest.raises(ChipspanError, match="reading Parquet needs pyarrow: pip install pyarrow"):
-            load_examples("toy", tmp_path, tok)
-    else:
-        pytest.skip("pyarrow is installed")
+def test_parquet_without_pyarrow_says_so(tmp_path, tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "toy.parquet").write_bytes(b"PAR1")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"toy": {"file_name": "toy.parquet"}}))
+    with pytest.raises(ChipspanError, match="reading Parquet needs pyarrow: pip install pyarrow"):
+        load_examples("toy", tmp_path, tok)
 
 
 def test_dataset_lists_concatenate_in_order_with_max_samples_each(tmp_path, tok):

@@ -30,6 +30,7 @@ from chipspan.errors import ChipspanError
 log = logging.getLogger(__name__)
 
 SUFFIXES = ("json", "jsonl", "csv", "parquet", "txt")
+PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet file at a time
 
 _SEED_DATA = "LLaMA-Factory's data/ folder at commit b988ce0 (github.com/hiyouga/LLaMA-Factory)"
 # What the seed registry's best-known files are and where they come from, for the missing-file message.
@@ -174,12 +175,14 @@ def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
         yield from _checked(path, _json_lines(path))
 
 
-def _parquet_rows(path: Path) -> list:
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    """The file's rows, read one row group batch at a time (a file larger than memory streams)."""
     try:
         import pyarrow.parquet
     except ImportError as exc:
         raise ChipspanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from exc
-    return pyarrow.parquet.read_table(path).to_pylist()
+    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        yield from batch.to_pylist()
 
 
 def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
