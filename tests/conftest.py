@@ -5,6 +5,7 @@ Real files (SmolLM2, the Llama-3 tokenizer) come from the package registry throu
 """
 
 import os
+import shutil
 
 # Tests run tiny models: one thread each is fastest, and OpenMP threads spinning against other
 # processes on a shared 2-core machine slowed some tests 40-fold. Subprocesses inherit this.
@@ -41,3 +42,20 @@ def smollm2_dir(smollm2_gguf):
 def llama3_tokenizer_dir():
     """Folder with the Llama-3.2 tokenizer.json and tokenizer_config.json."""
     return _fetch(assets.fetch_llama3_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A 4-layer random Llama-2-shaped model with the real Llama-2 tokenizer, and the seed's data folder
+    (alpaca_zh_demo as alpaca_gpt4_data_zh.json); see tests/tiny_run.py for the command that trains it."""
+    from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA
+    from test_decoder_parity import make_reference
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    for file in LLAMA2_TOKENIZER.iterdir():
+        shutil.copy(file, root / "model")
+    (root / "data").mkdir()
+    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
+    return root

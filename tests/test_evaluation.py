@@ -13,30 +13,25 @@ from chipspan.data.loader import load_dataset_split
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.evaluate import last_answer
-from chipspan.train.recipe import run_train
-from test_kill_resume import command, workspace  # noqa: F401  (a pytest fixture)
+from tiny_run import command, run
 
 
-def run(argv, report=lambda _: None):
-    return run_train(parse_run_arguments(argv[1:], {}), report=report)
-
-
-def eval_only(workspace, out, *extra):
-    argv = command(workspace, out, "lora")
+def eval_only(tiny_workspace, out, *extra):
+    argv = command(tiny_workspace, out, "lora")
     argv.remove("--do_train")
     return argv + ["--do_eval", "--max_samples", "12", "--per_device_eval_batch_size", "5", *extra]
 
 
-def test_eval_loss_equals_a_hand_computation_with_transformers(workspace, tmp_path):
+def test_eval_loss_equals_a_hand_computation_with_transformers(tiny_workspace, tmp_path):
     out = tmp_path / "eval"
-    run(eval_only(workspace, out))
+    run(eval_only(tiny_workspace, out))
     reported = json.loads((out / "eval_results.json").read_text())
 
     # every row is evaluated without --do_train; batches of 5, 5, 2 in data order
-    args = parse_run_arguments(eval_only(workspace, out)[1:], {})
-    tokenizer = Tokenizer.from_folder(workspace / "model")
+    args = parse_run_arguments(eval_only(tiny_workspace, out)[1:], {})
+    tokenizer = Tokenizer.from_folder(tiny_workspace / "model")
     examples = list(load_dataset_split(args.data, tokenizer, use_cache=False).train)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_workspace / "model", dtype=torch.float32)
     total = 0.0
     for start in range(0, len(examples), 5):
         batch = collate(examples[start:start + 5], tokenizer.pad_token_id)
@@ -48,9 +43,9 @@ def test_eval_loss_equals_a_hand_computation_with_transformers(workspace, tmp_pa
     assert reported["perplexity"] == pytest.approx(torch.tensor(total / 12).exp().item(), rel=1e-5)
 
 
-def test_evaluation_while_training_is_logged_and_plotted(workspace, tmp_path):
+def test_evaluation_while_training_is_logged_and_plotted(tiny_workspace, tmp_path):
     out = tmp_path / "train"
-    argv = command(workspace, out, "lora") + ["--val_size", "4", "--eval_strategy", "steps", "--eval_steps", "3",
+    argv = command(tiny_workspace, out, "lora") + ["--val_size", "4", "--eval_strategy", "steps", "--eval_steps", "3",
                                               "--do_eval", "--plot_loss"]
     run(argv)
     lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -62,15 +57,15 @@ def test_evaluation_while_training_is_logged_and_plotted(workspace, tmp_path):
     assert (out / "training_loss.png").is_file()
 
 
-def test_evaluating_while_training_without_held_out_rows_is_refused(workspace, tmp_path):
-    argv = command(workspace, tmp_path / "out", "lora") + ["--eval_strategy", "steps"]
+def test_evaluating_while_training_without_held_out_rows_is_refused(tiny_workspace, tmp_path):
+    argv = command(tiny_workspace, tmp_path / "out", "lora") + ["--eval_strategy", "steps"]
     with pytest.raises(ChipspanError, match="needs held-out rows: pass --val_size"):
         run(argv)
 
 
-def test_predictions_are_the_greedy_answers_transformers_gives(workspace, tmp_path):
+def test_predictions_are_the_greedy_answers_transformers_gives(tiny_workspace, tmp_path):
     out = tmp_path / "predict"
-    argv = eval_only(workspace, out, "--do_predict", "--do_sample", "false", "--max_new_tokens", "6",
+    argv = eval_only(tiny_workspace, out, "--do_predict", "--do_sample", "false", "--max_new_tokens", "6",
                      "--max_samples", "3")
     run(argv)
     rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
@@ -78,22 +73,22 @@ def test_predictions_are_the_greedy_answers_transformers_gives(workspace, tmp_pa
     assert json.loads((out / "predict_results.json").read_text())["predict_runtime"] > 0
 
     args = parse_run_arguments(argv[1:], {})
-    tokenizer = Tokenizer.from_folder(workspace / "model")
+    tokenizer = Tokenizer.from_folder(tiny_workspace / "model")
     example = load_dataset_split(args.data, tokenizer, use_cache=False).train[0]
     prompt, answer = last_answer(example)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_workspace / "model", dtype=torch.float32)
     expected = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert rows[0]["predict"] == tokenizer.decode(expected[0, len(prompt):].tolist())
     assert rows[0]["label"] == tokenizer.decode(answer) and rows[0]["prompt"] == tokenizer.decode(prompt)
 
 
-def test_tensorboard_gets_every_logged_number(workspace, tmp_path):
+def test_tensorboard_gets_every_logged_number(tiny_workspace, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    run(command(workspace, out, "lora") + ["--report_to", "tensorboard"])
+    run(command(tiny_workspace, out, "lora") + ["--report_to", "tensorboard"])
     events = EventAccumulator(str(out / "runs")).Reload()
     losses = {e.step: round(e.value, 4) for e in events.Scalars("train/loss")}  # stored as float32
     logged = {line["current_steps"]: line["loss"]
@@ -102,6 +97,6 @@ def test_tensorboard_gets_every_logged_number(workspace, tmp_path):
     assert "train/learning_rate" in events.Tags()["scalars"]
 
 
-def test_unknown_report_target_is_refused_before_loading(workspace, tmp_path):
+def test_unknown_report_target_is_refused_before_loading(tiny_workspace, tmp_path):
     with pytest.raises(ChipspanError, match="--report_to wandb is not supported"):
-        run(command(workspace, tmp_path / "out", "lora") + ["--report_to", "wandb"])
+        run(command(tiny_workspace, tmp_path / "out", "lora") + ["--report_to", "wandb"])

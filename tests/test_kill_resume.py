@@ -6,7 +6,6 @@ give the uninterrupted run's losses at every step and the same final weights, bi
 """
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +13,10 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from chipspan.args import parse_run_arguments
-from chipspan.train.recipe import run_train
-from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
-from test_decoder_parity import make_reference
+from shared_assets import needs_llama2_tokenizer
+from tiny_run import command, run
 
 pytestmark = needs_llama2_tokenizer
-
-STEPS, SAVE_STEPS = 6, 2
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
 #   step:N  inside the N-th batch's forward pass (mid-step)
@@ -58,34 +53,6 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-    for file in LLAMA2_TOKENIZER.iterdir():
-        shutil.copy(file, root / "model")
-    (root / "data").mkdir()
-    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
-    return root
-
-
-def command(workspace, out, finetuning_type):
-    argv = ["train", "--stage", "sft", "--do_train", "--model_name_or_path", str(workspace / "model"),
-            "--dataset", "alpaca_gpt4_zh", "--dataset_dir", str(workspace / "data"), "--template", "default",
-            "--finetuning_type", finetuning_type, "--output_dir", str(out), "--max_samples", "40",
-            "--cutoff_len", "64", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--save_steps", str(SAVE_STEPS), "--max_steps", str(STEPS), "--learning_rate", "1e-3",
-            "--chips", "0-1", "--device", "cpu"]
-    if finetuning_type == "lora":
-        argv += ["--lora_target", "q_proj,v_proj"]
-    return argv
-
-
-def run_in_process(argv):
-    run_train(parse_run_arguments(argv[1:], {}), report=lambda _: None)
-
-
 def losses(out):
     lines = (out / "trainer_log.jsonl").read_text().splitlines()
     return [(entry["current_steps"], entry["loss"]) for entry in map(json.loads, lines)]
@@ -97,12 +64,12 @@ def final_weights(out, finetuning_type):
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 @pytest.mark.parametrize("moment", ["step:5", "save:4"])
-def test_a_killed_run_resumes_to_the_same_losses_and_weights(workspace, tmp_path, finetuning_type, moment):
+def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_workspace, tmp_path, finetuning_type, moment):
     straight = tmp_path / "straight"
-    run_in_process(command(workspace, straight, finetuning_type))
+    run(command(tiny_workspace, straight, finetuning_type))
 
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLER, moment, *command(workspace, out, finetuning_type)],
+    killed = subprocess.run([sys.executable, "-c", KILLER, moment, *command(tiny_workspace, out, finetuning_type)],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     complete = sorted(p.name for p in out.glob("checkpoint-*"))
@@ -110,7 +77,7 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(workspace, tmp_path
     if moment == "save:4":
         assert (out / ".checkpoint-4.tmp").is_dir()  # half written, never picked
 
-    run_in_process(command(workspace, out, finetuning_type))
+    run(command(tiny_workspace, out, finetuning_type))
     assert not list(out.glob(".checkpoint-*"))
     assert losses(out) == losses(straight)
     expected, resumed = final_weights(straight, finetuning_type), final_weights(out, finetuning_type)

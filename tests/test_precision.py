@@ -9,14 +9,13 @@ from safetensors.torch import load_file
 
 from chipspan import emu
 from chipspan.train import loop
-from test_evaluation import run
-from test_kill_resume import command, workspace  # noqa: F401  (a pytest fixture)
+from tiny_run import command, run
 
 pytestmark = pytest.mark.skipif(not emu.is_available(), reason="the emulated chips cannot be built here")
 
 
-def emu_command(workspace, out, *extra):
-    argv = command(workspace, out, "lora")
+def emu_command(tiny_workspace, out, *extra):
+    argv = command(tiny_workspace, out, "lora")
     argv[argv.index("--device") + 1] = "emu"
     return argv + ["--lr_scheduler_type", "linear", "--save_steps", "3", *extra]
 
@@ -25,7 +24,7 @@ def log_lines(out):
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
 
 
-def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(workspace, tmp_path, monkeypatch):
+def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny_workspace, tmp_path, monkeypatch):
     forward, calls = loop.pipelined_loss, [0]
 
     def overflowing_forward(*args, **kwargs):
@@ -35,7 +34,7 @@ def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(w
 
     monkeypatch.setattr(loop, "pipelined_loss", overflowing_forward)
     out = tmp_path / "fp16"
-    run(emu_command(workspace, out, "--fp16"))
+    run(emu_command(tiny_workspace, out, "--fp16"))
 
     lines = log_lines(out)
     assert [line["skipped_steps"] for line in lines] == [0, 1, 1, 1, 1, 1]
@@ -47,23 +46,23 @@ def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(w
     assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
 
 
-def test_log_lines_carry_each_chips_memory(workspace, tmp_path):
+def test_log_lines_carry_each_chips_memory(tiny_workspace, tmp_path):
     out = tmp_path / "memory"
-    run(emu_command(workspace, out))
+    run(emu_command(tiny_workspace, out))
     for line in log_lines(out):
         for chip in (0, 1):
             assert 0 < line[f"chip{chip}_allocated_bytes"] <= line[f"chip{chip}_peak_bytes"]
 
 
-def test_pure_bf16_trains_and_saves_bf16_weights(workspace, tmp_path):
+def test_pure_bf16_trains_and_saves_bf16_weights(tiny_workspace, tmp_path):
     out = tmp_path / "bf16"
-    run(emu_command(workspace, out, "--pure_bf16"))
+    run(emu_command(tiny_workspace, out, "--pure_bf16"))
     adapter = load_file(out / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in log_lines(out))
 
 
-def test_pure_bf16_is_ignored_on_the_cpu(workspace, tmp_path):
+def test_pure_bf16_is_ignored_on_the_cpu(tiny_workspace, tmp_path):
     messages = []
-    run(command(workspace, tmp_path / "cpu", "lora") + ["--pure_bf16"], report=messages.append)
+    run(command(tiny_workspace, tmp_path / "cpu", "lora") + ["--pure_bf16"], report=messages.append)
     assert any("--pure_bf16 is ignored on cpu" in m for m in messages)
