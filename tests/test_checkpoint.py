@@ -35,6 +35,18 @@ def test_sharded_save_loads_back_in_chipspan_and_transformers(reference, tmp_pat
     assert torch.equal(reloaded(input_ids=ids).logits, expected)
 
 
+def test_a_save_replaces_the_weights_an_earlier_save_left(reference, tmp_path):
+    _, folder = reference
+    model = load_pretrained(folder)
+    out = tmp_path / "again"
+    save_weights({k: torch.zeros_like(v) for k, v in model_state_dict(model).items()}, out, max_shard_size="40KB")
+    shutil.copy(folder / "config.json", out)
+    save_weights(model_state_dict(model), out)  # one file now: the shards and their index must go
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    reloaded = load_pretrained(out).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in model.state_dict().items())
+
+
 def test_loads_straight_into_the_requested_dtype(reference):
     _, folder = reference
     model = load_pretrained(folder, dtype=torch.bfloat16)

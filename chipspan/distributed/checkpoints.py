@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.distributed.mesh import Layout
-from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict
+from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, remove_weights
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
@@ -67,8 +67,7 @@ def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_mod
     if layout.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         if not is_lora:  # a model an earlier run wrote here in another layout
-            for stale in folder.glob("model*.safetensors*"):
-                stale.unlink()
+            remove_weights(folder)
     dist.barrier()
     tensors = {}
     if layout.replica == 0:

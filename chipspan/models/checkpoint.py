@@ -92,12 +92,21 @@ def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str 
     model.tie_weights()
 
 
+def remove_weights(folder: Path, prefix: str = "model") -> None:
+    """Delete the safetensors weights an earlier save left in ``folder`` (one file, or shards and their
+    index), so that no loader mixes them with new ones: an old index wins over a new single file."""
+    for path in [folder / f"{prefix}.safetensors", folder / f"{prefix}.safetensors.index.json",
+                 *folder.glob(f"{prefix}-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, max_shard_size: int | str = "5GB",
                  prefix: str = "model") -> list[Path]:
     """Write tensors as HF safetensors: ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``
     shards plus ``model.safetensors.index.json`` when they exceed ``max_shard_size`` (bytes or "5GB")."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_weights(folder, prefix)
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
