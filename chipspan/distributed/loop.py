@@ -31,7 +31,8 @@ from chipspan.distributed.gradients import clip_global_norm, sum_tied_gradients
 from chipspan.distributed.mesh import Layout
 from chipspan.distributed.pipeline import PipelineRunner
 from chipspan.distributed.scaling import LossScaler
-from chipspan.train.loop import micro_batches, steps_per_epoch
+from chipspan.data import collate
+from chipspan.train.loop import evaluation_due, micro_batches, steps_per_epoch
 from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
 from chipspan.train.schedule import lr_factor, warmup_steps_for
 
@@ -61,10 +62,11 @@ def global_arguments(args: TrainingArguments, data_parallel: int) -> TrainingArg
 
 def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: TrainingArguments,
                    state: TrainerState, log: TrainLog | None, save: Callable[[int], None],
-                   report: Callable[[str], None]) -> dict[str, float]:
+                   report: Callable[[str], None], evaluate: Callable[[], float] | None = None) -> dict[str, float]:
     """Run from ``state.global_step`` to ``state.max_steps``; returns the train metrics (on every rank).
 
-    ``log`` is None except on the rank that writes the outputs."""
+    ``log`` is None except on the rank that writes the outputs. ``evaluate`` (the eval loss, every rank
+    taking part) runs when ``--eval_strategy`` says, as in the single-process loop."""
     layout, accumulation = rank.layout, args.gradient_accumulation_steps
     whole = global_arguments(args, layout.data)
     per_epoch = steps_per_epoch(len(examples), whole)
@@ -120,10 +122,38 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
                    f"lr {record['learning_rate']:.3e}  {record['tokens_per_second']:.0f} tok/s")
         if state.global_step % args.logging_steps == 0:
             losses_since_log = []
+        if evaluate is not None and evaluation_due(state.global_step, per_epoch, args):
+            eval_loss = evaluate()
+            if log is not None:
+                state.log_history.append({"eval_loss": eval_loss, "epoch": round(state.epoch, 4),
+                                          "step": state.global_step})
+                log.write(state.global_step, round(state.epoch, 4), eval_loss=eval_loss)
+                report(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
     return train_metrics(state.epoch, total_loss, state.global_step - first_step, time.time() - started,
                          accumulation * whole.per_device_train_batch_size, tokens)
+
+
+def pipeline_eval_loss(rank: RankTraining, examples: list, pad_id: int, batch_size: int) -> float:
+    """``chipspan.train.evaluate.eval_loss`` through the pipeline (on every rank): each batch of
+    ``batch_size`` examples, in order, counts its token-mean loss once per example. Replica r runs
+    batches r, r + D, …; the totals of the last stages are summed over every rank."""
+    for module in rank.runner.modules:
+        module.eval()
+    total = 0.0
+    for number, start in enumerate(range(0, len(examples), batch_size)):
+        if number % rank.layout.data != rank.layout.replica:
+            continue
+        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = collate(chunk, pad_id)
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch["loss_weight"] = torch.full((len(chunk),), 1.0 / max(trained, 1))  # sum -> token mean
+        loss = rank.runner.forward_only(batch)
+        total += loss * len(chunk) if loss is not None else 0.0
+    for module in rank.runner.modules:
+        module.train()
+    return _sum_over_ranks(total, rank.device) / len(examples)
 
 
 def replica_rows(step_batches: list[dict[str, torch.Tensor]], layout: Layout, batch_size: int, pad_id: int,

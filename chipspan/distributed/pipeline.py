@@ -74,6 +74,29 @@ class PipelineRunner:
                             target=labels, losses=losses, return_outputs=False)
         return float(torch.stack(losses).sum()) / loss_scale
 
+    @torch.no_grad()
+    def forward_only(self, batch: dict[str, torch.Tensor]) -> float | None:
+        """Forward of one whole batch (evaluation), no schedule and no micro-batches: the stages run in
+        order, each rank as the hidden states reach its stages (blocking send/recv over the pipeline
+        group). Returns the last stage's weighted loss on the rank holding it, else None."""
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        mask, (b, s) = inputs["attention_mask"], inputs["input_ids"].shape
+        pipeline_ranks = dist.get_world_size(self.group)  # stage k runs on pipeline rank k % pipeline_ranks
+        hidden: torch.Tensor | None = None
+        for index, module in sorted(zip(self.stage_ids, self.modules), key=lambda pair: pair[0]):
+            module = getattr(module, "module", module)  # DDP's wrapped module: no gradient sync to prepare
+            if index == 0:
+                hidden = inputs["input_ids"]
+            elif index - 1 not in self.stage_ids:
+                hidden = torch.empty(b, s, self.hidden_size, dtype=self.activation_dtype, device=self.device)
+                dist.recv(hidden, group=self.group, group_src=(index - 1) % pipeline_ranks)
+            if index == self.num_stages - 1:
+                return float(module(hidden, mask, inputs["labels"], inputs["loss_weight"]))
+            hidden = module(hidden, mask)
+            if index + 1 not in self.stage_ids:
+                dist.send(hidden.contiguous(), group=self.group, group_dst=(index + 1) % pipeline_ranks)
+        return None
+
     def _build(self, batch_size: int, seq_len: int):
         micro = batch_size // self.micro_batches
         hidden = torch.empty(micro, seq_len, self.hidden_size, dtype=self.activation_dtype, device="meta",

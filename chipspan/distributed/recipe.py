@@ -2,7 +2,8 @@
 
     arguments -> checks -> layout (rank -> stage, replica) -> process group + mesh -> output_dir
     -> tokenizer -> data (rank 0 first: it fills the cache) -> this rank's stage weights
-    -> what trains -> DDP over replicas -> optimizer -> pipeline loop -> outputs (rank 0)
+    -> what trains -> DDP over replicas -> optimizer -> pipeline loop (with evaluation) -> outputs (rank 0)
+    -> final evaluation
 
 The checks of the single-process recipe run on every rank, before a weight is read; so do the
 distributed ones (process count against stages × data_parallel, schedule, micro-batches), so every
@@ -23,7 +24,7 @@ from chipspan.args import RunArguments
 from chipspan.data.loader import load_dataset_split
 from chipspan.distributed import checkpoints as stage_checkpoints
 from chipspan.distributed.gradients import data_parallel, tied_copy
-from chipspan.distributed.loop import RankTraining, global_arguments, train_pipeline
+from chipspan.distributed.loop import RankTraining, global_arguments, pipeline_eval_loss, train_pipeline
 from chipspan.distributed.mesh import Layout, environment_world, plan_layout, rank_device, start, tied_group
 from chipspan.distributed.pipeline import VIRTUAL_STAGES, PipelineRunner, check_schedule
 from chipspan.distributed.scaling import LossScaler
@@ -33,7 +34,8 @@ from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints, recipe
 from chipspan.train.loop import total_steps
-from chipspan.train.reporting import LOG_FILE, TrainerState, TrainLog, plot_metric, truncate_log, write_results
+from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, tensorboard_wanted, truncate_log,
+                                     write_results)
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 
@@ -55,7 +57,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = _load_data_rank_zero_first(run, tokenizer, layout)
     say(data.stats.summary())
-    examples, _ = recipe.split_examples(run, data, say)
+    examples, eval_examples = recipe.split_examples(run, data, say)
     if tokenizer.vocab_size > config.vocab_size:
         raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                             f"{config.vocab_size}; pick a template the tokenizer knows")
@@ -102,8 +104,20 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
     say(f"training {len(examples)} examples for {steps} steps (batch {train_args.per_device_train_batch_size} "
         f"x {layout.data} replica(s) x {train_args.gradient_accumulation_steps} accumulation)")
-    log = TrainLog(output_dir, steps, state.global_step) if layout.writes_outputs else None
-    metrics = train_pipeline(rank_training, examples, tokenizer.pad_token_id, train_args, state, log, save, say)
+    def evaluate() -> float:
+        return pipeline_eval_loss(rank_training, eval_examples, tokenizer.pad_token_id,
+                                  train_args.per_device_eval_batch_size)
+
+    log = None
+    if layout.writes_outputs:
+        tensorboard = recipe.tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
+        log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
+    try:
+        metrics = train_pipeline(rank_training, examples, tokenizer.pad_token_id, train_args, state, log, save, say,
+                                 evaluate if train_args.eval_strategy != "no" else None)
+    finally:
+        if log is not None:
+            log.close()
 
     stage_checkpoints.write_weights(pieces, layout, output_dir, base_model, is_lora)
     if layout.writes_outputs:
@@ -112,10 +126,16 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         state.save(output_dir)
         write_results(output_dir, metrics)
         if ft_args.plot_loss:
-            plot = plot_metric(output_dir, state.log_history, "loss")
-            if plot:
-                say(f"loss plot: {plot}")
+            for key in ("loss", "eval_loss"):
+                plot = plot_metric(output_dir, state.log_history, key)
+                if plot:
+                    say(f"{key} plot: {plot}")
         say(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
+    if train_args.do_eval:  # every rank runs the pipeline; rank 0 writes eval_results.json
+        if layout.writes_outputs:
+            recipe.final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, say)
+        else:
+            evaluate()
     dist.barrier()
     dist.destroy_process_group()
     return output_dir
@@ -123,10 +143,9 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
 def _check_supported(run: RunArguments) -> None:
     train_args = run.training
-    if not train_args.do_train or train_args.do_eval or train_args.do_predict or train_args.eval_strategy != "no":
-        raise ChipspanError("one process per chip trains only: run --do_eval / --do_predict in one process")
-    if run.training.report_to != "none":
-        raise ChipspanError("--report_to is not supported with one process per chip yet: pass --report_to none")
+    if not train_args.do_train or train_args.do_predict:
+        raise ChipspanError("one process per chip trains (and evaluates while training): run --do_predict, or "
+                            "--do_eval alone, in one process")
 
 
 def _load_data_rank_zero_first(run: RunArguments, tokenizer: Tokenizer, layout: Layout):

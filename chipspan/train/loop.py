@@ -153,7 +153,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             if progress is None:
                 report(_plain_line(record))
             losses_since_log = []
-        if evaluate is not None and _evaluation_due(state.global_step, per_epoch, args):
+        if evaluate is not None and evaluation_due(state.global_step, per_epoch, args):
             eval_loss = evaluate()
             state.log_history.append({"eval_loss": eval_loss, "epoch": round(state.epoch, 4),
                                       "step": state.global_step})
@@ -167,7 +167,8 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
                          accumulation * args.per_device_train_batch_size, tokens)
 
 
-def _evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:
+def evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:
+    """Whether to evaluate after ``step``: every ``eval_steps`` (strategy steps) or at each epoch's end."""
     if args.eval_strategy == "steps":
         return step % (args.eval_steps or args.logging_steps) == 0
     return args.eval_strategy == "epoch" and step % per_epoch == 0

@@ -82,7 +82,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
         metrics = _train(run, model, tokenizer, examples, steps, precision, resume, output_dir,
                          evaluate if train_args.eval_strategy != "no" else None, report)
     if train_args.do_eval:
-        _final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)
+        final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)
     if train_args.do_predict:
         _predict(run, model, tokenizer, eval_examples, output_dir, report)
     return output_dir
@@ -113,7 +113,7 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
 
     report(f"training {len(examples)} examples for {steps} steps "
            f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)")
-    tensorboard = _tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
+    tensorboard = tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
     log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
     try:
         metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
@@ -137,7 +137,7 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
     return metrics
 
 
-def _final_evaluation(evaluate, num_examples: int, epoch: float | None, output_dir: Path, report) -> None:
+def final_evaluation(evaluate, num_examples: int, epoch: float | None, output_dir: Path, report) -> None:
     """``eval_results.json``: eval_loss (and its perplexity) over the eval examples."""
     started = time.time()
     loss = evaluate()
@@ -337,7 +337,8 @@ def split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], N
     return examples, data.eval
 
 
-def _tensorboard_dir(run: RunArguments) -> Path:
+def tensorboard_dir(run: RunArguments) -> Path:
+    """Where TensorBoard events go: --logging_dir, else output_dir/runs."""
     return Path(run.training.logging_dir or Path(run.training.output_dir) / "runs")
 
 
