@@ -27,7 +27,7 @@ from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer  # noqa: E402
+from shared_assets import needs_llama2_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, ACCUMULATION, MICRO_BATCHES, VOCAB = 4, 2, 2, 512
@@ -179,23 +179,9 @@ def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_
 
 # end to end: `chipspan train` under torchrun, checkpoints across the two ways of running
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    from test_decoder_parity import make_reference
-
-    root = tmp_path_factory.mktemp("distributed")
-    make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-    for file in LLAMA2_TOKENIZER.iterdir():
-        shutil.copy(file, root / "model")
-    (root / "data").mkdir()
-    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
-    return root
-
-
-def train_flags(workspace, out, *extra):
-    return ["--stage", "sft", "--do_train", "--model_name_or_path", workspace / "model", "--dataset", "alpaca_gpt4_zh",
-            "--dataset_dir", workspace / "data", "--template", "default", "--finetuning_type", "full",
+def train_flags(tiny_workspace, out, *extra):
+    return ["--stage", "sft", "--do_train", "--model_name_or_path", tiny_workspace / "model", "--dataset", "alpaca_gpt4_zh",
+            "--dataset_dir", tiny_workspace / "data", "--template", "default", "--finetuning_type", "full",
             "--output_dir", out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "24",
             "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
             "--logging_steps", "1", "--disable_gradient_checkpointing", *extra]
@@ -226,17 +212,17 @@ def assert_same_weights(ours, theirs):
 
 
 @needs_llama2_tokenizer
-def test_checkpoints_move_between_two_stages_and_one_process(workspace, tmp_path):
+def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from chipspan.train.checkpoints import read_optimizer_state
 
     single = tmp_path / "single"  # one process, checkpoint-2 on the way
-    one_process(train_flags(workspace, single, "--overwrite_output_dir"))
+    one_process(train_flags(tiny_workspace, single, "--overwrite_output_dir"))
     straight = losses(single)
 
     staged = tmp_path / "staged"  # two stages, 1F1B, micro-batches: each stage writes its own share
-    torchrun("-m", "chipspan", "train", *train_flags(workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
     assert losses(staged) == straight
     assert_same_weights(weights(staged), weights(single))
     shares = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
@@ -251,11 +237,11 @@ def test_checkpoints_move_between_two_stages_and_one_process(workspace, tmp_path
     hf = AutoModelForCausalLM.from_pretrained(staged / "checkpoint-2", torch_dtype=torch.float32).state_dict()
     assert_same_weights({k: hf[k] for k in expected}, expected)  # transformers reads the stages' shards
 
-    one_process(train_flags(workspace, staged))  # no --overwrite_output_dir: resumes from checkpoint-2
+    one_process(train_flags(tiny_workspace, staged))  # no --overwrite_output_dir: resumes from checkpoint-2
     assert losses(staged) == straight
 
     shutil.copytree(single / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    torchrun("-m", "chipspan", "train", *train_flags(workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe"))
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe"))
     assert [line["current_steps"] for line in map(json.loads, (tmp_path / "resumed" / "trainer_log.jsonl")
                                                   .read_text().splitlines())] == [3, 4]
     assert losses(tmp_path / "resumed") == straight[2:]

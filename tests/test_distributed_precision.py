@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shared_assets import needs_llama2_tokenizer  # noqa: E402
-from test_distributed import losses, one_process, torchrun, train_flags, workspace  # noqa: E402, F401
+from test_distributed import losses, one_process, torchrun, train_flags  # noqa: E402
 
 pytestmark = needs_llama2_tokenizer
 
@@ -66,7 +66,7 @@ def scales(folder, rank):
     return [tuple(json.loads(line)) for line in (folder / f"scales-rank{rank}.jsonl").read_text().splitlines()]
 
 
-def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tmp_path, monkeypatch):
     from chipspan.train import recipe
     from chipspan.train.loop import Precision
 
@@ -83,14 +83,14 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(workspace, tmp_pat
 
     monkeypatch.setattr(Precision, "unscale", poisoning_unscale)
     single = tmp_path / "single"
-    one_process(train_flags(workspace, single, "--overwrite_output_dir"))
+    one_process(train_flags(tiny_workspace, single, "--overwrite_output_dir"))
 
     script, records = tmp_path / "worker.py", tmp_path / "records"
     script.write_text(WORKER)
     records.mkdir()
     staged = tmp_path / "staged"
     torchrun(script, records, 2, "train",
-             *train_flags(workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
+             *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
 
     expected = [(False, 2.0 ** 16), (True, 2.0 ** 15), (False, 2.0 ** 15), (False, 2.0 ** 15)]
     assert scales(records, 0) == scales(records, 1) == expected  # rank 1's gradients were finite
@@ -104,20 +104,20 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(workspace, tmp_pat
 
     # resuming from checkpoint-2 restores the halved scale and the count on both ranks
     (tmp_path / "resumed").mkdir()
-    torchrun(script, tmp_path / "resumed", 0, "train", *train_flags(workspace, staged))
+    torchrun(script, tmp_path / "resumed", 0, "train", *train_flags(tiny_workspace, staged))
     assert scales(tmp_path / "resumed", 0) == scales(tmp_path / "resumed", 1) == expected[2:]
     assert losses(staged) == losses(single)
     assert [line["skipped_steps"] for line in log_lines(staged)] == [0, 1, 1, 1]  # steps 1-2 kept from before
 
 
-def test_eval_loss_through_the_pipeline_is_the_single_process_one(workspace, tmp_path):  # noqa: F811
+def test_eval_loss_through_the_pipeline_is_the_single_process_one(tiny_workspace, tmp_path):
     """--val_size, --eval_strategy steps and --do_eval under torchrun: the forward-only pipeline gives
     the single process's eval_loss (each batch's token mean counted once per example); 2 data-parallel
     replicas split the eval batches. The 2-stage run also reports to TensorBoard (rank 0)."""
     extra = ["--overwrite_output_dir", "--val_size", "7", "--eval_strategy", "steps", "--eval_steps", "2",
              "--do_eval", "--per_device_eval_batch_size", "3", "--max_steps", "2", "--save_steps", "0"]
     single = tmp_path / "single"
-    one_process(train_flags(workspace, single, *extra))
+    one_process(train_flags(tiny_workspace, single, *extra))
     expected = [line["eval_loss"] for line in log_lines(single) if line.get("eval_loss") is not None]
     final = json.loads((single / "eval_results.json").read_text())["eval_loss"]
     assert len(expected) == 1
@@ -125,7 +125,7 @@ def test_eval_loss_through_the_pipeline_is_the_single_process_one(workspace, tmp
     for name, layout in (("staged", ["--pipeline_schedule", "gpipe", *tensorboard]),
                          ("replicas", ["--data_parallel", "2", "--per_device_train_batch_size", "2"])):
         out = tmp_path / name
-        torchrun("-m", "chipspan", "train", *train_flags(workspace, out, *extra, *layout))
+        torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, *extra, *layout))
         ours = [line["eval_loss"] for line in log_lines(out) if line.get("eval_loss") is not None]
         assert ours == pytest.approx(expected, rel=1e-5), name
         assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == pytest.approx(final, rel=1e-5)

@@ -34,8 +34,7 @@ from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints, recipe
 from chipspan.train.loop import total_steps
-from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, tensorboard_wanted, truncate_log,
-                                     write_results)
+from chipspan.train.reporting import LOG_FILE, TrainerState, TrainLog, tensorboard_wanted, truncate_log
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 
@@ -121,16 +120,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
     stage_checkpoints.write_weights(pieces, layout, output_dir, base_model, is_lora)
     if layout.writes_outputs:
-        tokenizer.save(output_dir)
-        state.log_history.append({**metrics, "step": state.global_step})
-        state.save(output_dir)
-        write_results(output_dir, metrics)
-        if ft_args.plot_loss:
-            for key in ("loss", "eval_loss"):
-                plot = plot_metric(output_dir, state.log_history, key)
-                if plot:
-                    say(f"{key} plot: {plot}")
-        say(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
+        recipe.write_run_outputs(output_dir, tokenizer, state, metrics, ft_args.plot_loss, is_lora, say)
     if train_args.do_eval:  # every rank runs the pipeline; rank 0 writes eval_results.json
         if layout.writes_outputs:
             recipe.final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, say)

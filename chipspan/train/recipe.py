@@ -124,17 +124,23 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
 
     metrics.update(_peak_memory(model.placement, report))
     checkpoints.save_trained_weights(model, output_dir, base_model, is_lora)
+    write_run_outputs(output_dir, tokenizer, state, metrics, ft_args.plot_loss, is_lora, report)
+    return metrics
+
+
+def write_run_outputs(output_dir: Path, tokenizer: Tokenizer, state: TrainerState, metrics: dict[str, float],
+                      plot_loss: bool, is_lora: bool, report: Callable[[str], None]) -> None:
+    """What a finished run leaves beside its weights: tokenizer, trainer state, results, plots."""
     tokenizer.save(output_dir)
     state.log_history.append({**metrics, "step": state.global_step})
     state.save(output_dir)
     write_results(output_dir, metrics)
-    if ft_args.plot_loss:
+    if plot_loss:
         for key in ("loss", "eval_loss"):
             plot = plot_metric(output_dir, state.log_history, key)
             if plot:
                 report(f"{key} plot: {plot}")
     report(f"{'adapter' if is_lora else 'model'} saved in {output_dir}")
-    return metrics
 
 
 def final_evaluation(evaluate, num_examples: int, epoch: float | None, output_dir: Path, report) -> None:
