@@ -44,18 +44,28 @@ def llama3_tokenizer_dir():
     return _fetch(assets.fetch_llama3_tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_workspace(tmp_path_factory):
-    """A 4-layer random Llama-2-shaped model with the real Llama-2 tokenizer, and the seed's data folder
-    (alpaca_zh_demo as alpaca_gpt4_data_zh.json); see tests/tiny_run.py for the command that trains it."""
+def make_workspace(root, num_layers: int):
+    """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
+    ``root/model``, and the seed's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
     from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA
     from test_decoder_parity import make_reference
 
-    root = tmp_path_factory.mktemp("tiny")
     make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4)
     for file in LLAMA2_TOKENIZER.iterdir():
         shutil.copy(file, root / "model")
     (root / "data").mkdir()
     shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """4 layers; see tests/tiny_run.py for the command that trains it."""
+    return make_workspace(tmp_path_factory.mktemp("tiny"), 4)
+
+
+@pytest.fixture(scope="session")
+def seed_workspace(tmp_path_factory):
+    """22 layers: enough for the seed's chip counts (2, 4, 11, 21); see test_train's seed_command."""
+    return make_workspace(tmp_path_factory.mktemp("seed"), 22)

@@ -17,7 +17,7 @@ from chipspan.models.decoder import build_attention_mask, segment_positions
 from chipspan.train.recipe import run_train
 from shared_assets import needs_llama2_tokenizer
 from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command, workspace  # noqa: F401  (workspace is a fixture)
+from test_train import SEED_LORA, seed_command
 
 CUTOFF = 32
 
@@ -161,9 +161,9 @@ def test_packed_logits_match_transformers_one_example_at_a_time(tmp_path, varian
 
 @needs_llama2_tokenizer
 @pytest.mark.parametrize("flag", ["--packing", "--sft_packing"])
-def test_training_with_packing_runs_and_writes_outputs(workspace, tmp_path, flag):  # noqa: F811
+def test_training_with_packing_runs_and_writes_outputs(seed_workspace, tmp_path, flag):
     out = tmp_path / "out"
-    argv = seed_command(SEED_LORA, workspace, out, flag, "true", "--max_steps", "2", "--max_samples", "16",
+    argv = seed_command(SEED_LORA, seed_workspace, out, flag, "true", "--max_steps", "2", "--max_samples", "16",
                         "--cutoff_len", "256", "--save_steps", "0")
     messages = []
     run_train(parse_run_arguments(argv, {}), report=messages.append)

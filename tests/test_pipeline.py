@@ -18,7 +18,7 @@ from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
 from shared_assets import needs_llama2_tokenizer
 from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command, workspace  # noqa: F401 (a fixture)
+from test_train import SEED_LORA, seed_command
 
 VOCAB = 131
 TOLERANCE = 1e-6  # relative
@@ -151,9 +151,9 @@ def test_wavefront_order_puts_every_stage_to_work(model_dir, monkeypatch):
 # --- `train --micro_batches` ---------------------------------------------------------------------
 
 @needs_llama2_tokenizer
-def test_train_with_micro_batches_logs_the_same_losses(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_train_with_micro_batches_logs_the_same_losses(seed_workspace, tmp_path, monkeypatch):
     def losses(out, *extra):
-        argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "4", "--save_steps", "0", "--max_samples", "12",
+        argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "4", "--save_steps", "0", "--max_samples", "12",
                             "--per_device_train_batch_size", "3", "--learning_rate", "1e-3", "--fp16", "false", *extra)
         run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
         return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]

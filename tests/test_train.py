@@ -35,29 +35,15 @@ SEED_FULL = SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_pro
 SEED_JOBS = [(SEED_LORA, 2), (SEED_LORA, 4), (SEED_FULL, 11), (SEED_FULL, 21)]
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A Llama-2-shaped random model (22 layers, the real tokenizer) and the seed's data folder."""
-    root = tmp_path_factory.mktemp("train")
-    _, model = make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32,
-                              intermediate_size=64, num_hidden_layers=22, num_attention_heads=4,
-                              num_key_value_heads=4)
-    for file in LLAMA2_TOKENIZER.iterdir():
-        shutil.copy(file, model)
-    (root / "data").mkdir()
-    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
-    return root
-
-
-def seed_command(template, workspace, out, *extra):
-    return shlex.split(template.format(model=workspace / "model", out=out)) + [
-        "--dataset_dir", str(workspace / "data"), *extra]
+def seed_command(template, seed_workspace, out, *extra):
+    return shlex.split(template.format(model=seed_workspace / "model", out=out)) + [
+        "--dataset_dir", str(seed_workspace / "data"), *extra]
 
 
 @pytest.mark.parametrize("command,chips", SEED_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
-def test_seed_command_lines_run_and_write_the_seed_outputs(workspace, tmp_path, command, chips, capsys):
+def test_seed_command_lines_run_and_write_the_seed_outputs(seed_workspace, tmp_path, command, chips, capsys):
     out = tmp_path / "out"
-    argv = seed_command(command, workspace, out, "--max_steps", "2", "--save_steps", "1")
+    argv = seed_command(command, seed_workspace, out, "--max_steps", "2", "--save_steps", "1")
     run = parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips), "CHIPS": "0"})
     run_train(run, report=print)
     printed = capsys.readouterr().out
@@ -88,8 +74,8 @@ def test_seed_command_lines_run_and_write_the_seed_outputs(workspace, tmp_path, 
         assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 22
 
 
-def train_losses(workspace, out, chips, *extra, steps=6):
-    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", str(steps), "--save_steps", "0",
+def train_losses(seed_workspace, out, chips, *extra, steps=6):
+    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", str(steps), "--save_steps", "0",
                         "--max_samples", "24", "--per_device_train_batch_size", "2",
                         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra)
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
@@ -97,11 +83,11 @@ def train_losses(workspace, out, chips, *extra, steps=6):
 
 
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
-def test_any_number_of_chips_trains_the_same_model(workspace, tmp_path, finetuning):
+def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, finetuning):
     extra = ["--finetuning_type", "full"] if finetuning == "full" else []
-    one = train_losses(workspace, tmp_path / "one", 1, *extra)
+    one = train_losses(seed_workspace, tmp_path / "one", 1, *extra)
     for chips in (2, 5):
-        assert train_losses(workspace, tmp_path / f"c{chips}", chips, *extra) == one
+        assert train_losses(seed_workspace, tmp_path / f"c{chips}", chips, *extra) == one
     name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
     reference = load_file(tmp_path / "one" / name)
     for chips in (2, 5):
@@ -115,27 +101,27 @@ needs_emu = pytest.mark.skipif(not emu.is_available(), reason="the emu device ca
 
 @needs_emu
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
-def test_emulated_chips_train_the_same_model_as_one_cpu(workspace, tmp_path, finetuning):
+def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path, finetuning):
     # fp32 on both: with the seed's --fp16, emu (like a real chip) computes in fp16
     extra = ["--fp16", "false"] + (["--finetuning_type", "full"] if finetuning == "full" else [])
-    one = train_losses(workspace, tmp_path / "cpu", 1, *extra, steps=10)
+    one = train_losses(seed_workspace, tmp_path / "cpu", 1, *extra, steps=10)
     name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
     reference = load_file(tmp_path / "cpu" / name)
     for chips in (2, 4):
         out = tmp_path / f"emu{chips}"
-        losses = train_losses(workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10)
+        losses = train_losses(seed_workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10)
         assert max(abs(a - b) for a, b in zip(losses, one)) <= 1e-5 and len(losses) == 10
         spanned = load_file(out / name)
         assert all(torch.allclose(spanned[k], reference[k], atol=1e-6, rtol=0) for k in reference)
 
 
 @needs_emu
-def test_every_stage_lives_on_its_own_emulated_chip(workspace):
+def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
     emu.enable(num_chips=4)
-    placement = even_placement(ModelConfig.from_folder(workspace / "model"),
+    placement = even_placement(ModelConfig.from_folder(seed_workspace / "model"),
                                [torch.device("emu", i) for i in range(4)])
-    model = span.SpannedModel.load(workspace / "model", placement, torch.float32)
-    prepare_trainable(model, parse_run_arguments(seed_command(SEED_LORA, workspace, workspace / "x")).finetuning)
+    model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
+    prepare_trainable(model, parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning)
     for chip, stage in enumerate(model.stages):
         assert {p.device for p in stage.parameters()} == {torch.device("emu", chip)}
     ids = torch.randint(0, 32000, (1, 16))
@@ -144,15 +130,15 @@ def test_every_stage_lives_on_its_own_emulated_chip(workspace):
 
 
 @needs_emu
-def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(workspace, tmp_path, monkeypatch, capsys):
-    argv = seed_command(SEED_LORA, workspace, tmp_path / "ok", "--max_steps", "1", "--max_samples", "4",
+def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(seed_workspace, tmp_path, monkeypatch, capsys):
+    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "ok", "--max_steps", "1", "--max_samples", "4",
                         "--device", "emu", "--chips", "0-1", "--chip_memory", "1GiB")
     code, _ = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 0
     results = json.loads((tmp_path / "ok" / "train_results.json").read_text())
     peaks = [results[f"chip{i}_peak_memory_bytes"] for i in range(2)]
     assert all(0 < peak < 2**30 for peak in peaks)
-    argv = seed_command(SEED_LORA, workspace, tmp_path / "oom", "--max_steps", "1", "--max_samples", "4",
+    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "oom", "--max_steps", "1", "--max_samples", "4",
                         "--device", "emu", "--chips", "0-1", "--chip_memory", "3MiB")
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     emu.set_memory_limit(None)
@@ -177,10 +163,10 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     assert all(torch.allclose(results[3][k], results[1][k], atol=1e-6) for k in results[1])
 
 
-def test_a_stopped_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
-    straight = train_losses(workspace, tmp_path / "straight", 2)
+def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path):
+    straight = train_losses(seed_workspace, tmp_path / "straight", 2)
     out = tmp_path / "resumed"
-    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "6", "--save_steps", "4", "--max_samples", "24",
+    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "6", "--save_steps", "4", "--max_samples", "24",
                         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                         "--learning_rate", "1e-3")
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
@@ -223,39 +209,39 @@ def run_cli(argv, env, monkeypatch, capsys):
     (["--stage", "ppo"], {}, "--stage ppo is not supported yet"),
     ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
 ])
-def test_bad_input_gets_one_line(workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys):
-    argv = seed_command(SEED_LORA, workspace, tmp_path / "out") + change
+def test_bad_input_gets_one_line(seed_workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys):
+    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "out") + change
     code, err = run_cli(argv, env, monkeypatch, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("chipspan: error: ")
     assert message in err[0]
 
 
-def test_non_empty_output_dir_is_refused_and_kept(workspace, tmp_path, no_weight_loading, monkeypatch, capsys):
+def test_non_empty_output_dir_is_refused_and_kept(seed_workspace, tmp_path, no_weight_loading, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    argv = [a for a in seed_command(SEED_LORA, workspace, out) if a != "--overwrite_output_dir"]
+    argv = [a for a in seed_command(SEED_LORA, seed_workspace, out) if a != "--overwrite_output_dir"]
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 1 and len(err) == 1 and "is not empty and holds no checkpoint" in err[0]
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_lora_spanned_stages_hold_their_own_layers(workspace):
+def test_lora_spanned_stages_hold_their_own_layers(seed_workspace):
     assert [len(r) for r in split_layers(22, 4)] == [6, 6, 5, 5]  # uneven: the head's chip gets fewer
-    run = parse_run_arguments(seed_command(SEED_LORA, workspace, workspace / "unused"))
-    placement = even_placement(ModelConfig.from_folder(workspace / "model"), [torch.device("cpu")] * 4)
-    model = span.SpannedModel.load(workspace / "model", placement, torch.float32)
+    run = parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "unused"))
+    placement = even_placement(ModelConfig.from_folder(seed_workspace / "model"), [torch.device("cpu")] * 4)
+    model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
     prepare_trainable(model, run.finetuning)
     keys = [set(adapter_state_dict(stage)) for stage in model.stages]
     assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
 
 
-def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(workspace, tmp_path, no_weight_loading,
+def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(seed_workspace, tmp_path, no_weight_loading,
                                                                        monkeypatch, capsys):
     free = shutil.disk_usage(tmp_path).free
     # full fine-tuning of this 2.3M-parameter model: ~27.6 MB per checkpoint (fp32 weights + AdamW)
     steps = int(free // 27_000_000) + 10
-    argv = seed_command(SEED_FULL, workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1",
+    argv = seed_command(SEED_FULL, seed_workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1",
                         "--fp16", "false")
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 1 and len(err) == 1
@@ -263,9 +249,9 @@ def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(workspac
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_from_a_named_checkpoint(workspace, tmp_path):
+def test_resume_from_a_named_checkpoint(seed_workspace, tmp_path):
     out = tmp_path / "out"
-    argv = seed_command(SEED_LORA, workspace, out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "8")
+    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "8")
     run_train(parse_run_arguments(argv, {}), report=lambda _: None)
     messages = []
     again = argv + ["--resume_from_checkpoint", str(out / "checkpoint-2")]  # despite --overwrite_output_dir
