@@ -98,9 +98,7 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
         if scaler is not None:
             scaler.update(overflowed)
         step_loss = _sum_over_ranks(local_loss or 0.0, rank.device)  # only last stages add theirs
-        state.global_step += 1
-        state.epoch = state.global_step / per_epoch
-        state.num_input_tokens_seen += step_tokens
+        state.finish_step(per_epoch, step_tokens)
         tokens += step_tokens
         losses_since_log.append(step_loss)
         total_loss += step_loss

@@ -129,9 +129,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
         if precision.step(optimizer):
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        state.epoch = state.global_step / per_epoch
-        state.num_input_tokens_seen += step_tokens
+        state.finish_step(per_epoch, step_tokens)
         tokens += step_tokens
         losses_since_log.append(step_loss)
         total_loss += step_loss

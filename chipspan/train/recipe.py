@@ -348,23 +348,29 @@ def tensorboard_dir(run: RunArguments) -> Path:
     return Path(run.training.logging_dir or Path(run.training.output_dir) / "runs")
 
 
-def _chip_memory(placement: Placement) -> dict[str, int]:
-    """Allocated and peak bytes of each chip now, for a log line (nothing where the device reports nothing)."""
-    numbers = {}
+def _chip_stats(placement: Placement) -> list[tuple[int, torch.device, dict[str, int]]]:
+    """(chip index, device, allocated and peak bytes) of each distinct chip whose device reports memory."""
+    found = []
     for i, device in enumerate(placement.devices):
         stats = devices.memory_stats(device) if device not in placement.devices[:i] else None
         if stats:
-            numbers[f"chip{i}_allocated_bytes"] = stats["allocated"]
-            numbers[f"chip{i}_peak_bytes"] = stats["peak"]
+            found.append((i, device, stats))
+    return found
+
+
+def _chip_memory(placement: Placement) -> dict[str, int]:
+    """Allocated and peak bytes of each chip now, for a log line (nothing where the device reports nothing)."""
+    numbers = {}
+    for i, _, stats in _chip_stats(placement):
+        numbers[f"chip{i}_allocated_bytes"] = stats["allocated"]
+        numbers[f"chip{i}_peak_bytes"] = stats["peak"]
     return numbers
 
 
 def _peak_memory(placement: Placement, report: Callable[[str], None]) -> dict[str, int]:
     """Each chip's peak bytes where the device reports it, printed and returned for the results."""
     peaks = {}
-    for i, device in enumerate(placement.devices):
-        stats = devices.memory_stats(device) if device not in placement.devices[:i] else None
-        if stats:
-            peaks[f"chip{i}_peak_memory_bytes"] = stats["peak"]
-            report(f"chip {i} ({device}): peak memory {stats['peak'] / 2**30:.3f} GiB")
+    for i, device, stats in _chip_stats(placement):
+        peaks[f"chip{i}_peak_memory_bytes"] = stats["peak"]
+        report(f"chip {i} ({device}): peak memory {stats['peak'] / 2**30:.3f} GiB")
     return peaks

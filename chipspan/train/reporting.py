@@ -48,6 +48,12 @@ class TrainerState:
     trial_name: str | None = None
     trial_params: dict | None = None
 
+    def finish_step(self, steps_per_epoch: int, tokens: int) -> None:
+        """Count one optimizer step that consumed ``tokens`` input tokens."""
+        self.global_step += 1
+        self.epoch = self.global_step / steps_per_epoch
+        self.num_input_tokens_seen += tokens
+
     def save(self, folder: Path) -> None:
         (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
