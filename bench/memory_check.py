@@ -14,7 +14,8 @@ and report each chip's peak next to ``chipspan.chips.memory.estimate`` for the s
   creates until it is freed and keeps each chip's peak. The device is ``emu`` so that autocast,
   AdamW's ``foreach`` path and the attention kernel are the ones a chip gets; the attention
   kernel is chosen as emu chooses it (the CPU's choice), and the loss's data-dependent steps
-  (``int(mask.sum())``, boolean indexing) are answered with the known count of scored tokens.
+  (``nonzero``, ``int(mask.sum())``, boolean indexing) are answered with the known count of
+  scored tokens.
   The GradScaler is left out (it only scales a scalar and unscales gradients in place).
 - ``emu``: a small random model really trains on emulated chips; the peak is emu's own per-chip
   statistic (``chipspan.emu.peak_memory``), and ``Tracker``'s count is shown beside it.
@@ -150,6 +151,8 @@ class Tracker(TorchDispatchMode):
             with _disable_current_modes():
                 real = [torch.empty(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
                 return True, func(*real, **kwargs)
+        if func is aten.nonzero.default:  # the loss's scored positions: the known count
+            return True, torch.empty(self.true_count, args[0].dim(), dtype=torch.long, device=args[0].device)
         if func is aten._local_scalar_dense.default:  # .item(): the fake value if known, else the count
             try:
                 return True, func(*args, **kwargs)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipspan import emu
 from chipspan.args import FinetuningArguments, parse_run_arguments
@@ -130,6 +131,37 @@ def test_micro_batches_give_the_batch_loss_and_gradients_on_emulated_chips(model
     emu.enable(num_chips=2)
     model = spanned(model_dir, [torch.device("emu", i) for i in range(2)], finetuning)
     check_micro_batches_match_the_plain_batch(model, a_batch())
+
+
+class ChipReadbacks(TorchDispatchMode):
+    """Records every op whose result the host must wait for: a value read back from a chip, or a
+    chip op whose output shape depends on the chip's data."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        on_chip = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+        if on_chip and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_emu
+def test_a_pipelined_step_never_waits_on_a_chip_for_its_token_count(model_dir):
+    # on an asynchronous chip each read-back stalls the host until the chip drains; the wavefront
+    # would then issue one stage at a time
+    emu.enable(num_chips=2)
+    model = spanned(model_dir, [torch.device("emu", i) for i in range(2)], "lora")
+    with ChipReadbacks() as readbacks:
+        loss = pipelined_loss(model, a_batch(rows=4), 4)
+        loss.backward()
+    assert readbacks.seen == []
+    with ChipReadbacks() as readbacks:  # the check itself sees a read-back
+        model.loss(torch.zeros(1, 3, model.config.hidden_size, device="emu:1"), torch.ones(1, 3, dtype=torch.long,
+                                                                                             device="emu:1"))
+    assert readbacks.seen
 
 
 def test_wavefront_order_puts_every_stage_to_work(model_dir, monkeypatch):

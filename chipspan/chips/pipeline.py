@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from chipspan.chips.span import SpannedModel
-from chipspan.models.loss import IGNORE_INDEX
+from chipspan.models.loss import ScoredTokens, scored_tokens
 
 
 def pipelined_loss(model: SpannedModel, batch: dict[str, torch.Tensor], micro_batches: int) -> torch.Tensor:
@@ -34,24 +34,23 @@ def pipelined_loss(model: SpannedModel, batch: dict[str, torch.Tensor], micro_ba
         raise ValueError(f"micro_batches must be at least 1, not {micro_batches}")
     labels = batch["labels"]
     count = min(micro_batches, labels.shape[0])
-    # the tokens the mean runs over: position t predicts labels[:, t + 1] (see causal_lm_loss)
-    trained_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     masks = batch.get("attention_mask")
     mask_parts = masks.tensor_split(count) if masks is not None else [None] * count
     last_chip = model.placement.devices[-1]
-    # host-to-chip copies first: on an asynchronous device each one waits for the chip to be idle
+    # the scored tokens are found on the host, so no chip stops to report them; host-to-chip
+    # copies go first: on an asynchronous device each one waits for the chip to be idle
+    scored = [scored_tokens(part) for part in labels.tensor_split(count)]
     carried = [model.place_inputs(ids, mask) for ids, mask in zip(batch["input_ids"].tensor_split(count), mask_parts)]
-    label_parts = [part.to(last_chip) for part in labels.tensor_split(count)]
-    summed = _wavefront(model, carried, label_parts)
-    return torch.stack(summed).sum() / max(trained_tokens, 1)
+    scored = [part.to(last_chip) for part in scored]
+    summed = _wavefront(model, carried, scored)
+    return torch.stack(summed).sum() / max(sum(part.count for part in scored), 1)
 
 
-def _wavefront(model: SpannedModel, carried: list, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+def _wavefront(model: SpannedModel, carried: list, scored: list[ScoredTokens]) -> list[torch.Tensor]:
     """Run every micro-batch through every stage, clock by clock; the summed token loss of each.
 
     ``carried[m]``: micro-batch m's (token ids, positions, mask) on the first chip, replaced by what
-    each stage hands on. Within a clock the stages are issued first to last, so the last stage's
-    loss (which reads its token count back to the host) waits with every other chip busy.
+    each stage hands on; ``scored[m]`` its scored tokens, on the last chip.
     """
     num_stages, num_micro = len(model.stages), len(carried)
     summed = []
@@ -60,6 +59,6 @@ def _wavefront(model: SpannedModel, carried: list, labels: list[torch.Tensor]) -
             micro = clock - stage
             carried[micro] = model.stage_forward(stage, *carried[micro])
             if stage == num_stages - 1:
-                summed.append(model.loss(carried[micro][0], labels[micro], reduction="sum"))
+                summed.append(model.loss(carried[micro][0], scored[micro], reduction="sum"))
                 carried[micro] = None  # its activations live on in the autograd graph only
     return summed

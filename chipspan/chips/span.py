@@ -22,6 +22,7 @@ from torch import nn
 from chipspan.chips.placement import Placement
 from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
+from chipspan.models.loss import ScoredTokens
 
 
 class SpannedModel(nn.Module):
@@ -84,9 +85,10 @@ class SpannedModel(nn.Module):
         hidden = self.stages[i].embed(x) if i == 0 else x
         return self.stages[i].run_layers(hidden, positions, mask), positions, mask
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor | ScoredTokens, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy (fp32 scalar, "mean" or "sum" over labels != -100) of the last
-        stage's hidden states (b, s, hidden) against labels (b, s), on the last chip."""
+        stage's hidden states (b, s, hidden) against labels (b, s) or their ``ScoredTokens``, on
+        the last chip."""
         return self.last.loss(hidden, labels.to(hidden.device), reduction=reduction)
 
     def tied_copies(self) -> tuple[nn.Parameter, nn.Parameter] | None:

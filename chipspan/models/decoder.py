@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chipspan.models.config import ModelConfig
-from chipspan.models.loss import causal_lm_loss
+from chipspan.models.loss import ScoredTokens, causal_lm_loss
 
 
 class RMSNorm(nn.Module):
@@ -247,8 +247,9 @@ class CausalLM(nn.Module):
         """Final norm and head: hidden (b, s, hidden) -> logits (b, s, vocab)."""
         return self.lm_head(self.model.norm(hidden))
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy of hidden (b, s, hidden) against labels (b, s); -100 is ignored."""
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor | ScoredTokens, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of hidden (b, s, hidden) against labels (b, s), -100 ignored, or
+        their ``ScoredTokens``."""
         return causal_lm_loss(self.model.norm(hidden), self.lm_head.weight, labels, reduction=reduction)
 
     # -- the whole model in one call --

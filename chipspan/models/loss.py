@@ -9,13 +9,40 @@ the head weight, then freed. Peak extra memory is one chunk of fp32 logits inste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 IGNORE_INDEX = -100
 LOGITS_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 
 
-def causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The positions a loss scores and what they predict: ``positions`` (n,) flat indices into the
+    b·s positions of a (b, s) batch, ``targets`` (n,) their next-token ids, ``count`` = n on the host.
+
+    Found where the labels are (``scored_tokens``) and moved to the chip with ``to``, they let
+    the loss run without the chip stopping to tell the host how many tokens it scores."""
+
+    positions: torch.Tensor
+    targets: torch.Tensor
+    count: int
+
+    def to(self, device: torch.device | str) -> ScoredTokens:
+        return ScoredTokens(self.positions.to(device), self.targets.to(device), self.count)
+
+
+def scored_tokens(labels: torch.Tensor) -> ScoredTokens:
+    """Position t of labels (b, s) is scored on predicting labels[:, t + 1] unless that is -100."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    targets = targets.flatten()
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return ScoredTokens(positions, targets[positions], positions.numel())
+
+
+def causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor | ScoredTokens,
                    reduction: str = "mean", chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> torch.Tensor:
     """Next-token cross-entropy, fp32 scalar.
 
@@ -23,20 +50,19 @@ def causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torc
         hidden: final-normed hidden states (b, s, h).
         head_weight: the LM head (vocab, h).
         labels: (b, s) token ids; position t is scored on predicting labels[:, t + 1]; -100 is ignored.
+            Or the ``scored_tokens`` of such labels, on hidden's device.
         reduction: "mean" over scored tokens, or "sum". With no scored token the loss is 0.
         chunk_elements: fp32 logits computed at once; sets the chunk's token count.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    count = int(scored.sum())
-    if count == 0:
+    scored = labels if isinstance(labels, ScoredTokens) else scored_tokens(labels)
+    if scored.count == 0:
         return hidden.sum().float() * 0.0
     chunk_tokens = max(1, chunk_elements // head_weight.shape[0])
-    total = _LinearCrossEntropy.apply(hidden[scored], head_weight, targets[scored], chunk_tokens)
-    return total / count if reduction == "mean" else total
+    picked = hidden.flatten(0, 1).index_select(0, scored.positions)
+    total = _LinearCrossEntropy.apply(picked, head_weight, scored.targets, chunk_tokens)
+    return total / scored.count if reduction == "mean" else total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
