@@ -82,6 +82,7 @@ def pipelined(folder: Path, args) -> dict:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
+    from chipspan.chips.placement import split_layers
     from chipspan.args import parse_run_arguments
     from chipspan.distributed.gradients import clip_global_norm
     from chipspan.distributed.loop import replica_rows
@@ -111,7 +112,8 @@ def pipelined(folder: Path, args) -> dict:
     layout = plan_layout(int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), 1, 1)
     mesh = start(layout, device)
     config = ModelConfig.from_folder(folder)
-    pieces = [load_stage(folder, config, s, layout.num_stages, torch.float32, device) for s in layout.stages]
+    split = split_layers(config.num_hidden_layers, layout.num_stages)
+    pieces = [load_stage(folder, config, split, s, torch.float32, device) for s in layout.stages]
     prepare_stages(pieces, config, run.finetuning, None)
     training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=100)
     rows = replica_rows([batch(args.batch, args.seq)], layout, args.batch, 0, training.data_group, device)

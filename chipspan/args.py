@@ -84,8 +84,8 @@ class TrainingArguments:
     predict_with_generate: bool = field(default=False, metadata={"help": "accepted; --do_predict always generates"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    micro_batches: int = field(default=1, metadata={
-        "help": "split each batch into M micro-batches pipelined over the chips (GPipe)"})
+    micro_batches: int | None = field(default=None, metadata={
+        "help": "split each batch into M micro-batches pipelined over the chips (default: the plan's choice)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})

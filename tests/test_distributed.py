@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from chipspan.args import parse_run_arguments
-from chipspan.chips.placement import even_placement
+from chipspan.chips.placement import even_placement, split_layers
 from chipspan.chips.span import SpannedModel
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
@@ -32,7 +32,7 @@ from shared_assets import needs_llama2_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BATCH, ACCUMULATION, MICRO_BATCHES, VOCAB = 4, 2, 2, 512
 MAX_NORM = 0.1  # small enough that every layout clips
-# (name, schedule, finetuning, data_parallel, model): each runs on 2 processes
+# (name, schedule, finetuning, data_parallel, model): each runs on 2 processes, or on 4 (PP x DP 2 x 2)
 LAYOUTS = [
     ("gpipe-lora", "gpipe", "lora", 1, "untied"),
     ("1f1b-lora", "1f1b", "lora", 1, "untied"),
@@ -41,6 +41,14 @@ LAYOUTS = [
     ("dp2-full-tied", "gpipe", "full", 2, "tied"),
     ("dp2-lora", "1f1b", "lora", 2, "untied"),
 ]
+MESH_LAYOUTS = [
+    ("pp2-dp2-full-tied", "1f1b", "full", 2, "tied"),
+    ("pp2-dp2-lora", "gpipe", "lora", 2, "untied"),
+    ("interleaved-dp2-lora", "interleaved1f1b", "lora", 2, "untied"),
+]
+# The machines these tests run on allow 2 processes at a time; set this to 4 (or more) on a machine
+# with the cores for it to also run the 2 x 2 pipeline x data mesh.
+PROCESSES = int(os.environ.get("CHIPSPAN_TEST_PROCESSES", "2"))
 
 
 def flags(model, finetuning, schedule="1f1b", data_parallel=1):
@@ -79,7 +87,7 @@ def perturb(named_parameters, tied):
 
 # --- the worker -------------------------------------------------------------------------------------
 
-def worker(out: Path) -> None:
+def worker(out: Path, layouts: list) -> None:
     import torch.distributed as dist
 
     from chipspan.distributed.gradients import clip_global_norm, sum_tied_gradients
@@ -90,15 +98,16 @@ def worker(out: Path) -> None:
     from chipspan.distributed.stage import load_stage
     from chipspan.distributed.trainable import prepare_stages
 
-    rank, device = int(os.environ["RANK"]), torch.device("cpu")
-    for name, schedule, finetuning, data_parallel, model in LAYOUTS:
+    rank, world, device = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cpu")
+    for name, schedule, finetuning, data_parallel, model in layouts:
         folder = out / model
         run = parse_run_arguments(flags(folder, finetuning, schedule, data_parallel), {})
-        layout = plan_layout(2, rank, data_parallel, VIRTUAL_STAGES[schedule])
+        layout = plan_layout(world, rank, data_parallel, VIRTUAL_STAGES[schedule])
         mesh = start(layout, device)
         config = ModelConfig.from_folder(folder)
         torch.manual_seed(42)
-        pieces = [load_stage(folder, config, s, layout.num_stages, torch.float32, device) for s in layout.stages]
+        split = split_layers(config.num_hidden_layers, layout.num_stages)
+        pieces = [load_stage(folder, config, split, s, torch.float32, device) for s in layout.stages]
         for piece in pieces:
             piece.gradient_checkpointing = False
         prepare_stages(pieces, config, run.finetuning, None)
@@ -123,9 +132,10 @@ def worker(out: Path) -> None:
 
 # --- the tests ----------------------------------------------------------------------------------------
 
-def torchrun(*args, timeout=120):
+def torchrun(*args, timeout=120, processes=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc-per-node={processes}",
                              *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -151,30 +161,45 @@ def reference(folder, finetuning):
     return loss, norm, grads, initial
 
 
-def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_path):
+def run_layouts(tmp_path, layouts, processes):
+    """Run ``layouts`` on ``processes`` ranks and compare each with one process."""
     from test_decoder_parity import make_reference
 
     shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2)
     make_reference(tmp_path / "untied", "llama2-mha", **shape)
     make_reference(tmp_path / "tied", "smollm-tied", **shape)
-    torchrun(Path(__file__), tmp_path)
+    torchrun(Path(__file__), tmp_path, "mesh" if layouts is MESH_LAYOUTS else "pairs", processes=processes,
+             timeout=300)
     expected = {model: {ft: reference(tmp_path / model, ft) for ft in ("lora", "full")} for model in ("untied", "tied")}
-    for name, _, finetuning, data_parallel, model in LAYOUTS:
+    for name, _, finetuning, data_parallel, model in layouts:
         loss, norm, grads, initial = expected[model][finetuning]
-        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(2)]
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(processes)]
         assert ranks[0]["loss"] == pytest.approx(loss, rel=1e-6), name
-        assert ranks[0]["norm"] == pytest.approx(norm, rel=1e-5) and ranks[1]["norm"] == ranks[0]["norm"], name
+        assert all(r["norm"] == pytest.approx(norm, rel=1e-5) for r in ranks), name
         assert norm > MAX_NORM, "the clipping must act for the test to check it"
         held = {}
-        for r in ranks if data_parallel == 1 else ranks[:1]:
+        for r in ranks[::data_parallel]:  # replica 0 of each pipeline position (rank = position x dp + replica)
             held.update(r["grads"])
+        for r in ranks:
             assert all(torch.equal(r["initial"][k], initial[k]) for k in r["initial"]), f"{name}: initial weights"
-        if data_parallel > 1:  # the replicas hold the same summed gradients
-            assert all(torch.equal(ranks[0]["grads"][k], ranks[1]["grads"][k]) for k in held), name
+        for first in range(0, processes, data_parallel):  # the replicas hold the same summed gradients
+            for replica in ranks[first + 1:first + data_parallel]:
+                assert all(torch.equal(ranks[first]["grads"][k], replica["grads"][k])
+                           for k in ranks[first]["grads"]), name
         assert set(held) == set(grads), name
         for key, grad in grads.items():
             torch.testing.assert_close(held[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_path):
+    run_layouts(tmp_path, LAYOUTS, processes=2)
+
+
+@pytest.mark.skipif(PROCESSES < 4, reason="the 2 x 2 mesh needs 4 processes: set CHIPSPAN_TEST_PROCESSES=4 "
+                                          "on a machine with the cores for it")
+def test_pipeline_by_data_mesh_gives_the_gradients_of_one_process(tmp_path):
+    run_layouts(tmp_path, MESH_LAYOUTS, processes=4)
 
 
 # end to end: `chipspan train` under torchrun, checkpoints across the two ways of running
@@ -247,5 +272,14 @@ def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp
     assert losses(tmp_path / "resumed") == straight[2:]
 
 
+def test_one_process_per_chip_flags_without_torchrun_are_refused(tiny_workspace, tmp_path):
+    from chipspan.errors import ChipspanError
+
+    for flags in (["--data_parallel", "2"], ["--pipeline_schedule", "gpipe"]):
+        with pytest.raises(ChipspanError, match=r"set how one process per chip runs: add --launcher torchrun"):
+            one_process(train_flags(tiny_workspace, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), MESH_LAYOUTS if sys.argv[2] == "mesh" else LAYOUTS)

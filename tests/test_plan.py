@@ -14,9 +14,9 @@ import torch
 from chipspan import emu
 from chipspan.args import parse_run_arguments
 from chipspan.chips import span
-from chipspan.chips.memory import balanced_split, estimate, min_chips, pack_layers
+from chipspan.chips.memory import Schedule, balanced_split, estimate, min_chips, pack_layers, split_estimates
 from chipspan.chips.placement import split_layers
-from chipspan.chips.plan import job_of
+from chipspan.chips.plan import choose_span, job_of, schedule_of
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.train.recipe import _placement, run_train
@@ -255,13 +255,96 @@ def no_weight_loading(monkeypatch):
     monkeypatch.setattr(span, "load_pretrained", refuse)
 
 
-def test_micro_batches_set_the_plans_batch_and_micro_batches_in_flight(tmp_path):
+def test_micro_batches_set_the_plans_batch_and_schedule(tmp_path):
     folder = _model_folder(tmp_path, **HEAVY_HEAD)
-    assert (job_of(_train_run(folder))["batch"], job_of(_train_run(folder))["micro_batches_in_flight"]) == (2, 1)
+    assert job_of(_train_run(folder))["batch"] == 2
     job = job_of(_train_run(folder, "--per_device_train_batch_size", "5", "--micro_batches", "2"))
-    assert (job["batch"], job["micro_batches_in_flight"]) == (3, 2)  # 3 + 2 examples: the larger counts
+    assert job["batch"] == 3  # 3 + 2 examples: the larger counts
     with pytest.raises(ChipspanError, match=r"--micro_batches 6 must be between 1 and per_device_train_batch_size"):
         job_of(_train_run(folder, "--per_device_train_batch_size", "5", "--micro_batches", "6"))
+    # one process: GPipe over each batch; one process per chip: the schedule over the whole step
+    accumulate = ("--gradient_accumulation_steps", "3")
+    assert schedule_of(_train_run(folder, *accumulate), 2) == Schedule("gpipe", 2)
+    torchrun = _train_run(folder, *accumulate, "--launcher", "torchrun", "--pipeline_schedule", "1f1b")
+    assert schedule_of(torchrun, 2) == Schedule("1f1b", 6)
+
+
+def test_micro_batches_in_flight_per_schedule():
+    assert [Schedule("gpipe", 8).in_flight(s, 4) for s in range(4)] == [8] * 4
+    assert [Schedule("1f1b", 8).in_flight(s, 4) for s in range(4)] == [4, 3, 2, 1]
+    assert [Schedule("1f1b", 2).in_flight(s, 4) for s in range(4)] == [2, 2, 2, 1]
+    # interleaved, 2 chips x 2 stages, 4 micro-batches: chip 0 runs 4 warm-up forwards and one more
+    # (stages 0, 0, 2, 2, 0) before its first backward, chip 1 runs 2 + 1 (stages 1, 1, 3)
+    assert [Schedule("interleaved1f1b", 4).in_flight(s, 4) for s in range(4)] == [3, 2, 2, 1]
+
+
+def test_interleaved_in_flight_follows_torchs_warm_up():
+    from torch.distributed.pipelining.schedules import _get_warmup_ops
+
+    for chips, micro in itertools.product((2, 3, 4), (2, 4, 6, 8, 12)):
+        per_round = micro // max(1, micro // chips)
+        if micro % max(1, micro // chips):
+            continue
+        schedule = Schedule("interleaved1f1b", micro)
+        for chip in range(chips):
+            warm_up = _get_warmup_ops(chip, 2, per_round, chips, micro)
+            held = schedule.in_flight(chip, 2 * chips) + schedule.in_flight(chip + chips, 2 * chips)
+            assert held == min(warm_up + 1, 2 * micro), (chips, micro, chip)
+
+
+def test_1f1b_gives_the_first_stages_fewer_layers_and_may_need_more_chips():
+    job, schedule = dict(SEED_LORA, batch=1), Schedule("1f1b", 8)
+    split = balanced_split(LLAMA2_7B, 4, schedule=schedule, **job)
+    assert [len(r) for r in split] == sorted(len(r) for r in split)  # stage 0 keeps 4 micro-batches, 3 keeps 1
+    assert [c.in_flight for c in split_estimates(LLAMA2_7B, split, schedule, **job)] == [4, 3, 2, 1]
+    one_at_a_time = min_chips(LLAMA2_7B, 14 * 10**9, **job)
+    assert min_chips(LLAMA2_7B, 14 * 10**9, schedule=schedule, **job) >= one_at_a_time
+    assert min_chips(LLAMA2_7B, 14 * 10**9, schedule=Schedule("gpipe", 8), **job) >= \
+        min_chips(LLAMA2_7B, 14 * 10**9, schedule=schedule, **job)
+
+
+def test_the_plan_chooses_the_micro_batches(tmp_path):
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    config = ModelConfig.from_folder(folder)
+    run = _train_run(folder, "--per_device_train_batch_size", "6")
+    # one process: micro-batches overlap only where the chips run asynchronously
+    assert choose_span(run, config, 2, None, "cpu").micro_batches == 1
+    assert choose_span(run, config, 2, None, "emu").micro_batches == 1
+    assert choose_span(run, config, 1, None, "cuda").micro_batches == 1
+    assert choose_span(run, config, 2, None, "cuda").micro_batches == 6  # one example each: the least bubble
+    given = _train_run(folder, "--per_device_train_batch_size", "6", "--micro_batches", "3")
+    assert choose_span(given, config, 2, None, "cuda").micro_batches == 3
+    # one process per chip: stage processes overlap on any device
+    torchrun = _train_run(folder, "--per_device_train_batch_size", "6", "--launcher", "torchrun")
+    span_ = choose_span(torchrun, config, 2, None, "cpu")
+    assert (span_.micro_batches, span_.schedule) == (6, Schedule("1f1b", 6))
+    interleaved = _train_run(folder, "--per_device_train_batch_size", "3", "--launcher", "torchrun",
+                             "--pipeline_schedule", "interleaved1f1b", "--gradient_accumulation_steps", "3")
+    assert choose_span(interleaved, config, 2, None, "cpu").micro_batches == 1  # 9 per step is not whole rounds of 2
+    with pytest.raises(ChipspanError, match="interleaved1f1b runs micro-batches in rounds of 2: make"):
+        choose_span(replace_training(interleaved, micro_batches=3), config, 2, None, "cpu")
+
+
+def replace_training(run, **changes):
+    return dataclasses.replace(run, training=dataclasses.replace(run.training, **changes))
+
+
+def test_plan_shows_each_stages_micro_batches_in_flight(tmp_path, capsys):
+    from chipspan.cli import main
+
+    argv = ["plan", "--model_name_or_path", str(CONFIGS / "llama2-7b.json"), "--finetuning_type", "lora",
+            "--per_device_train_batch_size", "8", "--fp16", "--cutoff_len", "1024", "--chips", "0-3",
+            "--chip_memory", "16GiB", "--launcher", "torchrun", "--pipeline_schedule", "1f1b"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["schedule"], plan["micro_batches"], plan["one_process_per_chip"]) == ("1f1b", 8, True)
+    assert [chip["in_flight"] for chip in plan["chips"]] == [4, 3, 2, 1]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "one process per chip, 1f1b: each batch in 8 micro-batch(es), 8 per optimizer step" in table
+    assert main([*argv[:-1], "interleaved1f1b", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [chip["chip"] for chip in plan["chips"]] == [0, 1, 2, 3] * 2 and len(plan["chip_totals"]) == 4
 
 
 def test_chips_auto_on_emulated_chips_takes_the_fewest_and_balances_them(tmp_path):
@@ -276,8 +359,8 @@ def test_chips_auto_on_emulated_chips_takes_the_fewest_and_balances_them(tmp_pat
     assert estimate(config, range(8), True, True, **job).total > fits_two  # one chip is not enough
     try:
         for chips in ("auto", "0-1"):
-            placement = _placement(_train_run(folder, "--finetuning_type", "full", "--device", "emu",
-                                              "--chips", chips, "--chip_memory", str(fits_two)), config)
+            placement, _ = _placement(_train_run(folder, "--finetuning_type", "full", "--device", "emu",
+                                                 "--chips", chips, "--chip_memory", str(fits_two)), config)
             assert placement.devices == (torch.device("emu", 0), torch.device("emu", 1))
             assert list(placement.layers) == balanced
     finally:
@@ -305,3 +388,18 @@ def test_chips_auto_needs_a_chips_memory(tmp_path, no_weight_loading):
         run_train(_train_run(folder, "--finetuning_type", "full", "--device", "cpu", "--chips", "auto"))
     with pytest.raises(ChipspanError, match="--chips auto on emulated chips needs --chip_memory"):
         run_train(_train_run(folder, "--finetuning_type", "full", "--device", "emu", "--chips", "auto"))
+
+
+def test_estimate_matches_each_stage_process_peak(tmp_path):
+    # two stage processes (torchrun, gloo) train a small random Llama; each tracks its own peak.
+    # Under 1F1B the first stage holds 2 of the 4 micro-batches at once and the last 1, with the
+    # gradients of earlier micro-batches alive; under GPipe both hold all 4
+    import stage_memory
+
+    jobs = [dict(finetuning="full", schedule="1f1b", micro_batches=4, seq=128),
+            dict(finetuning="lora", schedule="gpipe", micro_batches=4, seq=128)]
+    results = stage_memory.measure_stages(jobs, tmp_path)
+    assert [[s["in_flight"] for s in stages] for stages in results] == [[2, 1], [4, 4]]
+    for job, stages in zip(jobs, results):
+        for stage in stages:
+            assert 0.9 < stage["predicted"] / stage["measured"] < 1.1, (job, stage)

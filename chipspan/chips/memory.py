@@ -14,8 +14,8 @@ The job's knobs (``estimate``'s keyword arguments) are:
 - ``seq_len``, ``batch``: tokens per example (cutoff_len) and examples per micro-batch.
 - ``gradient_checkpointing``: keep only each layer's input and recompute the rest in backward.
 - ``lora_rank``, ``lora_targets``: the adapters ("all": every linear layer).
-- ``micro_batches_in_flight``: micro-batches whose activations a chip holds at once (GPipe: all m
-  of them; 1F1B: at most the number of stages).
+- ``micro_batches_in_flight``: micro-batches whose activations a chip holds at once. The split
+  functions take a ``Schedule`` instead, which gives each pipeline stage its own count.
 - ``num_layer_trainable``, ``name_module_trainable``: what "freeze" trains, as in ``train``.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from itertools import count
 
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -37,6 +38,44 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 ATTENTION_MODULES = LORA_MODULES[:4]
 MLP_MODULES = LORA_MODULES[4:]
 GIB = 1 << 30
+VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved1f1b": 2}  # pipeline stages per chip, by schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The order micro-batches run through the pipeline stages, and so how many micro-batches'
+    activations each stage keeps at once.
+
+    ``micro_batches``: micro-batches per pass (one process: per batch; one process per chip: per
+    optimizer step, batch micro-batches × gradient accumulation steps). ``name``:
+
+    - "gpipe": every forward before any backward: all of them on every stage;
+    - "1f1b": stage s of S starts its backwards after S - s forwards: min(micro_batches, S - s);
+    - "interleaved1f1b": each chip runs ``virtual`` stages (s, s + P, …; P = S / virtual chips) and
+      counts the forwards torch's schedule runs before the chip's first backward: its warm-up,
+      (virtual - 1)·round + 2·(P - 1 - chip) chunks (round = P micro-batches) plus one, taken
+      round by round from its stages in turn.
+    """
+
+    name: str = "gpipe"
+    micro_batches: int = 1
+
+    @property
+    def virtual(self) -> int:
+        return VIRTUAL_STAGES[self.name]
+
+    def in_flight(self, stage: int, num_stages: int) -> int:
+        """Micro-batches whose activations ``stage`` (of ``num_stages``) holds at its fullest."""
+        m = self.micro_batches
+        if self.name == "gpipe":
+            return m
+        if self.name == "1f1b":
+            return min(m, num_stages - stage)
+        chips = num_stages // self.virtual
+        chip, local = stage % chips, stage // chips
+        per_round = m // max(1, m // chips)
+        forwards = min((self.virtual - 1) * per_round + 2 * (chips - 1 - chip) + 1, m * self.virtual)
+        return max(1, sum(1 for j in range(forwards) if (j // per_round) % self.virtual == local))
 
 
 @dataclass(frozen=True)
@@ -56,6 +95,7 @@ class ChipMemory:
     workspace: int  # the transient at the peak moment: a layer's backward, or AdamW's temporaries
     total: int  # the predicted peak
     peak_at: str  # "forward" (the loss), "backward" or "optimizer step"
+    in_flight: int = 1  # micro-batches whose activations it holds at once
 
 
 @dataclass(frozen=True)
@@ -80,7 +120,7 @@ class _Job:
 def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, finetuning_type: str,
              base_dtype_bytes: int, seq_len: int, batch: int, gradient_checkpointing: bool,
              lora_rank: int = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
-             micro_batches_in_flight: int = 1, num_layer_trainable: int = 3,
+             micro_batches_in_flight: int = 1, gradients_held: bool = False, num_layer_trainable: int = 3,
              name_module_trainable: str = "mlp") -> ChipMemory:
     """Peak bytes of one chip holding ``layers`` (and the embeddings if ``first``, the final norm,
     head and loss if ``last``; a chip both first and last holds the whole model).
@@ -92,6 +132,9 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
       (and, last chip, the head's gradient);
     - backward, last layer out: every gradient, one layer's activations and working set;
     - optimizer step: every gradient, plus AdamW's foreach temporaries.
+
+    With ``gradients_held`` the gradients of earlier micro-batches are alive in the first two
+    moments too: gradient accumulation, or a 1F1B stage that runs forwards after backwards.
     """
     if finetuning_type not in FINETUNING_TYPES:
         raise ChipspanError(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not '{finetuning_type}'")
@@ -160,9 +203,10 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     logits = _loss_working_bytes(job) if last else 0
     head_gradient = embed * GRADIENT_BYTES if (last and full and head_here) else 0
 
+    held = gradients if gradients_held else 0
     moments = {
-        "forward": states + activations + max(loss_saved + logits, forward),
-        "backward": max(states + activations + head_gradient + backward,
+        "forward": states + held + activations + max(loss_saved + logits, forward),
+        "backward": max(states + held + activations + (0 if gradients_held else head_gradient) + backward,
                         states + gradients + backward_end),
         "optimizer step": states + gradients + _adamw_step_bytes(decay),
     }
@@ -171,7 +215,26 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
                  "optimizer step": _adamw_step_bytes(decay)}[peak_at]
     return ChipMemory(layers=layers, weights=weights, gradients=gradients, optimizer=optimizer,
                       activations=activations + loss_saved, logits=logits, workspace=workspace,
-                      total=moments[peak_at], peak_at=peak_at)
+                      total=moments[peak_at], peak_at=peak_at, in_flight=micro_batches_in_flight)
+
+
+def split_estimates(config: ModelConfig, split: list[range], schedule: Schedule | None = None,
+                    **job) -> list[ChipMemory]:
+    """``estimate`` for each stage of ``split`` (contiguous layer slices, first to last); with a
+    ``schedule``, each stage holds the micro-batches it keeps in flight."""
+    last = config.num_hidden_layers
+    return [estimate(config, r, r.start == 0, r.stop == last, **_stage_job(job, schedule, i, len(split)))
+            for i, r in enumerate(split)]
+
+
+def _stage_job(job: dict, schedule: Schedule | None, stage: int, num_stages: int) -> dict:
+    """``job`` for one stage: the micro-batches it holds, and whether gradients are alive while
+    it holds them (it runs more micro-batches than it holds at once)."""
+    if schedule is None:
+        return job
+    flight = schedule.in_flight(stage, num_stages)
+    held = job.get("gradients_held", False) or (schedule.name != "gpipe" and flight < schedule.micro_batches)
+    return {**job, "micro_batches_in_flight": flight, "gradients_held": held}
 
 
 def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, **job) -> list[range]:
@@ -197,37 +260,61 @@ def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1
     return slices
 
 
-def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, **job) -> int:
-    """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job."""
-    return len(pack_layers(config, chip_bytes, usable_fraction, **job))
+def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0,
+              schedule: Schedule | None = None, **job) -> int:
+    """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job. Without a
+    schedule (or under GPipe) every chip holds the same micro-batches and the greedy packer finds
+    it; under 1F1B the early stages hold more, so splits of more chips are tried from there until
+    ``balanced_split``'s fits."""
+    if schedule is None or schedule.name == "gpipe":
+        flight = {} if schedule is None else {"micro_batches_in_flight": schedule.micro_batches}
+        return len(pack_layers(config, chip_bytes, usable_fraction, **job, **flight))
+    budget = int(chip_bytes * usable_fraction)
+    fewest = len(pack_layers(config, chip_bytes, usable_fraction, **job))  # one micro-batch each: a lower bound
+    for chips in count(fewest):
+        if chips * schedule.virtual > config.num_hidden_layers:
+            raise ChipspanError(_too_small(config, budget, chips - 1, job))
+        split = balanced_split(config, chips * schedule.virtual, schedule=schedule, **job)
+        if max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget:
+            return chips
 
 
-def balanced_split(config: ModelConfig, num_chips: int, **job) -> list[range]:
-    """Contiguous layer slices over ``num_chips`` chips that minimize the largest predicted
-    per-chip total; among those, the one with the fewest layers on its busiest chip."""
+def chip_totals(stages: list[ChipMemory], schedule: Schedule | None = None) -> list[int]:
+    """Each chip's predicted peak from its stages' (chip c runs stages c, c + P, …): under an
+    interleaved schedule the sum of its stages' peaks, a bound from above."""
+    virtual = 1 if schedule is None else schedule.virtual
+    chips = len(stages) // virtual
+    return [sum(stages[c + k * chips].total for k in range(virtual)) for c in range(chips)]
+
+
+def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | None = None, **job) -> list[range]:
+    """Contiguous layer slices over ``num_chips`` chips (pipeline stages) that minimize the largest
+    predicted per-chip total; among those, the one with the fewest layers on its busiest chip. With
+    a ``schedule``, each stage holds the micro-batches it keeps in flight."""
     num_layers = config.num_hidden_layers
     if not 1 <= num_chips <= num_layers:
         raise ChipspanError(f"cannot span {num_layers} decoder layers over {num_chips} chips: use 1 to "
                             f"{num_layers} chips (each holds at least one layer)")
 
     @cache
-    def total(start: int, stop: int) -> int:
-        return estimate(config, range(start, stop), start == 0, stop == num_layers, **job).total
+    def total(chip: int, start: int, stop: int) -> int:
+        chip_job = _stage_job(job, schedule, chip, num_chips)
+        return estimate(config, range(start, stop), start == 0, stop == num_layers, **chip_job).total
 
-    fullest = max(total(r.start, r.stop) for r in _min_max_split(num_layers, num_chips, total))
-    return _min_max_split(num_layers, num_chips,
-                          lambda start, stop: stop - start if total(start, stop) <= fullest else float("inf"))
+    fullest = max(total(i, r.start, r.stop) for i, r in enumerate(_min_max_split(num_layers, num_chips, total)))
+    return _min_max_split(num_layers, num_chips, lambda chip, start, stop:
+                          stop - start if total(chip, start, stop) <= fullest else float("inf"))
 
 
 def _min_max_split(num_layers: int, num_chips: int, cost) -> list[range]:
     """Contiguous split of layers into ``num_chips`` non-empty slices minimizing the largest
-    ``cost(start, stop)`` (dynamic programming over chips and layers)."""
+    ``cost(chip, start, stop)`` (dynamic programming over chips and layers)."""
     # best[c][j]: (smallest largest cost, cut) splitting layers [0, j) over c chips
     best = [dict() for _ in range(num_chips + 1)]
     best[0][0] = (float("-inf"), 0)
     for chips in range(1, num_chips + 1):
         for stop in range(chips, num_layers - (num_chips - chips) + 1):
-            best[chips][stop] = min((max(best[chips - 1][start][0], cost(start, stop)), start)
+            best[chips][stop] = min((max(best[chips - 1][start][0], cost(chips - 1, start, stop)), start)
                                     for start in best[chips - 1] if start < stop)
     slices, stop = [], num_layers
     for chips in range(num_chips, 0, -1):

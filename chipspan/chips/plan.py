@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 
 from chipspan import devices
 from chipspan.args import RunArguments
-from chipspan.chips.memory import GIB, ChipMemory, balanced_split, estimate, min_chips
+from chipspan.chips.memory import (GIB, VIRTUAL_STAGES, ChipMemory, Schedule, balanced_split, chip_totals,
+                                   min_chips, split_estimates)
 from chipspan.chips.placement import split_layers
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
+
+
+# Devices whose chips finish each op before returning, so micro-batches in one process cannot
+# overlap: the CPU's "chips" are one CPU, emulated chips compute on it.
+SYNCHRONOUS_DEVICE_TYPES = (*devices.SINGLE_DEVICE_TYPES, "emu")
 
 
 @dataclass
@@ -28,58 +35,145 @@ class Plan:
     model: str
     chip_bytes: int | None  # usable memory per chip; None when not given
     min_chips: int | None  # fewest chips that hold the job; None without chip_bytes
-    chips: list[ChipMemory]  # per chip, for the chips asked for (or min_chips with --chips auto)
+    chips: list[ChipMemory]  # per pipeline stage (one per chip but under interleaved1f1b), first to last
+    schedule: Schedule  # how the stages run the micro-batches
+    micro_batches: int  # per batch
+    processes: bool = False  # one process per chip (torchrun) rather than one process
+
+    @property
+    def chip_totals(self) -> list[int]:
+        """Each chip's predicted peak (the sum of its stages' under interleaved1f1b)."""
+        return chip_totals(self.chips, self.schedule)
 
     @property
     def fits(self) -> bool | None:
         if self.chip_bytes is None:
             return None
-        return all(chip.total <= self.chip_bytes for chip in self.chips)
+        return all(total <= self.chip_bytes for total in self.chip_totals)
 
 
-def job_of(run: RunArguments) -> dict:
-    """The memory model's knobs for a run's settings. Under ``--micro_batches M`` a micro-batch
-    holds ceil(batch / M) examples and a chip keeps all M in flight (GPipe); ChipspanError when M
-    does not fit the batch."""
+@dataclass(frozen=True)
+class Span:
+    """What `train` runs: its chips (or stages), their layers, and the micro-batches per batch."""
+
+    layers: list[range]  # decoder layers per pipeline stage
+    micro_batches: int
+    schedule: Schedule
+    job: dict  # the memory model's knobs (``job_of``)
+
+
+def one_process_per_chip(run: RunArguments) -> bool:
+    """Whether `train` runs as one process per chip (under torchrun, or --launcher torchrun)."""
+    return run.chips.launcher is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def job_of(run: RunArguments, micro_batches: int | None = None) -> dict:
+    """The memory model's knobs for a run's settings, each batch cut into ``micro_batches``
+    (default --micro_batches, else 1) of ceil(batch / M) examples; ChipspanError when M does not
+    fit the batch. The micro-batches in flight come from ``schedule_of``; one process holds the
+    gradients of earlier accumulation steps while it runs the next (one process per chip runs a
+    step's accumulation steps as micro-batches of one schedule)."""
     ft, train = run.finetuning, run.training
-    batch, micro = train.per_device_train_batch_size, train.micro_batches
+    batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
     if not 1 <= micro <= max(batch, 1):
         raise ChipspanError(f"--micro_batches {micro} must be between 1 and per_device_train_batch_size ({batch}): "
                             "each micro-batch needs at least one example")
     targets = tuple(t.strip() for t in (ft.lora_target or "q_proj,v_proj").split(",") if t.strip())
     return dict(finetuning_type=ft.finetuning_type, base_dtype_bytes=2 if (train.fp16 or train.bf16) else 4,
-                seq_len=run.data.cutoff_len, batch=math.ceil(batch / micro), micro_batches_in_flight=micro,
-                gradient_checkpointing=not train.disable_gradient_checkpointing, lora_rank=ft.lora_rank,
+                seq_len=run.data.cutoff_len, batch=math.ceil(batch / micro),
+                gradient_checkpointing=not train.disable_gradient_checkpointing,
+                gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
+                lora_rank=ft.lora_rank,
                 lora_targets=targets, num_layer_trainable=ft.num_layer_trainable,
                 name_module_trainable=ft.name_module_trainable)
+
+
+def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
+    """One process runs GPipe over each batch's micro-batches (gradient accumulation steps one
+    after another); one process per chip runs --pipeline_schedule over all of a step's."""
+    if not one_process_per_chip(run):
+        return Schedule("gpipe", micro_batches)
+    return Schedule(run.chips.pipeline_schedule, micro_batches * run.training.gradient_accumulation_steps)
+
+
+def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: int | None,
+                device_type: str) -> Span:
+    """The layers of ``num_chips`` chips and the micro-batches per batch.
+
+    --micro_batches, when given, is kept. Otherwise the plan takes the most micro-batches that
+    divide the batch and fit (the smaller the micro-batch, the smaller the pipeline's idle bubble
+    and, under 1F1B, the activations in flight), or one micro-batch where the chips cannot overlap
+    (a single chip; one process on the CPU or emulated chips). With ``usable`` (bytes per chip)
+    the layers balance predicted memory; without it they split evenly. A split that does not fit
+    is returned as it is: ``check_fits`` says so.
+    """
+    processes = one_process_per_chip(run)
+    batch = run.training.per_device_train_batch_size
+    if run.training.micro_batches is not None:
+        candidates = [run.training.micro_batches]
+    elif not processes and (num_chips == 1 or device_type in SYNCHRONOUS_DEVICE_TYPES):
+        candidates = [1]
+    else:
+        candidates = [m for m in range(batch, 0, -1) if batch % m == 0]
+    candidates = [m for m in candidates if _whole_rounds(schedule_of(run, m), num_chips)]
+    if not candidates:
+        raise ChipspanError(f"interleaved1f1b runs micro-batches in rounds of {num_chips}: make the micro-batches "
+                            "per step (--micro_batches x gradient_accumulation_steps) a multiple of "
+                            f"{num_chips}")
+    virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
+    spans = []
+    for micro in candidates:
+        job, schedule = job_of(run, micro), schedule_of(run, micro)
+        if usable is None:
+            return Span(list(split_layers(config.num_hidden_layers, num_chips * virtual)), micro, schedule, job)
+        spans.append(Span(balanced_split(config, num_chips * virtual, schedule=schedule, **job), micro, schedule, job))
+        if max(_chip_peaks(config, spans[-1])) <= usable:
+            return spans[-1]
+    return spans[0]
+
+
+def _whole_rounds(schedule: Schedule, num_chips: int) -> bool:
+    """Whether torch's interleaved 1F1B takes this many micro-batches: whole rounds of the chips."""
+    per_step = schedule.micro_batches
+    return schedule.name != "interleaved1f1b" or per_step % max(1, per_step // num_chips) == 0
 
 
 def make_plan(run: RunArguments) -> Plan:
     if not run.model.model_name_or_path:
         raise ChipspanError("--model_name_or_path is required: a model folder or its config.json")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
-    job = job_of(run)
+    device_type = run.chips.device or devices.default_device_type()
+    processes = one_process_per_chip(run)
     chip_bytes = None
     if run.chips.chip_memory is not None:
         chip_bytes = int(parse_size(run.chips.chip_memory) * run.chips.usable_fraction)
-    fewest = min_chips(config, chip_bytes, **job) if chip_bytes is not None else None
+    fewest = None
+    if chip_bytes is not None:
+        chosen = choose_span(run, config, 1, chip_bytes, device_type)
+        fewest = min_chips(config, chip_bytes, schedule=chosen.schedule, **chosen.job)
     if run.chips.chips == "auto":
         if fewest is None:
             raise ChipspanError("--chips auto needs --chip_memory, the memory of one chip (e.g. 16GiB)")
         count = fewest
     else:
-        count = len(devices.parse_chip_ids(run.chips.chips))
-    if count > config.num_hidden_layers:
-        raise ChipspanError(f"{count} chips asked for but the model has only {config.num_hidden_layers} layers")
-    layers = balanced_split(config, count, **job)
-    chips = [estimate(config, r, i == 0, i == count - 1, **job) for i, r in enumerate(layers)]
-    return Plan(run.model.model_name_or_path, chip_bytes, fewest, chips)
+        count = len(devices.parse_chip_ids(run.chips.chips)) // (run.chips.data_parallel if processes else 1)
+    virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
+    if count * virtual > config.num_hidden_layers:
+        raise ChipspanError(f"{count * virtual} pipeline stages asked for but the model has only "
+                            f"{config.num_hidden_layers} layers")
+    span = choose_span(run, config, count, chip_bytes, device_type)
+    if chip_bytes is None:  # nothing to fit: still balance the predicted memory
+        span = Span(balanced_split(config, count * virtual, schedule=span.schedule, **span.job), span.micro_batches,
+                    span.schedule, span.job)
+    chips = split_estimates(config, span.layers, span.schedule, **span.job)
+    return Plan(run.model.model_name_or_path, chip_bytes, fewest, chips, span.schedule, span.micro_batches, processes)
 
 
 def train_chips(run: RunArguments, config: ModelConfig, device_type: str
-                ) -> tuple[list[int], list[range], int | None]:
-    """Where `train` puts the model, before any weight loads: (chip ids, each chip's decoder
-    layers, the bytes of one chip or None where unknown).
+                ) -> tuple[list[int], Span, int | None]:
+    """Where `train` (one process) puts the model, before any weight loads: (chip ids, the span —
+    each chip's decoder layers and the micro-batches per batch —, the bytes of one chip or None
+    where unknown).
 
     A chip's memory is --chip_memory on emulated chips, else what the first chip reports (taken
     for all); the plan may use ``usable_fraction`` of it. Known, the layers follow
@@ -87,7 +181,6 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str
     the fewest chips that hold the job. Unknown (the CPU), the layers are split evenly and
     ``--chips auto`` is refused.
     """
-    job = job_of(run)
     auto = run.chips.chips == "auto"
     chip_ids = None if auto else devices.parse_chip_ids(run.chips.chips)
     if not auto and len(chip_ids) > config.num_hidden_layers:
@@ -97,14 +190,29 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str
     if chip_bytes is None:
         if auto:
             raise ChipspanError(_auto_needs_memory(device_type))
-        return chip_ids, list(split_layers(config.num_hidden_layers, len(chip_ids))), None
+        return chip_ids, choose_span(run, config, len(chip_ids), None, device_type), None
     usable = int(chip_bytes * run.chips.usable_fraction)
     if auto:
-        chip_ids = list(range(min_chips(config, usable, **job)))
+        single = choose_span(run, config, 1, usable, device_type)
+        chip_ids = list(range(min_chips(config, usable, schedule=single.schedule, **single.job)))
         _check_chips_exist(device_type, len(chip_ids), usable)
-    layers = balanced_split(config, len(chip_ids), **job)
-    _check_fits(config, job, layers, usable, device_type, chip_ids)
-    return chip_ids, layers, chip_bytes
+    span = choose_span(run, config, len(chip_ids), usable, device_type)
+    check_fits(config, span, usable, device_type, chip_ids)
+    return chip_ids, span, chip_bytes
+
+
+def stage_span(run: RunArguments, config: ModelConfig, num_stages: int, device: torch.device) -> Span:
+    """The layers of each pipeline stage and the micro-batches per batch for one process per chip
+    (``num_stages`` = pipeline ranks × stages per rank), refused before any weight loads when the
+    plan says the fullest chip overflows. The chip's memory is what this rank's device reports
+    (none on the CPU: the layers then split evenly)."""
+    pipeline_ranks = num_stages // VIRTUAL_STAGES[run.chips.pipeline_schedule]
+    chip_bytes = None if device.type in devices.SINGLE_DEVICE_TYPES else _reported_memory(device)
+    usable = None if chip_bytes is None else int(chip_bytes * run.chips.usable_fraction)
+    span = choose_span(run, config, pipeline_ranks, usable, device.type)
+    if usable is not None:
+        check_fits(config, span, usable, device.type, list(range(pipeline_ranks)))
+    return span
 
 
 def _auto_needs_memory(device_type: str) -> str:
@@ -126,8 +234,12 @@ def _chip_memory(run: RunArguments, device_type: str, chip_id: int) -> int | Non
     if device_type == "emu" or device_type in devices.SINGLE_DEVICE_TYPES:
         return None
     devices.prepare_device_type(device_type)  # the plugin, before asking the chip
-    device = devices.chip_devices(device_type, [chip_id])[0]
-    module = torch.get_device_module(device_type)
+    return _reported_memory(devices.chip_devices(device_type, [chip_id])[0])
+
+
+def _reported_memory(device: torch.device) -> int | None:
+    """The total bytes ``device`` reports, None where it reports nothing."""
+    module = torch.get_device_module(device.type)
     for read in (lambda: module.get_device_properties(device).total_memory, lambda: module.mem_get_info(device)[1]):
         try:
             return int(read())
@@ -145,32 +257,32 @@ def _check_chips_exist(device_type: str, needed: int, usable: int) -> None:
                             f"machine shows {available} '{device_type}' device(s)")
 
 
-def _check_fits(config: ModelConfig, job: dict, layers: list[range], usable: int, device_type: str,
-                chip_ids: list[int]) -> None:
+def check_fits(config: ModelConfig, span: Span, usable: int, device_type: str, chip_ids: list[int]) -> None:
     """ChipspanError naming the fullest chip when the plan says it overflows, and what would fit."""
-    totals = _peaks(config, job, layers)
+    totals = _chip_peaks(config, span)
     worst = max(range(len(totals)), key=totals.__getitem__)
     if totals[worst] <= usable:
         return
-    held = layers[worst]
-    held = f"layers {held.start}-{held.stop - 1}" if len(held) > 1 else f"layer {held.start}"
+    held = ", ".join(f"layers {r.start}-{r.stop - 1}" if len(r) > 1 else f"layer {r.start}"
+                     for r in span.layers[worst::len(totals)])
     name = device_type if device_type in devices.SINGLE_DEVICE_TYPES else f"{device_type}:{chip_ids[worst]}"
     raise ChipspanError(f"chip {chip_ids[worst]} ({name}) would run out of memory: the plan (docs/plan.md) predicts "
                         f"a {_size(totals[worst])} peak for {held} against {_size(usable)} usable; "
-                        f"{_what_fits(config, job, len(layers), usable, chip_ids[0])}")
+                        f"{_what_fits(config, span, len(totals), usable, chip_ids[0])}")
 
 
-def _what_fits(config: ModelConfig, job: dict, num_chips: int, usable: int, first_chip: int) -> str:
+def _what_fits(config: ModelConfig, span: Span, num_chips: int, usable: int, first_chip: int) -> str:
     """What would hold the job on chips of ``usable`` bytes: more chips, or recomputation."""
-    hints = []
+    hints, job = [], span.job
     try:
-        fewest = min_chips(config, usable, **job)
+        fewest = min_chips(config, usable, schedule=span.schedule, **job)
         hints.append(f"span {fewest} chips (--chips {first_chip}-{first_chip + fewest - 1})")
     except ChipspanError:
         pass  # not even one layer per chip fits
     if not job["gradient_checkpointing"]:
         recompute = dict(job, gradient_checkpointing=True)
-        if max(_peaks(config, recompute, balanced_split(config, num_chips, **recompute))) <= usable:
+        stages = balanced_split(config, len(span.layers), schedule=span.schedule, **recompute)
+        if max(_chip_peaks(config, Span(stages, span.micro_batches, span.schedule, recompute))) <= usable:
             hints.append("drop --disable_gradient_checkpointing")
     if not hints:
         lora = "" if job["finetuning_type"] == "lora" else "LoRA, "
@@ -179,10 +291,9 @@ def _what_fits(config: ModelConfig, job: dict, num_chips: int, usable: int, firs
     return "it fits if you " + ", or ".join(hints)
 
 
-def _peaks(config: ModelConfig, job: dict, layers: list[range]) -> list[int]:
+def _chip_peaks(config: ModelConfig, span: Span) -> list[int]:
     """Each chip's predicted peak bytes."""
-    last = config.num_hidden_layers
-    return [estimate(config, r, r.start == 0, r.stop == last, **job).total for r in layers]
+    return chip_totals(split_estimates(config, span.layers, span.schedule, **span.job), span.schedule)
 
 
 def _size(num_bytes: int) -> str:
@@ -190,26 +301,45 @@ def _size(num_bytes: int) -> str:
 
 
 def render(plan: Plan) -> str:
-    """A table: one row per chip, GiB per kind of memory, and the verdict."""
-    header = f"{'chip':>4}  {'layers':>9}  {'weights':>8}  {'grads':>8}  {'optim':>8}  {'activ':>8}  " \
+    """A table: one row per pipeline stage, GiB per kind of memory, and the verdict."""
+    virtual = plan.schedule.virtual
+    header = f"{'chip':>4}  {'layers':>9}  {'m':>3}  {'weights':>8}  {'grads':>8}  {'optim':>8}  {'activ':>8}  " \
              f"{'logits':>8}  {'work':>8}  {'peak':>8}  at"
-    rows = [header]
-    for i, chip in enumerate(plan.chips):
+    rows = [_how_it_runs(plan), header]
+    num_chips = len(plan.chips) // virtual
+    for stage, chip in enumerate(plan.chips):
         span = f"{chip.layers.start}-{chip.layers.stop - 1}"
         cells = [chip.weights, chip.gradients, chip.optimizer, chip.activations, chip.logits, chip.workspace,
                  chip.total]
-        rows.append(f"{i:>4}  {span:>9}  " + "  ".join(f"{c / GIB:8.2f}" for c in cells) + f"  {chip.peak_at}")
-    rows.append("(GiB; peak: the predicted peak of a training step, at the moment named — the largest of "
-                "its moments, not the sum of the columns; see docs/plan.md)")
+        rows.append(f"{stage % num_chips:>4}  {span:>9}  {chip.in_flight:>3}  "
+                    + "  ".join(f"{c / GIB:8.2f}" for c in cells) + f"  {chip.peak_at}")
+    rows.append("(GiB; m: micro-batches in flight; peak: the predicted peak of a training step, at the moment "
+                "named — the largest of its moments, not the sum of the columns; see docs/plan.md)")
+    if virtual > 1:
+        rows.append("per chip, its stages together (a bound from above): "
+                    + ", ".join(f"{c}: {total / GIB:.2f}" for c, total in enumerate(plan.chip_totals)))
     if plan.chip_bytes is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        rows.append(f"{len(plan.chips)} chip(s) of {plan.chip_bytes / GIB:.2f} GiB usable: {verdict}; "
+        rows.append(f"{num_chips} chip(s) of {plan.chip_bytes / GIB:.2f} GiB usable: {verdict}; "
                     f"the fewest chips that hold this job: {plan.min_chips}")
     return "\n".join(rows)
 
 
+def _how_it_runs(plan: Plan) -> str:
+    schedule = plan.schedule
+    if not plan.processes:
+        return (f"one process, {len(plan.chips)} chip(s): each batch in {plan.micro_batches} micro-batch(es), "
+                "GPipe order")
+    return (f"one process per chip, {schedule.name}: each batch in {plan.micro_batches} micro-batch(es), "
+            f"{schedule.micro_batches} per optimizer step through the pipeline")
+
+
 def to_json(plan: Plan) -> str:
-    chips = [{**{k: v for k, v in asdict(chip).items() if k != "layers"},
-              "layers": [chip.layers.start, chip.layers.stop - 1], "total": chip.total} for chip in plan.chips]
+    num_chips = len(plan.chips) // plan.schedule.virtual
+    chips = [{**{k: v for k, v in asdict(chip).items() if k != "layers"}, "chip": stage % num_chips,
+              "layers": [chip.layers.start, chip.layers.stop - 1], "total": chip.total}
+             for stage, chip in enumerate(plan.chips)]
     return json.dumps({"model": plan.model, "chip_bytes": plan.chip_bytes, "min_chips": plan.min_chips,
-                       "fits": plan.fits, "chips": chips}, indent=2)
+                       "fits": plan.fits, "schedule": plan.schedule.name, "micro_batches": plan.micro_batches,
+                       "one_process_per_chip": plan.processes, "chip_totals": plan.chip_totals,
+                       "chips": chips}, indent=2)

@@ -13,17 +13,19 @@ from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 
+from chipspan.chips.memory import VIRTUAL_STAGES
 from chipspan.errors import ChipspanError
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
-VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved1f1b": 2}  # stages per rank
+assert SCHEDULES.keys() == VIRTUAL_STAGES.keys()
 
 
-def check_schedule(name: str, micro_batches: int, batch_size: int) -> None:
-    """Refuse an unknown schedule or a batch that does not split into the micro-batches."""
+def check_schedule(name: str, micro_batches: int | None, batch_size: int) -> None:
+    """Refuse an unknown schedule or a batch that does not split into the micro-batches (None:
+    the plan chooses them)."""
     if name not in SCHEDULES:
         raise ChipspanError(f"--pipeline_schedule {name} is not supported; choose one of: {', '.join(SCHEDULES)}")
-    if micro_batches < 1 or batch_size % micro_batches:
+    if micro_batches is not None and (micro_batches < 1 or batch_size % micro_batches):
         raise ChipspanError(f"per_device_train_batch_size {batch_size} does not split into --micro_batches "
                             f"{micro_batches}: use a batch size that is a multiple of it")
 

@@ -13,6 +13,7 @@ rank stops with the same one-line error.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from chipspan import devices
 from chipspan.args import RunArguments
+from chipspan.chips.plan import stage_span
 from chipspan.data.loader import load_dataset_split
 from chipspan.distributed import checkpoints as stage_checkpoints
 from chipspan.distributed.gradients import data_parallel, tied_copy
@@ -28,7 +30,7 @@ from chipspan.distributed.loop import RankTraining, global_arguments, pipeline_e
 from chipspan.distributed.mesh import Layout, environment_world, plan_layout, rank_device, start, tied_group
 from chipspan.distributed.pipeline import VIRTUAL_STAGES, PipelineRunner, check_schedule
 from chipspan.distributed.scaling import LossScaler
-from chipspan.distributed.stage import PipelinePiece, load_stage, stage_layers
+from chipspan.distributed.stage import PipelinePiece, load_stage
 from chipspan.distributed.trainable import prepare_stages
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
@@ -46,8 +48,13 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     check_schedule(run.chips.pipeline_schedule, train_args.micro_batches, train_args.per_device_train_batch_size)
     rank, world, local_rank, local_world = environment_world()
     layout = plan_layout(world, rank, run.chips.data_parallel, VIRTUAL_STAGES[run.chips.pipeline_schedule])
-    stage_layers(config.num_hidden_layers, layout.num_stages)  # refuses more stages than layers
+    if layout.num_stages > config.num_hidden_layers:
+        raise ChipspanError(f"{layout.num_stages} pipeline stages but the model has only {config.num_hidden_layers} "
+                            "decoder layers: use fewer processes or more --data_parallel")
     device = rank_device(run.chips.device or devices.default_device_type(), run.chips.chips, local_rank, local_world)
+    span = stage_span(run, config, layout.num_stages, device)  # refuses what the plan says will not fit
+    run = replace(run, training=replace(train_args, micro_batches=span.micro_batches))
+    train_args = run.training
     output_dir = Path(train_args.output_dir)
     resume = recipe.resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
     mesh = start(layout, device)
@@ -66,7 +73,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
     recipe.seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
-    pieces = [load_stage(weights, config, s, layout.num_stages, base_dtype, device) for s in layout.stages]
+    pieces = [load_stage(weights, config, span.layers, s, base_dtype, device) for s in layout.stages]
     for piece in pieces:
         piece.gradient_checkpointing = not train_args.disable_gradient_checkpointing
     adapter = resume if (resume and ft_args.finetuning_type == "lora") else model_args.adapter_name_or_path

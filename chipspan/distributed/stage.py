@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chipspan.chips.placement import split_layers
 from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
@@ -47,15 +46,10 @@ class PipelinePiece(nn.Module):
         return hidden.to(self.activation_dtype)
 
 
-def stage_layers(num_layers: int, num_stages: int) -> tuple[range, ...]:
-    """Decoder layers of each stage (as the in-process placement splits them)."""
-    return split_layers(num_layers, num_stages)
-
-
-def load_stage(weights: str | Path, config: ModelConfig, stage: int, num_stages: int, dtype: torch.dtype,
+def load_stage(weights: str | Path, config: ModelConfig, split: list[range], stage: int, dtype: torch.dtype,
                device: torch.device) -> CausalLM:
-    """Read only this stage's slice of the checkpoint: its layers, the embeddings on the first
-    stage, the final norm and head on the last."""
-    layers = stage_layers(config.num_hidden_layers, num_stages)[stage]
-    return load_pretrained(weights, dtype=dtype, device=device, layers=layers,
-                           embed=stage == 0, head=stage == num_stages - 1)
+    """Read only stage ``stage``'s slice of the checkpoint: its layers (``split[stage]``, the
+    decoder layers of every stage in order), the embeddings on the first stage, the final norm
+    and head on the last."""
+    return load_pretrained(weights, dtype=dtype, device=device, layers=split[stage],
+                           embed=stage == 0, head=stage == len(split) - 1)

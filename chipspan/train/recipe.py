@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from chipspan import devices
 from chipspan.args import RunArguments
 from chipspan.chips.placement import Placement
-from chipspan.chips.plan import train_chips
+from chipspan.chips.plan import one_process_per_chip, train_chips
 from chipspan.chips.span import SpannedModel
 from chipspan.data.loader import STAGES, DataSplit, load_dataset_split
 from chipspan.data.packing import pack_examples, packing_summary
@@ -44,7 +45,9 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     """Train, evaluate and/or predict as ``run`` says; returns the output folder."""
     model_args, data_args, ft_args, train_args = run.model, run.data, run.finetuning, run.training
     config = check_arguments(run)
-    placement = _placement(run, config)
+    placement, micro_batches = _placement(run, config)
+    run = replace(run, training=replace(run.training, micro_batches=micro_batches))
+    train_args = run.training
     output_dir = Path(train_args.output_dir)
     resume = None
     if train_args.do_train:
@@ -70,7 +73,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     adapter = resume if (resume and ft_args.finetuning_type == "lora") else model_args.adapter_name_or_path
     trained_dtype = torch.bfloat16 if ft_args.pure_bf16 and base_dtype == torch.bfloat16 else torch.float32
     prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None, trained_dtype=trained_dtype)
-    _report_placement(model, placement, report)
+    _report_placement(model, placement, train_args.micro_batches, report)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def evaluate() -> float:
@@ -192,6 +195,10 @@ def check_arguments(run: RunArguments) -> ModelConfig:
         raise ChipspanError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
+    if not one_process_per_chip(run) and (run.chips.data_parallel != 1 or run.chips.pipeline_schedule != "1f1b"):
+        raise ChipspanError("--data_parallel and --pipeline_schedule set how one process per chip runs: add "
+                            "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
+                            "this process")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
     if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
         check_finetuning_arguments(ft, config)
@@ -216,13 +223,14 @@ def _check_evaluation(run: RunArguments) -> None:
                             "--repetition_penalty 1.0")
 
 
-def _placement(run: RunArguments, config: ModelConfig) -> Placement:
-    """The chips and their layers, from the memory plan (chipspan.chips.plan.train_chips)."""
+def _placement(run: RunArguments, config: ModelConfig) -> tuple[Placement, int]:
+    """The chips and their layers, and the micro-batches per batch, from the memory plan
+    (chipspan.chips.plan.train_chips)."""
     device_type = run.chips.device or devices.default_device_type()
-    chip_ids, layers, chip_bytes = train_chips(run, config, device_type)
+    chip_ids, span, chip_bytes = train_chips(run, config, device_type)
     devices.prepare_device_type(device_type, chip_ids[-1] + 1,
                                 emu_memory_limit=chip_bytes if device_type == "emu" else None)
-    return Placement(tuple(devices.chip_devices(device_type, chip_ids)), tuple(layers))
+    return Placement(tuple(devices.chip_devices(device_type, chip_ids)), tuple(span.layers)), span.micro_batches
 
 
 def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, steps: int,
@@ -319,10 +327,12 @@ def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision:
     return state
 
 
-def _report_placement(model: SpannedModel, placement: Placement, report: Callable[[str], None]) -> None:
+def _report_placement(model: SpannedModel, placement: Placement, micro_batches: int,
+                      report: Callable[[str], None]) -> None:
     trainable = sum(p.numel() for p in model.unique_parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.unique_parameters())
-    report(f"placement over {placement.num_chips} chip(s):")
+    pipelined = f", each batch in {micro_batches} micro-batches (GPipe)" if micro_batches > 1 else ""
+    report(f"placement over {placement.num_chips} chip(s){pipelined}:")
     for line in placement.describe(model.config):
         report(f"  {line}")
     report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
