@@ -296,10 +296,14 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
         raise ChipspanError(f"cannot span {num_layers} decoder layers over {num_chips} chips: use 1 to "
                             f"{num_layers} chips (each holds at least one layer)")
 
-    @cache
     def total(chip: int, start: int, stop: int) -> int:
         chip_job = _stage_job(job, schedule, chip, num_chips)
-        return estimate(config, range(start, stop), start == 0, stop == num_layers, **chip_job).total
+        return _total(start, stop, chip_job.get("micro_batches_in_flight", 1), chip_job.get("gradients_held", False))
+
+    @cache  # stages that hold as much share their estimates
+    def _total(start: int, stop: int, in_flight: int, gradients_held: bool) -> int:
+        knobs = {**job, "micro_batches_in_flight": in_flight, "gradients_held": gradients_held}
+        return estimate(config, range(start, stop), start == 0, stop == num_layers, **knobs).total
 
     fullest = max(total(i, r.start, r.stop) for i, r in enumerate(_min_max_split(num_layers, num_chips, total)))
     return _min_max_split(num_layers, num_chips, lambda chip, start, stop:
