@@ -33,7 +33,7 @@ from chipspan.distributed.pipeline import PipelineRunner
 from chipspan.distributed.scaling import LossScaler
 from chipspan.data import collate
 from chipspan.train.loop import evaluation_due, micro_batches, steps_per_epoch
-from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
+from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 from chipspan.train.schedule import lr_factor, warmup_steps_for
 
 
@@ -123,10 +123,7 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
         if evaluate is not None and evaluation_due(state.global_step, per_epoch, args):
             eval_loss = evaluate()
             if log is not None:
-                state.log_history.append({"eval_loss": eval_loss, "epoch": round(state.epoch, 4),
-                                          "step": state.global_step})
-                log.write(state.global_step, round(state.epoch, 4), eval_loss=eval_loss)
-                report(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
+                record_evaluation(state, log, eval_loss, report)
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
     return train_metrics(state.epoch, total_loss, state.global_step - first_step, time.time() - started,

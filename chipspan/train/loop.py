@@ -20,7 +20,7 @@ from chipspan.args import TrainingArguments
 from chipspan.chips.pipeline import pipelined_loss
 from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
-from chipspan.train.reporting import TrainerState, TrainLog, train_metrics
+from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
@@ -152,11 +152,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
                 report(_plain_line(record))
             losses_since_log = []
         if evaluate is not None and evaluation_due(state.global_step, per_epoch, args):
-            eval_loss = evaluate()
-            state.log_history.append({"eval_loss": eval_loss, "epoch": round(state.epoch, 4),
-                                      "step": state.global_step})
-            log.write(state.global_step, round(state.epoch, 4), eval_loss=eval_loss)
-            report(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
+            record_evaluation(state, log, evaluate(), report)
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
     if progress is not None:

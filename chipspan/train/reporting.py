@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -212,3 +213,12 @@ def plot_metric(output_dir: Path, log_history: list[dict[str, Any]], key: str = 
     figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
     return path
+
+
+def record_evaluation(state: TrainerState, log: TrainLog, eval_loss: float, report: Callable[[str], None]) -> None:
+    """An eval loss taken after ``state.global_step``: into the trainer state's history, the log file
+    and the report."""
+    epoch = round(state.epoch, 4)
+    state.log_history.append({"eval_loss": eval_loss, "epoch": epoch, "step": state.global_step})
+    log.write(state.global_step, epoch, eval_loss=eval_loss)
+    report(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
