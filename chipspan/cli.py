@@ -104,12 +104,23 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _help_asked(flags: list[str], summary: str = "") -> bool:
+    """Whether -h/--help is among a command's flags; if so, print ``summary`` and train's flags."""
+    if not {"-h", "--help"} & set(flags):
+        return False
+    from chipspan.args import flags_help
+
+    if summary:
+        print(summary + "\n")
+    print(flags_help())
+    return True
+
+
 def _run_train(args: argparse.Namespace) -> None:
-    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.args import parse_run_arguments
     from chipspan.train.recipe import run_train
 
-    if {"-h", "--help"} & set(args.flags):
-        print(flags_help())
+    if _help_asked(args.flags):
         return
     run = parse_run_arguments(args.flags)
     from chipspan.distributed import launch
@@ -127,13 +138,11 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.args import parse_run_arguments
     from chipspan.chips.plan import make_plan, render, to_json
 
-    if {"-h", "--help"} & set(args.flags):
-        print("chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
-              "--usable_fraction 0.9, --chips N-M or auto, --json\n")
-        print(flags_help())
+    if _help_asked(args.flags, "chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
+                               "--usable_fraction 0.9, --chips N-M or auto, --json"):
         return
     as_json = "--json" in args.flags
     plan = make_plan(parse_run_arguments([f for f in args.flags if f != "--json"]))
@@ -141,13 +150,12 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 def _run_data(args: argparse.Namespace) -> None:
-    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.args import parse_run_arguments
     from chipspan.data.inspect import run_data
 
-    if {"-h", "--help"} & set(args.flags):
-        print("chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line per example "
-              "(split, input_ids, labels, text with masked spans in « »), counts on stderr\n")
-        print(flags_help())
+    if _help_asked(args.flags, "chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line "
+                               "per example (split, input_ids, labels, text with masked spans in « »), counts on "
+                               "stderr"):
         return
     flags, out = _take_option(args.flags, "--out")
     run_data(parse_run_arguments(flags), out)
