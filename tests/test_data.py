@@ -19,9 +19,8 @@ from chipspan.data import IGNORE_INDEX, Example, collate, load_examples
 from chipspan.data.templates import get_template
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
 
-pytestmark = needs_llama2_tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
 BOS, EOS = 1, 2
@@ -337,9 +336,20 @@ def test_unsupported_entries_say_so(tmp_path, tok, entry, message):
         load_examples("toy", tmp_path, tok)
 
 
-def test_seed_registry_entry_loads_from_the_shared_data(tok):
-    examples = load_examples("oaast_sft_zh", SHARED_DATA, tok, max_samples=50)  # the seed's file: sha1 matches
-    assert len(examples) == 50 and all(len(e.input_ids) == len(e.labels) for e in examples)
+def test_seed_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, caplog):
+    """The built-in oaast_sft_zh entry maps instruction/input/output/history; a file that is not the
+    seed's (its SHA-1 differs from the registry's) is used with a warning."""
+    rows = [{"instruction": "q2", "input": "", "output": "a2", "history": [["q1", "a1"]]}]
+    (tmp_path / "oaast_sft_zh.json").write_text(json.dumps(rows), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        (example,) = load_examples("oaast_sft_zh", tmp_path, tok)
+    assert "does not match file_sha1 a6a91f18" in caplog.text
+    prompt = lambda text: enc(tok, f"Human: {text}\nAssistant: ")  # noqa: E731
+    answer = lambda text: enc(tok, text) + [EOS]  # noqa: E731
+    newline = enc(tok, "\n")
+    assert example.input_ids == prompt("q1") + answer("a1") + newline + prompt("q2") + answer("a2")
+    assert example.labels == ([M] * len(prompt("q1")) + answer("a1") + [M] * len(newline + prompt("q2"))
+                              + answer("a2"))
 
 
 def test_stage_must_be_sft_or_pt(tmp_path, tok):
@@ -394,7 +404,7 @@ def test_collate_pads_right_to_a_multiple_of_8():
 
 def test_shared_demo_data_with_the_seed_command_names(tmp_path, tok):
     """The seed's command (--dataset alpaca_gpt4_zh --template default) on the 1,000-row stand-in."""
-    demo = SHARED_DATA / "alpaca_zh_demo.json"
+    demo = DEMO_DATA / "alpaca_zh_demo.json"
     shutil.copy(demo, tmp_path / "alpaca_gpt4_data_zh.json")
     examples = load_examples("alpaca_gpt4_zh", tmp_path, tok, "default")
     assert len(examples) == 1000

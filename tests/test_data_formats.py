@@ -11,9 +11,8 @@ from chipspan.data import IGNORE_INDEX, load_examples
 from chipspan.data.formats import BadRow, converter
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
 
-pytestmark = needs_llama2_tokenizer
 EOS = 2
 OPENAI_TAGS = {
     "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
@@ -142,7 +141,7 @@ def test_bad_entries_say_so(tmp_path, tok, entry, message):
 
 
 def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
-    shutil.copy(SHARED_DATA / "glaive_toolcall_zh_demo.json", tmp_path)
+    shutil.copy(DEMO_DATA / "glaive_toolcall_zh_demo.json", tmp_path)
     entry = {
         "file_name": "glaive_toolcall_zh_demo.json",
         "formatting": "sharegpt",

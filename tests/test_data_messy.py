@@ -15,9 +15,8 @@ from chipspan.data.formats import BadRow, converter
 from chipspan.data.loader import load_dataset_split
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER
 
-pytestmark = needs_llama2_tokenizer
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=6)

@@ -17,9 +17,7 @@ from chipspan.data.loader import load_dataset_split, load_examples
 from chipspan.data.mixing import mix
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, needs_llama2_tokenizer
-
-pytestmark = needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shared_assets import needs_llama2_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, ACCUMULATION, MICRO_BATCHES, VOCAB = 4, 2, 2, 512
@@ -236,7 +235,6 @@ def assert_same_weights(ours, theirs):
     assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
 
 
-@needs_llama2_tokenizer
 def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 

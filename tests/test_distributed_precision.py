@@ -16,10 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shared_assets import needs_llama2_tokenizer  # noqa: E402
 from test_distributed import losses, one_process, torchrun, train_flags  # noqa: E402
 
-pytestmark = needs_llama2_tokenizer
 
 SCALER = "(Precision(device_type, None, torch.amp.GradScaler(device_type)), torch.float32)"
 

@@ -301,6 +301,25 @@ def test_llama3_tokenizer_rebuilt_from_gguf_metadata(llama3_tokenizer_dir):
         assert ours.decode(ours.encode(text).ids[1:], skip_special_tokens=False) == text
 
 
+def test_llama2_tokenizer_rebuilt_from_llama_cpp_vocab_matches_its_test_ids(llama2_vocab_dir):
+    """llama.cpp's Llama-2 vocabulary GGUF ("llama": SentencePiece scores, no merges), rebuilt, gives the
+    ids llama.cpp's tokenizer tests expect for their strings (made with Meta's tokenizer)."""
+    reader = gguf.GGUFReader(llama2_vocab_dir / "ggml-vocab-llama-spm.gguf")
+    meta = {key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.")}
+    files = build_tokenizer(meta, 4096)
+    ours = Tokenizer.from_str(files["tokenizer.json"])
+    texts = (llama2_vocab_dir / "ggml-vocab-llama-spm.gguf.inp").read_text(encoding="utf-8")
+    expected = (llama2_vocab_dir / "ggml-vocab-llama-spm.gguf.out").read_text(encoding="utf-8")
+    texts = texts.split("\n__ggml_vocab_test__\n")[:-1]
+    expected = [[int(i) for i in line.split()] for line in expected.splitlines()]
+    assert len(texts) == len(expected) > 30
+    for text, ids in zip(texts, expected):
+        assert ours.encode(text, add_special_tokens=False).ids == ids, repr(text)
+    assert ours.encode("Hi").ids[0] == 1  # BOS, as add_bos_token says
+    assert ours.decode(ours.encode(" 你好  world").ids, skip_special_tokens=True) == " 你好  world"
+    assert json.loads(files["tokenizer_config.json"])["unk_token"] == "<unk>"
+
+
 # --- the real SmolLM2 ----------------------------------------------------------------------------
 
 def test_smollm2_config(smollm2_dir):
@@ -384,7 +403,8 @@ def test_quant_type_gguf_cannot_dequantize(tmp_path):
 
 
 @pytest.mark.parametrize("tokenizer, message", [
-    (("llama", "default"), "tokenizer model 'llama' cannot be rebuilt exactly.*pass tokenizer_dir"),
+    (("bert", "default"), "tokenizer model 'bert' cannot be rebuilt exactly.*pass tokenizer_dir"),
+    (("llama", "default"), "SentencePiece tokenizer has no score for every token; pass tokenizer_dir"),
     (("gpt2", "qwen2"), "pre-tokenizer 'qwen2' is not known.*pass tokenizer_dir"),
     (None, "carries no tokenizer; pass tokenizer_dir"),
 ])

@@ -13,10 +13,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from shared_assets import needs_llama2_tokenizer
 from tiny_run import command, run
 
-pytestmark = needs_llama2_tokenizer
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
 #   step:N  inside the N-th batch's forward pass (mid-step)

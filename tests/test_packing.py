@@ -15,7 +15,6 @@ from chipspan.data.packing import PackedExample, pack_examples
 from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import build_attention_mask, segment_positions
 from chipspan.train.recipe import run_train
-from shared_assets import needs_llama2_tokenizer
 from test_decoder_parity import make_reference
 from test_train import SEED_LORA, seed_command
 
@@ -159,7 +158,6 @@ def test_packed_logits_match_transformers_one_example_at_a_time(tmp_path, varian
             assert torch.allclose(logits[row, start:stop], expected, atol=1e-5, rtol=0)
 
 
-@needs_llama2_tokenizer
 @pytest.mark.parametrize("flag", ["--packing", "--sft_packing"])
 def test_training_with_packing_runs_and_writes_outputs(seed_workspace, tmp_path, flag):
     out = tmp_path / "out"

@@ -17,7 +17,6 @@ from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
-from shared_assets import needs_llama2_tokenizer
 from test_decoder_parity import make_reference
 from test_train import SEED_LORA, seed_command
 
@@ -182,7 +181,6 @@ def test_wavefront_order_puts_every_stage_to_work(model_dir, monkeypatch):
 
 # --- `train --micro_batches` ---------------------------------------------------------------------
 
-@needs_llama2_tokenizer
 def test_train_with_micro_batches_logs_the_same_losses(seed_workspace, tmp_path, monkeypatch):
     def losses(out, *extra):
         argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "4", "--save_steps", "0", "--max_samples", "12",

@@ -17,9 +17,8 @@ from chipspan.data.templates import TEMPLATES, get_template
 from chipspan.data.templates import fix_tokenizer
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER
 
-pytestmark = needs_llama2_tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
 REFERENCES = {"seed": "template_reference_seed.json", "lf-0.9": "template_reference_lf09.json"}

@@ -8,7 +8,7 @@ import pytest
 
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from shared_assets import LLAMA2_TOKENIZER, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER
 
 
 TEXTS = [
@@ -103,9 +103,7 @@ TOOLS = [
 ]
 
 
-
-
-@pytest.fixture(params=[pytest.param("llama2", marks=needs_llama2_tokenizer), "llama3"])
+@pytest.fixture(params=["llama2", "llama3"])
 def folder(request):
     """The real Llama-2 tokenizer (in ../shared) and the Llama-3 one (fetched from PyPI, cached)."""
     return LLAMA2_TOKENIZER if request.param == "llama2" else request.getfixturevalue("llama3_tokenizer_dir")
@@ -160,7 +158,6 @@ def test_encode_decode_match_transformers(folder, auto_tokenizer):
     assert set(ours.all_special_ids) >= {ours.bos_token_id, ours.eos_token_id}
 
 
-@needs_llama2_tokenizer
 def test_llama2_specials_and_pad_is_eos():
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
@@ -179,7 +176,6 @@ def test_llama3_has_its_own_pad(llama3_tokenizer_dir):
     assert tok.encode("hi", add_special_tokens=True)[0] == tok.bos_token_id == 128000
 
 
-@needs_llama2_tokenizer
 def test_add_eos_token_and_dict_special_tokens(tmp_path):
     folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t", {"add_eos_token": True, "eos_token": None})
     (folder / "special_tokens_map.json").write_text(json.dumps(
@@ -191,7 +187,6 @@ def test_add_eos_token_and_dict_special_tokens(tmp_path):
     assert tok.encode("Hello") == ids[1:-1]
 
 
-@needs_llama2_tokenizer
 def test_special_token_missing_from_vocab_is_added(tmp_path, auto_tokenizer):
     folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t", {"pad_token": "<pad>"})
     tok, ref = Tokenizer.from_folder(folder), auto_tokenizer(folder)
@@ -217,7 +212,6 @@ def test_chat_template_matches_transformers(folder, template, generation_prompt,
         assert got == want
 
 
-@needs_llama2_tokenizer
 def test_chatml_renders_exactly():
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     tok.chat_template = CHATML
@@ -229,14 +223,12 @@ def test_chatml_renders_exactly():
     )
 
 
-@needs_llama2_tokenizer
 def test_strftime_now_renders_today():
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     tok.chat_template = "{{ strftime_now('%Y') }}"
     assert tok.apply_chat_template([]).isdigit()
 
 
-@needs_llama2_tokenizer
 def test_chat_template_sources(tmp_path):
     plain = _copy(LLAMA2_TOKENIZER, tmp_path / "plain", {"chat_template": CHATML})
     assert Tokenizer.from_folder(plain).chat_template == CHATML
@@ -253,7 +245,6 @@ def test_chat_template_sources(tmp_path):
     assert Tokenizer.from_folder(jinja_file).chat_template == LLAMA3_STYLE
 
 
-@needs_llama2_tokenizer
 def test_unsafe_template_is_stopped():
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     jinja2 = pytest.importorskip("jinja2")
@@ -265,7 +256,6 @@ def test_unsafe_template_is_stopped():
         assert isinstance(info.value.__cause__, jinja2.exceptions.SecurityError)
 
 
-@needs_llama2_tokenizer
 def test_chat_template_errors(tmp_path):
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     assert tok.chat_template is None
@@ -304,7 +294,6 @@ def test_save_round_trip_loads_in_transformers(folder, tmp_path):
     assert again.apply_chat_template(MESSAGES, **kwargs) == want
 
 
-@needs_llama2_tokenizer
 def test_saved_add_eos_token_survives_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = Tokenizer.from_folder(_copy(LLAMA2_TOKENIZER, tmp_path / "t", {"add_eos_token": True}))
@@ -327,7 +316,6 @@ def test_missing_tokenizer_json(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
-@needs_llama2_tokenizer
 def test_broken_config_json(tmp_path):
     folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t")
     (folder / "tokenizer_config.json").write_text("{not json")

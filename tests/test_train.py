@@ -18,10 +18,9 @@ from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
-from shared_assets import LLAMA2_TOKENIZER, SHARED_DATA, needs_llama2_tokenizer
+from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
 from test_decoder_parity import make_reference
 
-pytestmark = needs_llama2_tokenizer
 
 SEED_LORA = ("--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
              "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
@@ -152,7 +151,7 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     for file in LLAMA2_TOKENIZER.iterdir():
         shutil.copy(file, model)
     (tmp_path / "data").mkdir()
-    shutil.copy(SHARED_DATA / "alpaca_zh_demo.json", tmp_path / "data" / "alpaca_gpt4_data_zh.json")
+    shutil.copy(DEMO_DATA / "alpaca_zh_demo.json", tmp_path / "data" / "alpaca_gpt4_data_zh.json")
     results = {}
     for chips in (1, 3):
         argv = seed_command(SEED_FULL, tmp_path, tmp_path / f"out{chips}", "--max_steps", "3", "--max_samples", "8",

@@ -28,7 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from chipspan.errors import ChipspanError
 
@@ -62,6 +62,7 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_NORMAL, _UNKNOWN = int(gguf.TokenType.NORMAL), int(gguf.TokenType.UNKNOWN)
 _CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
 _REQUIRED = object()
 
@@ -71,7 +72,7 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", tokenizer_dir=None, overwr
 
     ``dtype``: "float32" | "float16" | "bfloat16", the dtype of the written weights.
     ``tokenizer_dir``: a Hugging Face folder whose tokenizer files are copied instead of building
-    a tokenizer from the GGUF metadata (needed for SentencePiece-type GGUF tokenizers).
+    a tokenizer from the GGUF metadata (see :func:`build_tokenizer` for the kinds that are built).
     ``overwrite``: replace a non-empty ``out_dir`` (only once the new folder is complete).
     Problems with the input raise :class:`ChipspanError`.
     """
@@ -184,36 +185,38 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def build_tokenizer(meta: dict, model_max_length: int) -> dict[str, str]:
-    """The tokenizer files (``{file name: text}``) of a GGUF's byte-level BPE tokenizer.
+    """The tokenizer files (``{file name: text}``) of a GGUF's tokenizer.
 
-    ``meta``: the GGUF's ``tokenizer.*`` metadata, keys as in the file. Gives ``tokenizer.json``
-    (built with the ``tokenizers`` library), ``tokenizer_config.json`` and
-    ``special_tokens_map.json``. Control tokens become special added tokens and user-defined ones
-    plain added tokens, each keeping its GGUF id.
+    ``meta``: the GGUF's ``tokenizer.*`` metadata, keys as in the file. Two kinds are rebuilt:
+    ``gpt2`` (byte-level BPE: SmolLM, Llama 3, ...) and ``llama`` (SentencePiece BPE with byte
+    fallback: Llama 1/2, Mistral, TinyLlama, ...). Gives ``tokenizer.json`` (built with the
+    ``tokenizers`` library), ``tokenizer_config.json`` and ``special_tokens_map.json``. Control (and,
+    for SentencePiece, unknown) tokens become special added tokens and user-defined ones plain
+    added tokens, each keeping its GGUF id.
     """
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise ChipspanError(f"GGUF carries no tokenizer; {_PASS_TOKENIZER_DIR}")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise ChipspanError(
-            f"GGUF tokenizer model {kind!r} cannot be rebuilt exactly (chipspan builds 'gpt2', "
-            f"byte-level BPE); {_PASS_TOKENIZER_DIR}"
+            f"GGUF tokenizer model {kind!r} cannot be rebuilt exactly (chipspan builds 'gpt2', byte-level "
+            f"BPE, and 'llama', SentencePiece BPE); {_PASS_TOKENIZER_DIR}"
         )
-    pre_tokenizer, llama3 = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     types = meta.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
-    merges = [_split_merge(m) for m in meta.get("tokenizer.ggml.merges", [])]
-    # Like tiktoken, llama.cpp takes a Llama-3 word found whole in the vocabulary as one token.
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=llama3))
-    tokenizer.pre_tokenizer = pre_tokenizer
-    tokenizer.decoder = decoders.ByteLevel()
-    control = {i: t for i, (t, k) in enumerate(zip(tokens, types)) if k == _CONTROL}
+    if kind == "gpt2":
+        tokenizer, add_bos_default = _byte_level_bpe(meta, vocab)
+        special_types = (_CONTROL,)
+    else:
+        tokenizer, add_bos_default = _sentencepiece_bpe(meta, tokens, types, vocab), True
+        special_types = (_CONTROL, _UNKNOWN)
+    special_ids = {i: t for i, (t, k) in enumerate(zip(tokens, types)) if k in special_types}
     user_defined = {i: t for i, (t, k) in enumerate(zip(tokens, types)) if k == _USER_DEFINED}
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control.values()])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_ids.values()])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined.values()])
-    for i, token in {**control, **user_defined}.items():
+    for i, token in {**special_ids, **user_defined}.items():
         if tokenizer.token_to_id(token) != i:
             raise ChipspanError(f"GGUF tokenizer lists {token!r} twice; {_PASS_TOKENIZER_DIR}")
 
@@ -223,17 +226,19 @@ def build_tokenizer(meta: dict, model_max_length: int) -> dict[str, str]:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and token_id < len(tokens):
             special[name] = tokens[token_id]
-    # Absent keys mean llama.cpp's defaults: BOS for Llama 3's tokenizer, else nothing.
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", llama3)) and "bos_token" in special
+    # Absent keys mean llama.cpp's defaults: BOS for Llama 3's and SentencePiece tokenizers, else nothing.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and "bos_token" in special
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
     tokenizer.post_processor = _post_processor(
-        tokenizer, special["bos_token"] if add_bos else None, special["eos_token"] if add_eos else None
+        tokenizer, special["bos_token"] if add_bos else None, special["eos_token"] if add_eos else None,
+        byte_level=kind == "gpt2",
     )
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
+        **({"legacy": True} if kind == "llama" else {}),  # how transformers names this SentencePiece split
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
@@ -244,6 +249,49 @@ def build_tokenizer(meta: dict, model_max_length: int) -> dict[str, str]:
         "tokenizer_config.json": _json(tokenizer_config),
         "special_tokens_map.json": _json(special),
     }
+
+
+def _byte_level_bpe(meta: dict, vocab: dict[str, int]) -> tuple[Tokenizer, bool]:
+    """A ``gpt2`` GGUF tokenizer (merges listed in the file); whether BOS is added by default."""
+    pre_tokenizer, llama3 = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    merges = [_split_merge(m) for m in meta.get("tokenizer.ggml.merges", [])]
+    # Like tiktoken, llama.cpp takes a Llama-3 word found whole in the vocabulary as one token.
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=llama3))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer, llama3
+
+
+def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], vocab: dict[str, int]) -> Tokenizer:
+    """A ``llama`` GGUF tokenizer: SentencePiece BPE over ``▁``-joined text, unknown bytes as ``<0xNN>``.
+
+    SentencePiece keeps no merge list, only a score per piece; a BPE that merges the best-scored
+    piece first is the same tokenizer. So every split of a normal piece into two pieces of the
+    vocabulary is a merge, ranked by the whole piece's score (higher first), ties by the ids of the
+    left and then the right part. Checked against Llama 2's own tokenizer.json: the same 61,249
+    merges in the same order.
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if not scores or len(scores) != len(tokens):
+        raise ChipspanError(f"GGUF SentencePiece tokenizer has no score for every token; {_PASS_TOKENIZER_DIR}")
+    ranked = []
+    for piece_id, (piece, kind) in enumerate(zip(tokens, types)):
+        if kind != _NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
+            if left is not None and right is not None:
+                ranked.append((-scores[piece_id], left, right))
+    ranked.sort()
+    merges = [(tokens[left], tokens[right]) for _, left, right in ranked]
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    return tokenizer
 
 
 def _split_merge(merge: str) -> tuple[str, str]:
@@ -272,19 +320,20 @@ def _byte_level_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bo
     )
 
 
-def _post_processor(tokenizer: Tokenizer, bos: str | None, eos: str | None) -> processors.PostProcessor:
-    """Byte-level offsets, plus BOS/EOS around each sequence when the GGUF asks to add them."""
-    byte_level = processors.ByteLevel(trim_offsets=False)
-    if bos is None and eos is None:
-        return byte_level
+def _post_processor(tokenizer: Tokenizer, bos: str | None, eos: str | None,
+                    byte_level: bool) -> processors.PostProcessor | None:
+    """BOS/EOS around each sequence when the GGUF asks to add them, after byte-level offsets when
+    ``byte_level``; None when there is nothing to do."""
+    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
+    if bos is not None or eos is not None:
+        def template(seq: str, type_id: int) -> list[str]:
+            return [f"{t}:{type_id}" for t in (bos, f"${seq}", eos) if t is not None]
 
-    def template(seq: str, type_id: int) -> list[str]:
-        return [f"{t}:{type_id}" for t in (bos, f"${seq}", eos) if t is not None]
-
-    specials = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(t for t in (bos, eos) if t is not None)]
-    return processors.Sequence([byte_level, processors.TemplateProcessing(
-        single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=specials,
-    )])
+        specials = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(t for t in (bos, eos) if t is not None)]
+        steps.append(processors.TemplateProcessing(
+            single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=specials,
+        ))
+    return steps[0] if len(steps) == 1 else processors.Sequence(steps) if steps else None
 
 
 def _rope_scaling(reader, rope_freqs, theta: float, head_dim: int) -> dict | None:
