@@ -32,6 +32,7 @@ from chipspan.distributed.mesh import Layout
 from chipspan.distributed.pipeline import PipelineRunner
 from chipspan.distributed.scaling import LossScaler
 from chipspan.data import collate
+from chipspan.train.health import NonFiniteGuard
 from chipspan.train.loop import evaluation_due, micro_batches, steps_per_epoch
 from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 from chipspan.train.schedule import lr_factor, warmup_steps_for
@@ -76,6 +77,7 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
     first_step, started = state.global_step, time.time()
     losses_since_log: list[float] = []
     total_loss, tokens = 0.0, 0
+    guard = NonFiniteGuard(args.learning_rate, scaled=rank.scaler is not None)
     for module in rank.runner.modules:
         module.train()
     while state.global_step < state.max_steps:
@@ -90,21 +92,22 @@ def train_pipeline(rank: RankTraining, examples: list, pad_id: int, args: Traini
             [p.grad for p in rank.trained + rank.head_copies if p.grad is not None], rank.device)
         grad_norm = clip_global_norm(rank.trained, rank.head_copies, args.max_grad_norm, rank.pipeline_group,
                                      rank.device)
+        step_loss = _sum_over_ranks(local_loss or 0.0, rank.device)  # only last stages add theirs
+        applied = guard.allows(state.global_step + 1, step_loss, grad_norm, report) and not overflowed
         if rank.optimizer is not None:
-            if not overflowed:
+            if applied:
                 rank.optimizer.step()
                 rank.scheduler.step()
             rank.optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update(overflowed)
-        step_loss = _sum_over_ranks(local_loss or 0.0, rank.device)  # only last stages add theirs
         state.finish_step(per_epoch, step_tokens)
         tokens += step_tokens
         losses_since_log.append(step_loss)
         total_loss += step_loss
         elapsed = time.time() - started
         if log is not None and (state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps):
-            scheduler_steps = state.global_step - (scaler.skipped_steps if scaler else 0)
+            scheduler_steps = state.global_step - (scaler.skipped_steps if scaler else 0) - guard.skipped_steps
             learning_rate = args.learning_rate * lr_factor(args.lr_scheduler_type, scheduler_steps,
                                                            state.max_steps, warmup)
             entry = {"loss": round(sum(losses_since_log) / len(losses_since_log), 4),

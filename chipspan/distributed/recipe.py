@@ -35,6 +35,7 @@ from chipspan.distributed.trainable import prepare_stages
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints, recipe
+from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.loop import total_steps
 from chipspan.train.reporting import LOG_FILE, TrainerState, TrainLog, tensorboard_wanted, truncate_log
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
@@ -99,7 +100,15 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
     base_model, is_lora = model_args.model_name_or_path, ft_args.finetuning_type == "lora"
 
+    def trained_weights_finite(where: str) -> None:
+        """Every rank agrees: one rank's inf/NaN stops them all before anything is written."""
+        name = nonfinite_weight(p for piece in pieces for p in piece.named_parameters())
+        flag = torch.tensor(float(name is not None), device=device)
+        dist.all_reduce(flag)
+        refuse_nonfinite_weights(name or ("of another stage" if float(flag) else None), where)
+
     def save(step: int) -> None:
+        trained_weights_finite(f"checkpoint-{step}")
         scaler = rank_training.scaler
         stage_checkpoints.save_checkpoint(pieces, rank_training.optimizer, rank_training.scheduler, layout, output_dir,
                                           step, tokenizer, state, base_model, is_lora,
@@ -125,6 +134,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         if log is not None:
             log.close()
 
+    trained_weights_finite(f"the final {'adapter' if is_lora else 'model'}")
     stage_checkpoints.write_weights(pieces, layout, output_dir, base_model, is_lora)
     if layout.writes_outputs:
         recipe.write_run_outputs(output_dir, tokenizer, state, metrics, ft_args.plot_loss, is_lora, say)

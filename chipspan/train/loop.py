@@ -20,6 +20,7 @@ from chipspan.args import TrainingArguments
 from chipspan.chips.pipeline import pipelined_loss
 from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
+from chipspan.train.health import NonFiniteGuard
 from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -104,7 +105,8 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
     ``evaluate`` (the eval loss) runs every ``eval_steps`` under ``eval_strategy steps`` and at the end
     of each epoch under ``eval_strategy epoch``; ``memory`` gives the per-chip numbers of each log line.
     A step the fp16 loss scaler skips (gradients overflowed) leaves the weights and the learning
-    rate as they were; the log counts such steps in ``skipped_steps``.
+    rate as they were; the log counts such steps in ``skipped_steps``. So does a step whose loss or
+    gradient norm is inf/NaN (:class:`NonFiniteGuard`, which stops a run that keeps producing them).
     """
     accumulation = args.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(examples), args)
@@ -114,6 +116,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
     losses_since_log: list[float] = []
     total_loss, tokens = 0.0, 0
     progress = _progress_bar(state.max_steps, first_step)
+    guard = NonFiniteGuard(args.learning_rate, scaled=precision.scaler is not None)
     model.train()
     while state.global_step < state.max_steps:
         step_loss, step_tokens = 0.0, 0
@@ -126,7 +129,7 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             step_tokens += int(batch["attention_mask"].count_nonzero())  # segment ids when packed
         precision.unscale(optimizer)
         grad_norm = float(model.clip_gradients(args.max_grad_norm))
-        if precision.step(optimizer):
+        if guard.allows(state.global_step + 1, step_loss, grad_norm, report) and precision.step(optimizer):
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.finish_step(per_epoch, step_tokens)

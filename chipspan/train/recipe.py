@@ -30,6 +30,7 @@ from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
+from chipspan.train.health import check_trainable_tokens, nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
 from chipspan.infer.chat import stop_token_ids
 from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
@@ -109,7 +110,12 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
     base_model = model_args.model_name_or_path
     is_lora = ft_args.finetuning_type == "lora"
 
+    def trained_weights_finite(where: str) -> None:
+        refuse_nonfinite_weights(nonfinite_weight(p for stage in model.stages for p in stage.named_parameters()),
+                                 where)
+
     def save(step: int) -> None:
+        trained_weights_finite(f"checkpoint-{step}")
         checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
                                     base_model, is_lora, precision.state_dict())
         checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
@@ -126,6 +132,7 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
         log.close()
 
     metrics.update(_peak_memory(model.placement, report))
+    trained_weights_finite(f"the final {'adapter' if is_lora else 'model'}")
     checkpoints.save_trained_weights(model, output_dir, base_model, is_lora)
     write_run_outputs(output_dir, tokenizer, state, metrics, ft_args.plot_loss, is_lora, report)
     return metrics
@@ -339,10 +346,12 @@ def _report_placement(model: SpannedModel, placement: Placement, micro_batches: 
 
 
 def split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], None]):
-    """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train."""
+    """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train.
+    Training data that leaves no token to train on is refused here, before any weight loads."""
     if not run.training.do_train:
         return [], [*data.train, *data.eval]
     examples = data.train
+    check_trainable_tokens(examples, run.data.cutoff_len)
     if run.finetuning.stage == "sft" and (run.data.packing or run.data.sft_packing):  # pt is already in blocks
         examples = list(examples)
         # a seed template with efficient_eos may make an example one token longer than cutoff_len
