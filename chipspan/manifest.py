@@ -80,24 +80,28 @@ def problem(folder: Path, kind: str) -> str | None:
         if size != entry["size"]:
             state = "truncated" if size < entry["size"] else "changed"
             return f"{name} is {state} ({size} bytes, {entry['size']} when written)"
-    unlisted = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
-    if unlisted:
-        return f"{unlisted[0]} was added after it was written"
+    added = unlisted(folder, manifest)
+    if added:
+        return f"{added[0]} was added after it was written"
     for name, entry in files.items():
         if file_entry(folder / name)["sha256"] != entry["sha256"]:
             return f"{name} has changed since it was written (its sha256 differs)"
     return None
 
 
+def unlisted(folder: Path, manifest: dict) -> list[str]:
+    """Names in ``folder`` that its ``manifest`` does not list (files or folders someone else put there)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
+
+
 def remove_sealed(folder: Path, kind: str) -> None:
     """Delete the files the manifest of ``folder`` lists, then the manifest, then the folder if that
-    left it empty; anything else in it stays."""
+    left it empty (an empty folder goes too); anything else in it stays."""
     manifest = read(folder, kind)
-    if manifest is None:
-        return
-    for name in manifest["files"]:
-        (folder / name).unlink(missing_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
+    if manifest is not None:
+        for name in manifest["files"]:
+            (folder / name).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
     if not any(folder.iterdir()):
         folder.rmdir()
 
