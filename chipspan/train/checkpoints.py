@@ -189,7 +189,7 @@ def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_l
 
 
 # Upper bounds, measured on chipspan's own files, of what comes with the tensors of a checkpoint:
-_BYTES_PER_TENSOR = 1024  # per trained tensor: its safetensors header entry, its AdamW state's records in the
+_BYTES_PER_TENSOR = 2048  # per trained tensor: its safetensors header entry, its AdamW state's records in the
 #                           optimizer file (step, exp_avg, exp_avg_sq: zip entries, 64-byte alignment, name)
 _BYTES_PER_LOG = 512  # per trainer_state.json log_history entry
 _FIXED_BYTES = 64 * 1024  # scheduler.pt, rng_state.pth, scaler.pt, config/adapter_config, manifest, state
