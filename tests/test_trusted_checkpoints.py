@@ -278,3 +278,32 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
                       Tokenizer.from_folder(tiny_workspace / "model"), STEPS, print)
     assert written <= asked["checkpoint"] <= 1.1 * written + 128 * 1024
     assert final <= asked["final"] <= 1.1 * final + 128 * 1024
+
+
+# --- per-stage checkpoints (torchrun) ---------------------------------------------------------------
+
+def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
+    import subprocess
+    import sys
+
+    from test_distributed import REPO, torchrun, train_flags
+
+    out = tmp_path / "staged"
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--micro_batches", "2"))
+    checkpoint = out / "checkpoint-2"
+    listed = manifest.read(checkpoint, checkpoints.CHECKPOINT)["files"]
+    assert {"optimizer-stage0-of-2.pt", "optimizer-stage1-of-2.pt", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "scheduler.pt", "rng_state.pth"} <= set(listed)
+    assert set(listed) == {p.name for p in checkpoint.iterdir()} - {manifest.MANIFEST}
+    assert checkpoints.damage(checkpoint) is None  # every stage's hash is the file's
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state": Planted(marker), "param_groups": [], "kinds": []}, checkpoint / "optimizer-stage1-of-2.pt")
+    reseal(checkpoint)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              "-m", "chipspan", "train", *map(str, train_flags(tiny_workspace, out))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode != 0
+    assert f"chipspan: error: {checkpoint / 'optimizer-stage1-of-2.pt'} holds objects other than tensors" in resumed.stderr
+    assert not marker.exists()
