@@ -5,6 +5,8 @@ chipspan removes (overwrite, rotation) only what it wrote."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -283,9 +285,6 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
 # --- per-stage checkpoints (torchrun) ---------------------------------------------------------------
 
 def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
-    import subprocess
-    import sys
-
     from test_distributed import REPO, torchrun, train_flags
 
     out = tmp_path / "staged"
@@ -305,5 +304,6 @@ def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(ti
                               "-m", "chipspan", "train", *map(str, train_flags(tiny_workspace, out))],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode != 0
-    assert f"chipspan: error: {checkpoint / 'optimizer-stage1-of-2.pt'} holds objects other than tensors" in resumed.stderr
+    planted = checkpoint / "optimizer-stage1-of-2.pt"
+    assert f"chipspan: error: {planted} holds objects other than tensors" in resumed.stderr
     assert not marker.exists()

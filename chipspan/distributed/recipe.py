@@ -95,7 +95,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         state = _restore(resume, pieces, rank_training, state)
         say(f"resuming from {resume} at step {state.global_step}")
     if layout.writes_outputs:
-        checkpoints.prepare_output_dir(output_dir, train_args.overwrite_output_dir, resume)
+        checkpoints.prepare_output_dir(output_dir, train_args.overwrite_output_dir and not resume)
         truncate_log(output_dir / LOG_FILE, state.global_step)  # drop lines of the run being replaced
     dist.barrier()
 

@@ -362,9 +362,9 @@ def check_outputs_free(output_dir: Path) -> None:
                             "would overwrite: move it, or choose another output_dir")
 
 
-def prepare_output_dir(output_dir: Path, remove_earlier_run: bool, keep: Path | None) -> None:
-    """Create and mark ``output_dir``; with ``remove_earlier_run`` (--overwrite_output_dir) first remove
-    what an earlier run wrote there, its checkpoints (but ``keep``) included, so that nothing resumes
+def prepare_output_dir(output_dir: Path, remove_earlier_run: bool) -> None:
+    """Create and mark ``output_dir``; with ``remove_earlier_run`` (--overwrite_output_dir, not resuming)
+    first remove what an earlier run wrote there, its checkpoints included, so that nothing resumes
     from them. Everything else in ``output_dir`` stays."""
     if remove_earlier_run:
         for path in owned_outputs(output_dir):
@@ -373,8 +373,7 @@ def prepare_output_dir(output_dir: Path, remove_earlier_run: bool, keep: Path | 
             else:
                 path.unlink()
         for folder in checkpoints_in(output_dir):
-            if keep is None or folder.resolve() != keep.resolve():
-                manifest.remove_sealed(folder, CHECKPOINT)
+            manifest.remove_sealed(folder, CHECKPOINT)
         remove_unfinished(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest.mark(output_dir, OUTPUT_DIR)

@@ -72,7 +72,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     trained_dtype = torch.bfloat16 if ft_args.pure_bf16 and base_dtype == torch.bfloat16 else torch.float32
     prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None, trained_dtype=trained_dtype)
     _report_placement(model, placement, train_args.micro_batches, report)
-    checkpoints.prepare_output_dir(output_dir, train_args.do_train and train_args.overwrite_output_dir, resume)
+    checkpoints.prepare_output_dir(output_dir, train_args.do_train and train_args.overwrite_output_dir and not resume)
 
     def evaluate() -> float:
         return eval_loss(model, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size,
