@@ -14,7 +14,8 @@ checkpoints intact and at worst a hidden temporary folder, which resume never pi
 save removes.
 
 Trust: a ``checkpoint-N`` folder is chipspan's only if it holds chipspan's manifest; only such
-folders are resumed from, rotated or removed, and only after every file matches the manifest. The
+folders are rotated or removed (their listed files only), and resumed from only while every file
+matches the manifest (else the one before is taken, with a notice). The
 ``.pt``/``.pth`` files hold tensors and plain values only and are read with ``weights_only``: a
 checkpoint from someone else can fail to load, never run code. Resume refuses a checkpoint trained
 with other settings (finetuning type, LoRA rank/alpha/targets, model config) and names the difference.
