@@ -202,10 +202,12 @@ def assert_users_things_kept(out):
 
 def test_overwrite_removes_the_earlier_run_and_keeps_the_users_files(tiny_workspace, out, monkeypatch, capsys):
     users_things(out)
+    (out / "generated_predictions.jsonl").write_text("{}\n")  # as an earlier --do_predict run left it
     argv = command(tiny_workspace, out, "lora") + ["--max_steps", "3", "--lora_rank", "4"]
     code, _, err = train(argv + ["--overwrite_output_dir"], monkeypatch, capsys)
     assert code == 0, err
     assert_users_things_kept(out)
+    assert not (out / "generated_predictions.jsonl").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # no stale 4
     assert logged_steps(out) == [1, 2, 3]
     code, printed, err = train(argv, monkeypatch, capsys)  # the same run again resumes from its own checkpoint

@@ -63,7 +63,8 @@ SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF T
 # Tokenizer.save names them; "runs": TensorBoard's default folder).
 RUN_OUTPUTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.json", "model.safetensors", SAFETENSORS_INDEX,
                "model-*-of-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               LOG_FILE, STATE_FILE, "*_results.json", "training_*.png", PREDICTIONS_FILE, "runs")
+               LOG_FILE, STATE_FILE, "train_results.json", "eval_results.json", "predict_results.json",
+               "all_results.json", "training_loss.png", "training_eval_loss.png", PREDICTIONS_FILE, "runs")
 # The settings a checkpoint is continued with only if this run asks for the same (see run_settings).
 CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target")
 
