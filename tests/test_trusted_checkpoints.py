@@ -85,6 +85,23 @@ def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(tiny_workspace, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("file,content,message", [
+    ("scheduler.pt", {"unexpected": 1}, "does not hold the training state chipspan saves"),
+    ("rng_state.pth", {"python": [], "numpy": {}, "cpu": torch.zeros(3)}, "does not hold the training state"),
+    ("trainer_state.json", [], "trainer_state.json is not a trainer state"),
+])
+def test_checkpoint_files_of_the_wrong_shape_are_one_line(tiny_workspace, out, file, content, message, monkeypatch,
+                                                         capsys):
+    checkpoint = out / "checkpoint-4"
+    if file.endswith(".json"):
+        (checkpoint / file).write_text(json.dumps(content))
+    else:
+        torch.save(content, checkpoint / file)
+    reseal(checkpoint)
+    code, _, err = train(command(tiny_workspace, out, "lora"), monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and message in err[0], err
+
+
 def test_rng_state_round_trips_through_weights_only_files(tmp_path):
     import random
 

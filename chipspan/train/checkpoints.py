@@ -338,7 +338,9 @@ def restoring(folder: Path) -> Iterator[None]:
     """Turn a checkpoint whose files load but do not hold what chipspan saves into one error line."""
     try:
         yield
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise ChipspanError(f"{folder} does not hold the training state chipspan saves ({type(exc).__name__}: "
                             f"{str(exc)[:200]}); resume from another checkpoint, or start afresh") from None
 
