@@ -13,6 +13,7 @@ import torch
 
 from chipspan import manifest
 from chipspan.args import parse_run_arguments
+from chipspan.chips import span
 from chipspan.cli import main
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
@@ -72,6 +73,7 @@ class Planted:
 @pytest.mark.parametrize("how", ["output_dir", "resume_from_checkpoint"])
 def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(tiny_workspace, out, tmp_path, file, how,
                                                                 monkeypatch, capsys):
+    monkeypatch.setattr(span, "load_pretrained", lambda *args, **kwargs: pytest.fail("weights loaded first"))
     marker = tmp_path / "code-ran"
     checkpoint = out / "checkpoint-4"
     torch.save({"state": Planted(marker)}, checkpoint / file)

@@ -333,6 +333,13 @@ def read_saved(file: Path, mmap: bool = False):
         raise ChipspanError(f"{file} cannot be read as a chipspan checkpoint file: {reason}") from None
 
 
+def check_loadable(folder: Path) -> None:
+    """Read every ``.pt``/``.pth`` file of a checkpoint as :func:`read_saved` will (memory-mapped: the
+    tensors' bytes are not read), so that a foreign one is refused before any weight loads."""
+    for file in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")]):
+        read_saved(file, mmap=True)
+
+
 @contextmanager
 def restoring(folder: Path) -> Iterator[None]:
     """Turn a checkpoint whose files load but do not hold what chipspan saves into one error line."""

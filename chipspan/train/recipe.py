@@ -258,7 +258,8 @@ def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None
 
     --resume_from_checkpoint is a folder, or true for the last intact checkpoint in output_dir; without
     it a non-empty output_dir resumes from its last intact one (a damaged newer one is skipped with a
-    notice). The checkpoint must have been trained with this run's ``settings`` (run_settings).
+    notice). The checkpoint must have been trained with this run's ``settings`` (run_settings), and
+    its files must hold tensors and plain values only.
     """
     output_dir, asked = Path(run.training.output_dir), run.training.resume_from_checkpoint
     found = checkpoints.checkpoint_folders(output_dir)
@@ -281,6 +282,7 @@ def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None
         raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
                             "pass --overwrite_output_dir to write over it, or choose an empty folder")
     checkpoints.check_continues(chosen, settings, report)
+    checkpoints.check_loadable(chosen)
     return chosen
 
 
