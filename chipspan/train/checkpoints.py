@@ -147,10 +147,13 @@ def finish_checkpoint(tmp: Path, output_dir: Path, step: int, settings: dict,
 
 
 def remove_unfinished(output_dir: Path) -> None:
-    """Remove the hidden folders a killed save left behind (never a complete checkpoint)."""
+    """Remove the hidden folders a killed save left behind (never a complete checkpoint): a half-written
+    ``.tmp`` folder, and the files chipspan listed in a replaced ``.old`` one."""
     for leftover in output_dir.glob(f".{PREFIX}*"):
-        if leftover.is_dir() and leftover.suffix in (".tmp", ".old"):
+        if leftover.is_dir() and leftover.suffix == ".tmp":
             shutil.rmtree(leftover)
+        elif leftover.is_dir() and leftover.suffix == ".old":
+            manifest.remove_sealed(leftover, CHECKPOINT)
 
 
 def _fsync_tree(folder: Path) -> None:
