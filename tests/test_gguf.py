@@ -429,21 +429,33 @@ def test_out_dir_not_empty_and_overwrite(tmp_path):
     write_gguf(tmp_path / "m.gguf", tiny_model())
     (tmp_path / "hf").mkdir()
     convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")  # an empty folder is fine
-    (tmp_path / "hf" / "mine.txt").write_text("keep me")
     with pytest.raises(ChipspanError, match="is not empty; use overwrite"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
-    assert (tmp_path / "hf" / "mine.txt").exists()
-    convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", overwrite=True)
-    assert not (tmp_path / "hf" / "mine.txt").exists()
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", overwrite=True)  # an earlier conversion is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.gguf"]
     with pytest.raises(ChipspanError, match="lies inside the output folder"):
         convert_gguf(tmp_path / "m.gguf", tmp_path, overwrite=True)
 
 
+def test_overwrite_replaces_only_what_convert_wrote(tmp_path):
+    write_gguf(tmp_path / "m.gguf", tiny_model())
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    (tmp_path / "hf" / "mine.txt").write_text("keep me")
+    with pytest.raises(ChipspanError, match="holds mine.txt, which chipspan convert did not write"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me" and (tmp_path / "hf" / "model.safetensors").is_file()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    with pytest.raises(ChipspanError, match="was not written by chipspan convert"):
+        convert_gguf(tmp_path / "m.gguf", theirs, overwrite=True)
+    assert [p.name for p in theirs.iterdir()] == ["config.json"] and (theirs / "config.json").read_text() == "{}"
+
+
 def test_failure_midway_leaves_old_out_dir_untouched(tmp_path, monkeypatch):
     write_gguf(tmp_path / "m.gguf", tiny_model())
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "mine.txt").write_text("keep me")
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
 
     def fail(*args):
         raise RuntimeError("disk full")
@@ -452,7 +464,7 @@ def test_failure_midway_leaves_old_out_dir_untouched(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.gguf"]
-    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["mine.txt"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
 
 
 # --- the fetch step --------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ several machines), the first data-parallel replica of pipeline position k of n w
 - ``optimizer-stage{k}-of-{n}.pt``: its AdamW state keyed by parameter name, its parameter groups
   and their kinds (weight decay or not).
 
-Global rank 0 writes the rest once every stage is done: ``model.safetensors.index.json`` and
-``config.json`` from the tensor names the stages report (names only travel), or the LoRA adapter
-(small: gathered to rank 0, PEFT wants one file), the tokenizer, ``scheduler.pt``, ``rng_state.pth``
-and ``trainer_state.json``; then it flushes and renames the folder
+Each stage hashes the files it wrote. Global rank 0 writes the rest once every stage is done:
+``model.safetensors.index.json`` and ``config.json`` from the tensor names the stages report (names
+and hashes only travel), or the LoRA adapter (small: gathered to rank 0, PEFT wants one file), the
+tokenizer, ``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``; then it flushes the
+folder, writes the manifest (every stage's files and hashes) last, and renames the folder
 (``chipspan.train.checkpoints.finish_checkpoint``). No rank ever holds more than its own stage's
 weights and optimizer state.
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from chipspan import manifest
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.distributed.mesh import Layout
 from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, remove_weights
@@ -42,28 +44,33 @@ from chipspan.train.reporting import TrainerState
 
 
 def save_checkpoint(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, output_dir: Path, step: int,
-                    tokenizer: Tokenizer, state: TrainerState, base_model: str, is_lora: bool,
-                    precision_state: dict | None = None) -> None:
-    """``checkpoint-{step}``, every rank taking part (see the module's docstring); ``precision_state``:
-    the fp16 loss scaler's (``scaler.pt``), the same on every rank."""
+                    tokenizer: Tokenizer, state: TrainerState, base_model: str, is_lora: bool, settings: dict,
+                    precision_state: dict | None = None) -> Path | None:
+    """``checkpoint-{step}`` of a run of ``settings`` (``checkpoints.run_settings``), every rank taking
+    part (see the module's docstring); ``precision_state``: the fp16 loss scaler's (``scaler.pt``), the
+    same on every rank. Returns the folder on rank 0, None elsewhere."""
     first = layout.rank == 0
     tmp = checkpoints.start_checkpoint(output_dir, step) if first else checkpoints.temporary_folder(output_dir, step)
-    write_weights(pieces, layout, tmp, base_model, is_lora)  # its barrier orders start_checkpoint's cleanup first
+    hashed = write_weights(pieces, layout, tmp, base_model, is_lora)  # its barrier orders the cleanup first
     mine = _write_optimizer_share(pieces, optimizer, scheduler, layout, tmp) if layout.replica == 0 else None
     shares = _on_rank_zero(mine)  # also: every stage's files are written
-    if first:
-        tokenizer.save(tmp)
-        torch.save(_scheduler_state(shares), tmp / "scheduler.pt")
-        torch.save(checkpoints.rng_state(), tmp / "rng_state.pth")
-        state.save(tmp)
-        if precision_state is not None:
-            torch.save(precision_state, tmp / checkpoints.SCALER_FILE)
-        checkpoints.finish_checkpoint(tmp, output_dir, step)
+    if not first:
+        return None
+    tokenizer.save(tmp)
+    torch.save(_scheduler_state(shares), tmp / checkpoints.SCHEDULER_FILE)
+    torch.save(checkpoints.rng_state(), tmp / checkpoints.RNG_FILE)
+    state.save(tmp)
+    if precision_state is not None:
+        torch.save(precision_state, tmp / checkpoints.SCALER_FILE)
+    known = {**hashed, **{name: entry for share in shares for name, entry in share["files"].items()}}
+    return checkpoints.finish_checkpoint(tmp, output_dir, step, settings, known)
 
 
-def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_model: str, is_lora: bool) -> None:
+def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_model: str,
+                  is_lora: bool) -> dict[str, dict]:
     """The trained weights into ``folder``, every rank taking part: the LoRA adapter (gathered, PEFT
-    format) or the whole model (one safetensors shard per pipeline position + index + config.json)."""
+    format) or the whole model (one safetensors shard per pipeline position + index + config.json).
+    Returns, on rank 0, the manifest entries (``chipspan.manifest.file_entry``) of the stages' shards."""
     if layout.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         if not is_lora:  # a model an earlier run wrote here in another layout
@@ -79,20 +86,23 @@ def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_mod
         if parts is not None:
             merged = {k: v for part in parts for k, v in part.items()}
             checkpoints.write_trained_weights(merged, pieces[0], folder, base_model, is_lora=True)
-        return
+        return {}
     mine = None
     if layout.replica == 0:
         shard = f"model-{layout.stage_rank + 1:05d}-of-{layout.pipeline:05d}.safetensors"
         save_file(tensors, folder / shard, metadata={"format": "pt"})
         checkpoints.fsync(folder / shard)
-        mine = {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()}
+        mine = {"tensors": {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()},
+                "file": (shard, manifest.file_entry(folder / shard))}
     parts = _on_rank_zero(mine)
-    if parts is not None:
-        where = {name: entry for part in parts for name, entry in part.items()}
-        index = {"metadata": {"total_size": sum(size for _, size in where.values())},
-                 "weight_map": {name: shard for name, (shard, _) in where.items()}}
-        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        checkpoints.write_config(pieces[0], folder, next(iter(tensors.values())).dtype)
+    if parts is None:
+        return {}
+    where = {name: entry for part in parts for name, entry in part["tensors"].items()}
+    index = {"metadata": {"total_size": sum(size for _, size in where.values())},
+             "weight_map": {name: shard for name, (shard, _) in where.items()}}
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    checkpoints.write_config(pieces[0], folder, next(iter(tensors.values())).dtype)
+    return dict(part["file"] for part in parts)
 
 
 def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: Path) -> None:
@@ -103,13 +113,14 @@ def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: P
     for group in optimizer.param_groups:
         saved_group = by_kind[_group_kind(pieces, group)] if by_kind else saved["param_groups"][0]
         checkpoints.load_group_state(optimizer, group, saved_group, saved["state"], names)
-    schedule = torch.load(folder / "scheduler.pt", weights_only=False)
+    schedule = checkpoints.read_saved(folder / checkpoints.SCHEDULER_FILE)
     scheduler.load_state_dict(_resize_scheduler(schedule, len(optimizer.param_groups)))
 
 
 def _write_optimizer_share(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, folder: Path) -> dict:
     """``optimizer-stage{k}-of-{n}.pt`` (empty where nothing trains, so the set is complete); returns
-    what rank 0 needs for scheduler.pt: the group kinds and the scheduler's state."""
+    what rank 0 needs for scheduler.pt and the manifest: the group kinds, the scheduler's state and
+    the file's manifest entry."""
     saved, kinds, schedule = {"state": {}, "param_groups": []}, [], None
     if optimizer is not None:
         saved = checkpoints.optimizer_state_by_name(SimpleNamespace(stages=pieces), optimizer)
@@ -118,7 +129,7 @@ def _write_optimizer_share(pieces: list[CausalLM], optimizer, scheduler, layout:
     file = folder / f"optimizer-stage{layout.stage_rank}-of-{layout.pipeline}.pt"
     torch.save({**saved, "kinds": kinds}, file)
     checkpoints.fsync(file)
-    return {"kinds": kinds, "scheduler": schedule}
+    return {"kinds": kinds, "scheduler": schedule, "files": {file.name: manifest.file_entry(file)}}
 
 
 def _scheduler_state(shares: list[dict]) -> dict | None:

@@ -57,9 +57,11 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     run = replace(run, training=replace(train_args, micro_batches=span.micro_batches))
     train_args = run.training
     output_dir = Path(train_args.output_dir)
-    resume = recipe.resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
-    mesh = start(layout, device)
     say = report if layout.writes_outputs else (lambda _: None)
+    settings = checkpoints.run_settings(run, config)
+    checkpoints.check_outputs_free(output_dir)
+    resume = recipe.resume_point(run, settings, say)
+    mesh = start(layout, device)
 
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = _load_data_rank_zero_first(run, tokenizer, layout)
@@ -70,7 +72,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
                             f"{config.vocab_size}; pick a template the tokenizer knows")
     precision, base_dtype = recipe.choose_precision(run, device.type, say)
     steps = total_steps(len(examples), global_arguments(train_args, layout.data))
-    recipe.check_disk(run, config, base_dtype, steps, say)
+    recipe.check_disk(run, config, base_dtype, tokenizer, steps, say)
 
     recipe.seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
@@ -94,7 +96,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         state = _restore(resume, pieces, rank_training, state)
         say(f"resuming from {resume} at step {state.global_step}")
     if layout.writes_outputs:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.prepare_output_dir(output_dir, train_args.overwrite_output_dir and not resume)
         truncate_log(output_dir / LOG_FILE, state.global_step)  # drop lines of the run being replaced
     dist.barrier()
 
@@ -110,11 +112,11 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     def save(step: int) -> None:
         trained_weights_finite(f"checkpoint-{step}")
         scaler = rank_training.scaler
-        stage_checkpoints.save_checkpoint(pieces, rank_training.optimizer, rank_training.scheduler, layout, output_dir,
-                                          step, tokenizer, state, base_model, is_lora,
-                                          scaler.state_dict() if scaler is not None else None)
-        if layout.writes_outputs:
-            checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
+        written = stage_checkpoints.save_checkpoint(pieces, rank_training.optimizer, rank_training.scheduler, layout,
+                                                    output_dir, step, tokenizer, state, base_model, is_lora, settings,
+                                                    scaler.state_dict() if scaler is not None else None)
+        if written is not None:
+            checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit, written)
         dist.barrier()
 
     say(f"training {len(examples)} examples for {steps} steps (batch {train_args.per_device_train_batch_size} "
@@ -193,11 +195,12 @@ def _rank_training(run: RunArguments, layout: Layout, device: torch.device, mesh
 
 
 def _restore(folder: Path, pieces, rank_training: RankTraining, fresh: TrainerState) -> TrainerState:
-    if rank_training.optimizer is not None:
-        stage_checkpoints.load_stage_optimizer(pieces, rank_training.optimizer, rank_training.scheduler, folder)
-    if rank_training.scaler is not None and (folder / checkpoints.SCALER_FILE).is_file():
-        rank_training.scaler.load_state_dict(torch.load(folder / checkpoints.SCALER_FILE, weights_only=False))
-    checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
+    with checkpoints.restoring(folder):
+        if rank_training.optimizer is not None:
+            stage_checkpoints.load_stage_optimizer(pieces, rank_training.optimizer, rank_training.scheduler, folder)
+        if rank_training.scaler is not None and (folder / checkpoints.SCALER_FILE).is_file():
+            rank_training.scaler.load_state_dict(checkpoints.read_saved(folder / checkpoints.SCALER_FILE))
+        checkpoints.restore_rng_state(checkpoints.read_saved(folder / checkpoints.RNG_FILE))
     state = TrainerState.load(folder)
     state.max_steps = fresh.max_steps
     return state

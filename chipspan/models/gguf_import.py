@@ -12,8 +12,10 @@ Three things differ between the formats and are undone here:
 - rotary layout: llama.cpp permutes the rows of ``q``/``k`` (see :func:`unpermute_rope_rows`).
 
 Every check runs before the first weight is read. The conversion writes into a hidden sibling
-folder and renames it at the end: a failed run leaves neither a half-written ``out_dir`` nor a
-damaged earlier one.
+folder, seals it with chipspan's manifest (``chipspan.manifest``: every file, size and sha256) and
+renames it at the end: a failed run leaves neither a half-written ``out_dir`` nor a damaged earlier
+one. ``overwrite`` replaces only a folder an earlier conversion wrote, and only while it holds
+nothing else.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from chipspan import manifest
 from chipspan.errors import ChipspanError
 
+CONVERTED = "converted"  # the kind of folder the manifest of a conversion marks
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -73,7 +77,8 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", tokenizer_dir=None, overwr
     ``dtype``: "float32" | "float16" | "bfloat16", the dtype of the written weights.
     ``tokenizer_dir``: a Hugging Face folder whose tokenizer files are copied instead of building
     a tokenizer from the GGUF metadata (see :func:`build_tokenizer` for the kinds that are built).
-    ``overwrite``: replace a non-empty ``out_dir`` (only once the new folder is complete).
+    ``overwrite``: replace an ``out_dir`` an earlier conversion wrote (only once the new folder is
+    complete); a folder holding anything else is refused.
     Problems with the input raise :class:`ChipspanError`.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -98,6 +103,7 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", tokenizer_dir=None, overwr
         _write_safetensors(tmp / "model.safetensors", plan, DTYPES[dtype])
         for name, content in tokenizer_files.items():
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        manifest.seal(tmp, CONVERTED)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -496,17 +502,28 @@ def _generation_config(config: dict) -> dict:
 
 
 def _check_out_dir(out_dir: Path, gguf_path: Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is not a folder, or not empty — with ``overwrite``, one that is not
+    wholly an earlier conversion's."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ChipspanError(f"output {out_dir} exists and is not a folder; choose another output folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ChipspanError(f"output folder {out_dir} is not empty; use overwrite to replace it")
-        if out_dir.resolve() in gguf_path.resolve().parents:
-            raise ChipspanError(f"GGUF file {gguf_path} lies inside the output folder; choose another folder")
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise ChipspanError(f"output folder {out_dir} is not empty; use overwrite to replace it")
+    if out_dir.resolve() in gguf_path.resolve().parents:
+        raise ChipspanError(f"GGUF file {gguf_path} lies inside the output folder; choose another folder")
+    earlier = manifest.read(out_dir, CONVERTED)
+    if earlier is None:
+        raise ChipspanError(f"output folder {out_dir} was not written by chipspan convert, and overwrite replaces "
+                            "only a folder it wrote; choose another output folder, or empty this one")
+    others = manifest.unlisted(out_dir, earlier)
+    if others:
+        raise ChipspanError(f"output folder {out_dir} holds {others[0]}, which chipspan convert did not write; "
+                            "move it out, or choose another output folder")
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out_dir``, removing an older ``out_dir`` only after."""
+    """Rename the finished ``tmp`` folder to ``out_dir``, removing an earlier conversion's files only after."""
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
@@ -517,7 +534,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     except BaseException:
         old.rename(out_dir)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    manifest.remove_sealed(old, CONVERTED)
 
 
 def _field(reader, key: str, default=_REQUIRED):

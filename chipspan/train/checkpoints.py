@@ -3,38 +3,70 @@
 A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the tokenizer files,
 ``optimizer.pt`` (AdamW state keyed by parameter name, so it loads into any placement; a run of
 one process per stage writes ``optimizer-stage{k}-of-{n}.pt`` instead, one per pipeline position),
-``scheduler.pt``, ``rng_state.pth``, ``scaler.pt`` (the fp16 loss scale) and ``trainer_state.json``.
+``scheduler.pt``, ``rng_state.pth``, ``scaler.pt`` (the fp16 loss scale), ``trainer_state.json``
+and, written last, ``chipspan_manifest.json`` (``chipspan.manifest``: every file's size and sha256,
+and the settings the run was trained with).
 
 Durability: a checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, every file and the
-folder are fsynced, and only then is it renamed to ``checkpoint-N`` (and the parent fsynced). A kill
-or power loss at any moment leaves the previous checkpoints intact and at worst a hidden temporary
-folder, which resume never picks and the next save removes.
+folder are fsynced, then the manifest is written and fsynced, and only then is the folder renamed to
+``checkpoint-N`` (and the parent fsynced). A kill or power loss at any moment leaves the previous
+checkpoints intact and at worst a hidden temporary folder, which resume never picks and the next
+save removes.
+
+Trust: a ``checkpoint-N`` folder is chipspan's only if it holds chipspan's manifest; only such
+folders are rotated or removed (their listed files only), and resumed from only while every file
+matches the manifest (else the one before is taken, with a notice). The
+``.pt``/``.pth`` files hold tensors and plain values only and are read with ``weights_only``: a
+checkpoint from someone else can fail to load, never run code. Resume refuses a checkpoint trained
+with other settings (finetuning type, LoRA rank/alpha/targets, model config) and names the difference.
+
+``output_dir`` is shared with the user: chipspan marks it (an ``output_dir`` manifest) when it first
+writes there, and what it writes there has fixed names (``RUN_OUTPUTS``); ``--overwrite_output_dir``
+removes those and chipspan's checkpoints, and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from chipspan.adapters.peft_io import adapter_state_dict, save_adapter
+from chipspan import manifest
+from chipspan.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, save_adapter
+from chipspan.args import RunArguments
 from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import model_state_dict, save_weights
+from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, save_weights
+from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
-from chipspan.train.reporting import TrainerState
+from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState
 
 PREFIX = "checkpoint-"
+CHECKPOINT, OUTPUT_DIR = "checkpoint", "output_dir"  # the kinds of folder chipspan's manifests mark
 OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pth"
 KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
 SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF Trainer names it)
+# What a run writes directly in output_dir besides its checkpoints (the tokenizer's files as
+# Tokenizer.save names them; "runs": TensorBoard's default folder).
+RUN_OUTPUTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.json", "model.safetensors", SAFETENSORS_INDEX,
+               "model-*-of-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               LOG_FILE, STATE_FILE, "train_results.json", "eval_results.json", "predict_results.json",
+               "all_results.json", "training_loss.png", "training_eval_loss.png", PREDICTIONS_FILE, "runs")
+# The settings a checkpoint is continued with only if this run asks for the same (see run_settings).
+CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target")
 
 
 def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_lora: bool) -> None:
@@ -69,17 +101,18 @@ def write_config(first_stage: CausalLM, folder: Path, dtype: torch.dtype) -> Non
 
 def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
-                    base_model: str, is_lora: bool, precision_state: dict | None = None) -> Path:
+                    base_model: str, is_lora: bool, settings: dict, precision_state: dict | None = None) -> Path:
+    """``checkpoint-{step}`` of a run of ``settings`` (:func:`run_settings`); returns its folder."""
     tmp = start_checkpoint(output_dir, step)
     save_trained_weights(model, tmp, base_model, is_lora)
     tokenizer.save(tmp)
     torch.save(optimizer_state_by_name(model, optimizer), tmp / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng_state.pth")
+    torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    torch.save(rng_state(), tmp / RNG_FILE)
     if precision_state is not None:
         torch.save(precision_state, tmp / SCALER_FILE)
     state.save(tmp)
-    return finish_checkpoint(tmp, output_dir, step)
+    return finish_checkpoint(tmp, output_dir, step, settings)
 
 
 def start_checkpoint(output_dir: Path, step: int) -> Path:
@@ -92,14 +125,21 @@ def temporary_folder(output_dir: Path, step: int) -> Path:
     return output_dir / f".{PREFIX}{step}.tmp"
 
 
-def finish_checkpoint(tmp: Path, output_dir: Path, step: int) -> Path:
-    """Flush ``tmp`` to the disk, then rename it to ``checkpoint-{step}``; returns that folder."""
+def finish_checkpoint(tmp: Path, output_dir: Path, step: int, settings: dict,
+                      known: dict[str, dict] | None = None) -> Path:
+    """Flush ``tmp`` to the disk, seal it with its manifest (``known``: entries of files whose writers
+    hashed them), then rename it to ``checkpoint-{step}``; returns that folder."""
     final = output_dir / f"{PREFIX}{step}"
+    if final.exists() and manifest.read(final, CHECKPOINT) is None:
+        raise ChipspanError(f"{final} is not a checkpoint chipspan wrote, and this run would save its step {step} "
+                            "there: move that folder out of output_dir")
     _fsync_tree(tmp)
+    manifest.seal(tmp, CHECKPOINT, settings, known)
+    fsync(tmp)
     if final.exists():  # resumed from an earlier checkpoint: this step is written again
         replaced = final.rename(output_dir / f".{PREFIX}{step}.old")
         tmp.rename(final)
-        shutil.rmtree(replaced)
+        manifest.remove_sealed(replaced, CHECKPOINT)
     else:
         tmp.rename(final)
     fsync(output_dir)
@@ -107,10 +147,13 @@ def finish_checkpoint(tmp: Path, output_dir: Path, step: int) -> Path:
 
 
 def remove_unfinished(output_dir: Path) -> None:
-    """Remove the hidden folders a killed save left behind (never a complete checkpoint)."""
+    """Remove the hidden folders a killed save left behind (never a complete checkpoint): a half-written
+    ``.tmp`` folder, and the files chipspan listed in a replaced ``.old`` one."""
     for leftover in output_dir.glob(f".{PREFIX}*"):
-        if leftover.is_dir() and leftover.suffix in (".tmp", ".old"):
+        if leftover.is_dir() and leftover.suffix == ".tmp":
             shutil.rmtree(leftover)
+        elif leftover.is_dir() and leftover.suffix == ".old":
+            manifest.remove_sealed(leftover, CHECKPOINT)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -132,7 +175,7 @@ def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_l
                      checkpoint_bytes: int, final_bytes: int, report) -> None:
     """Refuse a run whose checkpoints cannot fit on the disk of ``output_dir``; warn when nearly so.
 
-    ``checkpoint_bytes``: one checkpoint (weights + optimizer); ``final_bytes``: the final weights.
+    ``checkpoint_bytes``: one checkpoint (:func:`checkpoint_size`); ``final_bytes``: the final outputs.
     With ``save_total_limit`` N, N + 1 checkpoints exist for a moment (the new one before the oldest goes).
     """
     saves = (steps - 1) // save_steps if save_steps > 0 else 0
@@ -150,18 +193,204 @@ def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_l
         report(f"warning: the run will nearly fill the disk: {summary}")
 
 
-def checkpoints_in(output_dir: Path) -> list[Path]:
-    """Complete ``checkpoint-N`` folders, oldest first."""
+# Upper bounds, measured on chipspan's own files, of what comes with the tensors of a checkpoint:
+_BYTES_PER_TENSOR = 2048  # per trained tensor: its safetensors header entry, its AdamW state's records in the
+#                           optimizer file (step, exp_avg, exp_avg_sq: zip entries, 64-byte alignment, name)
+_BYTES_PER_LOG = 512  # per trainer_state.json log_history entry
+_FIXED_BYTES = 64 * 1024  # scheduler.pt, rng_state.pth, scaler.pt, config/adapter_config, manifest, state
+
+
+def checkpoint_size(weights: int, moments: int, trained_tensors: int, tokenizer_bytes: int, logs: int) -> int:
+    """Bytes one checkpoint holds: ``weights`` (the saved weights), ``moments`` (AdamW's, 8 per trained
+    element), then what comes with them: per-tensor records for ``trained_tensors`` tensors, the
+    tokenizer's files, a trainer state of ``logs`` log entries, and the small files."""
+    return (weights + moments + trained_tensors * _BYTES_PER_TENSOR + tokenizer_bytes + logs * _BYTES_PER_LOG
+            + _FIXED_BYTES)
+
+
+def tokenizer_size(tokenizer: Tokenizer) -> int:
+    """Bytes of the tokenizer.json that Tokenizer.save writes (its small configs count in _FIXED_BYTES)."""
+    return len(tokenizer.backend.to_str(pretty=True).encode())
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Every ``checkpoint-N`` folder in ``output_dir``, chipspan's or not, oldest (lowest N) first."""
+    if not output_dir.is_dir():
+        return []
     found = [p for p in output_dir.glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
-def remove_old_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Keep the newest ``keep`` checkpoints (None: all)."""
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders chipspan wrote (they hold its manifest), oldest first."""
+    return [p for p in checkpoint_folders(output_dir) if manifest.read(p, CHECKPOINT) is not None]
+
+
+def remove_old_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> None:
+    """Keep ``newest`` (the checkpoint just written) and the next ``keep - 1`` of chipspan's checkpoints
+    (None: all). Checkpoints of later steps than ``newest`` are of a run this one replaced (it resumed
+    from an earlier step) and go first; folders chipspan did not write are never touched."""
     if keep is None or keep <= 0:
         return
-    for old in checkpoints_in(output_dir)[:-keep]:
-        shutil.rmtree(old)
+    step = checkpoint_step(newest)
+    others = [p for p in checkpoints_in(output_dir) if p != newest]
+    oldest_first = ([p for p in others if checkpoint_step(p) > step] + [p for p in others if checkpoint_step(p) < step])
+    for old in oldest_first[:max(len(others) - (keep - 1), 0)]:
+        manifest.remove_sealed(old, CHECKPOINT)
+
+
+def check_checkpoint_names(output_dir: Path, steps: int, save_steps: int) -> None:
+    """Refuse a run that would save a checkpoint where a folder of that name is not chipspan's."""
+    if save_steps <= 0:
+        return
+    for folder in checkpoint_folders(output_dir):
+        step = checkpoint_step(folder)
+        if step < steps and step % save_steps == 0 and manifest.read(folder, CHECKPOINT) is None:
+            raise ChipspanError(f"output_dir {output_dir} holds {folder.name}, which chipspan did not write, and this "
+                                f"run would save its step {step} there: move that folder, or choose another output_dir")
+
+
+# --- resume: which checkpoint, and whether it continues this run ---------------------------------
+
+def damage(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (missing, truncated or changed files, no manifest), or None."""
+    return manifest.problem(folder, CHECKPOINT)
+
+
+def last_valid(folders: list[Path], report: Callable[[str], None]) -> Path:
+    """The newest of ``folders`` (oldest first) that is intact, with a notice naming each newer one skipped
+    and why; a ChipspanError naming what is wrong with each when none is intact."""
+    skipped = []
+    for folder in reversed(folders):
+        wrong = damage(folder)
+        if wrong is None:
+            if skipped:
+                report(f"notice: not resuming from {'; '.join(skipped)}; resuming from {folder.name}, the last "
+                       "intact checkpoint")
+            return folder
+        skipped.append(f"{folder.name} ({wrong})")
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    raise ChipspanError(f"no checkpoint in {folders[0].parent} can be resumed from: {'; '.join(skipped[:3])}{more}; "
+                        "pass --overwrite_output_dir to start afresh, or choose another output_dir")
+
+
+def run_settings(run: RunArguments, config: ModelConfig) -> dict:
+    """What a checkpoint records of the run that wrote it, for a later run to continue it only alike:
+    the CONTINUED_SETTINGS, the model's path and its config (shape and numerics, as ModelConfig reads it)."""
+    ft = run.finetuning
+    settings = {"finetuning_type": ft.finetuning_type,
+                "model_name_or_path": str(Path(run.model.model_name_or_path).resolve()),
+                "model_config": json.loads(json.dumps({f.name: getattr(config, f.name) for f in fields(config)
+                                                       if f.name not in ("raw", "torch_dtype")}))}
+    if ft.finetuning_type == "lora":
+        targets = sorted({name.strip() for name in (ft.lora_target or "").split(",") if name.strip()})
+        settings.update(lora_rank=ft.lora_rank, lora_target=",".join(targets),
+                        lora_alpha=float(ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_rank))
+    return settings
+
+
+def check_continues(folder: Path, settings: dict, report: Callable[[str], None]) -> None:
+    """Refuse to continue checkpoint ``folder`` with settings other than it was trained with, naming the
+    first difference; a notice when only the model's path differs (the same config elsewhere)."""
+    saved = manifest.read(folder, CHECKPOINT)["settings"]
+    afresh = "or start afresh in another output_dir (or with --overwrite_output_dir)"
+    for key in CONTINUED_SETTINGS:
+        if saved.get(key) != settings.get(key):
+            raise ChipspanError(f"{folder.name} was trained with {key} {_shown(saved.get(key))}, this run asks for "
+                                f"{_shown(settings.get(key))}: pass --{key} {_shown(saved.get(key))} to continue it, "
+                                f"{afresh}")
+    ours, theirs = settings["model_config"], saved.get("model_config", {})
+    differs = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differs:
+        key = differs[0]
+        raise ChipspanError(f"{folder.name} was trained on a model with {key} {_shown(theirs.get(key))} "
+                            f"({saved.get('model_name_or_path')}), this run's model has {_shown(ours.get(key))} "
+                            f"({settings['model_name_or_path']}): pass the model it was trained on, {afresh}")
+    if saved.get("model_name_or_path") != settings["model_name_or_path"]:
+        report(f"notice: {folder.name} was trained from {saved.get('model_name_or_path')}; continuing it on "
+               f"{settings['model_name_or_path']}, whose config is the same")
+
+
+def _shown(value) -> str:
+    """A setting as a flag value: 16 rather than 16.0, "none" for absent."""
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def read_saved(file: Path, mmap: bool = False):
+    """A ``.pt``/``.pth`` file of a checkpoint as tensors and plain values; anything else (an object
+    whose unpickling could run code, a damaged file) is a ChipspanError naming the file."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise ChipspanError(f"{file} holds objects other than tensors and plain values, which chipspan never "
+                            "loads (they could run code): it is not a checkpoint chipspan wrote; resume from "
+                            "another checkpoint, or start afresh") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ChipspanError(f"{file} cannot be read as a chipspan checkpoint file: {reason}") from None
+
+
+def check_loadable(folder: Path) -> None:
+    """Read every ``.pt``/``.pth`` file of a checkpoint as :func:`read_saved` will (memory-mapped: the
+    tensors' bytes are not read), so that a foreign one is refused before any weight loads."""
+    for file in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")]):
+        read_saved(file, mmap=True)
+
+
+@contextmanager
+def restoring(folder: Path) -> Iterator[None]:
+    """Turn a checkpoint whose files load but do not hold what chipspan saves into one error line."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ChipspanError(f"{folder} does not hold the training state chipspan saves ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); resume from another checkpoint, or start afresh") from None
+
+
+# --- output_dir: what chipspan wrote there -------------------------------------------------------
+
+def owned_outputs(output_dir: Path) -> list[Path]:
+    """The entries of ``output_dir`` a chipspan run wrote (RUN_OUTPUTS, in a folder chipspan marked)."""
+    if not output_dir.is_dir() or manifest.read(output_dir, OUTPUT_DIR) is None:
+        return []
+    return sorted({p for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)})
+
+
+def check_outputs_free(output_dir: Path) -> None:
+    """Refuse a run whose outputs would overwrite files of the user's in ``output_dir`` (a name the run
+    writes, in a folder chipspan never wrote in)."""
+    if not output_dir.is_dir():
+        return
+    owned = set(owned_outputs(output_dir))
+    theirs = sorted({p.name for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)} - {p.name for p in owned})
+    if theirs:
+        raise ChipspanError(f"output_dir {output_dir} holds {theirs[0]}, which chipspan did not write and this run "
+                            "would overwrite: move it, or choose another output_dir")
+
+
+def prepare_output_dir(output_dir: Path, remove_earlier_run: bool) -> None:
+    """Create and mark ``output_dir``; with ``remove_earlier_run`` (--overwrite_output_dir, not resuming)
+    first remove what an earlier run wrote there, its checkpoints included, so that nothing resumes
+    from them. Everything else in ``output_dir`` stays."""
+    if remove_earlier_run:
+        for path in owned_outputs(output_dir):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        for folder in checkpoints_in(output_dir):
+            manifest.remove_sealed(folder, CHECKPOINT)
+        remove_unfinished(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest.mark(output_dir, OUTPUT_DIR)
 
 
 def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimizer) -> dict:
@@ -178,7 +407,7 @@ def read_optimizer_state(folder: Path) -> dict:
     ``optimizer.pt``, or the ``optimizer-stage{k}-of-{n}.pt`` files of its stages merged.
     Memory-mapped: a stage that loads a share reads only that share's tensors."""
     if (folder / OPTIMIZER_FILE).is_file():
-        return torch.load(folder / OPTIMIZER_FILE, weights_only=False, mmap=True)
+        return read_saved(folder / OPTIMIZER_FILE, mmap=True)
     files = sorted(folder.glob("optimizer-stage*-of-*.pt"))
     expected = int(files[0].stem.rpartition("-of-")[2]) if files else 0
     if not files or len(files) != expected:
@@ -186,7 +415,7 @@ def read_optimizer_state(folder: Path) -> dict:
                             f"optimizer-stage*-of-*.pt file (found {len(files)} of {expected or '?'})")
     state, groups = {}, {}
     for file in files:
-        part = torch.load(file, weights_only=False, mmap=True)
+        part = read_saved(file, mmap=True)
         state.update(part["state"])
         for kind, group in zip(part["kinds"], part["param_groups"]):
             groups.setdefault(kind, group)
@@ -220,16 +449,24 @@ def _own_copy(value, device: torch.device):
 
 
 def rng_state() -> dict:
-    """Python, NumPy and torch generator states; CUDA's per device when CUDA is in use."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    """Python, NumPy and torch generator states (CUDA's per device when CUDA is in use), as tensors,
+    lists and numbers only, so that ``rng_state.pth`` loads with ``weights_only``."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(saved: dict) -> None:
-    random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
+    python, numpy = saved["python"], saved["numpy"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(saved["cpu"])
     if "cuda" in saved and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(saved["cuda"])

@@ -90,11 +90,13 @@ def freeze_modules(names: str) -> list[str]:
     return modules
 
 
-def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int, int]:
-    """(trainable, total) parameters of a job, counted on a meta-device model: nothing is allocated."""
+def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int, int, int]:
+    """(trainable, total) parameters of a job and its number of trainable tensors, counted on a
+    meta-device model: nothing is allocated."""
     with torch.device("meta"):
         whole = CausalLM(config)
     model = SpannedModel([whole], Placement((torch.device("meta"),), (range(config.num_hidden_layers),)))
     prepare_trainable(model, args)
     parameters = model.unique_parameters()
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    trained = [p for p in parameters if p.requires_grad]
+    return sum(p.numel() for p in trained), sum(p.numel() for p in parameters), len(trained)

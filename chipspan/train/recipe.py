@@ -35,11 +35,9 @@ from chipspan.train.finetune import check_finetuning_arguments, count_trainable,
 from chipspan.infer.chat import stop_token_ids
 from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
 from chipspan.train.loop import EVAL_STRATEGIES, Precision, total_steps, train
-from chipspan.train.reporting import (LOG_FILE, TrainerState, TrainLog, plot_metric, tensorboard_wanted,
-                                      truncate_log, write_results)
+from chipspan.train.reporting import (LOG_FILE, PREDICTIONS_FILE, TrainerState, TrainLog, plot_metric,
+                                      tensorboard_wanted, truncate_log, write_results)
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
-
-PREDICTIONS_FILE = "generated_predictions.jsonl"
 
 
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
@@ -50,9 +48,9 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     run = replace(run, training=replace(run.training, micro_batches=micro_batches))
     train_args = run.training
     output_dir = Path(train_args.output_dir)
-    resume = None
-    if train_args.do_train:
-        resume = resume_point(output_dir, train_args.overwrite_output_dir, train_args.resume_from_checkpoint)
+    settings = checkpoints.run_settings(run, config)
+    checkpoints.check_outputs_free(output_dir)
+    resume = resume_point(run, settings, report) if train_args.do_train else None
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
     report(data.stats.summary())
@@ -64,7 +62,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     precision, base_dtype = choose_precision(run, placement.devices[0].type, report)
     steps = total_steps(len(examples), train_args) if train_args.do_train else 0
     if train_args.do_train:
-        check_disk(run, config, base_dtype, steps, report)
+        check_disk(run, config, base_dtype, tokenizer, steps, report)
 
     seed_everything(train_args.seed)
     weights = resume if (resume and ft_args.finetuning_type != "lora") else Path(model_args.model_name_or_path)
@@ -75,7 +73,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     trained_dtype = torch.bfloat16 if ft_args.pure_bf16 and base_dtype == torch.bfloat16 else torch.float32
     prepare_trainable(model, ft_args, adapter=str(adapter) if adapter else None, trained_dtype=trained_dtype)
     _report_placement(model, placement, train_args.micro_batches, report)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.prepare_output_dir(output_dir, train_args.do_train and train_args.overwrite_output_dir and not resume)
 
     def evaluate() -> float:
         return eval_loss(model, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size,
@@ -83,7 +81,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
 
     metrics: dict[str, float] = {}
     if train_args.do_train:
-        metrics = _train(run, model, tokenizer, examples, steps, precision, resume, output_dir,
+        metrics = _train(run, model, tokenizer, examples, steps, precision, resume, output_dir, settings,
                          evaluate if train_args.eval_strategy != "no" else None, report)
     if train_args.do_eval:
         final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)
@@ -93,8 +91,10 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
 
 
 def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, steps: int,
-           precision: Precision, resume: Path | None, output_dir: Path, evaluate, report) -> dict[str, float]:
-    """The training loop and what it leaves in ``output_dir``; returns the train metrics."""
+           precision: Precision, resume: Path | None, output_dir: Path, settings: dict, evaluate,
+           report) -> dict[str, float]:
+    """The training loop and what it leaves in ``output_dir``; returns the train metrics.
+    ``settings``: what the checkpoints record of this run (checkpoints.run_settings)."""
     model_args, ft_args, train_args = run.model, run.finetuning, run.training
     optimizer = build_optimizer(model, train_args)
     scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
@@ -116,9 +116,9 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
 
     def save(step: int) -> None:
         trained_weights_finite(f"checkpoint-{step}")
-        checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
-                                    base_model, is_lora, precision.state_dict())
-        checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit)
+        written = checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
+                                              base_model, is_lora, settings, precision.state_dict())
+        checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit, written)
 
     report(f"training {len(examples)} examples for {steps} steps "
            f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)")
@@ -240,40 +240,57 @@ def _placement(run: RunArguments, config: ModelConfig) -> tuple[Placement, int]:
     return Placement(tuple(devices.chip_devices(device_type, chip_ids)), tuple(span.layers)), span.micro_batches
 
 
-def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, steps: int,
-                report: Callable[[str], None]) -> None:
-    """Checkpoint size from a meta-device count of what trains, against the free disk."""
-    trainable, total = count_trainable(config, run.finetuning)
+def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, tokenizer: Tokenizer, steps: int,
+               report: Callable[[str], None]) -> None:
+    """Where the checkpoints go: their names free of the user's folders, and their size (from a
+    meta-device count of what trains, everything a checkpoint holds) against the free disk."""
+    train_args = run.training
+    output_dir = Path(train_args.output_dir)
+    checkpoints.check_checkpoint_names(output_dir, steps, train_args.save_steps)
+    trainable, total, trained_tensors = count_trainable(config, run.finetuning)
     if run.finetuning.finetuning_type == "lora":
         weights = trainable * 4  # the adapter alone, fp32
     else:
         weights = trainable * 4 + (total - trainable) * base_dtype.itemsize
-    train_args = run.training
-    checkpoints.check_disk_space(Path(train_args.output_dir), steps, train_args.save_steps,
-                                 train_args.save_total_limit, weights + trainable * 8, weights, report)
+    tokenizer_bytes = checkpoints.tokenizer_size(tokenizer)
+    logs = steps // max(train_args.logging_steps, 1) + 1 + (steps if train_args.eval_strategy != "no" else 0)
+    one = checkpoints.checkpoint_size(weights, trainable * 8, trained_tensors, tokenizer_bytes, logs)
+    final = checkpoints.checkpoint_size(weights, 0, trained_tensors, tokenizer_bytes, logs)
+    checkpoints.check_disk_space(output_dir, steps, train_args.save_steps, train_args.save_total_limit, one, final,
+                                 report)
 
 
-def resume_point(output_dir: Path, overwrite: bool, asked: str | None) -> Path | None:
+def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None]) -> Path | None:
     """The checkpoint to resume from, None to start fresh; refuses to write into someone's folder.
 
-    ``asked`` is --resume_from_checkpoint: a folder, or true for the last checkpoint in output_dir.
+    --resume_from_checkpoint is a folder, or true for the last intact checkpoint in output_dir; without
+    it a non-empty output_dir resumes from its last intact one (a damaged newer one is skipped with a
+    notice). The checkpoint must have been trained with this run's ``settings`` (run_settings), and
+    its files must hold tensors and plain values only.
     """
-    found = checkpoints.checkpoints_in(output_dir) if output_dir.is_dir() else []
+    output_dir, asked = Path(run.training.output_dir), run.training.resume_from_checkpoint
+    found = checkpoints.checkpoint_folders(output_dir)
     if asked is not None and asked.lower() not in ("false", "0", "no"):
         if asked.lower() in ("true", "1", "yes"):
             if not found:
                 raise ChipspanError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-N folder")
-            return found[-1]
-        if not (Path(asked) / "trainer_state.json").is_file():
-            raise ChipspanError(f"--resume_from_checkpoint {asked} is not a checkpoint folder "
-                                "(no trainer_state.json in it)")
-        return Path(asked)
-    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+            chosen = checkpoints.last_valid(found, report)
+        else:
+            chosen = Path(asked)
+            wrong = checkpoints.damage(chosen) if chosen.is_dir() else "no such folder"
+            if wrong:
+                raise ChipspanError(f"--resume_from_checkpoint {asked} is not a checkpoint folder chipspan can "
+                                    f"resume from: {wrong}")
+    elif run.training.overwrite_output_dir or not output_dir.exists() or not any(output_dir.iterdir()):
         return None
-    if found:
-        return found[-1]
-    raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
-                        "pass --overwrite_output_dir to write over it, or choose an empty folder")
+    elif found:
+        chosen = checkpoints.last_valid(found, report)
+    else:
+        raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
+                            "pass --overwrite_output_dir to write over it, or choose an empty folder")
+    checkpoints.check_continues(chosen, settings, report)
+    checkpoints.check_loadable(chosen)
+    return chosen
 
 
 def choose_precision(run: RunArguments, device_type: str, report: Callable[[str], None]):
@@ -324,11 +341,12 @@ def build_optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
 
 def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision: Precision,
              fresh: TrainerState) -> TrainerState:
-    checkpoints.load_optimizer_state(model, optimizer, folder)
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    checkpoints.restore_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
-    if (folder / checkpoints.SCALER_FILE).is_file():
-        precision.load_state_dict(torch.load(folder / checkpoints.SCALER_FILE, weights_only=False))
+    with checkpoints.restoring(folder):
+        checkpoints.load_optimizer_state(model, optimizer, folder)
+        scheduler.load_state_dict(checkpoints.read_saved(folder / checkpoints.SCHEDULER_FILE))
+        checkpoints.restore_rng_state(checkpoints.read_saved(folder / checkpoints.RNG_FILE))
+        if (folder / checkpoints.SCALER_FILE).is_file():
+            precision.load_state_dict(checkpoints.read_saved(folder / checkpoints.SCALER_FILE))
     state = TrainerState.load(folder)
     state.max_steps = fresh.max_steps
     return state

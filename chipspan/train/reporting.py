@@ -4,6 +4,7 @@
 - ``trainer_state.json``: the Hugging Face Trainer's state, ``log_history`` included.
 - ``train_results.json`` / ``all_results.json``: the final metrics.
 - ``training_loss.png``: raw and EMA-smoothed loss, with ``--plot_loss``.
+- ``generated_predictions.jsonl``: the answers of ``--do_predict``.
 - TensorBoard event files under ``logging_dir`` (default ``output_dir/runs``), with
   ``--report_to tensorboard``: every number of every log line, as ``train/<key>`` or ``eval/<key>``.
 """
@@ -24,6 +25,7 @@ from chipspan.errors import ChipspanError
 
 LOG_FILE = "trainer_log.jsonl"
 STATE_FILE = "trainer_state.json"
+PREDICTIONS_FILE = "generated_predictions.jsonl"
 REPORT_TO = ("none", "tensorboard", "all")
 
 
@@ -60,7 +62,15 @@ class TrainerState:
 
     @classmethod
     def load(cls, folder: Path) -> "TrainerState":
-        data = json.loads((folder / STATE_FILE).read_text())
+        """The state saved in ``folder``; a ChipspanError when the file is not a trainer state."""
+        file = folder / STATE_FILE
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ChipspanError(f"cannot read {file}: {exc}") from None
+        if not (isinstance(data, dict) and isinstance(data.get("global_step"), int) and data["global_step"] >= 0
+                and isinstance(data.get("log_history", []), list)):
+            raise ChipspanError(f"{file} is not a trainer state (no non-negative global_step or no log_history list)")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -146,12 +156,26 @@ _NOT_SCALARS = {"current_steps", "total_steps", "percentage"}
 
 
 def truncate_log(file: Path, last_step: int) -> None:
-    """Keep only the log lines up to ``last_step`` (a resumed run rewrites what came after)."""
+    """Keep only the log lines up to ``last_step`` (a resumed run rewrites what came after). A line that
+    is not a JSON object — the torn last line of a killed run — goes too."""
     if not file.exists():
         return
-    kept = [line for line in file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("current_steps", 0) <= last_step]
+    kept = []
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+        step = _logged_step(line)
+        if step is not None and step <= last_step:
+            kept.append(line)
     file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one log line; None for a line that is not a log record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("current_steps", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def train_metrics(epoch: float, total_loss: float, steps: int, runtime: float, examples_per_step: int,
