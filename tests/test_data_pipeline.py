@@ -5,6 +5,7 @@ import json
 import re
 import logging
 import sys
+import tracemalloc
 import types
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from chipspan import cli
 from chipspan.args import DataArguments
-from chipspan.data import sources
+from chipspan.data import formats, sources
 from chipspan.data.loader import load_dataset_split, load_examples
 from chipspan.data.mixing import mix
 from chipspan.errors import ChipspanError
@@ -76,6 +77,56 @@ def test_bad_json_lines_are_dropped_and_counted_with_line_numbers(tmp_path, tok,
     assert (stats.rows_read, stats.rows_kept, stats.dropped) == (5, 3, {"line is not valid JSON": 2})
     assert stats.first_dropped["line is not valid JSON"] == ["toy line 2", "toy line 5"]
     assert "dropped 2 of 5 rows: 2 line is not valid JSON (first: line 2)" in caplog.text
+
+
+def test_rows_past_the_size_limits_are_dropped_and_counted_before_tokenizing(tmp_path, tok, monkeypatch):
+    huge = {"instruction": "x" * formats.MAX_ROW_CHARS, "output": "y"}
+    chatty = {"instruction": "q", "output": "a", "history": [["q", "a"]] * (formats.MAX_ROW_MESSAGES // 2)}
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], huge, chatty, rows("b", 1)[0]])
+    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
+                                                    "history": "history"})
+    tokenized = []
+    encode_batch = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: tokenized.extend(texts) or encode_batch(texts))
+    split = load(tmp_path, tok)
+    assert prompts(split.train, tok) == ["a0", "b0"]
+    assert split.stats.dropped == {"has more than 2,000,000 characters": 1, "has more than 2,000 messages": 1}
+    assert split.stats.first_dropped["has more than 2,000,000 characters"] == ["toy line 2"]
+    assert "2 dropped" in split.stats.summary() and max(map(len, tokenized)) < 100
+
+
+def test_a_line_past_the_limit_is_skipped_without_holding_it(tmp_path, tok):
+    """A 64 MB line in a JSON lines file, streamed: dropped and counted, read in pieces."""
+    folder = tmp_path / "data"
+    write_jsonl(folder, "toy", [rows("a", 1)[0], b'{"instruction": "' + b"x" * (4 * sources.MAX_LINE_BYTES) + b'"}',
+                                rows("b", 1)[0]])
+    tracemalloc.start()
+    try:
+        split = load(folder, tok, streaming=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(prompts(split.train, tok)) == ["a0", "b0"]
+    assert split.stats.dropped == {"line is longer than 16,000,000 bytes": 1}
+    assert peak < 3 * sources.MAX_LINE_BYTES  # the line is 4 times as long
+
+
+def test_json_nested_too_deeply(tmp_path, tok):
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], "[" * 100_000 + "]" * 100_000])
+    split = load(tmp_path, tok)
+    assert prompts(split.train, tok) == ["a0"] and split.stats.dropped == {"line is JSON nested too deeply": 1}
+    (tmp_path / "deep.json").write_text("[" + '{"a": [' * 50_000)
+    register(tmp_path, "deep", "deep.json")
+    with pytest.raises(ChipspanError, match=r"deep.json is JSON nested deeper than Python's JSON reader allows"):
+        load(tmp_path, tok, dataset="deep")
+
+
+def test_streaming_refuses_a_json_document_it_would_read_whole(tmp_path, tok):
+    (tmp_path / "big.json").write_text("[" + " " * sources.MAX_LINE_BYTES + json.dumps(rows("a", 1)[0]) + "]")
+    register(tmp_path, "big", "big.json")
+    assert prompts(load(tmp_path, tok, dataset="big").train, tok) == ["a0"]
+    with pytest.raises(ChipspanError, match="big.json is one JSON document .* --streaming reads JSON lines"):
+        load(tmp_path, tok, dataset="big", streaming=True)
 
 
 def test_lines_that_are_not_utf8_are_dropped(tmp_path, tok):

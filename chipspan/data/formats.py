@@ -14,6 +14,10 @@ user/assistant/system/tool) are sharegpt rows with tags that say so. Rows are re
 As LLaMA-Factory 0.9 reads OpenAI rows, an assistant message with ``tool_calls`` is a function call
 (its content the JSON list of the calls' ``function`` objects) and consecutive tool results are one
 observation, joined by ``\n</tool_response>\n<tool_response>\n``.
+
+A row longer than ``MAX_ROW_CHARS`` characters of text, or with more than ``MAX_ROW_MESSAGES`` messages,
+is a bad row (dropped and counted), not tokenized: real rows are far shorter, and such a row is a
+broken or hostile file that would otherwise take gigabytes to encode.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _SHAREGPT_ROLES = {
 # The side of the conversation each role is on: turns alternate user side, assistant side.
 SIDES = {"user": "user", "observation": "user", "assistant": "assistant", "function": "assistant"}
 _JOINED_TOOL_RESULTS = "\n</tool_response>\n<tool_response>\n"
+MAX_ROW_CHARS = 2_000_000  # about 500k tokens
+MAX_ROW_MESSAGES = 2_000
 
 
 class BadRow(ValueError):
@@ -90,10 +96,25 @@ class SharegptSpec:
 def converter(formatting: str, columns: dict | None, tags: dict | None,
               revision: str = "seed") -> Callable[[object], Conversation]:
     """The function that turns one row of a dataset with this ``formatting`` into a conversation,
-    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it."""
+    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it, within the row limits."""
     if formatting == "sharegpt":
-        return partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
-    return partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
+        convert = partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
+    else:
+        convert = partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
+    return lambda row: within_limits(convert(row))
+
+
+def within_limits(conversation: Conversation) -> Conversation:
+    """``conversation``, or ``BadRow`` when it has more than ``MAX_ROW_MESSAGES`` messages or
+    ``MAX_ROW_CHARS`` characters (messages, answers, system prompt and tools together)."""
+    messages = len(conversation.prompt) + 1
+    if messages > MAX_ROW_MESSAGES:
+        raise BadRow(f"has more than {MAX_ROW_MESSAGES:,} messages")
+    texts = [text for _, text in conversation.prompt] + [*conversation.response, conversation.system,
+                                                         conversation.tools]
+    if sum(map(len, texts)) > MAX_ROW_CHARS:
+        raise BadRow(f"has more than {MAX_ROW_CHARS:,} characters")
+    return conversation
 
 
 def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:
