@@ -1,6 +1,7 @@
 """Data formats: sharegpt and OpenAI-style rows encode like the equivalent alpaca rows."""
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -134,11 +135,36 @@ def test_tags_an_entry_leaves_out_are_unset_as_in_llamafactory(tmp_path, tok):
             "formatting 'ranking', which is not supported: use one of alpaca, sharegpt",
         ),
         ({"formatting": "sharegpt", "tags": ["from"]}, "tags must be a JSON object"),
+        ({"columns": {"prompt": ["instruction"]}}, "columns must be a JSON object of names"),
+        ({"tags": {"role_tag": 1}}, "tags must be a JSON object of names"),
+        ({"file_name": 5}, "file_name must be text, not 5"),
+        ({"file_sha1": ["x"]}, "file_sha1 must be text"),
+        ({"split": {}}, "split must be text"),
     ],
 )
 def test_bad_entries_say_so(tmp_path, tok, entry, message):
-    with pytest.raises(ChipspanError, match=message):
+    with pytest.raises(ChipspanError, match=message) as info:
         encode(tmp_path, tok, [], **entry)
+    assert "\n" not in str(info.value)
+    if "formatting" not in entry:
+        assert f"dataset 'toy' in {tmp_path.absolute() / 'dataset_info.json'}" in str(info.value)
+
+
+@pytest.mark.parametrize("file_name", ["../outside.json", "/etc/passwd", "data/../../outside.json", "", "."])
+def test_a_file_name_outside_the_dataset_folder_is_refused(tmp_path, tok, file_name):
+    (tmp_path / "outside.json").write_text(json.dumps([{"instruction": "secret", "output": "x"}]))
+    folder = tmp_path / "data"
+    with pytest.raises(ChipspanError, match=f"file_name '{re.escape(file_name)}' is not a file inside "
+                                            "--dataset_dir") as info:
+        encode(folder, tok, [], file_name=file_name)
+    assert "no absolute path, no '..'" in str(info.value)
+
+
+def test_a_malformed_dataset_info_is_one_line(tmp_path, tok):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "dataset_info.json").write_text("{" * 100_000)
+    with pytest.raises(ChipspanError, match="dataset_info.json is not valid JSON"):
+        load_examples("toy", tmp_path, tok, "default")
 
 
 def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
