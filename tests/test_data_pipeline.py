@@ -343,6 +343,48 @@ def test_cache_hit_overwrite_change_and_corruption(tmp_path, tok, cache_root, ca
     assert not [p for p in (cache_root / "data").iterdir() if p.suffix != ".npz"]  # no temporary files left
 
 
+def _damage(path, **arrays):
+    """Rewrite the cache file at ``path`` with some arrays replaced (a function of the old array or a value)."""
+    with np.load(path) as data:
+        content = {k: data[k] for k in data.files}
+    for key, change in arrays.items():
+        content[key] = change(content[key]) if callable(change) else change
+    with open(path, "wb") as f:
+        np.savez(f, **content)
+
+
+def _stats_json(text):
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    lambda path: _damage(path, train_offsets=lambda o: o[::-1].copy()),
+    lambda path: _damage(path, train_offsets=lambda o: o + 1),
+    lambda path: _damage(path, train_input_ids=lambda ids: ids.astype(np.float64)),
+    lambda path: _damage(path, train_input_ids=lambda ids: ids + 10**6),
+    lambda path: _damage(path, train_labels=lambda labels: labels[:-1].copy()),
+    lambda path: _damage(path, stats=_stats_json("[1, 2]")),
+    lambda path: _damage(path, stats=_stats_json('{"rows_read": "many"}')),
+    lambda path: _damage(path, stats=lambda s: _stats_json(bytes(s).decode().replace('"train": 4', '"train": 9'))),
+    lambda path: _damage(path, stats=_stats_json("[" * 100_000)),
+], ids=["truncated", "offsets-reversed", "offsets-shifted", "float-ids", "ids-outside-vocab", "labels-short",
+        "stats-list", "stats-types", "stats-counts", "stats-deep"])
+def test_a_damaged_cache_is_rebuilt_equal_to_a_fresh_encode(tmp_path, tok, cache_root, caplog, damage):
+    folder = tmp_path / "data"
+    write_jsonl(folder, "toy", rows("r", 5))
+    fresh = load(folder, tok, val_size=1)
+    load(folder, tok, use_cache=True, val_size=1)
+    [cached] = (cache_root / "data").iterdir()
+    damage(cached)
+    with caplog.at_level(logging.WARNING, logger="chipspan.data"):
+        again = load(folder, tok, use_cache=True, val_size=1)
+    assert "is unreadable" in caplog.text and "encoding again" in caplog.text and not again.stats.from_cache
+    assert list(again.train) == list(fresh.train) and list(again.eval) == list(fresh.eval)
+    rebuilt = load(folder, tok, use_cache=True, val_size=1)
+    assert rebuilt.stats.from_cache and list(rebuilt.train) == list(fresh.train)
+
+
 def test_load_examples_does_not_cache(tmp_path, tok, cache_root):
     write_jsonl(tmp_path, "toy", rows("r", 2))
     assert len(load_examples("toy", tmp_path, tok)) == 2

@@ -77,7 +77,7 @@ def load_dataset_split(
         from chipspan.assets import resolve_cache_dir
 
         path = cache.cache_path(_key(data, entries, files, tokenizer, template, stage, seed), resolve_cache_dir())
-    found = cache.load(path) if path and not data.overwrite_cache else None
+    found = cache.load(path, tokenizer.vocab_size) if path and not data.overwrite_cache else None
     if found:
         splits, stats = found
     else:
