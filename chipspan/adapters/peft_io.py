@@ -13,6 +13,8 @@ holds; ``adapter_state_dict`` of every stage, merged, is the whole adapter.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,14 +121,17 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
 
 
 def read_adapter_config(folder: str | Path) -> LoraSettings:
-    """The LoRA settings of a PEFT adapter folder; ChipspanError naming any field chipspan cannot honour."""
+    """The LoRA settings of a PEFT adapter folder; ChipspanError naming any field chipspan cannot honour
+    or that has the wrong type (the file is untrusted)."""
     file = Path(folder) / ADAPTER_CONFIG
     if not file.is_file():
         raise ChipspanError(f"no {ADAPTER_CONFIG} in {folder}; point at a PEFT adapter folder")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChipspanError(f"cannot read {file}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ChipspanError(f"cannot read {file}: {' '.join(str(exc).split())[:200]}; re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise ChipspanError(f"{file} holds a JSON {type(config).__name__}, not an object of LoRA settings")
     if config.get("peft_type") != "LORA":
         raise ChipspanError(f"{file} holds a {config.get('peft_type')} adapter; chipspan loads LORA adapters only")
     for field in _UNSUPPORTED:
@@ -138,23 +143,71 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
     if init not in _PLAIN_INITS:
         raise ChipspanError(f"{file} sets init_lora_weights = {json.dumps(init)}, which changes the base weights; "
                             "convert the adapter to plain LoRA with PEFT first")
-    target = config.get("target_modules")
-    if not target:
-        raise ChipspanError(f"{file} names no target_modules")
     return LoraSettings(
-        target_modules=target if isinstance(target, str) else list(target),
-        r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        modules_to_save=list(config.get("modules_to_save") or []) or None,
-        keep_tied=bool(config.get("ensure_weight_tying", False)),
+        target_modules=_field(file, config, "target_modules", None, _is_targets, "a list of module names or a regex"),
+        r=_field(file, config, "r", 8, _is_count, "a positive integer"),
+        alpha=_field(file, config, "lora_alpha", 8, _is_positive, "a positive number"),
+        dropout=_field(file, config, "lora_dropout", 0.0, _is_fraction, "a number in [0, 1)"),
+        use_rslora=_field(file, config, "use_rslora", False, _is_flag, "true or false"),
+        modules_to_save=_field(file, config, "modules_to_save", None, _is_names, "a list of module names") or None,
+        keep_tied=_field(file, config, "ensure_weight_tying", False, _is_flag, "true or false"),
     )
 
 
+def _field(file: Path, config: dict, key: str, default, valid: Callable[[object], bool], what: str):
+    """``config[key]`` (``default`` when absent or null), or ChipspanError when it is not ``what``."""
+    value = config.get(key)
+    if value is None:
+        value = default
+    if not valid(value):
+        shown = json.dumps(value)
+        raise ChipspanError(f"{file}: {key} must be {what}, not {shown[:60]}{'...' if len(shown) > 60 else ''}")
+    return list(value) if isinstance(value, list) else value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive(value: object) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _is_flag(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_names(value: object) -> bool:
+    return value is None or isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_targets(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except (re.error, RecursionError, OverflowError):
+            return False
+        return bool(value)
+    return isinstance(value, list) and bool(value) and _is_names(value)
+
+
 def check_adapter(config: ModelConfig, folder: str | Path) -> LoraSettings:
-    """Read an adapter's settings and check its module names against the model, before any weight is read."""
+    """Read an adapter's settings and check them, and its weights' names and shapes, against the model,
+    before any weight is read."""
+    folder = Path(folder)
     settings = read_adapter_config(folder)
     with torch.device("meta"):
-        apply_lora(CausalLM(config), settings)
+        model = CausalLM(config)
+    with _open_adapter(folder) as (shapes, _):
+        _check_fit(model, settings, shapes, folder)
     return settings
 
 
@@ -190,7 +243,11 @@ def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[
         whole = CausalLM(model.config)
         part = CausalLM(model.config, layers=model.layer_indices,
                         embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
-    apply_lora(whole, settings)
+    try:
+        apply_lora(whole, settings)
+    except ChipspanError as exc:
+        raise ChipspanError(f"{folder / ADAPTER_CONFIG} does not fit this {model.config.model_type} model: "
+                            f"{exc}") from None
     apply_lora(part, settings)
     expected = {key: tuple(p.shape) for key, p in adapter_parameters(whole).items()}
     keys_of_param: dict[int, list[str]] = {}
@@ -225,6 +282,10 @@ def _open_adapter(folder: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Ca
         except Exception as exc:  # torch raises many types for a bad pickle
             raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} is not a readable PyTorch file "
                                 f"({type(exc).__name__})") from None
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                for k, t in state.items())):
+            raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} does not hold a dict of named tensors: "
+                                "re-save the adapter")
         yield {k: tuple(t.shape) for k, t in state.items()}, state.__getitem__
         return
     raise ChipspanError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN}) in {folder}")

@@ -317,7 +317,8 @@ _FILTER_CHECKS = {
     "replace": lambda value, old, new, count=None: _replaced(_text(value), old, new, -1 if count is None else count),
     "join": lambda value, d="", attribute=None: _joined(d, value), "sum": _summed,
     "batch": _count_limit, "slice": _count_limit,
-    "tojson": _jsoned, "string": lambda value: _check_chars(_size(value)), "pprint": lambda value: _check_chars(_size(value, indent=1)),
+    "tojson": _jsoned, "string": lambda value: _check_chars(_size(value)),
+    "pprint": lambda value: _check_chars(_size(value, indent=1)),
     "list": lambda value: _check_items(len(value) if isinstance(value, (str, bytes)) else 0),
 }
 
