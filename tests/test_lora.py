@@ -10,8 +10,10 @@ import transformers
 
 from chipspan.adapters.lora import LoraLinear, inject_lora, merge_and_unload, merge_lora, unmerge_lora
 from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, check_adapter, load_adapter, save_adapter
+from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import load_pretrained
+from chipspan.train.finetune import check_finetuning_arguments
 
 TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -295,3 +297,14 @@ def test_bad_adapter_weights_are_refused_before_the_model_loads(bases, tmp_path)
                tmp_path / "adapter_model.bin")
     with pytest.raises(ChipspanError, match=r"shape mismatch: .*q_proj.lora_A.weight \(3, 64\) vs \(8, 64\)"):
         check_adapter(config, tmp_path)
+
+
+def test_train_checks_the_adapter_before_anything_loads(bases, tmp_path):
+    ours = load_pretrained(bases["untied"])
+    inject_lora(ours, "q_proj")
+    save_adapter(ours, tmp_path, None)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    args = FinetuningArguments(finetuning_type="lora", lora_target="q_proj")
+    check_finetuning_arguments(args, ours.config)  # fine without the adapter
+    with pytest.raises(ChipspanError, match="no adapter_model.safetensors"):
+        check_finetuning_arguments(args, ours.config, str(tmp_path))
