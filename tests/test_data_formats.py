@@ -196,3 +196,22 @@ def test_alpaca_user_turn_is_read_as_each_revision_reads_it(revision, row, user)
 def test_the_seed_needs_an_instruction():
     with pytest.raises(BadRow, match="instruction is missing"):
         converter("alpaca", None, None, "seed")({"input": "q", "output": "ok"})
+
+
+@pytest.mark.parametrize("template", ["qwen", "auto"])
+@pytest.mark.parametrize("call, tools, message", [
+    ('{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}", "[]", "is not JSON with name and arguments"),
+    ('{"name": "f", "arguments": {}}', "[" * 100_000 + "]" * 100_000, "tools column is not JSON"),
+    ('{"name": "f", "arguments": {}}', "[1, 2]", "tools"),
+], ids=["deep-call", "deep-tools", "tools-not-objects"])
+def test_bad_tool_text_is_one_line(tmp_path, template, call, tools, message):
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
+    (tmp_path / "toy.json").write_text(json.dumps([{"conversations": calls, "tools": tools}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"toy": {
+        "file_name": "toy.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+    with pytest.raises(ChipspanError, match=message) as info:
+        load_examples("toy", tmp_path, tok, template, template_revision="lf-0.9")
+    assert "\n" not in str(info.value)
