@@ -159,6 +159,15 @@ def test_a_file_that_is_not_rows_is_one_clear_error(tmp_path, tok, content, mess
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("content", [b"PAR1 not really parquet PAR1", b"", b"PAR1" + bytes(range(256)) * 4])
+def test_a_broken_parquet_file_is_one_clear_error(tmp_path, tok, content):
+    (tmp_path / "toy.parquet").write_bytes(content)
+    register(tmp_path, "toy", "toy.parquet")
+    with pytest.raises(ChipspanError, match="toy.parquet is not a readable Parquet file") as info:
+        load(tmp_path, tok)
+    assert "\n" not in str(info.value)
+
+
 def test_csv_and_text_lines_that_are_not_utf8_are_dropped(tmp_path, tok):
     (tmp_path / "toy.csv").write_bytes(b"instruction,output\na0,x\n\xff\xfe,x\nb0,x\n")
     register(tmp_path, "toy", "toy.csv")

@@ -100,11 +100,22 @@ def dataset_files(entry: DatasetEntry, dataset_dir: str | Path) -> list[Path]:
             raise ChipspanError(
                 f"dataset '{entry.name}': {path} must hold files of one type ({', '.join(SUFFIXES)})"
             )
-        return files
-    if path.is_file():
+    elif path.is_file():
         _kind(path)
-        return [path]
-    raise ChipspanError(_missing(entry, path))
+        files = [path]
+    else:
+        raise ChipspanError(_missing(entry, path))
+    for file in files:
+        _check_readable(file)
+    return files
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ChipspanError(f"{path} cannot be read ({exc.strerror or exc}): check its permissions") from exc
 
 
 def iter_rows(entry: DatasetEntry, files: list[Path], streaming: bool = False) -> Iterator[tuple[str, object]]:
@@ -190,8 +201,12 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
         import pyarrow.parquet
     except ImportError as exc:
         raise ChipspanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from exc
-    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        yield from batch.to_pylist()
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise ChipspanError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}): "
+                            "re-save it") from exc
 
 
 def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
