@@ -5,6 +5,8 @@ import warnings
 
 import peft
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import transformers
 
@@ -13,6 +15,7 @@ from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, ch
 from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import load_pretrained
+from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import check_finetuning_arguments
 
 TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -308,3 +311,29 @@ def test_train_checks_the_adapter_before_anything_loads(bases, tmp_path):
     check_finetuning_arguments(args, ours.config)  # fine without the adapter
     with pytest.raises(ChipspanError, match="no adapter_model.safetensors"):
         check_finetuning_arguments(args, ours.config, str(tmp_path))
+
+
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats() | st.text(max_size=8)
+                     | st.sampled_from(["q_proj", "v_proj", "lm_head", "all-linear", ".*q_proj", "("]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                     max_leaves=4)
+_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
+           "ensure_weight_tying", "init_lora_weights", "peft_type", "use_dora", "bias"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _junk, max_size=4))
+def test_any_adapter_config_loads_or_is_one_line(bases, tmp_path, changes):
+    """Random field values: the adapter is checked or refused with one ChipspanError line, never a traceback."""
+    folder = tmp_path / "adapter"  # one folder for all examples (tmp_path is per test, not per example)
+    if not folder.is_dir():
+        ours = load_pretrained(bases["untied"])
+        inject_lora(ours, "q_proj")
+        save_adapter(ours, folder, None)
+        (tmp_path / "saved.json").write_text((folder / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**saved, **changes}))
+    try:
+        check_adapter(ModelConfig.from_folder(bases["untied"]), folder)
+    except ChipspanError as exc:
+        assert "\n" not in str(exc)

@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
@@ -356,3 +358,27 @@ def test_bad_tokenizer_files_are_one_line_naming_the_file(tmp_path, file, conten
     with pytest.raises(ChipspanError) as info:
         Tokenizer.from_folder(folder)
     assert str(path) in str(info.value) and wrong in str(info.value) and "\n" not in str(info.value)
+
+
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.text(max_size=6)
+                     | st.sampled_from(["</s>", "{{ messages }}", "{% for m in messages %}{{ m.content }}",
+                                        "{{ bos_token ~ messages[0].content * 3 }}"]),
+                     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+                         st.sampled_from(["name", "template", "content"]), inner, max_size=2), max_leaves=4)
+_FIELDS = ["bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token", "chat_template",
+           "model_max_length"]
+
+
+@needs_llama2_tokenizer
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _junk, max_size=3))
+def test_any_tokenizer_config_loads_or_is_one_line(tmp_path, changes):
+    """Random tokenizer_config.json fields: loading and rendering work or give one ChipspanError line."""
+    folder = tmp_path / "t"
+    if not folder.is_dir():
+        shutil.copytree(LLAMA2_TOKENIZER, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(changes))
+    try:
+        Tokenizer.from_folder(folder).apply_chat_template(MESSAGES)
+    except ChipspanError as exc:
+        assert "\n" not in str(exc)
