@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 
 STRING_BOMB = ("{% set ns = namespace(s='x') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
                "{{ ns.s }}")
 NESTED_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+
+
+# A dict literal is not checked when it is made (it is bounded by the source), only when it is used.
+DICT_OF_100MB = "{% set s = 'x' * 1000000 %}{% set d = {" + ", ".join(f"'{k}': s" for k in range(100)) + "} %}"
 
 
 def _model(folder: Path, template) -> Path:
@@ -58,13 +63,20 @@ def test_template_bomb_is_one_line_under_a_memory_limit(tmp_path, template):
     assert ("8,000,000 characters" in lines[0]) if template == STRING_BOMB else ("1,000,000 steps" in lines[0])
 
 
-def _refusal(template: str, **extra) -> str:
+def _refusal(template: str) -> str:
+    """The error of rendering ``template``, which must come within the time limit and before the template
+    holds more than 64 MB (what it would build is far more)."""
     tokenizer = Tokenizer.from_folder(LLAMA2_TOKENIZER)
     tokenizer.chat_template = template
     start = time.monotonic()
-    with pytest.raises(ChipspanError) as info:
-        tokenizer.apply_chat_template(MESSAGES, **extra)
-    assert time.monotonic() - start < chat_sandbox.MAX_SECONDS + 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChipspanError) as info:
+            tokenizer.apply_chat_template(MESSAGES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 2 * chat_sandbox.MAX_SECONDS and peak < 64 * 2**20
     return str(info.value)
 
 
@@ -78,6 +90,8 @@ def _refusal(template: str, **extra) -> str:
     ("{{ range(100000)|map('center', 1000000)|join }}", "8,000,000 characters"),
     ("{{ messages|tojson(indent=1000000000) }}", "8,000,000 characters"),
     ("{% set l = ['x' * 1000000] * 100 %}{{ l }}", "8,000,000 characters"),
+    (DICT_OF_100MB + "{{ d.values() }}", "8,000,000 characters"),
+    (DICT_OF_100MB + "{{ ''.join(d.values()) }}", "8,000,000 characters"),
     ("{{ 7 ** 100000 }}", "10,000 bits"),
     ("{% for i in range(10**9) %}{% endfor %}", "range of more than 100,000"),
     ("{% set x %}{% for i in range(100000) %}{% for j in range(10) %}" + "y" * 1000 + "{% endfor %}{% endfor %}"
@@ -86,7 +100,7 @@ def _refusal(template: str, **extra) -> str:
     ("{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}", "deeper than 64"),
     ("{% for a in messages * 1000 %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 steps"),
 ], ids=["repeat", "center", "ljust", "format-width", "percent-width", "replace", "join-map", "tojson-indent",
-        "list-repeat", "power", "range", "literal-loop", "recursion", "recursive-loop", "steps"])
+        "list-repeat", "dict-view", "dict-view-join", "power", "range", "literal-loop", "recursion", "recursive-loop", "steps"])
 def test_template_limits(template, limit):
     message = _refusal(template)
     assert "was stopped" in message and limit in message and "\n" not in message

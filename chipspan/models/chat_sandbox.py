@@ -25,7 +25,7 @@ import re
 import string
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass
 
 import jinja2
@@ -120,10 +120,10 @@ def _size(value: object, indent: int = 0, depth: int = 0) -> int:
     if isinstance(value, dict):
         _check_items(len(value))
         return 2 + sum(_size(k) + _size(v, indent, depth + 1) + 4 + pad for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
         _check_items(len(value))
         return 2 + sum(_size(v, indent, depth + 1) + 2 + pad for v in value)
-    return 64  # other objects (undefined, macros, loop state) print a short repr
+    return 64  # other objects (undefined, macros, loop state, iterators) print a short repr
 
 
 def _check_chars(chars: int) -> None:
@@ -253,7 +253,7 @@ def _replaced(text, old, new, count=-1):
 
 
 def _joined(separator, items=(), *_):
-    items = list(items) if isinstance(items, (list, tuple, dict, set, frozenset, str)) else []
+    items = list(items) if isinstance(items, Iterable) and not isinstance(items, Iterator) else []  # see call
     _check_items(len(items))
     _check_chars(sum(_size(i) for i in items) + len(items) * _size(separator))
 
