@@ -106,8 +106,9 @@ def render(template: jinja2.Template, variables: dict) -> str:
 # ---- sizes ---------------------------------------------------------------------------------------
 
 
-def _size(value: object, indent: int = 0, depth: int = 0) -> int:
-    """About how many characters ``str(value)`` (or JSON with ``indent``) has, without making that text."""
+def _size(value: object, indent: int = 0, depth: int = 0, cap: int = MAX_OUTPUT_CHARS) -> int:
+    """About how many characters ``str(value)`` (or JSON with ``indent``) has, without making that text;
+    counting stops past ``cap`` (so a structure that shares one value many times costs little to size)."""
     if isinstance(value, (str, bytes)):
         return len(value)
     if isinstance(value, bool) or value is None or isinstance(value, float):
@@ -116,14 +117,18 @@ def _size(value: object, indent: int = 0, depth: int = 0) -> int:
         return value.bit_length() // 3 + 2
     if isinstance(value, Namespace):
         value = object.__getattribute__(value, "_Namespace__attrs")
-    pad = indent * (depth + 1) + 1 if indent else 0
     if isinstance(value, dict):
-        _check_items(len(value))
-        return 2 + sum(_size(k) + _size(v, indent, depth + 1) + 4 + pad for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
-        _check_items(len(value))
-        return 2 + sum(_size(v, indent, depth + 1) + 2 + pad for v in value)
-    return 64  # other objects (undefined, macros, loop state, iterators) print a short repr
+        value = value.items()
+    elif not isinstance(value, (list, tuple, set, frozenset, KeysView, ValuesView, ItemsView)):
+        return 64  # other objects (undefined, macros, loop state, iterators) print a short repr
+    _check_items(len(value))
+    pad = indent * (depth + 1) + 1 if indent else 0
+    total = 2
+    for item in value:
+        total += _size(item, indent, depth + 1, cap - total) + 2 + pad
+        if total > cap:
+            break
+    return total
 
 
 def _check_chars(chars: int) -> None:
