@@ -69,7 +69,7 @@ class _Budget:
         self.steps += 1
         if self.steps > MAX_STEPS:
             raise TemplateRefused(f"it ran past {MAX_STEPS:,} steps (loop iterations, calls, output pieces)")
-        if time.monotonic() > self.deadline:
+        if not self.steps % 64 and time.monotonic() > self.deadline:
             raise TemplateRefused(f"it ran past {MAX_SECONDS:g} seconds")
 
     def produce(self, chars: int) -> None:
@@ -211,22 +211,24 @@ def _check_format(fmt: str, args: tuple, kwargs: dict) -> None:
     _check_chars(len(fmt) + sum(_widths(spec or "") for _, spec in fields) + len(fields) * largest)
 
 
+_SEQUENCES = (str, bytes, list, tuple)
+
+
 def _check_binop(operator: str, left: object, right: object) -> None:
-    sequences = (str, bytes, list, tuple)
-    if operator == "*":
-        if isinstance(right, sequences) and isinstance(left, int):
+    if operator == "+":
+        if isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
+            _check_chars(_size(left) + _size(right))
+    elif operator == "*":
+        if isinstance(right, _SEQUENCES) and isinstance(left, int):
             left, right = right, left
-        if isinstance(left, sequences) and isinstance(right, int):
+        if isinstance(left, _SEQUENCES) and isinstance(right, int):
             _check_chars(_size(left) * right)
             _check_items(len(left) * right if isinstance(left, (list, tuple)) else 0)
         elif isinstance(left, int) and isinstance(right, int):
             _check_bits(left.bit_length() + right.bit_length())
-    elif operator == "+" and isinstance(left, sequences) and isinstance(right, sequences):
-        _check_chars(_size(left) + _size(right))
-        if isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
-            _check_items(len(left) + len(right))
-    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-        _check_bits(right * left.bit_length())
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            _check_bits(right * left.bit_length())
     elif operator == "%":
         _check_percent(left, right)
 
@@ -347,31 +349,56 @@ def _bounded_filter(name: str, function):
 # ---- the environment ------------------------------------------------------------------------------
 
 
-def _env_call(name: str, *args: nodes.Expr, lineno: int) -> nodes.Call:
-    return nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None, lineno=lineno)
+# Filters the rewritten template calls; their names hold a space, so no template can name them. They
+# take the context so that Jinja never runs them while compiling (it folds other filters of constants).
+_ITER, _PIECE, _CONCAT = "chipspan iter", "chipspan piece", "chipspan concat"
+
+
+def _bounded(name: str, node: nodes.Expr, *args: nodes.Expr) -> nodes.Filter:
+    return nodes.Filter(node, name, list(args), [], None, None, lineno=node.lineno)
 
 
 class _Bound(NodeTransformer):
-    """Rewrites a parsed template so that loops, output pieces and ``~`` go through the environment's
-    bounded versions."""
+    """Rewrites a parsed template so that loops, output pieces and ``~`` go through the bounded filters."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         node = self.generic_visit(node)
-        node.iter = _env_call("bounded_iter", node.iter, lineno=node.lineno)
+        node.iter = _bounded(_ITER, node.iter)
         return node
 
     def visit_Output(self, node: nodes.Output) -> nodes.Output:
         node = self.generic_visit(node)
-        node.nodes = [
-            _env_call("bounded_piece", nodes.Const(n.data) if isinstance(n, nodes.TemplateData) else n,
-                      lineno=n.lineno)
-            for n in node.nodes
-        ]
+        node.nodes = [_bounded(_PIECE, nodes.Const(n.data, lineno=n.lineno) if isinstance(n, nodes.TemplateData)
+                               else n) for n in node.nodes]
         return node
 
-    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
         node = self.generic_visit(node)
-        return _env_call("bounded_concat", *node.nodes, lineno=node.lineno)
+        return _bounded(_CONCAT, *node.nodes)
+
+
+def _bounded_iter(values) -> Iterator:
+    for value in values:
+        _step()
+        yield value
+
+
+@jinja2.pass_context
+def _piece(context, value) -> str:
+    """An output piece as text, counted as produced."""
+    text = _text(value)
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step()
+        budget.produce(len(text))
+    return text
+
+
+@jinja2.pass_context
+def _concat(context, *values) -> str:
+    texts = [_text(v) for v in values]
+    _check_chars(sum(map(len, texts)))
+    return "".join(texts)
 
 
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
@@ -384,6 +411,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.filters.update(filters or {})
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.filters.update({_ITER: jinja2.pass_context(lambda context, values: _bounded_iter(values)),
+                             _PIECE: _piece, _CONCAT: _concat})
         self.globals.pop("lipsum", None)  # generates any amount of text; no chat template uses it
         self.globals["range"] = _bounded_range
 
@@ -399,25 +428,6 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateRefused(f"it uses {{% {tag} %}} on line {found.lineno}, and a chat template may "
                                       "not read other files")
         return self.from_string(_Bound().visit(tree))
-
-    # Called by the rewritten template.
-
-    def bounded_iter(self, values) -> Iterator:
-        for value in values:
-            _step()
-            yield value
-
-    def bounded_piece(self, value) -> str:
-        text = _text(value)
-        budget = _BUDGET.get()
-        if budget is not None:
-            budget.produce(len(text))
-        return text
-
-    def bounded_concat(self, *values) -> str:
-        texts = [_text(v) for v in values]
-        _check_chars(sum(map(len, texts)))
-        return "".join(texts)
 
     # Jinja's sandbox hooks.
 
@@ -436,7 +446,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateRefused(f"its calls nest deeper than {MAX_DEPTH} (recursion)")
             args = tuple(_materialized(a) for a in args)
             if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level
-                args = (__self.bounded_iter(args[0]), *args[1:])
+                args = (_bounded_iter(args[0]), *args[1:])
             check = _method_check(__obj)
             if check is not None:
                 check(__obj.__self__, *args, **{k: v for k, v in kwargs.items() if not k.startswith("_")})
