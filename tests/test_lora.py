@@ -258,6 +258,10 @@ BAD_CONFIGS = [
     ({"target_modules": 5}, "target_modules must be a list of module names or a regex"),
     ({"target_modules": ["q_proj", 3]}, "target_modules must be a list of module names or a regex"),
     ({"target_modules": "(q_proj"}, "target_modules must be a list of module names or a regex"),
+    # nested repeats and alternations under a repeat backtrack exponentially (safe to run on these names)
+    ({"target_modules": "(a+)+x"}, "none nested"),
+    ({"target_modules": "(ab|cd)*x"}, "none nested"),
+    ({"target_modules": r".*\..*\..*\..*x"}, "3 repeats"),
     ({"target_modules": ["nope"]}, "does not fit this llama model: lora_target 'nope' matches no module"),
     ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of module names"),
 ]
@@ -265,7 +269,8 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("change, message", BAD_CONFIGS, ids=[
     "list", "deep", "rank-0", "rank-text", "rank-bool", "alpha-text", "alpha-negative", "dropout", "rslora-text",
-    "targets-number", "targets-mixed", "targets-bad-regex", "targets-unknown", "modules-to-save-text"])
+    "targets-number", "targets-mixed", "targets-bad-regex", "targets-nested-repeat", "targets-repeated-branch",
+    "targets-many-repeats", "targets-unknown", "modules-to-save-text"])
 def test_bad_adapter_configs_are_one_line_naming_the_file(bases, tmp_path, change, message):
     ours = load_pretrained(bases["untied"])
     inject_lora(ours, "q_proj")

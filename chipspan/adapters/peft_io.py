@@ -30,6 +30,11 @@ from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 
+try:
+    from re import _parser as _regex_parser  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # what PEFT wrote before safetensors
@@ -56,6 +61,11 @@ _UNSUPPORTED = (
 _NEUTRAL_VALUES = (None, False, {}, [], "none")
 # Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ, ... change them).
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+# A target_modules regex is matched against every module name: its size and repeats are bounded.
+_MAX_PATTERN = 500
+_MAX_REPEATS = 3
+_REPEAT_OPS = tuple(getattr(_regex_parser, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                    if hasattr(_regex_parser, name))
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -133,7 +143,8 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
     if not isinstance(config, dict):
         raise ChipspanError(f"{file} holds a JSON {type(config).__name__}, not an object of LoRA settings")
     if config.get("peft_type") != "LORA":
-        raise ChipspanError(f"{file} holds a {config.get('peft_type')} adapter; chipspan loads LORA adapters only")
+        raise ChipspanError(f"{file} has peft_type {json.dumps(config.get('peft_type'))[:60]}; chipspan loads "
+                            "LORA adapters only")
     for field in _UNSUPPORTED:
         value = config.get(field)
         if value not in _NEUTRAL_VALUES:
@@ -144,7 +155,9 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
         raise ChipspanError(f"{file} sets init_lora_weights = {json.dumps(init)}, which changes the base weights; "
                             "convert the adapter to plain LoRA with PEFT first")
     return LoraSettings(
-        target_modules=_field(file, config, "target_modules", None, _is_targets, "a list of module names or a regex"),
+        target_modules=_field(file, config, "target_modules", None, _is_targets,
+                              f"a list of module names or a regex (at most {_MAX_PATTERN} characters and "
+                              f"{_MAX_REPEATS} repeats, none nested)"),
         r=_field(file, config, "r", 8, _is_count, "a positive integer"),
         alpha=_field(file, config, "lora_alpha", 8, _is_positive, "a positive number"),
         dropout=_field(file, config, "lora_dropout", 0.0, _is_fraction, "a number in [0, 1)"),
@@ -191,12 +204,44 @@ def _is_names(value: object) -> bool:
 
 def _is_targets(value: object) -> bool:
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except (re.error, RecursionError, OverflowError):
-            return False
-        return bool(value)
+        return _is_bounded_regex(value)
     return isinstance(value, list) and bool(value) and _is_names(value)
+
+
+def _is_bounded_regex(pattern: str) -> bool:
+    """Whether matching ``pattern`` against module names takes bounded work: it parses, is at most
+    ``_MAX_PATTERN`` long, has at most ``_MAX_REPEATS`` repeats, and none inside another repeat or holding
+    an alternation (those backtrack exponentially: ``(.*)*x`` runs for hours on one name)."""
+    if not pattern or len(pattern) > _MAX_PATTERN:
+        return False
+    try:
+        tree = _regex_parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    repeats = 0
+
+    def bounded(items, in_repeat: bool) -> bool:
+        nonlocal repeats
+        for op, arg in items:
+            if op in _REPEAT_OPS:
+                many = arg[1] > 1
+                if many and in_repeat:
+                    return False
+                repeats += many
+                if not bounded(arg[2], in_repeat or many):
+                    return False
+            elif op == _regex_parser.BRANCH:
+                if in_repeat or not all(bounded(branch, in_repeat) for branch in arg[1]):
+                    return False
+            elif op == _regex_parser.SUBPATTERN and not bounded(arg[3], in_repeat):
+                return False
+            elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT) and not bounded(arg[1], in_repeat):
+                return False
+            elif op == _regex_parser.GROUPREF_EXISTS and not all(bounded(b or [], in_repeat) for b in arg[1:]):
+                return False
+        return True
+
+    return bounded(tree, False) and repeats <= _MAX_REPEATS
 
 
 def check_adapter(config: ModelConfig, folder: str | Path) -> LoraSettings:
