@@ -249,8 +249,7 @@ def check_adapter(config: ModelConfig, folder: str | Path) -> LoraSettings:
     before any weight is read."""
     folder = Path(folder)
     settings = read_adapter_config(folder)
-    with torch.device("meta"):
-        model = CausalLM(config)
+    model = _with_lora(config, settings, folder)  # the module names first: no weight file is opened
     with _open_adapter(folder) as (shapes, _):
         _check_fit(model, settings, shapes, folder)
     return settings
@@ -284,16 +283,9 @@ def _settings(model: nn.Module) -> LoraSettings:
 
 def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
     """ChipspanError if the adapter's keys or shapes do not fit ``model`` (checked on meta copies)."""
-    with torch.device("meta"):
-        whole = CausalLM(model.config)
-        part = CausalLM(model.config, layers=model.layer_indices,
-                        embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
-    try:
-        apply_lora(whole, settings)
-    except ChipspanError as exc:
-        raise ChipspanError(f"{folder / ADAPTER_CONFIG} does not fit this {model.config.model_type} model: "
-                            f"{exc}") from None
-    apply_lora(part, settings)
+    whole = _with_lora(model.config, settings, folder)
+    part = _with_lora(model.config, settings, folder, layers=model.layer_indices,
+                      embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
     expected = {key: tuple(p.shape) for key, p in adapter_parameters(whole).items()}
     keys_of_param: dict[int, list[str]] = {}
     for key, param in adapter_parameters(part).items():
@@ -309,6 +301,18 @@ def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             raise ChipspanError(f"adapter in {folder} does not fit this {model.config.model_type} model — "
                                 f"{problem}: {', '.join(keys[:3])}{more}; was it trained on another base model?")
+
+
+def _with_lora(config: ModelConfig, settings: LoraSettings, folder: Path, **part) -> CausalLM:
+    """A meta model of ``config`` (the ``part`` that CausalLM's keywords name) carrying the adapter's LoRA;
+    ChipspanError naming adapter_config.json when its modules do not fit the model."""
+    with torch.device("meta"):
+        model = CausalLM(config, **part)
+    try:
+        apply_lora(model, settings)
+    except ChipspanError as exc:
+        raise ChipspanError(f"{folder / ADAPTER_CONFIG} does not fit this {config.model_type} model: {exc}") from None
+    return model
 
 
 @contextmanager
