@@ -13,7 +13,7 @@ import pytest
 
 from chipspan import cli
 from chipspan.args import DataArguments
-from chipspan.data import formats, sources
+from chipspan.data import formats, loader, sources
 from chipspan.data.loader import load_dataset_split, load_examples
 from chipspan.data.mixing import mix
 from chipspan.errors import ChipspanError
@@ -93,6 +93,18 @@ def test_rows_past_the_size_limits_are_dropped_and_counted_before_tokenizing(tmp
     assert split.stats.dropped == {"has more than 2,000,000 characters": 1, "has more than 2,000 messages": 1}
     assert split.stats.first_dropped["has more than 2,000,000 characters"] == ["toy line 2"]
     assert "2 dropped" in split.stats.summary() and max(map(len, tokenized)) < 100
+
+
+def test_sft_rows_are_tokenized_in_chunks_bounded_by_characters(tmp_path, tok, monkeypatch):
+    write_jsonl(tmp_path, "toy", rows("row", 6))
+    whole = load(tmp_path, tok)
+    calls = []
+    encode_batch = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or encode_batch(texts))
+    monkeypatch.setattr(loader, "CHUNK_CHARS", 10)  # each 5-character row fills half a chunk
+    chunked = load(tmp_path, tok)
+    assert list(chunked.train) == list(whole.train) and chunked.stats.dropped == whole.stats.dropped
+    assert len(calls) == 3
 
 
 def test_a_line_past_the_limit_is_skipped_without_holding_it(tmp_path, tok):

@@ -77,6 +77,11 @@ class Conversation:
         """The prompt and the (first) response, as one message list."""
         return [*self.prompt, (self.response_role, self.response[0])]
 
+    def chars(self) -> int:
+        """Characters of text in the row: messages, answers, system prompt and tools."""
+        return sum(len(text) for _, text in self.prompt) + sum(map(len, self.response)) + len(self.system) + \
+            len(self.tools)
+
 
 @dataclass(frozen=True)
 class SharegptSpec:
@@ -107,12 +112,9 @@ def converter(formatting: str, columns: dict | None, tags: dict | None,
 def within_limits(conversation: Conversation) -> Conversation:
     """``conversation``, or ``BadRow`` when it has more than ``MAX_ROW_MESSAGES`` messages or
     ``MAX_ROW_CHARS`` characters (messages, answers, system prompt and tools together)."""
-    messages = len(conversation.prompt) + 1
-    if messages > MAX_ROW_MESSAGES:
+    if len(conversation.prompt) + 1 > MAX_ROW_MESSAGES:
         raise BadRow(f"has more than {MAX_ROW_MESSAGES:,} messages")
-    texts = [text for _, text in conversation.prompt] + [*conversation.response, conversation.system,
-                                                         conversation.tools]
-    if sum(map(len, texts)) > MAX_ROW_CHARS:
+    if conversation.chars() > MAX_ROW_CHARS:
         raise BadRow(f"has more than {MAX_ROW_CHARS:,} characters")
     return conversation
 
