@@ -29,7 +29,6 @@ from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass
 
 import jinja2
-import jinja2.ext
 import jinja2.nodes as nodes
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment

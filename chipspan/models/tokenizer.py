@@ -251,7 +251,7 @@ class Tokenizer:
             raise ChipspanError("chat tools must be JSON-schema dicts like {'type': 'function', ...}")
         name, source = self._template_source(tools)
         where = self._template_place(name)
-        variables = {f"{name}_token": token for name, token in self.special_tokens.items()}
+        variables = {f"{special}_token": token for special, token in self.special_tokens.items()}
         variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **extra)
         try:
             return render(_compile(source), variables)
