@@ -107,6 +107,15 @@ def test_sft_rows_are_tokenized_in_chunks_bounded_by_characters(tmp_path, tok, m
     assert len(calls) == 3
 
 
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path, tok):
+    long = "y" * 200_000
+    (tmp_path / "toy.csv").write_text(f"instruction,output\nq0,{long}\nq1,x\n")
+    register(tmp_path, "toy", "toy.csv")
+    split = load(tmp_path, tok, cutoff_len=64)
+    assert (split.stats.rows_kept, split.stats.train, split.stats.truncated) == (2, 2, 1)
+    assert prompts(split.train[1:], tok) == ["q1"] and not split.stats.dropped
+
+
 def test_a_line_past_the_limit_is_skipped_without_holding_it(tmp_path, tok):
     """A 64 MB line in a JSON lines file, streamed: dropped and counted, read in pieces."""
     folder = tmp_path / "data"

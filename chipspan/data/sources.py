@@ -292,6 +292,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
                 last[0] = number
                 yield line + "\n"
 
+    # Python's csv refuses fields past 131,072 characters; lines are bounded already, so allow what they hold.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     try:
         for row in csv.DictReader(good_lines()):
             while skipped:
