@@ -95,6 +95,20 @@ def test_rows_past_the_size_limits_are_dropped_and_counted_before_tokenizing(tmp
     assert "2 dropped" in split.stats.summary() and max(map(len, tokenized)) < 100
 
 
+def test_auto_template_bounds_answers_times_characters(tmp_path, monkeypatch):
+    """``auto`` renders a row once per answer: a row with many answers and much text is dropped there only."""
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    chatty = {"instruction": "q", "output": "a" * 100, "history": [["q", "a" * 100]] * 9}  # 10 answers, ~1,000 chars
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], chatty])
+    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
+                                                    "history": "history"})
+    monkeypatch.setattr(formats, "MAX_AUTO_RENDER", 5_000)
+    split = load(tmp_path, tok, template="auto")
+    assert split.stats.dropped == {"is too long for --template auto (answers x characters above 5,000)": 1}
+    assert not load(tmp_path, tok, template="default").stats.dropped
+
+
 def test_sft_rows_are_tokenized_in_chunks_bounded_by_characters(tmp_path, tok, monkeypatch):
     write_jsonl(tmp_path, "toy", rows("row", 6))
     whole = load(tmp_path, tok)

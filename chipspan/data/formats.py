@@ -17,7 +17,9 @@ observation, joined by ``\n</tool_response>\n<tool_response>\n``.
 
 A row longer than ``MAX_ROW_CHARS`` characters of text, or with more than ``MAX_ROW_MESSAGES`` messages,
 is a bad row (dropped and counted), not tokenized: real rows are far shorter, and such a row is a
-broken or hostile file that would otherwise take gigabytes to encode.
+broken or hostile file that would otherwise take gigabytes to encode. ``--template auto`` renders the
+conversation up to each answer, so there a row's answers times its characters are bounded too
+(``MAX_AUTO_RENDER``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ SIDES = {"user": "user", "observation": "user", "assistant": "assistant", "funct
 _JOINED_TOOL_RESULTS = "\n</tool_response>\n<tool_response>\n"
 MAX_ROW_CHARS = 2_000_000  # about 500k tokens
 MAX_ROW_MESSAGES = 2_000
+MAX_AUTO_RENDER = 200_000_000  # answers x characters of one row under --template auto
 
 
 class BadRow(ValueError):
@@ -106,16 +109,21 @@ def converter(formatting: str, columns: dict | None, tags: dict | None,
         convert = partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
     else:
         convert = partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
-    return lambda row: within_limits(convert(row))
+    return lambda row: within_limits(convert(row), auto=revision == "auto")
 
 
-def within_limits(conversation: Conversation) -> Conversation:
+def within_limits(conversation: Conversation, auto: bool = False) -> Conversation:
     """``conversation``, or ``BadRow`` when it has more than ``MAX_ROW_MESSAGES`` messages or
-    ``MAX_ROW_CHARS`` characters (messages, answers, system prompt and tools together)."""
+    ``MAX_ROW_CHARS`` characters (messages, answers, system prompt and tools together), or, for
+    ``--template auto`` (``auto``), answers times characters above ``MAX_AUTO_RENDER``."""
     if len(conversation.prompt) + 1 > MAX_ROW_MESSAGES:
         raise BadRow(f"has more than {MAX_ROW_MESSAGES:,} messages")
-    if conversation.chars() > MAX_ROW_CHARS:
+    chars = conversation.chars()
+    if chars > MAX_ROW_CHARS:
         raise BadRow(f"has more than {MAX_ROW_CHARS:,} characters")
+    answers = 1 + sum(SIDES[role] == "assistant" for role, _ in conversation.prompt)
+    if auto and answers * chars > MAX_AUTO_RENDER:
+        raise BadRow(f"is too long for --template auto (answers x characters above {MAX_AUTO_RENDER:,})")
     return conversation
 
 
