@@ -1,6 +1,7 @@
 """Data formats: sharegpt and OpenAI-style rows encode like the equivalent alpaca rows."""
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -133,11 +134,36 @@ def test_tags_an_entry_leaves_out_are_unset_as_in_llamafactory(tmp_path, tok):
             "formatting 'ranking', which is not supported: use one of alpaca, sharegpt",
         ),
         ({"formatting": "sharegpt", "tags": ["from"]}, "tags must be a JSON object"),
+        ({"columns": {"prompt": ["instruction"]}}, "columns must be a JSON object of names"),
+        ({"tags": {"role_tag": 1}}, "tags must be a JSON object of names"),
+        ({"file_name": 5}, "file_name must be text, not 5"),
+        ({"file_sha1": ["x"]}, "file_sha1 must be text"),
+        ({"split": {}}, "split must be text"),
     ],
 )
 def test_bad_entries_say_so(tmp_path, tok, entry, message):
-    with pytest.raises(ChipspanError, match=message):
+    with pytest.raises(ChipspanError, match=message) as info:
         encode(tmp_path, tok, [], **entry)
+    assert "\n" not in str(info.value)
+    if "formatting" not in entry:
+        assert f"dataset 'toy' in {tmp_path.absolute() / 'dataset_info.json'}" in str(info.value)
+
+
+@pytest.mark.parametrize("file_name", ["../outside.json", "/etc/passwd", "data/../../outside.json", "", "."])
+def test_a_file_name_outside_the_dataset_folder_is_refused(tmp_path, tok, file_name):
+    (tmp_path / "outside.json").write_text(json.dumps([{"instruction": "secret", "output": "x"}]))
+    folder = tmp_path / "data"
+    with pytest.raises(ChipspanError, match=f"file_name '{re.escape(file_name)}' is not a file inside "
+                                            "--dataset_dir") as info:
+        encode(folder, tok, [], file_name=file_name)
+    assert "no absolute path, no '..'" in str(info.value)
+
+
+def test_a_malformed_dataset_info_is_one_line(tmp_path, tok):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "dataset_info.json").write_text("{" * 100_000)
+    with pytest.raises(ChipspanError, match="dataset_info.json is not valid JSON"):
+        load_examples("toy", tmp_path, tok, "default")
 
 
 def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
@@ -169,3 +195,22 @@ def test_alpaca_user_turn_is_read_as_each_revision_reads_it(revision, row, user)
 def test_the_seed_needs_an_instruction():
     with pytest.raises(BadRow, match="instruction is missing"):
         converter("alpaca", None, None, "seed")({"input": "q", "output": "ok"})
+
+
+@pytest.mark.parametrize("template", ["qwen", "auto"])
+@pytest.mark.parametrize("call, tools, message", [
+    ('{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}", "[]", "is not JSON with name and arguments"),
+    ('{"name": "f", "arguments": {}}', "[" * 100_000 + "]" * 100_000, "tools column is not JSON"),
+    ('{"name": "f", "arguments": {}}', "[1, 2]", "tools"),
+], ids=["deep-call", "deep-tools", "tools-not-objects"])
+def test_bad_tool_text_is_one_line(tmp_path, template, call, tools, message):
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
+    (tmp_path / "toy.json").write_text(json.dumps([{"conversations": calls, "tools": tools}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"toy": {
+        "file_name": "toy.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+    with pytest.raises(ChipspanError, match=message) as info:
+        load_examples("toy", tmp_path, tok, template, template_revision="lf-0.9")
+    assert "\n" not in str(info.value)

@@ -140,3 +140,29 @@ def test_converters_refuse_malformed_rows_with_badrow(formatting, row):
     convert = converter(entry.get("formatting", "alpaca"), entry.get("columns"), entry.get("tags"))
     with pytest.raises(BadRow):
         convert(row)
+
+
+ENTRY_FIELDS = {"file_name": st.sampled_from(["toy.jsonl", "../toy.jsonl", "", "."]) | junk,
+                "formatting": st.sampled_from(["alpaca", "sharegpt"]) | junk, "columns": junk | st.dictionaries(
+                    st.sampled_from(["prompt", "response", "messages", "system", "tools"]), maybe_text, max_size=3),
+                "tags": junk | st.dictionaries(st.sampled_from(["role_tag", "content_tag", "user_tag"]), maybe_text,
+                                               max_size=2),
+                "file_sha1": junk, "split": junk, "subset": junk, "ms_hub_url": junk}
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({}, optional=ENTRY_FIELDS) | junk)
+def test_messy_dataset_info_entries(entry):
+    """Any dataset_info.json entry: the data loads or one ChipspanError line says what is wrong."""
+    good = {"instruction": "hi", "output": "yo", "conversations": [{"from": "human", "value": "hi"},
+                                                                     {"from": "gpt", "value": "yo"}]}
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "data"
+        folder.mkdir()
+        (folder / "toy.jsonl").write_text(json.dumps(good))
+        (folder / "dataset_info.json").write_text(json.dumps({"toy": entry}))
+        data = DataArguments(dataset="toy", dataset_dir=str(folder), template="default", cutoff_len=64)
+        try:
+            load_dataset_split(data, tokenizer(), use_cache=False)
+        except ChipspanError as exc:
+            assert "\n" not in str(exc)

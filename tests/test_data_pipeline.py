@@ -5,6 +5,7 @@ import json
 import re
 import logging
 import sys
+import tracemalloc
 import types
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from chipspan import cli
 from chipspan.args import DataArguments
-from chipspan.data import sources
+from chipspan.data import formats, loader, sources
 from chipspan.data.loader import load_dataset_split, load_examples
 from chipspan.data.mixing import mix
 from chipspan.errors import ChipspanError
@@ -76,6 +77,91 @@ def test_bad_json_lines_are_dropped_and_counted_with_line_numbers(tmp_path, tok,
     assert "dropped 2 of 5 rows: 2 line is not valid JSON (first: line 2)" in caplog.text
 
 
+def test_rows_past_the_size_limits_are_dropped_and_counted_before_tokenizing(tmp_path, tok, monkeypatch):
+    huge = {"instruction": "x" * formats.MAX_ROW_CHARS, "output": "y"}
+    chatty = {"instruction": "q", "output": "a", "history": [["q", "a"]] * (formats.MAX_ROW_MESSAGES // 2)}
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], huge, chatty, rows("b", 1)[0]])
+    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
+                                                    "history": "history"})
+    tokenized = []
+    encode_batch = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: tokenized.extend(texts) or encode_batch(texts))
+    split = load(tmp_path, tok)
+    assert prompts(split.train, tok) == ["a0", "b0"]
+    assert split.stats.dropped == {"has more than 2,000,000 characters": 1, "has more than 2,000 messages": 1}
+    assert split.stats.first_dropped["has more than 2,000,000 characters"] == ["toy line 2"]
+    assert "2 dropped" in split.stats.summary() and max(map(len, tokenized)) < 100
+
+
+def test_auto_template_bounds_answers_times_characters(tmp_path, monkeypatch):
+    """``auto`` renders a row once per answer: a row with many answers and much text is dropped there only."""
+    tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    chatty = {"instruction": "q", "output": "a" * 100, "history": [["q", "a" * 100]] * 9}  # 10 answers, ~1,000 chars
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], chatty])
+    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
+                                                    "history": "history"})
+    monkeypatch.setattr(formats, "MAX_AUTO_RENDER", 5_000)
+    split = load(tmp_path, tok, template="auto")
+    assert split.stats.dropped == {"is too long for --template auto (answers x characters above 5,000)": 1}
+    assert not load(tmp_path, tok, template="default").stats.dropped
+
+
+def test_sft_rows_are_tokenized_in_chunks_bounded_by_characters(tmp_path, tok, monkeypatch):
+    write_jsonl(tmp_path, "toy", rows("row", 6))
+    whole = load(tmp_path, tok)
+    calls = []
+    encode_batch = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(len(texts)) or encode_batch(texts))
+    monkeypatch.setattr(loader, "CHUNK_CHARS", 10)  # each 5-character row fills half a chunk
+    chunked = load(tmp_path, tok)
+    assert list(chunked.train) == list(whole.train) and chunked.stats.dropped == whole.stats.dropped
+    assert len(calls) == 3
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path, tok):
+    long = "y" * 200_000
+    (tmp_path / "toy.csv").write_text(f"instruction,output\nq0,{long}\nq1,x\n")
+    register(tmp_path, "toy", "toy.csv")
+    split = load(tmp_path, tok, cutoff_len=64)
+    assert (split.stats.rows_kept, split.stats.train, split.stats.truncated) == (2, 2, 1)
+    assert prompts(split.train[1:], tok) == ["q1"] and not split.stats.dropped
+
+
+def test_a_line_past_the_limit_is_skipped_without_holding_it(tmp_path, tok):
+    """A 64 MB line in a JSON lines file, streamed: dropped and counted, read in pieces."""
+    folder = tmp_path / "data"
+    write_jsonl(folder, "toy", [rows("a", 1)[0], b'{"instruction": "' + b"x" * (4 * sources.MAX_LINE_BYTES) + b'"}',
+                                rows("b", 1)[0]])
+    tracemalloc.start()
+    try:
+        split = load(folder, tok, streaming=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(prompts(split.train, tok)) == ["a0", "b0"]
+    assert split.stats.dropped == {"line is longer than 16,000,000 bytes": 1}
+    assert peak < 3 * sources.MAX_LINE_BYTES  # the line is 4 times as long
+
+
+def test_json_nested_too_deeply(tmp_path, tok):
+    write_jsonl(tmp_path, "toy", [rows("a", 1)[0], "[" * 100_000 + "]" * 100_000])
+    split = load(tmp_path, tok)
+    assert prompts(split.train, tok) == ["a0"] and split.stats.dropped == {"line is JSON nested too deeply": 1}
+    (tmp_path / "deep.json").write_text("[" + '{"a": [' * 50_000)
+    register(tmp_path, "deep", "deep.json")
+    with pytest.raises(ChipspanError, match=r"deep.json is JSON nested deeper than Python's JSON reader allows"):
+        load(tmp_path, tok, dataset="deep")
+
+
+def test_streaming_refuses_a_json_document_it_would_read_whole(tmp_path, tok):
+    (tmp_path / "big.json").write_text("[" + " " * sources.MAX_LINE_BYTES + json.dumps(rows("a", 1)[0]) + "]")
+    register(tmp_path, "big", "big.json")
+    assert prompts(load(tmp_path, tok, dataset="big").train, tok) == ["a0"]
+    with pytest.raises(ChipspanError, match="big.json is one JSON document .* --streaming reads JSON lines"):
+        load(tmp_path, tok, dataset="big", streaming=True)
+
+
 def test_lines_that_are_not_utf8_are_dropped(tmp_path, tok):
     write_jsonl(tmp_path, "toy", [rows("a", 1)[0], b'{"instruction": "\xff\xfe", "output": "x"}', rows("b", 1)[0]])
     split = load(tmp_path, tok)
@@ -102,6 +188,15 @@ def test_a_file_that_is_not_rows_is_one_clear_error(tmp_path, tok, content, mess
     (tmp_path / "toy.json").write_bytes(content)
     register(tmp_path, "toy", "toy.json")
     with pytest.raises(ChipspanError, match=re.escape(message)) as info:
+        load(tmp_path, tok)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"PAR1 not really parquet PAR1", b"", b"PAR1" + bytes(range(256)) * 4])
+def test_a_broken_parquet_file_is_one_clear_error(tmp_path, tok, content):
+    (tmp_path / "toy.parquet").write_bytes(content)
+    register(tmp_path, "toy", "toy.parquet")
+    with pytest.raises(ChipspanError, match="toy.parquet is not a readable Parquet file") as info:
         load(tmp_path, tok)
     assert "\n" not in str(info.value)
 
@@ -288,6 +383,48 @@ def test_cache_hit_overwrite_change_and_corruption(tmp_path, tok, cache_root, ca
     assert not again.stats.from_cache and "is unreadable" in caplog.text and "encoding again" in caplog.text
     assert load(folder, tok, use_cache=True).stats.from_cache  # rebuilt
     assert not [p for p in (cache_root / "data").iterdir() if p.suffix != ".npz"]  # no temporary files left
+
+
+def _damage(path, **arrays):
+    """Rewrite the cache file at ``path`` with some arrays replaced (a function of the old array or a value)."""
+    with np.load(path) as data:
+        content = {k: data[k] for k in data.files}
+    for key, change in arrays.items():
+        content[key] = change(content[key]) if callable(change) else change
+    with open(path, "wb") as f:
+        np.savez(f, **content)
+
+
+def _stats_json(text):
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    lambda path: _damage(path, train_offsets=lambda o: o[::-1].copy()),
+    lambda path: _damage(path, train_offsets=lambda o: o + 1),
+    lambda path: _damage(path, train_input_ids=lambda ids: ids.astype(np.float64)),
+    lambda path: _damage(path, train_input_ids=lambda ids: ids + 10**6),
+    lambda path: _damage(path, train_labels=lambda labels: labels[:-1].copy()),
+    lambda path: _damage(path, stats=_stats_json("[1, 2]")),
+    lambda path: _damage(path, stats=_stats_json('{"rows_read": "many"}')),
+    lambda path: _damage(path, stats=lambda s: _stats_json(bytes(s).decode().replace('"train": 4', '"train": 9'))),
+    lambda path: _damage(path, stats=_stats_json("[" * 100_000)),
+], ids=["truncated", "offsets-reversed", "offsets-shifted", "float-ids", "ids-outside-vocab", "labels-short",
+        "stats-list", "stats-types", "stats-counts", "stats-deep"])
+def test_a_damaged_cache_is_rebuilt_equal_to_a_fresh_encode(tmp_path, tok, cache_root, caplog, damage):
+    folder = tmp_path / "data"
+    write_jsonl(folder, "toy", rows("r", 5))
+    fresh = load(folder, tok, val_size=1)
+    load(folder, tok, use_cache=True, val_size=1)
+    [cached] = (cache_root / "data").iterdir()
+    damage(cached)
+    with caplog.at_level(logging.WARNING, logger="chipspan.data"):
+        again = load(folder, tok, use_cache=True, val_size=1)
+    assert "is unreadable" in caplog.text and "encoding again" in caplog.text and not again.stats.from_cache
+    assert list(again.train) == list(fresh.train) and list(again.eval) == list(fresh.eval)
+    rebuilt = load(folder, tok, use_cache=True, val_size=1)
+    assert rebuilt.stats.from_cache and list(rebuilt.train) == list(fresh.train)
 
 
 def test_load_examples_does_not_cache(tmp_path, tok, cache_root):

@@ -5,13 +5,18 @@ import warnings
 
 import peft
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import transformers
 
 from chipspan.adapters.lora import LoraLinear, inject_lora, merge_and_unload, merge_lora, unmerge_lora
-from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, load_adapter, save_adapter
+from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, check_adapter, load_adapter, save_adapter
+from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import load_pretrained
+from chipspan.models.config import ModelConfig
+from chipspan.train.finetune import check_finetuning_arguments
 
 TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -238,3 +243,102 @@ def test_unsupported_or_mismatched_adapters_are_refused_before_loading(bases, tm
         load_adapter(fresh, tmp_path)
     assert not any(isinstance(m, LoraLinear) for m in fresh.modules())
     assert all(p.requires_grad for p in fresh.parameters())
+
+
+BAD_CONFIGS = [
+    ("[1]", "holds a JSON list, not an object of LoRA settings"),
+    ("{" * 100_000, "cannot read"),
+    ({"r": 0}, "r must be a positive integer, not 0"),
+    ({"r": "8"}, 'r must be a positive integer, not "8"'),
+    ({"r": True}, "r must be a positive integer, not true"),
+    ({"lora_alpha": "16"}, "lora_alpha must be a positive number"),
+    ({"lora_alpha": -1}, "lora_alpha must be a positive number"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\)"),
+    ({"use_rslora": "false"}, "use_rslora must be true or false"),
+    ({"target_modules": 5}, "target_modules must be a list of module names or a regex"),
+    ({"target_modules": ["q_proj", 3]}, "target_modules must be a list of module names or a regex"),
+    ({"target_modules": "(q_proj"}, "target_modules must be a list of module names or a regex"),
+    # nested repeats and alternations under a repeat backtrack exponentially (safe to run on these names)
+    ({"target_modules": "(a+)+x"}, "none nested"),
+    ({"target_modules": "(ab|cd)*x"}, "none nested"),
+    ({"target_modules": r".*\..*\..*\..*x"}, "3 repeats"),
+    ({"target_modules": ["nope"]}, "does not fit this llama model: lora_target 'nope' matches no module"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of module names"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_CONFIGS, ids=[
+    "list", "deep", "rank-0", "rank-text", "rank-bool", "alpha-text", "alpha-negative", "dropout", "rslora-text",
+    "targets-number", "targets-mixed", "targets-bad-regex", "targets-nested-repeat", "targets-repeated-branch",
+    "targets-many-repeats", "targets-unknown", "modules-to-save-text"])
+def test_bad_adapter_configs_are_one_line_naming_the_file(bases, tmp_path, change, message):
+    ours = load_pretrained(bases["untied"])
+    inject_lora(ours, "q_proj")
+    save_adapter(ours, tmp_path, None)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(change if isinstance(change, str) else json.dumps({**config, **change}))
+    fresh = load_pretrained(bases["untied"])
+    for check in (lambda: check_adapter(fresh.config, tmp_path), lambda: load_adapter(fresh, tmp_path)):
+        with pytest.raises(ChipspanError, match=message) as info:
+            check()
+        assert str(config_file) in str(info.value) and "\n" not in str(info.value)
+    assert not any(isinstance(m, LoraLinear) for m in fresh.modules())
+
+
+def test_bad_adapter_weights_are_refused_before_the_model_loads(bases, tmp_path):
+    ours = load_pretrained(bases["untied"])
+    inject_lora(ours, "q_proj")
+    save_adapter(ours, tmp_path, None)
+    config = ours.config
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ChipspanError, match="adapter_model.safetensors is not a readable safetensors file"):
+        check_adapter(config, tmp_path)
+    weights.unlink()
+    with pytest.raises(ChipspanError, match=f"no adapter_model.safetensors \\(or adapter_model.bin\\) in {tmp_path}"):
+        check_adapter(config, tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
+    with pytest.raises(ChipspanError, match="adapter_model.bin does not hold a dict of named tensors"):
+        check_adapter(config, tmp_path)
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 64)},
+               tmp_path / "adapter_model.bin")
+    with pytest.raises(ChipspanError, match=r"shape mismatch: .*q_proj.lora_A.weight \(3, 64\) vs \(8, 64\)"):
+        check_adapter(config, tmp_path)
+
+
+def test_train_checks_the_adapter_before_anything_loads(bases, tmp_path):
+    ours = load_pretrained(bases["untied"])
+    inject_lora(ours, "q_proj")
+    save_adapter(ours, tmp_path, None)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    args = FinetuningArguments(finetuning_type="lora", lora_target="q_proj")
+    check_finetuning_arguments(args, ours.config)  # fine without the adapter
+    with pytest.raises(ChipspanError, match="no adapter_model.safetensors"):
+        check_finetuning_arguments(args, ours.config, str(tmp_path))
+
+
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats() | st.text(max_size=8)
+                     | st.sampled_from(["q_proj", "v_proj", "lm_head", "all-linear", ".*q_proj", "("]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                     max_leaves=4)
+_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
+           "ensure_weight_tying", "init_lora_weights", "peft_type", "use_dora", "bias"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _junk, max_size=4))
+def test_any_adapter_config_loads_or_is_one_line(bases, tmp_path, changes):
+    """Random field values: the adapter is checked or refused with one ChipspanError line, never a traceback."""
+    folder = tmp_path / "adapter"  # one folder for all examples (tmp_path is per test, not per example)
+    if not folder.is_dir():
+        ours = load_pretrained(bases["untied"])
+        inject_lora(ours, "q_proj")
+        save_adapter(ours, folder, None)
+        (tmp_path / "saved.json").write_text((folder / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**saved, **changes}))
+    try:
+        check_adapter(ModelConfig.from_folder(bases["untied"]), folder)
+    except ChipspanError as exc:
+        assert "\n" not in str(exc)

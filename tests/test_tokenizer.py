@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
@@ -321,3 +323,48 @@ def test_broken_config_json(tmp_path):
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ChipspanError, match="not valid JSON"):
         Tokenizer.from_folder(folder)
+
+
+@pytest.mark.parametrize("file, content, wrong", [
+    ("tokenizer_config.json", "[1, 2]", "holds a JSON list, not an object"),
+    ("tokenizer_config.json", "[" * 100000, "is not valid JSON"),
+    ("special_tokens_map.json", '"</s>"', "holds a JSON str, not an object"),
+    ("tokenizer_config.json", '{"eos_token": 2}', "eos_token must be a token string, not 2"),
+    ("tokenizer_config.json", '{"bos_token": {"id": 1}}', "bos_token is an object without a text \"content\""),
+    ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be true or false"),
+    ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be Jinja text or a list"),
+    ("tokenizer_config.json", '{"chat_template": [{"name": "default"}]}', "chat_template must be Jinja text"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot be read as UTF-8 text"),
+    ("tokenizer.json", '{"model": 1}', "cannot be read"),
+], ids=["config-list", "config-deep", "map-string", "token-number", "token-object", "flag-string",
+        "template-number", "template-list", "jinja-not-utf8", "tokenizer-wrong-type"])
+def test_bad_tokenizer_files_are_one_line_naming_the_file(tmp_path, file, content, wrong):
+    folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t")
+    path = folder / file
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ChipspanError) as info:
+        Tokenizer.from_folder(folder)
+    assert str(path) in str(info.value) and wrong in str(info.value) and "\n" not in str(info.value)
+
+
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.text(max_size=6)
+                     | st.sampled_from(["</s>", "{{ messages }}", "{% for m in messages %}{{ m.content }}",
+                                        "{{ bos_token ~ messages[0].content * 3 }}"]),
+                     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+                         st.sampled_from(["name", "template", "content"]), inner, max_size=2), max_leaves=4)
+_FIELDS = ["bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token", "chat_template",
+           "model_max_length"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _junk, max_size=3))
+def test_any_tokenizer_config_loads_or_is_one_line(tmp_path, changes):
+    """Random tokenizer_config.json fields: loading and rendering work or give one ChipspanError line."""
+    folder = tmp_path / "t"
+    if not folder.is_dir():
+        shutil.copytree(LLAMA2_TOKENIZER, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(changes))
+    try:
+        Tokenizer.from_folder(folder).apply_chat_template(MESSAGES)
+    except ChipspanError as exc:
+        assert "\n" not in str(exc)

@@ -13,6 +13,8 @@ holds; ``adapter_state_dict`` of every stage, merged, is the whole adapter.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,11 @@ from chipspan.adapters.lora import (LoraSettings, additional_modules, apply_lora
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+
+try:
+    from re import _parser as _regex_parser  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,6 +61,11 @@ _UNSUPPORTED = (
 _NEUTRAL_VALUES = (None, False, {}, [], "none")
 # Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ, ... change them).
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+# A target_modules regex is matched against every module name: its size and repeats are bounded.
+_MAX_PATTERN = 500
+_MAX_REPEATS = 3
+_REPEAT_OPS = tuple(getattr(_regex_parser, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                    if hasattr(_regex_parser, name))
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -119,16 +131,20 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
 
 
 def read_adapter_config(folder: str | Path) -> LoraSettings:
-    """The LoRA settings of a PEFT adapter folder; ChipspanError naming any field chipspan cannot honour."""
+    """The LoRA settings of a PEFT adapter folder; ChipspanError naming any field chipspan cannot honour
+    or that has the wrong type (the file is untrusted)."""
     file = Path(folder) / ADAPTER_CONFIG
     if not file.is_file():
         raise ChipspanError(f"no {ADAPTER_CONFIG} in {folder}; point at a PEFT adapter folder")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChipspanError(f"cannot read {file}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ChipspanError(f"cannot read {file}: {' '.join(str(exc).split())[:200]}; re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise ChipspanError(f"{file} holds a JSON {type(config).__name__}, not an object of LoRA settings")
     if config.get("peft_type") != "LORA":
-        raise ChipspanError(f"{file} holds a {config.get('peft_type')} adapter; chipspan loads LORA adapters only")
+        raise ChipspanError(f"{file} has peft_type {json.dumps(config.get('peft_type'))[:60]}; chipspan loads "
+                            "LORA adapters only")
     for field in _UNSUPPORTED:
         value = config.get(field)
         if value not in _NEUTRAL_VALUES:
@@ -138,23 +154,104 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
     if init not in _PLAIN_INITS:
         raise ChipspanError(f"{file} sets init_lora_weights = {json.dumps(init)}, which changes the base weights; "
                             "convert the adapter to plain LoRA with PEFT first")
-    target = config.get("target_modules")
-    if not target:
-        raise ChipspanError(f"{file} names no target_modules")
     return LoraSettings(
-        target_modules=target if isinstance(target, str) else list(target),
-        r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        modules_to_save=list(config.get("modules_to_save") or []) or None,
-        keep_tied=bool(config.get("ensure_weight_tying", False)),
+        target_modules=_field(file, config, "target_modules", None, _is_targets,
+                              f"a list of module names or a regex (at most {_MAX_PATTERN} characters and "
+                              f"{_MAX_REPEATS} repeats, none nested)"),
+        r=_field(file, config, "r", 8, _is_count, "a positive integer"),
+        alpha=_field(file, config, "lora_alpha", 8, _is_positive, "a positive number"),
+        dropout=_field(file, config, "lora_dropout", 0.0, _is_fraction, "a number in [0, 1)"),
+        use_rslora=_field(file, config, "use_rslora", False, _is_flag, "true or false"),
+        modules_to_save=_field(file, config, "modules_to_save", None, _is_names, "a list of module names") or None,
+        keep_tied=_field(file, config, "ensure_weight_tying", False, _is_flag, "true or false"),
     )
 
 
+def _field(file: Path, config: dict, key: str, default, valid: Callable[[object], bool], what: str):
+    """``config[key]`` (``default`` when absent or null), or ChipspanError when it is not ``what``."""
+    value = config.get(key)
+    if value is None:
+        value = default
+    if not valid(value):
+        shown = json.dumps(value)
+        raise ChipspanError(f"{file}: {key} must be {what}, not {shown[:60]}{'...' if len(shown) > 60 else ''}")
+    return list(value) if isinstance(value, list) else value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive(value: object) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _is_flag(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_names(value: object) -> bool:
+    return value is None or isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_targets(value: object) -> bool:
+    if isinstance(value, str):
+        return _is_bounded_regex(value)
+    return isinstance(value, list) and bool(value) and _is_names(value)
+
+
+def _is_bounded_regex(pattern: str) -> bool:
+    """Whether matching ``pattern`` against module names takes bounded work: it parses, is at most
+    ``_MAX_PATTERN`` long, has at most ``_MAX_REPEATS`` repeats, and none inside another repeat or holding
+    an alternation (those backtrack exponentially: ``(.*)*x`` runs for hours on one name)."""
+    if not pattern or len(pattern) > _MAX_PATTERN:
+        return False
+    try:
+        tree = _regex_parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    repeats = 0
+
+    def bounded(items, in_repeat: bool) -> bool:
+        nonlocal repeats
+        for op, arg in items:
+            if op in _REPEAT_OPS:
+                many = arg[1] > 1
+                if many and in_repeat:
+                    return False
+                repeats += many
+                if not bounded(arg[2], in_repeat or many):
+                    return False
+            elif op == _regex_parser.BRANCH:
+                if in_repeat or not all(bounded(branch, in_repeat) for branch in arg[1]):
+                    return False
+            elif op == _regex_parser.SUBPATTERN and not bounded(arg[3], in_repeat):
+                return False
+            elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT) and not bounded(arg[1], in_repeat):
+                return False
+            elif op == _regex_parser.GROUPREF_EXISTS and not all(bounded(b or [], in_repeat) for b in arg[1:]):
+                return False
+        return True
+
+    return bounded(tree, False) and repeats <= _MAX_REPEATS
+
+
 def check_adapter(config: ModelConfig, folder: str | Path) -> LoraSettings:
-    """Read an adapter's settings and check its module names against the model, before any weight is read."""
+    """Read an adapter's settings and check them, and its weights' names and shapes, against the model,
+    before any weight is read."""
+    folder = Path(folder)
     settings = read_adapter_config(folder)
-    with torch.device("meta"):
-        apply_lora(CausalLM(config), settings)
+    model = _with_lora(config, settings, folder)  # the module names first: no weight file is opened
+    with _open_adapter(folder) as (shapes, _):
+        _check_fit(model, settings, shapes, folder)
     return settings
 
 
@@ -186,12 +283,9 @@ def _settings(model: nn.Module) -> LoraSettings:
 
 def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
     """ChipspanError if the adapter's keys or shapes do not fit ``model`` (checked on meta copies)."""
-    with torch.device("meta"):
-        whole = CausalLM(model.config)
-        part = CausalLM(model.config, layers=model.layer_indices,
-                        embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
-    apply_lora(whole, settings)
-    apply_lora(part, settings)
+    whole = _with_lora(model.config, settings, folder)
+    part = _with_lora(model.config, settings, folder, layers=model.layer_indices,
+                      embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
     expected = {key: tuple(p.shape) for key, p in adapter_parameters(whole).items()}
     keys_of_param: dict[int, list[str]] = {}
     for key, param in adapter_parameters(part).items():
@@ -207,6 +301,18 @@ def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             raise ChipspanError(f"adapter in {folder} does not fit this {model.config.model_type} model — "
                                 f"{problem}: {', '.join(keys[:3])}{more}; was it trained on another base model?")
+
+
+def _with_lora(config: ModelConfig, settings: LoraSettings, folder: Path, **part) -> CausalLM:
+    """A meta model of ``config`` (the ``part`` that CausalLM's keywords name) carrying the adapter's LoRA;
+    ChipspanError naming adapter_config.json when its modules do not fit the model."""
+    with torch.device("meta"):
+        model = CausalLM(config, **part)
+    try:
+        apply_lora(model, settings)
+    except ChipspanError as exc:
+        raise ChipspanError(f"{folder / ADAPTER_CONFIG} does not fit this {config.model_type} model: {exc}") from None
+    return model
 
 
 @contextmanager
@@ -225,6 +331,10 @@ def _open_adapter(folder: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Ca
         except Exception as exc:  # torch raises many types for a bad pickle
             raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} is not a readable PyTorch file "
                                 f"({type(exc).__name__})") from None
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                for k, t in state.items())):
+            raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} does not hold a dict of named tensors: "
+                                "re-save the adapter")
         yield {k: tuple(t.shape) for k, t in state.items()}, state.__getitem__
         return
     raise ChipspanError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN}) in {folder}")

@@ -14,6 +14,12 @@ user/assistant/system/tool) are sharegpt rows with tags that say so. Rows are re
 As LLaMA-Factory 0.9 reads OpenAI rows, an assistant message with ``tool_calls`` is a function call
 (its content the JSON list of the calls' ``function`` objects) and consecutive tool results are one
 observation, joined by ``\n</tool_response>\n<tool_response>\n``.
+
+A row longer than ``MAX_ROW_CHARS`` characters of text, or with more than ``MAX_ROW_MESSAGES`` messages,
+is a bad row (dropped and counted), not tokenized: real rows are far shorter, and such a row is a
+broken or hostile file that would otherwise take gigabytes to encode. ``--template auto`` renders the
+conversation up to each answer, so there a row's answers times its characters are bounded too
+(``MAX_AUTO_RENDER``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ _SHAREGPT_ROLES = {
 # The side of the conversation each role is on: turns alternate user side, assistant side.
 SIDES = {"user": "user", "observation": "user", "assistant": "assistant", "function": "assistant"}
 _JOINED_TOOL_RESULTS = "\n</tool_response>\n<tool_response>\n"
+MAX_ROW_CHARS = 2_000_000  # about 500k tokens
+MAX_ROW_MESSAGES = 2_000
+MAX_AUTO_RENDER = 200_000_000  # answers x characters of one row under --template auto
 
 
 class BadRow(ValueError):
@@ -71,6 +80,11 @@ class Conversation:
         """The prompt and the (first) response, as one message list."""
         return [*self.prompt, (self.response_role, self.response[0])]
 
+    def chars(self) -> int:
+        """Characters of text in the row: messages, answers, system prompt and tools."""
+        return sum(len(text) for _, text in self.prompt) + sum(map(len, self.response)) + len(self.system) + \
+            len(self.tools)
+
 
 @dataclass(frozen=True)
 class SharegptSpec:
@@ -90,10 +104,27 @@ class SharegptSpec:
 def converter(formatting: str, columns: dict | None, tags: dict | None,
               revision: str = "seed") -> Callable[[object], Conversation]:
     """The function that turns one row of a dataset with this ``formatting`` into a conversation,
-    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it."""
+    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it, within the row limits."""
     if formatting == "sharegpt":
-        return partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
-    return partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
+        convert = partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
+    else:
+        convert = partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
+    return lambda row: within_limits(convert(row), auto=revision == "auto")
+
+
+def within_limits(conversation: Conversation, auto: bool = False) -> Conversation:
+    """``conversation``, or ``BadRow`` when it has more than ``MAX_ROW_MESSAGES`` messages or
+    ``MAX_ROW_CHARS`` characters (messages, answers, system prompt and tools together), or, for
+    ``--template auto`` (``auto``), answers times characters above ``MAX_AUTO_RENDER``."""
+    if len(conversation.prompt) + 1 > MAX_ROW_MESSAGES:
+        raise BadRow(f"has more than {MAX_ROW_MESSAGES:,} messages")
+    chars = conversation.chars()
+    if chars > MAX_ROW_CHARS:
+        raise BadRow(f"has more than {MAX_ROW_CHARS:,} characters")
+    answers = 1 + sum(SIDES[role] == "assistant" for role, _ in conversation.prompt)
+    if auto and answers * chars > MAX_AUTO_RENDER:
+        raise BadRow(f"is too long for --template auto (answers x characters above {MAX_AUTO_RENDER:,})")
+    return conversation
 
 
 def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:

@@ -47,6 +47,9 @@ NOTHING_TO_TRAIN = "has no tokens to train on"
 _MIN_CUT_LENGTH = 16
 # Flags that do not change the examples, left out of the cache key.
 _NOT_IN_KEY = ("dataset_dir", "overwrite_cache", "preprocessing_num_workers")
+# SFT rows are encoded (tokenized at once) in chunks of at most this many characters, or CHUNK_ROWS rows:
+# 1,000 rows near formats.MAX_ROW_CHARS would be gigabytes of tokens. (PT keeps the seed's 1,000-row runs.)
+CHUNK_CHARS = 16_000_000
 
 Row = tuple[str, Conversation]  # (where it came from, the conversation)
 
@@ -77,7 +80,7 @@ def load_dataset_split(
         from chipspan.assets import resolve_cache_dir
 
         path = cache.cache_path(_key(data, entries, files, tokenizer, template, stage, seed), resolve_cache_dir())
-    found = cache.load(path) if path and not data.overwrite_cache else None
+    found = cache.load(path, tokenizer.vocab_size) if path and not data.overwrite_cache else None
     if found:
         splits, stats = found
     else:
@@ -271,9 +274,16 @@ def _buffer_shuffle(rows: Iterable, size: int, seed: int) -> Iterator:
     yield from buffer
 
 
-def _chunks(rows: Iterable[Row]) -> Iterator[list[Row]]:
-    rows = iter(rows)
-    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+def _chunks(rows: Iterable[Row], max_chars: float = math.inf) -> Iterator[list[Row]]:
+    """Runs of at most ``CHUNK_ROWS`` rows, cut sooner once they hold ``max_chars`` characters of text."""
+    chunk, chars = [], 0
+    for row in rows:
+        chunk.append(row)
+        chars += row[1].chars()
+        if len(chunk) == CHUNK_ROWS or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
         yield chunk
 
 
@@ -283,7 +293,7 @@ def _supervised_encoder(template, tokenizer, data: DataArguments, stats: DataSta
 
     def encode(rows: Iterable[Row]) -> EncodedExamples:
         parts = []
-        for chunk in _chunks(rows):
+        for chunk in _chunks(rows, CHUNK_CHARS):
             conversations = [c for _, c in chunk]
             part = EncodedExamples.build(encode_supervised(conversations, template, tokenizer, data.cutoff_len,
                                                            **options))

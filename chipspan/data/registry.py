@@ -1,7 +1,9 @@
 """The dataset registry: names -> where the data is and how to read it (``dataset_info.json``).
 
 chipspan ships the seed's ``dataset_info.json`` (LLaMA-Factory at b988ce0); a ``dataset_info.json``
-in ``--dataset_dir`` adds entries and replaces built-in ones of the same name.
+in ``--dataset_dir`` adds entries and replaces built-in ones of the same name. Its entries are checked
+field by field (one error naming the file, the dataset and the field), and a ``file_name`` may not
+leave the dataset folder (no absolute path, no ``..``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from chipspan.errors import ChipspanError
 
@@ -59,7 +61,7 @@ def user_registry(dataset_dir: str | Path) -> dict[str, dict]:
         return {}
     try:
         registry = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         reason = " ".join(str(exc).split())
         raise ChipspanError(f"{path.absolute()} is not valid JSON ({reason}): fix it") from exc
     if not isinstance(registry, dict):
@@ -83,13 +85,16 @@ def lookup(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
             raise ChipspanError(
                 f"unknown dataset '{name}'{hint}: add it to {where} or use a name the seed's registry has"
             )
-        entries.append(_entry(name, registry[name], builtin=name not in user))
+        where = Path(dataset_dir).absolute() / REGISTRY_FILE if name in user else "chipspan's built-in registry"
+        entries.append(_entry(name, registry[name], builtin=name not in user, where=where))
     return entries
 
 
-def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
+def _entry(name: str, info: object, builtin: bool, where: Path | str = REGISTRY_FILE) -> DatasetEntry:
+    """The entry ``name`` of the registry in ``where``; ChipspanError naming the field that is wrong."""
+    prefix = f"dataset '{name}' in {where}"
     if not isinstance(info, dict):
-        raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} must be a JSON object with a file_name")
+        raise ChipspanError(f"{prefix} must be a JSON object with a file_name")
     for key, why in _REFUSED.items():
         if key in info and "hf_hub_url" not in info and "file_name" not in info:
             raise ChipspanError(
@@ -97,23 +102,37 @@ def _entry(name: str, info: object, builtin: bool) -> DatasetEntry:
                 "and register it with file_name"
             )
     if "file_name" not in info and "hf_hub_url" not in info:
-        raise ChipspanError(f"dataset '{name}' in {REGISTRY_FILE} has no file_name: add one")
+        raise ChipspanError(f"{prefix} has no file_name: add one")
+    for key in ("file_name", "file_sha1", "hf_hub_url", "subset", "split", "formatting"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise ChipspanError(f"{prefix}: {key} must be text, not {json.dumps(info[key])[:60]}")
+    if "file_name" in info:
+        _check_file_name(prefix, info["file_name"])
     formatting = info.get("formatting", "alpaca")
     if formatting not in FORMATTINGS:
         raise ChipspanError(
             f"dataset '{name}' uses formatting '{formatting}', which is not supported: "
             f"use one of {', '.join(FORMATTINGS)}"
         )
-    columns = info.get("columns")
-    if columns is not None and not isinstance(columns, dict):
-        raise ChipspanError(
-            f"dataset '{name}': columns must be a JSON object such as {{\"prompt\": \"instruction\"}}"
-        )
-    tags = info.get("tags")
-    if tags is not None and not isinstance(tags, dict):
-        raise ChipspanError(
-            f"dataset '{name}': tags must be a JSON object such as {{\"role_tag\": \"role\"}}"
-        )
+    columns = _names(prefix, "columns", info.get("columns"), '{"prompt": "instruction"}')
+    tags = _names(prefix, "tags", info.get("tags"), '{"role_tag": "role"}')
     hub = None if "file_name" in info else info["hf_hub_url"]
     return DatasetEntry(name, info.get("file_name"), info.get("file_sha1"), columns, builtin, formatting, tags,
-                        hf_hub_url=hub, subset=info.get("subset"), split=info.get("split", "train"))
+                        hf_hub_url=hub, subset=info.get("subset"), split=info.get("split") or "train")
+
+
+def _check_file_name(prefix: str, file_name: str) -> None:
+    """Refuse a file_name that is empty or names a place outside the dataset folder."""
+    path = PurePath(file_name)
+    if not file_name.strip() or path.is_absolute() or ".." in path.parts or path.parts in ((), (".",)):
+        raise ChipspanError(f"{prefix}: file_name '{file_name}' is not a file inside --dataset_dir; name the "
+                            "file by its path inside that folder (no absolute path, no '..')")
+
+
+def _names(prefix: str, key: str, value: object, example: str) -> dict[str, str] | None:
+    """An entry's ``columns`` or ``tags``: None, or an object whose values are text (or null)."""
+    if value is not None and not (isinstance(value, dict) and all(
+            v is None or isinstance(v, str) for v in value.values())):
+        raise ChipspanError(f"{prefix}: {key} must be a JSON object of names such as {example}, "
+                            f"not {json.dumps(value)[:60]}")
+    return value

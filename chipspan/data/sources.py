@@ -6,8 +6,11 @@ file (as with the ``datasets`` library the seed used). A ``.txt`` file gives one
 per line. Text is UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 
 Line-based files (JSON lines, CSV, text) are read line by line: a line that is not UTF-8 or not valid
-JSON yields an ``Unreadable`` in its place, to be counted and skipped; a file with no readable line at
-all is an error. A JSON document (a list or a pretty-printed object) is read whole, and must be valid.
+JSON, nested too deeply for Python's JSON reader, or longer than ``MAX_LINE_BYTES`` yields an
+``Unreadable`` in its place, to be counted and skipped (a long line is skipped without being held in
+memory); a file with no readable line at all is an error. A JSON document (a list or a pretty-printed
+object) is read whole, and must be valid; with ``--streaming``, which promises bounded memory, one larger
+than ``MAX_LINE_BYTES`` is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from chipspan.data.formats import MAX_ROW_CHARS
 from chipspan.data.registry import DatasetEntry
 from chipspan.errors import ChipspanError
 
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = ("json", "jsonl", "csv", "parquet", "txt")
 PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet file at a time
+# A line longer than this holds a row longer than formats.MAX_ROW_CHARS (8 bytes a character leave
+# room for UTF-8 and JSON escapes), so it is skipped unread.
+MAX_LINE_BYTES = 8 * MAX_ROW_CHARS
 
 _SEED_DATA = "LLaMA-Factory's data/ folder at commit b988ce0 (github.com/hiyouga/LLaMA-Factory)"
 # What the seed registry's best-known files are and where they come from, for the missing-file message.
@@ -63,6 +70,8 @@ class Unreadable:
 
 NOT_UTF8 = Unreadable("line is not UTF-8 text")
 NOT_JSON = Unreadable("line is not valid JSON")
+TOO_DEEP = Unreadable("line is JSON nested too deeply")
+TOO_LONG = Unreadable(f"line is longer than {MAX_LINE_BYTES:,} bytes")
 # JSON may escape half of a surrogate pair (\ud800-\udfff) alone: such text cannot be tokenized.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 NOT_UNICODE = Unreadable("text holds a lone surrogate escape (\\udXXX), not Unicode")
@@ -91,11 +100,22 @@ def dataset_files(entry: DatasetEntry, dataset_dir: str | Path) -> list[Path]:
             raise ChipspanError(
                 f"dataset '{entry.name}': {path} must hold files of one type ({', '.join(SUFFIXES)})"
             )
-        return files
-    if path.is_file():
+    elif path.is_file():
         _kind(path)
-        return [path]
-    raise ChipspanError(_missing(entry, path))
+        files = [path]
+    else:
+        raise ChipspanError(_missing(entry, path))
+    for file in files:
+        _check_readable(file)
+    return files
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ChipspanError(f"{path} cannot be read ({exc.strerror or exc}): check its permissions") from exc
 
 
 def iter_rows(entry: DatasetEntry, files: list[Path], streaming: bool = False) -> Iterator[tuple[str, object]]:
@@ -111,7 +131,7 @@ def iter_rows(entry: DatasetEntry, files: list[Path], streaming: bool = False) -
         _check_sha1(files[0], entry.file_sha1)
     for file in files:
         prefix = f"{file.name} " if len(files) > 1 else ""
-        for place, row in _file_rows(file):
+        for place, row in _file_rows(file, streaming):
             yield prefix + place, row
 
 
@@ -160,7 +180,7 @@ def _check_sha1(path: Path, expected: str) -> None:
 # ---- files -----------------------------------------------------------------------------------------
 
 
-def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _file_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, object]]:
     kind = _kind(path)
     if kind == "parquet":
         yield from ((f"row {i}", row) for i, row in enumerate(_parquet_rows(path), 1))
@@ -170,7 +190,7 @@ def _file_rows(path: Path) -> Iterator[tuple[str, object]]:
     elif kind == "csv":
         yield from _checked(path, _csv_rows(path))
     elif _is_document(path):
-        yield from _document_rows(path)
+        yield from _document_rows(path, streaming)
     else:
         yield from _checked(path, _json_lines(path))
 
@@ -181,8 +201,12 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
         import pyarrow.parquet
     except ImportError as exc:
         raise ChipspanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from exc
-    for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        yield from batch.to_pylist()
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise ChipspanError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}): "
+                            "re-save it") from exc
 
 
 def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
@@ -220,20 +244,22 @@ def _sniff(head: bytes) -> tuple[str, int]:
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str | Unreadable]]:
-    """``(line number, text)`` for each line, without the line break; ``NOT_UTF8`` for a bad line."""
+    """``(line number, text)`` for each line, without the line break; ``NOT_UTF8`` for a bad line and
+    ``TOO_LONG`` for one longer than ``MAX_LINE_BYTES`` (characters, in UTF-16/32)."""
     with open(path, "rb") as f:
         encoding, bom = _sniff(f.read(4))
         f.seek(bom)
         if encoding == "utf-8":
-            for number, raw in enumerate(f, 1):
+            for number, raw in enumerate(_bounded_lines(f, b"\n"), 1):
                 try:
-                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                    yield number, raw if raw is TOO_LONG else raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
                     yield number, NOT_UTF8
             return
         try:  # a UTF-16/32 file cannot be split into lines before decoding
-            for number, line in enumerate(io.TextIOWrapper(f, encoding=encoding), 1):
-                yield number, line.rstrip("\r\n")
+            lines = _bounded_lines(io.TextIOWrapper(f, encoding=encoding), "\n")
+            for number, line in enumerate(lines, 1):
+                yield number, line if line is TOO_LONG else line.rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise ChipspanError(
                 f"{path} starts with a {encoding} byte-order mark but is not {encoding} text "
@@ -241,28 +267,43 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str | Unreadable]]:
             ) from exc
 
 
+def _bounded_lines(f, newline):
+    """The lines of ``f`` (bytes or text), each at most ``MAX_LINE_BYTES`` long: a longer one is read
+    past in pieces and yields ``TOO_LONG``."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(newline):
+            yield line
+            continue
+        while (rest := f.readline(1 << 20)) and not rest.endswith(newline):
+            pass
+        yield TOO_LONG
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """Rows of a CSV file with a header line; lines that are not UTF-8 are skipped and reported."""
-    skipped: list[int] = []
+    """Rows of a CSV file with a header line; unreadable lines are skipped and reported."""
+    skipped: list[tuple[int, Unreadable]] = []
     last = [0]  # the number of the last line the reader took
 
     def good_lines() -> Iterator[str]:
         for number, line in _text_lines(path):
             if isinstance(line, Unreadable):
-                skipped.append(number)
+                skipped.append((number, line))
             else:
                 last[0] = number
                 yield line + "\n"
 
+    # Python's csv refuses fields past 131,072 characters; lines are bounded already, so allow what they hold.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     try:
         for row in csv.DictReader(good_lines()):
             while skipped:
-                yield f"line {skipped.pop(0)}", NOT_UTF8
+                number, why = skipped.pop(0)
+                yield f"line {number}", why
             yield f"line {last[0]}", row
     except csv.Error as exc:
         raise ChipspanError(f"{path} line {last[0]} is not valid CSV ({exc}): fix the line") from exc
-    for number in skipped:
-        yield f"line {number}", NOT_UTF8
+    for number, why in skipped:
+        yield f"line {number}", why
 
 
 def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
@@ -274,6 +315,8 @@ def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
                 yield f"line {number}", _unicode_checked(json.loads(line), _SURROGATE_ESCAPE.search(line))
             except ValueError:
                 yield f"line {number}", NOT_JSON
+            except RecursionError:
+                yield f"line {number}", TOO_DEEP
 
 
 def _first_line(path: Path) -> str:
@@ -287,30 +330,43 @@ def _first_line(path: Path) -> str:
 def _parses(line: str) -> bool:
     try:
         json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
+
+
+def _first_character(path: Path) -> str:
+    """The file's first character that is not white space, from its first 64 kB ("" when none)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    encoding, bom = _sniff(head[:4])
+    return head[bom:].decode(encoding, errors="ignore").lstrip()[:1]
 
 
 def _is_document(path: Path) -> bool:
     """Whether a JSON file may be one JSON document (a list, or an object over several lines), not
     JSON lines: it starts with ``[``, or with ``{`` on a line that is not JSON by itself."""
-    first = _first_line(path)
-    return first.startswith("[") or first.startswith("{") and not _parses(first)
+    start = _first_character(path)
+    return start == "[" or start == "{" and not _parses(_first_line(path))
 
 
-def _document_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _document_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, object]]:
     """The rows of a file holding one JSON document: a list of rows, or one row.
 
     A file that does not parse whole is read as JSON lines (bad lines skipped) when its first line
     is JSON by itself or starts an object; otherwise it is a broken document, and one error says
     where it breaks.
     """
+    if streaming and path.stat().st_size > MAX_LINE_BYTES:
+        raise ChipspanError(f"{path} is one JSON document of {path.stat().st_size:,} bytes, which must be read "
+                            "whole: --streaming reads JSON lines, so write one row per line")
     data = path.read_bytes()
     encoding, bom = _sniff(data[:4])
     try:
         text = data[bom:].decode(encoding)
         document = json.loads(text)
+    except RecursionError as exc:
+        raise ChipspanError(f"{path} is JSON nested deeper than Python's JSON reader allows: fix the file") from exc
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         first = _first_line(path)
         if first.startswith("{") or _parses(first):
@@ -338,6 +394,8 @@ def _unicode_checked(row: object, escapes: object) -> object:
             json.dumps(row, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             return NOT_UNICODE
+        except RecursionError:
+            return TOO_DEEP
     return row
 
 

@@ -93,7 +93,7 @@ def _tool_calls(content: str) -> list[dict]:
         parsed = json.loads(content)
         calls = parsed if isinstance(parsed, list) else [parsed]
         return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
         raise ChipspanError(
             f"function call {content[:60]!r} is not JSON with name and arguments: fix the dataset"
         ) from exc
@@ -104,8 +104,8 @@ def _tool_list(tools: str) -> list[dict] | None:
         return None
     try:
         parsed = json.loads(tools)
-    except json.JSONDecodeError as exc:
-        raise ChipspanError(f"tools column is not JSON ({exc}): fix the dataset's tools text") from exc
-    if not isinstance(parsed, list):
+    except (ValueError, RecursionError) as exc:
+        raise ChipspanError(f"tools column is not JSON ({str(exc)[:100]}): fix the dataset's tools text") from exc
+    if not (isinstance(parsed, list) and all(isinstance(t, dict) for t in parsed)):
         raise ChipspanError("tools column is not a JSON list of function schemas: fix the dataset")
     return [t if t.get("type") == "function" else {"type": "function", "function": t} for t in parsed] or None

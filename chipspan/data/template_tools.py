@@ -174,11 +174,11 @@ def tools_text(tool_format: str, tools: str) -> str:
             return ""
     try:
         parsed = json.loads(tools)
-    except json.JSONDecodeError as exc:
-        raise ChipspanError(f"tools column is not JSON ({exc}): fix the dataset's tools text") from exc
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ChipspanError(f"tools column is not JSON ({str(exc)[:100]}): fix the dataset's tools text") from exc
     try:
         return _TOOLS[tool_format](parsed) if len(parsed) else ""
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ChipspanError(
             f"tools are not a list of function schemas with name and parameters ({exc!r}): fix the dataset"
         ) from exc
@@ -198,7 +198,7 @@ def calls_text(tool_format: str, content: str) -> str:
     try:
         parsed = json.loads(content)
         calls = [(c["name"], _dumps(c["arguments"])) for c in (parsed if isinstance(parsed, list) else [parsed])]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ChipspanError(
             f"function call {content[:60]!r} is not JSON with name and arguments: fix the dataset"
         ) from exc

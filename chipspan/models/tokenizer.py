@@ -2,7 +2,8 @@
 
 Reads and writes the files ``transformers`` uses (``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json``, ``chat_template.jinja``), so ids match ``AutoTokenizer`` and what we save
-loads there. Chat templates are Jinja run in a sandbox: a template from the Hub is untrusted code.
+loads there. Chat templates are Jinja run in a bounded sandbox (``chat_sandbox``): a template from the
+Hub is untrusted code. The files are untrusted too: a field of the wrong type is one error naming the file.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
 from chipspan.errors import ChipspanError
+from chipspan.models.chat_sandbox import BoundedEnvironment, TemplateRefused, render
 
 SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
 
@@ -30,7 +31,8 @@ class Tokenizer:
     ``special_tokens`` maps ``"bos"``/``"eos"``/``"unk"``/``"pad"`` to token strings (absent = none).
     ``add_bos_token``/``add_eos_token``, when given, decide what ``add_special_tokens=True`` adds
     (as in transformers' Llama tokenizers); when ``None`` the post-processor in ``tokenizer.json`` does.
-    ``chat_template`` is a Jinja string, or a dict of named templates with a ``"default"`` one.
+    ``chat_template`` is a Jinja string, or a dict of named templates with a ``"default"`` one;
+    ``chat_template_files`` names the file each template came from (for messages).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class Tokenizer:
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if k in SPECIAL_NAMES and v}
         self.chat_template = chat_template
+        self.chat_template_files: dict[str, Path] = {}
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         self.model_max_length = model_max_length
@@ -87,29 +90,37 @@ class Tokenizer:
                 f"{folder / 'tokenizer.json'} cannot be read ({_one_line(exc)}): re-download or re-save it"
             ) from exc
 
-        config = _read_json(folder / "tokenizer_config.json")
+        config_file = folder / "tokenizer_config.json"
+        config = _read_json(config_file)
         token_map = _read_json(folder / "special_tokens_map.json")
         special = {}
         for name in SPECIAL_NAMES:  # tokenizer_config.json wins; special_tokens_map.json fills gaps
-            value = config.get(f"{name}_token") or token_map.get(f"{name}_token")
-            special[name] = value.get("content") if isinstance(value, dict) else value
+            key = f"{name}_token"
+            special[name] = _token(config_file, key, config.get(key)) or _token(
+                folder / "special_tokens_map.json", key, token_map.get(key))
+        flags = {key: _flag(config_file, key, config.get(key)) for key in ("add_bos_token", "add_eos_token")}
 
-        template = config.get("chat_template")
-        if isinstance(template, list):
-            template = {t["name"]: t["template"] for t in template}
-        if (folder / "chat_template.jinja").is_file():  # the file wins, as in recent transformers
-            text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template, files = _config_templates(config_file, config.get("chat_template"))
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.is_file():  # the file wins, as in recent transformers
+            try:
+                text = jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ChipspanError(f"{jinja_file} cannot be read as UTF-8 text ({_one_line(exc)}): "
+                                    "re-save it or remove it") from exc
             template = {**template, "default": text} if isinstance(template, dict) else text
+            files["default"] = jinja_file
 
         max_len = config.get("model_max_length")
-        return cls(
+        tokenizer = cls(
             backend,
             special,
             chat_template=template,
-            add_bos_token=config.get("add_bos_token"),
-            add_eos_token=config.get("add_eos_token"),
             model_max_length=max_len if isinstance(max_len, int) and max_len < 10**12 else None,
+            **flags,
         )
+        tokenizer.chat_template_files = files
+        return tokenizer
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers.
@@ -238,21 +249,36 @@ class Tokenizer:
         """
         if tools is not None and not all(isinstance(t, dict) for t in tools):
             raise ChipspanError("chat tools must be JSON-schema dicts like {'type': 'function', ...}")
-        template = _compile(self._template_source(tools))
-        variables = {f"{name}_token": token for name, token in self.special_tokens.items()}
+        name, source = self._template_source(tools)
+        where = self._template_place(name)
+        variables = {f"{special}_token": token for special, token in self.special_tokens.items()}
         variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **extra)
         try:
-            return template.render(**variables)
+            return render(_compile(source), variables)
+        except TemplateRefused as exc:
+            raise ChipspanError(f"{where} was stopped: {exc}; chipspan bounds what an untrusted template may do, "
+                                "so use a template you trust (or a named --template)") from exc
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ChipspanError(f"{where} does not parse: {_one_line(exc)} (line {exc.lineno}); fix the "
+                                "template") from exc
         except jinja2.exceptions.SecurityError as exc:
             raise ChipspanError(
-                f"chat template was stopped doing something unsafe ({_one_line(exc)}): "
-                "use a template you trust"
+                f"{where} was stopped doing something unsafe ({_one_line(exc)}): use a template you trust"
             ) from exc
         except jinja2.exceptions.TemplateError as exc:
-            raise ChipspanError(f"chat template rejected the conversation: {_one_line(exc)}") from exc
+            raise ChipspanError(f"{where} rejected the conversation: {_one_line(exc)}") from exc
+        except Exception as exc:  # the template is untrusted code: whatever it raises is its failure
+            raise ChipspanError(f"{where} failed ({type(exc).__name__}: {_one_line(exc)[:200]}): fix the "
+                                "template or use a named --template") from exc
 
-    def _template_source(self, tools: list[dict] | None) -> str:
-        template = self.chat_template
+    def _template_place(self, name: str) -> str:
+        """``chat template in FILE`` (or ``chat template 'NAME'`` when it was not read from a file)."""
+        file = self.chat_template_files.get(name)
+        return f"chat template in {file}" if file else f"chat template '{name}'"
+
+    def _template_source(self, tools: list[dict] | None) -> tuple[str, str]:
+        """The name (``default``, ``tool_use``, ...) and text of the template to render."""
+        template, name = self.chat_template, "default"
         if isinstance(template, dict):
             name = "tool_use" if tools is not None and "tool_use" in template else "default"
             if name not in template:
@@ -266,7 +292,9 @@ class Tokenizer:
                 "this tokenizer has no chat template: add chat_template to its tokenizer_config.json "
                 "or a chat_template.jinja file"
             )
-        return template
+        if not isinstance(template, str):
+            raise ChipspanError(f"{self._template_place(name)} is {type(template).__name__}, not Jinja text")
+        return name, template
 
 
 # ---- the Jinja sandbox ------------------------------------------------------------------------
@@ -298,36 +326,70 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def _strftime_now(fmt: str) -> str:
+    if not isinstance(fmt, str) or len(fmt) > 256:
+        raise TemplateRefused("it passes strftime_now a format that is not a short text")
     return datetime.now().strftime(fmt)
 
 
 @functools.cache
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation]
+def _environment() -> BoundedEnvironment:
+    env = BoundedEnvironment(
+        filters={"tojson": _tojson},
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation],
     )
-    env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env
 
 
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    try:
-        return _environment().from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise ChipspanError(
-            f"chat template does not parse: {_one_line(exc)} (line {exc.lineno}); fix the template"
-        ) from exc
+    return _environment().compile_template(source)
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in ``path`` ({} when there is no such file)."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ChipspanError(f"{path} is not valid JSON ({_one_line(exc)}): fix or remove it") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ChipspanError(f"{path} is not valid JSON ({_one_line(exc)[:200]}): fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise ChipspanError(f"{path} holds a JSON {type(data).__name__}, not an object of settings: fix or remove it")
+    return data
+
+
+def _token(file: Path, key: str, value: object) -> str | None:
+    """A special token from a config file: a string, ``{"content": string}`` (an AddedToken) or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+        if not isinstance(value, str):
+            raise ChipspanError(f"{file}: {key} is an object without a text \"content\": fix the file")
+    if value is not None and not isinstance(value, str):
+        raise ChipspanError(f"{file}: {key} must be a token string, not {json.dumps(value)[:60]}: fix the file")
+    return value
+
+
+def _flag(file: Path, key: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ChipspanError(f"{file}: {key} must be true or false, not {json.dumps(value)[:60]}: fix the file")
+    return value
+
+
+def _config_templates(file: Path, value: object) -> tuple[str | dict[str, str] | None, dict[str, Path]]:
+    """``chat_template`` of tokenizer_config.json (a string, a list of ``{"name", "template"}`` or null) and
+    the file each named template came from."""
+    if value is None:
+        return None, {}
+    if isinstance(value, str):
+        return value, {"default": file}
+    if isinstance(value, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in value):
+        templates = {t["name"]: t["template"] for t in value}
+        return templates, dict.fromkeys(templates, file)
+    raise ChipspanError(f"{file}: chat_template must be Jinja text or a list of {{\"name\": ..., \"template\": "
+                        f"...}} objects, not {json.dumps(value)[:60]}: fix the file")
 
 
 def _one_line(exc: Exception) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from chipspan.adapters.lora import inject_lora
-from chipspan.adapters.peft_io import load_adapter
+from chipspan.adapters.peft_io import check_adapter, load_adapter
 from chipspan.args import FinetuningArguments
 from chipspan.chips.placement import Placement
 from chipspan.chips.span import SpannedModel
@@ -21,12 +21,18 @@ FINETUNING_TYPES = ("lora", "full", "freeze")
 FREEZE_MODULES = ("mlp", "self_attn")
 
 
-def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig) -> None:
-    """Refuse settings that cannot work, before anything loads (module names checked on a meta model)."""
+def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, adapter: str | None = None) -> None:
+    """Refuse settings that cannot work, before anything loads (module names checked on a meta model).
+
+    LoRA from an ``adapter`` folder: its config and weights are checked instead of the LoRA flags.
+    """
     num_layers = config.num_hidden_layers
     if args.finetuning_type not in FINETUNING_TYPES:
         raise ChipspanError(f"finetuning_type '{args.finetuning_type}' is not supported; "
                             f"choose one of: {', '.join(FINETUNING_TYPES)}")
+    if args.finetuning_type == "lora" and adapter:
+        check_adapter(config, adapter)
+        return
     if args.finetuning_type == "lora" and not args.lora_target:
         raise ChipspanError("LoRA needs --lora_target: the layers to adapt, e.g. q_proj,v_proj (or all)")
     if args.finetuning_type == "lora":

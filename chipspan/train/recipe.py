@@ -207,8 +207,7 @@ def check_arguments(run: RunArguments) -> ModelConfig:
                             "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
                             "this process")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
-    if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
-        check_finetuning_arguments(ft, config)
+    check_finetuning_arguments(ft, config, run.model.adapter_name_or_path)
     return config
 
 
