@@ -191,8 +191,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
             raise ChipspanError(f"--{flag} is required")
     if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
         raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
-    if train_args.per_device_train_batch_size < 1 or train_args.gradient_accumulation_steps < 1:
-        raise ChipspanError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
     if not one_process_per_chip(run) and (run.chips.data_parallel != 1 or run.chips.pipeline_schedule != "1f1b"):
@@ -214,8 +212,6 @@ def _check_evaluation(run: RunArguments) -> None:
             train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict):
         raise ChipspanError("evaluating while training needs held-out rows: pass --val_size (a count or a "
                             "fraction, e.g. 0.1)")
-    if train_args.per_device_eval_batch_size < 1 or (train_args.eval_steps is not None and train_args.eval_steps < 1):
-        raise ChipspanError("per_device_eval_batch_size and eval_steps must be at least 1")
     if train_args.do_predict and run.finetuning.stage != "sft":
         raise ChipspanError("--do_predict answers prompts: it needs --stage sft")
     if generating.num_beams != 1 or generating.repetition_penalty != 1.0:
