@@ -18,7 +18,7 @@ from typing import Any, Mapping, get_type_hints
 
 import yaml
 
-from chipspan.errors import ChipspanError
+from chipspan.errors import ChipspanError, shown
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _out_of_range(f: dataclasses.Field, value: float, allowed: Range) -> str:
     kind = "a whole number" if isinstance(value, int) else "a finite number"
     words = " ".join(filter(None, (kind, allowed.describe())))
     example = allowed.example or (None if f.default is None else _number(f.default))
-    return f"--{f.name} {_shown(value)}: must be {words}" + (f" (e.g. {example})" if example else "")
+    return f"--{f.name} {shown(value)}: must be {words}" + (f" (e.g. {example})" if example else "")
 
 
 def _check_size(name: str, value: str) -> None:
@@ -295,13 +295,8 @@ def _check_size(name: str, value: str) -> None:
     except OverflowError:
         size = -1
     if size <= 0:
-        raise ChipspanError(f"--{name} {_shown(value)}: must be a size above 0, e.g. 16GiB or 500MB")
+        raise ChipspanError(f"--{name} {shown(value)}: must be a size above 0, e.g. 16GiB or 500MB")
 
-
-def _shown(raw: Any) -> str:
-    """``raw`` as a refusal quotes it: at most 40 characters."""
-    text = str(raw)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _collect(argv: list[str]) -> dict[str, Any]:
@@ -390,18 +385,18 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
             return raw
         if re.fullmatch(r"\s*-?\d{1,100}\s*", str(raw)):
             return int(raw)
-        raise ChipspanError(f"--{name} takes a whole number, not '{_shown(raw)}'")
+        raise ChipspanError(f"--{name} takes a whole number, not '{shown(raw)}'")
     if base is float:
         try:
             if isinstance(raw, (bool, list, dict)):
                 raise TypeError
             return float(raw)
         except (TypeError, ValueError, OverflowError):
-            raise ChipspanError(f"--{name} takes a number, not '{_shown(raw)}'") from None
+            raise ChipspanError(f"--{name} takes a number, not '{shown(raw)}'") from None
     if isinstance(raw, bool):
         raise ChipspanError(f"--{name} needs a value")
     if isinstance(raw, (list, dict)):
-        raise ChipspanError(f"--{name} takes text, not a {type(raw).__name__}: '{_shown(raw)}'")
+        raise ChipspanError(f"--{name} takes text, not a {type(raw).__name__}: '{shown(raw)}'")
     return str(raw)
 
 
