@@ -164,7 +164,8 @@ class TrainingArguments:
     warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps",
                                                         "range": Range(0, 1, example="0.1")})
     logging_steps: int = field(default=500, metadata={"help": "log every N steps", "range": AT_LEAST_1})
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps", "range": AT_LEAST_1})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: never)",
+                                                    "range": AT_LEAST_0})
     save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints",
                                                                   "range": Range(1, example="3")})
     resume_from_checkpoint: str | None = field(default=None, metadata={

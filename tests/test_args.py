@@ -54,7 +54,7 @@ def test_chip_lists():
     ("learning_rate", "nan", "--learning_rate nan: must be a finite number > 0"),
     ("learning_rate", "0", "--learning_rate 0.0: must be a finite number > 0"),
     ("logging_steps", "0", "--logging_steps 0: must be a whole number >= 1 (e.g. 500)"),
-    ("save_steps", "-5", "--save_steps -5: must be a whole number >= 1"),
+    ("save_steps", "-5", "--save_steps -5: must be a whole number >= 0 (e.g. 500)"),
     ("eval_steps", "0", "--eval_steps 0: must be a whole number >= 1 (e.g. 100)"),
     ("warmup_ratio", "1.5", "--warmup_ratio 1.5: must be a finite number in [0, 1] (e.g. 0.1)"),
     ("val_size", "2.5", "--val_size 2.5: must be a finite number in [0, 1) or a whole count >= 1"),

@@ -29,6 +29,7 @@ from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.paths import check_output, run_inputs
 from chipspan.train import checkpoints
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
 from chipspan.infer.chat import stop_token_ids
@@ -198,6 +199,10 @@ def check_arguments(run: RunArguments) -> ModelConfig:
                             "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
                             "this process")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
+    inputs = run_inputs(run)
+    check_output(train_args.output_dir, "--output_dir", inputs)
+    if train_args.logging_dir:
+        check_output(train_args.logging_dir, "--logging_dir", inputs)
     if not (ft.finetuning_type == "lora" and run.model.adapter_name_or_path):
         check_finetuning_arguments(ft, config)
     return config
