@@ -69,8 +69,12 @@ def dataset_inputs(data: DataArguments) -> dict[str, Path]:
     from chipspan.data import registry
 
     folder = Path(data.dataset_dir)
+    try:
+        entries = registry.lookup(data.dataset, folder)
+    except ChipspanError:  # a dataset that cannot be found is not read: loading it says so, after the plan
+        entries = []
     inputs = {f"the file(s) of dataset '{entry.name}'": folder / entry.file_name
-              for entry in registry.lookup(data.dataset, folder) if isinstance(entry.file_name, str)}
+              for entry in entries if isinstance(entry.file_name, str)}
     if (folder / registry.REGISTRY_FILE).is_file():
         inputs["the dataset registry"] = folder / registry.REGISTRY_FILE
     return inputs
