@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChipspanError as exc:
         if args.debug:
             raise
-        print(f"chipspan: error: {exc}", file=sys.stderr)
+        print(f"chipspan: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a value holds
         return 1
     except torch.OutOfMemoryError as exc:
         if args.debug:
