@@ -71,6 +71,7 @@ AT_LEAST_1 = Range(1)
 BETA = Range(0, 1, high_open=True)
 MAX_BATCH = 1 << 20  # examples per batch (and accumulation steps) at most: the plan tries its divisors
 BATCH = Range(1, MAX_BATCH)
+SEEDS = Range(0, 2**32 - 1, example="42")  # what numpy's generator takes
 
 
 @dataclass
@@ -171,7 +172,7 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint folder to continue from, or true for the last one in output_dir"})
     seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)",
-                                        "range": Range(0, 2**32 - 1)})
+                                        "range": SEEDS})
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
@@ -275,17 +276,18 @@ def check_values(run: RunArguments) -> None:
                 if f.metadata.get("size") and value is not None:
                     _check_size(f.name, value)
                 continue
-            allowed = f.metadata.get("range", Range())
-            if not allowed.admits(value):
-                raise ChipspanError(_out_of_range(f, value, allowed))
+            check_range(f.name, value, f.metadata.get("range", Range()), f.default)
 
 
-def _out_of_range(f: dataclasses.Field, value: float, allowed: Range) -> str:
-    """One line: "--learning_rate inf: must be a finite number > 0 (e.g. 5e-05)"."""
+def check_range(name: str, value: float, allowed: Range, default: float | None = None) -> None:
+    """ChipspanError unless ``allowed`` admits flag ``name``'s ``value``, e.g. "--learning_rate inf:
+    must be a finite number > 0 (e.g. 5e-05)" (the example: the range's, else ``default``)."""
+    if allowed.admits(value):
+        return
     kind = "a whole number" if isinstance(value, int) else "a finite number"
     words = " ".join(filter(None, (kind, allowed.describe())))
-    example = allowed.example or (None if f.default is None else _number(f.default))
-    return f"--{f.name} {shown(value)}: must be {words}" + (f" (e.g. {example})" if example else "")
+    example = allowed.example or (None if default is None else _number(default))
+    raise ChipspanError(f"--{name} {shown(value)}: must be {words}" + (f" (e.g. {example})" if example else ""))
 
 
 def _check_size(name: str, value: str) -> None:
@@ -415,5 +417,7 @@ def flags_help() -> str:
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default})")
+            allowed = f.metadata.get("range")
+            limits = f"; {allowed.describe()}" if allowed else ""
+            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default}{limits})")
     return "\n".join(lines)

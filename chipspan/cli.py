@@ -192,8 +192,14 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> None:
+    from chipspan.args import SEEDS, Range, check_range
     from chipspan.infer.chat import ChatSession
 
+    for name, allowed in (("max_new_tokens", Range(1, example="256")), ("temperature", Range(0, example="0.7")),
+                          ("top_k", Range(0, example="50")), ("top_p", Range(0, 1, low_open=True, example="0.9")),
+                          ("seed", SEEDS)):
+        if getattr(args, name) is not None:
+            check_range(name, getattr(args, name), allowed)
     session = ChatSession.load(args)
     if args.prompt is not None:
         session.reply(args.prompt, stream=sys.stdout)
