@@ -21,11 +21,11 @@ def check_output(path: str | Path, flag: str, inputs: Mapping[str, str | Path | 
     reverse), nor lie under a file."""
     path = Path(path)
     _check_shape(path, flag, kind)
-    out = path.resolve()
+    out = _real(path, flag)
     for name, given in inputs.items():
         if given is None:
             continue
-        source = Path(given).resolve()
+        source = _real(Path(given), name)
         if out == source:
             where = "is"
         elif source in out.parents:
@@ -78,6 +78,14 @@ def dataset_inputs(data: DataArguments) -> dict[str, Path]:
     if (folder / registry.REGISTRY_FILE).is_file():
         inputs["the dataset registry"] = folder / registry.REGISTRY_FILE
     return inputs
+
+
+def _real(path: Path, named: str) -> Path:
+    """``path`` with every symlink resolved; ChipspanError for a symlink loop or an unreadable path."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ChipspanError(f"{named} {path} cannot be resolved to a real path ({exc}): fix the link") from None
 
 
 def _path(value: str | None) -> Path | None:
