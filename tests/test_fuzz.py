@@ -11,8 +11,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chipspan.args import known_flags
+from chipspan.args import known_flags, parse_run_arguments
 from chipspan.cli import main
+from chipspan.errors import ChipspanError
+from chipspan.train.recipe import check_arguments
 
 TOY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
        "num_hidden_layers": 6, "num_attention_heads": 4}
@@ -98,3 +100,22 @@ def test_any_config_fields_plan_or_refuse_in_one_line(changes):
 def test_a_config_json_of_any_shape_is_refused_in_one_line(value):
     code, out, err = plan_of(value)
     assert_success_or_one_line(code, out, err)
+
+
+@FUZZ
+@given(CONTEXTS, st.lists(st.tuples(st.sampled_from(sorted(known_flags())), flag_values), min_size=1, max_size=3))
+def test_trains_checks_take_any_flag_values(context, flags):
+    """`train`'s (and each torchrun rank's) checks before anything loads, run alone: nothing but a
+    ChipspanError comes out, and nothing is written."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(TOY))
+        out = Path(folder) / "out"
+        argv = ["--do_train", "--model_name_or_path", folder, "--dataset", "alpaca_gpt4_zh", "--output_dir", str(out),
+                "--lora_target", "q_proj", "--device", "cpu"]
+        argv += [part for name, value in [*context, *flags] if name not in ("model_name_or_path", "launcher")
+                 for part in (f"--{name}", value)]
+        try:
+            check_arguments(parse_run_arguments(argv, {}))
+        except ChipspanError as error:  # the refusal the CLI prints as its one line
+            assert str(error).strip()
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["config.json"]
