@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from itertools import count
 
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -278,19 +277,33 @@ def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0
               schedule: Schedule | None = None, **job) -> int:
     """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job. Without a
     schedule (or under GPipe) every chip holds the same micro-batches and the greedy packer finds
-    it; under 1F1B the early stages hold more, so splits of more chips are tried from there until
-    ``balanced_split``'s fits."""
+    it; under 1F1B the early stages hold more, so from the packer's count (one micro-batch each: a
+    lower bound) splits of more chips are tried, in growing steps until ``balanced_split``'s fits,
+    then bisected (taking it that once some chips hold the job, more do too)."""
     if schedule is None or schedule.name == "gpipe":
         flight = {} if schedule is None else {"micro_batches_in_flight": schedule.micro_batches}
         return len(pack_layers(config, chip_bytes, usable_fraction, **job, **flight))
     budget = int(chip_bytes * usable_fraction)
-    fewest = len(pack_layers(config, chip_bytes, usable_fraction, **job))  # one micro-batch each: a lower bound
-    for chips in count(fewest):
-        if chips * schedule.virtual > config.num_hidden_layers:
-            raise ChipspanError(_too_small(config, budget, chips - 1, job))
+    most = config.num_hidden_layers // schedule.virtual
+
+    def fits(chips: int) -> bool:
         split = balanced_split(config, chips * schedule.virtual, schedule=schedule, **job)
-        if max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget:
-            return chips
+        return max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget
+
+    chips = len(pack_layers(config, chip_bytes, usable_fraction, **job))
+    failed, step = chips - 1, 1
+    while chips > most or not fits(chips):
+        if chips >= most:
+            raise ChipspanError(f"no split of the {config.num_hidden_layers} layers over up to {most} chips of "
+                                f"{budget / GIB:.2f} GiB usable holds this job under {schedule.name}: its first "
+                                f"stages keep up to {schedule.micro_batches} micro-batches' activations at once; "
+                                "run fewer micro-batches per step (--gradient_accumulation_steps, --micro_batches) "
+                                "or lower cutoff_len")
+        failed, chips, step = chips, min(chips + step, most), 2 * step
+    while chips - failed > 1:
+        middle = (failed + chips) // 2
+        failed, chips = (failed, middle) if fits(middle) else (middle, chips)
+    return chips
 
 
 def chip_totals(stages: list[ChipMemory], schedule: Schedule | None = None) -> list[int]:
@@ -306,9 +319,10 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
     predicted per-chip total; among those, the one with the fewest layers on its busiest chip. With
     a ``schedule``, each stage holds the micro-batches it keeps in flight.
 
-    Each bound is found by bisection over a greedy split (``_greedy_split``), so the work is linear
-    in the layers (times the bits of a byte count). The greedy split is exact when every stage
-    prices a slice alike (one process); under 1F1B, whose stages differ, it is a close upper bound.
+    Each bound is found by bisection over a greedy split (``_greedy_split``): the slices priced are
+    O(chips · log(layers)) per bit of a byte count, never every (start, stop) pair. The greedy split
+    is exact when every stage prices a slice alike (one process); under 1F1B, whose stages differ,
+    it is an upper bound (on the tested jobs, the same as an exhaustive search).
     """
     num_layers = config.num_hidden_layers
     if not 1 <= num_chips <= num_layers:
@@ -348,12 +362,14 @@ def _greedy_split(num_layers: int, num_chips: int, fits) -> list[range] | None:
     """Each chip from the last takes the most layers that ``fits(chip, start, stop)`` allows, leaving
     one for each chip before it, the first chip the rest; None when a chip cannot take one layer or
     the first cannot take the rest. (From the last, as the later stages hold fewer micro-batches
-    under 1F1B.) ``fits`` is asked O(layers + chips) times."""
+    under 1F1B.) A slice that fits still fits without its first layer, so each chip's first layer
+    is bisected: ``fits`` is asked O(chips · log(layers)) times."""
     slices, stop = [], num_layers
     for chip in range(num_chips - 1, 0, -1):
-        start = stop
-        while start > chip and fits(chip, start - 1, stop):
-            start -= 1
+        low, start = chip - 1, stop  # [start, stop) fits (or is empty); [low, stop) does not, or leaves a chip none
+        while start - low > 1:
+            middle = (low + start) // 2
+            low, start = (low, middle) if fits(chip, middle, stop) else (middle, start)
         if start == stop:
             return None
         slices.append(range(start, stop))
