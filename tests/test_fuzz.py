@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,16 +16,18 @@ from chipspan.args import known_flags, parse_run_arguments
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.train.recipe import check_arguments
+from test_model_config import TOY
 
-TOY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
-       "num_hidden_layers": 6, "num_attention_heads": 4}
-FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FUZZ_EXAMPLES=2000 for a longer hunt; the suite's 60 take seconds
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 numbers = st.one_of(st.integers(-2**70, 2**70), st.integers(-3, 16),
                     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1e-300, 1e300, -0.0]))
 flag_values = st.one_of(numbers.map(str), st.text(max_size=12), st.sampled_from(
     ["", "true", "false", "none", "nan", "-inf", "1e999", "0x10", "1_000", "0-3", "auto", "16GiB", "-1GB", " 7 "]))
-json_values = st.one_of(numbers, st.none(), st.booleans(), st.text(max_size=8), st.lists(st.integers(-2, 70), max_size=3),
+json_values = st.one_of(numbers, st.none(), st.booleans(), st.text(max_size=8),
+                        st.lists(st.integers(-2, 70), max_size=3),
                         st.dictionaries(st.sampled_from(["type", "rope_type", "factor", "low_freq_factor",
                                                          "high_freq_factor", "original_max_position_embeddings"]),
                                         st.one_of(numbers, st.text(max_size=8)), max_size=4))

@@ -98,4 +98,5 @@ def test_convert_into_the_folder_of_its_gguf_is_refused(tmp_path, capsys):
 def test_an_output_dir_in_a_symlink_loop_is_one_line(tiny_workspace, tmp_path, capsys):
     os.symlink(tmp_path / "b", tmp_path / "a")
     os.symlink(tmp_path / "a", tmp_path / "b")
-    refused(command(tiny_workspace, tmp_path / "a", "lora"), capsys, f"--output_dir {tmp_path / 'a'} cannot be resolved")
+    loop = tmp_path / "a"
+    refused(command(tiny_workspace, loop, "lora"), capsys, f"--output_dir {loop} cannot be resolved")

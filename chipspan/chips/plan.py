@@ -147,7 +147,8 @@ def make_plan(run: RunArguments) -> Plan:
     if processes:  # what torchrun would refuse, the plan of its job refuses too
         from chipspan.distributed.pipeline import check_schedule
 
-        check_schedule(run.chips.pipeline_schedule, run.training.micro_batches, run.training.per_device_train_batch_size)
+        train = run.training
+        check_schedule(run.chips.pipeline_schedule, train.micro_batches, train.per_device_train_batch_size)
     chip_bytes = None
     if run.chips.chip_memory is not None:
         chip_bytes = int(parse_size(run.chips.chip_memory) * run.chips.usable_fraction)
