@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,60 @@ from typing import Any, Mapping, get_type_hints
 
 import yaml
 
-from chipspan.errors import ChipspanError
+from chipspan.errors import ChipspanError, shown
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag may take (declared as its field's ``range`` metadata).
+
+    From ``low`` to ``high`` (None: unbounded), either end open; numbers above ``whole_above`` must
+    be whole (val_size: a fraction, or a count of rows). ``example`` is shown in the refusal
+    (default: the flag's default). NaN and infinity are never in a range.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    example: str | None = None
+    whole_above: float | None = None
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return self.whole_above is None or value < self.whole_above or value == int(value)
+
+    def describe(self) -> str:
+        """The range in words, e.g. "> 0", ">= 1", "in [0, 1)"."""
+        low, high = _number(self.low), _number(self.high)
+        if self.whole_above is not None:
+            return f"in [{low}, {_number(self.whole_above)}) or a whole count >= {_number(self.whole_above)}"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}" if self.high is not None else ""
+
+
+def _number(value: float | None) -> str:
+    """4294967295 as it is, 5e-05 as :g writes it; None as ""."""
+    if value is None:
+        return ""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+BETA = Range(0, 1, high_open=True)
+MAX_BATCH = 1 << 20  # examples per batch (and accumulation steps) at most: the plan tries its divisors
+BATCH = Range(1, MAX_BATCH)
+SEEDS = Range(0, 2**32 - 1, example="42")  # what numpy's generator takes
 
 
 @dataclass
@@ -32,10 +86,12 @@ class DataArguments:
     dataset_dir: str = field(default="data", metadata={"help": "folder with dataset_info.json and files"})
     template: str = field(default="default", metadata={"help": "prompt template"})
     template_revision: str = field(default="seed", metadata={"help": "seed | lf-0.9"})
-    cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example"})
-    max_samples: int | None = field(default=None, metadata={"help": "first N rows of each dataset"})
+    cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example", "range": AT_LEAST_1})
+    max_samples: int | None = field(default=None, metadata={"help": "first N rows of each dataset",
+                                                             "range": Range(1, example="1000")})
     overwrite_cache: bool = field(default=False, metadata={"help": "re-encode the dataset"})
-    val_size: float = field(default=0.0, metadata={"help": "held-out rows (count or fraction)"})
+    val_size: float = field(default=0.0, metadata={"help": "held-out rows (count or fraction)",
+                                                    "range": Range(0, example="0.1", whole_above=1)})
     train_on_prompt: bool = field(default=False, metadata={"help": "train on prompt tokens too"})
     mask_history: bool = field(default=False, metadata={"help": "train only the last assistant turn"})
     default_system: str | None = field(default=None, metadata={"help": "replace the template's system prompt"})
@@ -50,9 +106,9 @@ class DataArguments:
     interleave_probs: str | None = field(default=None, metadata={
         "help": "comma list of sampling probabilities, one per dataset (interleave)"})
     streaming: bool = field(default=False, metadata={"help": "read JSON-lines files lazily"})
-    buffer_size: int = field(default=16384, metadata={"help": "shuffle buffer when streaming"})
+    buffer_size: int = field(default=16384, metadata={"help": "shuffle buffer when streaming", "range": AT_LEAST_1})
     preprocessing_num_workers: int | None = field(default=None, metadata={
-        "help": "accepted from LLaMA-Factory; encoding runs in one process"})
+        "help": "accepted from LLaMA-Factory; encoding runs in one process", "range": Range(1, example="8")})
 
 
 @dataclass
@@ -60,9 +116,11 @@ class FinetuningArguments:
     stage: str = field(default="sft", metadata={"help": "sft | pt"})
     finetuning_type: str = field(default="lora", metadata={"help": "lora | full | freeze"})
     lora_target: str | None = field(default=None, metadata={"help": "comma list of module names, or all"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank", "range": AT_LEAST_1})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)",
+                                                              "range": Range(0, low_open=True, example="16")})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input",
+                                                        "range": Range(0, 1, high_open=True, example="0.05")})
     additional_target: str | None = field(default=None, metadata={"help": "modules trained in full beside LoRA"})
     num_layer_trainable: int = field(default=3, metadata={"help": "freeze: layers trained (<0: the first)"})
     name_module_trainable: str = field(default="mlp", metadata={"help": "freeze: mlp | self_attn | all"})
@@ -79,31 +137,42 @@ class TrainingArguments:
     do_predict: bool = field(default=False, metadata={
         "help": "answer the eval rows and write generated_predictions.jsonl"})
     eval_strategy: str = field(default="no", metadata={"help": "no | steps | epoch: evaluate while training"})
-    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default logging_steps)"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per eval batch"})
+    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default logging_steps)",
+                                                            "range": Range(1, example="100")})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per eval batch",
+                                                                  "range": BATCH})
     predict_with_generate: bool = field(default=False, metadata={"help": "accepted; --do_predict always generates"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device",
+                                                                   "range": BATCH})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step",
+                                                                   "range": BATCH})
     micro_batches: int | None = field(default=None, metadata={
-        "help": "split each batch into M micro-batches pipelined over the chips (default: the plan's choice)"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs (fractions allowed)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs"})
+        "help": "split each batch into M micro-batches pipelined over the chips (default: the plan's choice)",
+        "range": Range(1, MAX_BATCH, example="4")})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate", "range": POSITIVE})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": Range(0, example="0.01")})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": BETA})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2", "range": BETA})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": POSITIVE})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)",
+                                                         "range": AT_LEAST_0})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs (fractions allowed)", "range": AT_LEAST_0})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs (-1: off)",
+                                                  "range": Range(-1, example="1000")})
     lr_scheduler_type: str = field(default="linear",
                                    metadata={"help": "linear | cosine | constant | constant_with_warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps"})
-    logging_steps: int = field(default=500, metadata={"help": "log every N steps"})
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps", "range": AT_LEAST_0})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps",
+                                                        "range": Range(0, 1, example="0.1")})
+    logging_steps: int = field(default=500, metadata={"help": "log every N steps", "range": AT_LEAST_1})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: never)",
+                                                    "range": AT_LEAST_0})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints",
+                                                                  "range": Range(1, example="3")})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "a checkpoint folder to continue from, or true for the last one in output_dir"})
-    seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)"})
+    seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)",
+                                        "range": SEEDS})
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
@@ -116,14 +185,17 @@ class ChipArguments:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | tpu | npu | xpu | emu | ..."})
     chips: str | None = field(default=None, metadata={"help": "chips to span, e.g. 0-3 or 0,1 (default: 0)"})
     chip_memory: str | None = field(default=None, metadata={
-        "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips"})
-    usable_fraction: float = field(default=1.0, metadata={"help": "share of chip_memory a job may use (plan)"})
+        "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips",
+        "size": True})
+    usable_fraction: float = field(default=1.0, metadata={"help": "share of chip_memory a job may use (plan)",
+                                                           "range": Range(0, 1, low_open=True, example="0.9")})
     launcher: str | None = field(default=None, metadata={
         "help": "torchrun: one process per chip (re-runs this command under torchrun)"})
     pipeline_schedule: str = field(default="1f1b", metadata={
         "help": "one process per chip: gpipe | 1f1b | interleaved1f1b (2 stages per process)"})
     data_parallel: int = field(default=1, metadata={
-        "help": "one process per chip: data-parallel replicas of the pipeline (processes = stages x this)"})
+        "help": "one process per chip: data-parallel replicas of the pipeline (processes = stages x this)",
+        "range": Range(1, example="2")})
 
 
 @dataclass
@@ -131,12 +203,16 @@ class GeneratingArguments:
     """How --do_predict answers (the seed's defaults: sampling at temperature 0.95, top_p 0.7, top_k 50)."""
 
     do_sample: bool = field(default=True, metadata={"help": "sample (false: greedy)"})
-    temperature: float = field(default=0.95, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass"})
-    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens"})
-    max_new_tokens: int = field(default=512, metadata={"help": "tokens generated per answer at most"})
-    num_beams: int = field(default=1, metadata={"help": "1 (beam search is not supported)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 (penalties are not supported)"})
+    temperature: float = field(default=0.95, metadata={"help": "sampling temperature", "range": POSITIVE})
+    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass",
+                                            "range": Range(0, 1, low_open=True)})
+    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens (0: all)",
+                                          "range": AT_LEAST_0})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens generated per answer at most",
+                                                    "range": AT_LEAST_1})
+    num_beams: int = field(default=1, metadata={"help": "1 (beam search is not supported)", "range": AT_LEAST_1})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 (penalties are not supported)",
+                                                              "range": POSITIVE})
 
 
 @dataclass
@@ -184,7 +260,46 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
             raise ChipspanError(_unknown_flag_message(name, flags))
         group, _, kind = flags[name]
         grouped[group][name] = _convert(name, raw, kind)
-    return RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
+    run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
+    check_values(run)
+    return run
+
+
+def check_values(run: RunArguments) -> None:
+    """ChipspanError for the first setting outside its field's range (NaN and infinity never are),
+    or a --chip_memory that is not a positive size."""
+    for group, cls in _GROUPS:
+        settings = getattr(run, group)
+        for f in dataclasses.fields(cls):
+            value = getattr(settings, f.name)
+            if value is None or isinstance(value, (bool, str)):
+                if f.metadata.get("size") and value is not None:
+                    _check_size(f.name, value)
+                continue
+            check_range(f.name, value, f.metadata.get("range", Range()), f.default)
+
+
+def check_range(name: str, value: float, allowed: Range, default: float | None = None) -> None:
+    """ChipspanError unless ``allowed`` admits flag ``name``'s ``value``, e.g. "--learning_rate inf:
+    must be a finite number > 0 (e.g. 5e-05)" (the example: the range's, else ``default``)."""
+    if allowed.admits(value):
+        return
+    kind = "a whole number" if isinstance(value, int) else "a finite number"
+    words = " ".join(filter(None, (kind, allowed.describe())))
+    example = allowed.example or (None if default is None else _number(default))
+    raise ChipspanError(f"--{name} {shown(value)}: must be {words}" + (f" (e.g. {example})" if example else ""))
+
+
+def _check_size(name: str, value: str) -> None:
+    from chipspan.models.checkpoint import parse_size
+
+    try:
+        size = parse_size(value)
+    except OverflowError:
+        size = -1
+    if size <= 0:
+        raise ChipspanError(f"--{name} {shown(value)}: must be a size above 0, e.g. 16GiB or 500MB")
+
 
 
 def _collect(argv: list[str]) -> dict[str, Any]:
@@ -271,16 +386,20 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
     if base is int:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-        if re.fullmatch(r"\s*-?\d+\s*", str(raw)):
+        if re.fullmatch(r"\s*-?\d{1,100}\s*", str(raw)):
             return int(raw)
-        raise ChipspanError(f"--{name} takes a whole number, not '{raw}'")
+        raise ChipspanError(f"--{name} takes a whole number, not '{shown(raw)}'")
     if base is float:
         try:
+            if isinstance(raw, (bool, list, dict)):
+                raise TypeError
             return float(raw)
-        except (TypeError, ValueError):
-            raise ChipspanError(f"--{name} takes a number, not '{raw}'") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ChipspanError(f"--{name} takes a number, not '{shown(raw)}'") from None
     if isinstance(raw, bool):
         raise ChipspanError(f"--{name} needs a value")
+    if isinstance(raw, (list, dict)):
+        raise ChipspanError(f"--{name} takes text, not a {type(raw).__name__}: '{shown(raw)}'")
     return str(raw)
 
 
@@ -298,5 +417,7 @@ def flags_help() -> str:
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default})")
+            allowed = f.metadata.get("range")
+            limits = f"; {allowed.describe()}" if allowed else ""
+            lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default}{limits})")
     return "\n".join(lines)

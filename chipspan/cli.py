@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChipspanError as exc:
         if args.debug:
             raise
-        print(f"chipspan: error: {exc}", file=sys.stderr)
+        print(f"chipspan: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a value holds
         return 1
     except torch.OutOfMemoryError as exc:
         if args.debug:
@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_convert(args: argparse.Namespace) -> None:
     from chipspan.models.gguf_import import convert_gguf
+    from chipspan.paths import check_output
 
+    check_output(args.out_dir, "OUT_DIR", {"the GGUF file": args.gguf, "the tokenizer folder (--tokenizer)":
+                                           args.tokenizer_dir})
     out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
                        overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -152,13 +155,17 @@ def _run_plan(args: argparse.Namespace) -> None:
 def _run_data(args: argparse.Namespace) -> None:
     from chipspan.args import parse_run_arguments
     from chipspan.data.inspect import run_data
+    from chipspan.paths import check_output, run_inputs
 
     if _help_asked(args.flags, "chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line "
                                "per example (split, input_ids, labels, text with masked spans in « »), counts on "
                                "stderr"):
         return
     flags, out = _take_option(args.flags, "--out")
-    run_data(parse_run_arguments(flags), out)
+    run = parse_run_arguments(flags)
+    if out is not None:
+        check_output(out, "--out", run_inputs(run), kind="file")
+    run_data(run, out)
 
 
 def _take_option(flags: list[str], name: str) -> tuple[list[str], str | None]:
@@ -185,8 +192,14 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> None:
+    from chipspan.args import SEEDS, Range, check_range
     from chipspan.infer.chat import ChatSession
 
+    for name, allowed in (("max_new_tokens", Range(1, example="256")), ("temperature", Range(0, example="0.7")),
+                          ("top_k", Range(0, example="50")), ("top_p", Range(0, 1, low_open=True, example="0.9")),
+                          ("seed", SEEDS)):
+        if getattr(args, name) is not None:
+            check_range(name, getattr(args, name), allowed)
     session = ChatSession.load(args)
     if args.prompt is not None:
         session.reply(args.prompt, stream=sys.stdout)

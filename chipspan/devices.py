@@ -20,6 +20,7 @@ from chipspan.errors import ChipspanError
 PLUGINS = {"tpu": "torch_tpu", "npu": "torch_npu"}
 # Device types that have a single device however many chips are asked for.
 SINGLE_DEVICE_TYPES = ("cpu", "mps")
+MAX_CHIPS = 1 << 16  # chips one job may name: far more than any model has layers to span
 
 
 def default_device_type() -> str:
@@ -68,6 +69,8 @@ def parse_chip_ids(spec: str | None) -> list[int]:
     match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", spec)
     if match:
         first, last = int(match.group(1)), int(match.group(2))
+        if last - first >= MAX_CHIPS:
+            raise ChipspanError(f"chips '{spec}' names {last - first + 1} chips; chipspan spans at most {MAX_CHIPS}")
         ids = list(range(first, last + 1))
     elif re.fullmatch(r"\d+(\s*,\s*\d+)*", spec):
         ids = [int(part) for part in spec.split(",")]

@@ -7,3 +7,9 @@ class ChipspanError(Exception):
     The CLI prints its message as a single line (no traceback unless ``--debug``) and exits 1.
     Raise it before any heavy work starts, so a failed run leaves nothing half-done behind.
     """
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``value`` as an error line quotes it: its text, cut to ``limit`` characters."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -88,3 +88,17 @@ def test_gguf_of_another_architecture(tmp_path):
     result = chipspan("convert", tmp_path / "m.gguf", tmp_path / "out")
     assert_one_error_line(result, "GGUF architecture 'qwen2' is not supported; chipspan converts: llama")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
+    ("temperature", "nan", "--temperature nan: must be a finite number >= 0"),
+    ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1"),
+    ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295]"),
+])
+def test_chat_sampling_values_are_checked_before_the_model_is_read(tmp_path, capsys, flag, value, message):
+    from chipspan.cli import main
+
+    assert main(["chat", "--model_name_or_path", str(tmp_path / "no-model"), f"--{flag}", value, "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"chipspan: error: {message}") and len(err.splitlines()) == 1, err

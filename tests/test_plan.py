@@ -147,6 +147,43 @@ def test_balanced_split_is_optimal_on_a_small_model():
         assert max(_totals(config, balanced_split(config, chips, **job), job)) == best
 
 
+@pytest.mark.parametrize("schedule", [None, Schedule("1f1b", 8)])
+def test_the_balanced_split_prices_a_number_of_slices_linear_in_the_layers(monkeypatch, schedule):
+    from chipspan.chips import memory
+
+    priced = []
+    monkeypatch.setattr(memory, "estimate", lambda *args, **kwargs: priced.append(1) or estimate(*args, **kwargs))
+    counts = []
+    for layers in (128, 256, 512):
+        priced.clear()
+        split = balanced_split(_toy(layers), layers // 3, schedule=schedule, **dict(SEED_LORA, seq_len=64))
+        assert len(split) == layers // 3 and split[-1].stop == layers
+        counts.append(len(priced))
+    # a search over every (start, stop) pair per chip grows 8-fold per doubling, a quadratic one 4-fold;
+    # this one (chips x log layers, times the bits of the bound) a little over 2-fold
+    assert counts[1] < 3 * counts[0] and counts[2] < 3 * counts[1], counts
+
+
+def test_min_chips_under_1f1b_is_the_first_count_whose_balanced_split_fits():
+    from chipspan.chips.memory import chip_totals
+
+    config, schedule = _toy(24), Schedule("1f1b", 6)
+    job = dict(SEED_LORA, seq_len=256, batch=2)
+
+    def fits(chips, budget):
+        split = balanced_split(config, chips, schedule=schedule, **job)
+        return max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget
+
+    found = []
+    for mib in (8, 10, 12, 15, 20):  # the packer says 5, 4, 3, 3, 2: 1F1B's first stages hold more
+        scanned = next(chips for chips in range(1, 25) if fits(chips, mib * 2**20))
+        found.append(min_chips(config, mib * 2**20, schedule=schedule, **job))
+        assert found[-1] == scanned, mib
+    assert found == [18, 15, 12, 5, 3]
+    with pytest.raises(ChipspanError, match="^no split of the 24 layers over up to 24 chips .* keep up to 6 micro"):
+        min_chips(config, 6 * 2**20, schedule=schedule, **job)
+
+
 def test_a_chip_smaller_than_one_layer_says_what_would_fit():
     with pytest.raises(ChipspanError, match=r"needs at least \d+\.\d\d GiB usable per chip") as error:
         pack_layers(LLAMA2_13B, 4 * 2**30, **SEED_FULL)
@@ -243,7 +280,7 @@ HEAVY_LAYERS = dict(vocab_size=512, hidden_size=256, intermediate_size=688)
 
 def _train_run(folder, *flags):
     return parse_run_arguments(["--do_train", "--model_name_or_path", str(folder), "--dataset", "any",
-                                "--output_dir", str(folder / "out"), "--cutoff_len", "256",
+                                "--output_dir", str(folder.parent / f"{folder.name}-out"), "--cutoff_len", "256",
                                 "--per_device_train_batch_size", "2", *flags], {})
 
 
@@ -378,7 +415,7 @@ def test_a_placement_that_will_not_fit_is_refused_before_loading(tmp_path, no_we
         r"chip 1 \(emu:1\) would run out of memory: the plan \(docs/plan.md\) predicts a 56\.\d MiB peak for "
         r"layers 4-7 against 47\.7 MiB usable; it fits if you span 3 chips \(--chips 0-2\), or drop "
         r"--disable_gradient_checkpointing", message), message
-    assert not (folder / "out").exists()
+    assert not Path(run.training.output_dir).exists()
 
 
 def test_chips_auto_needs_a_chips_memory(tmp_path, no_weight_loading):

@@ -21,9 +21,9 @@ The job's knobs (``estimate``'s keyword arguments) are:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
-from itertools import count
 
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -185,12 +185,13 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     if grad_path:
         # no gradient enters the first layer after a frozen embedding or frozen layers
         gradless = 0 if finetuning_type == "lora" else (-1 if full else max(trainable.start, 0))
-        saved = [_layer_saved_bytes(job, i in trained_layers, input_grad=i != gradless) for i in grad_path]
+        saved = {(trained_here, input_grad): (count, _layer_saved_bytes(job, trained_here, input_grad=input_grad))
+                 for (trained_here, input_grad), count in _layer_kinds(grad_path, trained_layers, gradless).items()}
         if gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
             activations = len(grad_path) * job.in_flight * job.tokens * h * job.stream
-            backward = max(saved)
+            backward = max(each for _, each in saved.values())
         else:
-            activations = job.in_flight * sum(saved)
+            activations = job.in_flight * sum(count * each for count, each in saved.values())
         activations += job.in_flight * _rope_bytes(job)
         backward += _layer_backward_bytes(job, trained=bool(trained_layers))
         # the chip's first layer, attention half: its MLP half and every other layer are done
@@ -216,6 +217,18 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     return ChipMemory(layers=layers, weights=weights, gradients=gradients, optimizer=optimizer,
                       activations=activations + loss_saved, logits=logits, workspace=workspace,
                       total=moments[peak_at], peak_at=peak_at, in_flight=micro_batches_in_flight)
+
+
+def _layer_kinds(grad_path: range, trained: range, gradless: int) -> dict[tuple[bool, bool], int]:
+    """How many layers of ``grad_path`` are of each kind (trained, whose input carries a gradient):
+    the counts of ``(i in trained, i != gradless) for i in grad_path``, without a loop over layers."""
+    overlap = len(range(max(grad_path.start, trained.start), min(grad_path.stop, trained.stop)))
+    counts = {(True, True): overlap, (False, True): len(grad_path) - overlap}
+    if gradless in grad_path:
+        kind = gradless in trained
+        counts[(kind, True)] -= 1
+        counts[(kind, False)] = 1
+    return {kind: count for kind, count in counts.items() if count}
 
 
 def split_estimates(config: ModelConfig, split: list[range], schedule: Schedule | None = None,
@@ -264,19 +277,33 @@ def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0
               schedule: Schedule | None = None, **job) -> int:
     """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job. Without a
     schedule (or under GPipe) every chip holds the same micro-batches and the greedy packer finds
-    it; under 1F1B the early stages hold more, so splits of more chips are tried from there until
-    ``balanced_split``'s fits."""
+    it; under 1F1B the early stages hold more, so from the packer's count (one micro-batch each: a
+    lower bound) splits of more chips are tried, in growing steps until ``balanced_split``'s fits,
+    then bisected (taking it that once some chips hold the job, more do too)."""
     if schedule is None or schedule.name == "gpipe":
         flight = {} if schedule is None else {"micro_batches_in_flight": schedule.micro_batches}
         return len(pack_layers(config, chip_bytes, usable_fraction, **job, **flight))
     budget = int(chip_bytes * usable_fraction)
-    fewest = len(pack_layers(config, chip_bytes, usable_fraction, **job))  # one micro-batch each: a lower bound
-    for chips in count(fewest):
-        if chips * schedule.virtual > config.num_hidden_layers:
-            raise ChipspanError(_too_small(config, budget, chips - 1, job))
+    most = config.num_hidden_layers // schedule.virtual
+
+    def fits(chips: int) -> bool:
         split = balanced_split(config, chips * schedule.virtual, schedule=schedule, **job)
-        if max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget:
-            return chips
+        return max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget
+
+    chips = len(pack_layers(config, chip_bytes, usable_fraction, **job))
+    failed, step = chips - 1, 1
+    while chips > most or not fits(chips):
+        if chips >= most:
+            raise ChipspanError(f"no split of the {config.num_hidden_layers} layers over up to {most} chips of "
+                                f"{budget / GIB:.2f} GiB usable holds this job under {schedule.name}: its first "
+                                f"stages keep up to {schedule.micro_batches} micro-batches' activations at once; "
+                                "run fewer micro-batches per step (--gradient_accumulation_steps, --micro_batches) "
+                                "or lower cutoff_len")
+        failed, chips, step = chips, min(chips + step, most), 2 * step
+    while chips - failed > 1:
+        middle = (failed + chips) // 2
+        failed, chips = (failed, middle) if fits(middle) else (middle, chips)
+    return chips
 
 
 def chip_totals(stages: list[ChipMemory], schedule: Schedule | None = None) -> list[int]:
@@ -290,7 +317,13 @@ def chip_totals(stages: list[ChipMemory], schedule: Schedule | None = None) -> l
 def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | None = None, **job) -> list[range]:
     """Contiguous layer slices over ``num_chips`` chips (pipeline stages) that minimize the largest
     predicted per-chip total; among those, the one with the fewest layers on its busiest chip. With
-    a ``schedule``, each stage holds the micro-batches it keeps in flight."""
+    a ``schedule``, each stage holds the micro-batches it keeps in flight.
+
+    Each bound is found by bisection over a greedy split (``_greedy_split``): the slices priced are
+    O(chips · log(layers)) per bit of a byte count, never every (start, stop) pair. The greedy split
+    is exact when every stage prices a slice alike (one process); under 1F1B, whose stages differ,
+    it is an upper bound (on the tested jobs, the same as an exhaustive search).
+    """
     num_layers = config.num_hidden_layers
     if not 1 <= num_chips <= num_layers:
         raise ChipspanError(f"cannot span {num_layers} decoder layers over {num_chips} chips: use 1 to "
@@ -305,27 +338,45 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
         knobs = {**job, "micro_batches_in_flight": in_flight, "gradients_held": gradients_held}
         return estimate(config, range(start, stop), start == 0, stop == num_layers, **knobs).total
 
-    fullest = max(total(i, r.start, r.stop) for i, r in enumerate(_min_max_split(num_layers, num_chips, total)))
-    return _min_max_split(num_layers, num_chips, lambda chip, start, stop:
-                          stop - start if total(chip, start, stop) <= fullest else float("inf"))
+    def fullest(split: list[range]) -> int:
+        return max(total(chip, r.start, r.stop) for chip, r in enumerate(split))
+
+    def within(bound: int, longest: int = num_layers):
+        return _greedy_split(num_layers, num_chips, lambda chip, start, stop:
+                             stop - start <= longest and total(chip, start, stop) <= bound)
+
+    best = within(math.inf)  # the last chip takes all but one layer for each chip before it
+    low, high = 0, fullest(best)  # the smallest largest total lies in (low, high]
+    while high - low > 1:
+        split = within((low + high) // 2)
+        low, high, best = (low, fullest(split), split) if split else ((low + high) // 2, high, best)
+    bound = high
+    low, high = 0, max(len(r) for r in best)  # the fewest layers on the busiest chip, within the bound
+    while high - low > 1:
+        split = within(bound, (low + high) // 2)
+        low, high, best = (low, max(len(r) for r in split), split) if split else ((low + high) // 2, high, best)
+    return best
 
 
-def _min_max_split(num_layers: int, num_chips: int, cost) -> list[range]:
-    """Contiguous split of layers into ``num_chips`` non-empty slices minimizing the largest
-    ``cost(chip, start, stop)`` (dynamic programming over chips and layers)."""
-    # best[c][j]: (smallest largest cost, cut) splitting layers [0, j) over c chips
-    best = [dict() for _ in range(num_chips + 1)]
-    best[0][0] = (float("-inf"), 0)
-    for chips in range(1, num_chips + 1):
-        for stop in range(chips, num_layers - (num_chips - chips) + 1):
-            best[chips][stop] = min((max(best[chips - 1][start][0], cost(chips - 1, start, stop)), start)
-                                    for start in best[chips - 1] if start < stop)
+def _greedy_split(num_layers: int, num_chips: int, fits) -> list[range] | None:
+    """Each chip from the last takes the most layers that ``fits(chip, start, stop)`` allows, leaving
+    one for each chip before it, the first chip the rest; None when a chip cannot take one layer or
+    the first cannot take the rest. (From the last, as the later stages hold fewer micro-batches
+    under 1F1B.) A slice that fits still fits without its first layer, so each chip's first layer
+    is bisected: ``fits`` is asked O(chips · log(layers)) times."""
     slices, stop = [], num_layers
-    for chips in range(num_chips, 0, -1):
-        start = best[chips][stop][1]
+    for chip in range(num_chips - 1, 0, -1):
+        low, start = chip - 1, stop  # [start, stop) fits (or is empty); [low, stop) does not, or leaves a chip none
+        while start - low > 1:
+            middle = (low + start) // 2
+            low, start = (low, middle) if fits(chip, middle, stop) else (middle, start)
+        if start == stop:
+            return None
         slices.append(range(start, stop))
         stop = start
-    return slices[::-1]
+    if not fits(0, 0, stop):
+        return None
+    return [range(0, stop), *slices[::-1]]
 
 
 # --- what one step saves and allocates, per term -------------------------------------------------

@@ -144,6 +144,11 @@ def make_plan(run: RunArguments) -> Plan:
     config = ModelConfig.from_folder(run.model.model_name_or_path)
     device_type = run.chips.device or devices.default_device_type()
     processes = one_process_per_chip(run)
+    if processes:  # what torchrun would refuse, the plan of its job refuses too
+        from chipspan.distributed.pipeline import check_schedule
+
+        train = run.training
+        check_schedule(run.chips.pipeline_schedule, train.micro_batches, train.per_device_train_batch_size)
     chip_bytes = None
     if run.chips.chip_memory is not None:
         chip_bytes = int(parse_size(run.chips.chip_memory) * run.chips.usable_fraction)

@@ -29,6 +29,7 @@ from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.paths import check_output, run_inputs
 from chipspan.train import checkpoints
 from chipspan.train.health import check_trainable_tokens, nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
@@ -198,8 +199,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
             raise ChipspanError(f"--{flag} is required")
     if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
         raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
-    if train_args.per_device_train_batch_size < 1 or train_args.gradient_accumulation_steps < 1:
-        raise ChipspanError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
     if not one_process_per_chip(run) and (run.chips.data_parallel != 1 or run.chips.pipeline_schedule != "1f1b"):
@@ -207,6 +206,10 @@ def check_arguments(run: RunArguments) -> ModelConfig:
                             "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
                             "this process")
     config = ModelConfig.from_folder(run.model.model_name_or_path)
+    inputs = run_inputs(run)
+    check_output(train_args.output_dir, "--output_dir", inputs)
+    if train_args.logging_dir:
+        check_output(train_args.logging_dir, "--logging_dir", inputs)
     check_finetuning_arguments(ft, config, run.model.adapter_name_or_path)
     return config
 
@@ -220,8 +223,6 @@ def _check_evaluation(run: RunArguments) -> None:
             train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict):
         raise ChipspanError("evaluating while training needs held-out rows: pass --val_size (a count or a "
                             "fraction, e.g. 0.1)")
-    if train_args.per_device_eval_batch_size < 1 or (train_args.eval_steps is not None and train_args.eval_steps < 1):
-        raise ChipspanError("per_device_eval_batch_size and eval_steps must be at least 1")
     if train_args.do_predict and run.finetuning.stage != "sft":
         raise ChipspanError("--do_predict answers prompts: it needs --stage sft")
     if generating.num_beams != 1 or generating.repetition_penalty != 1.0:
