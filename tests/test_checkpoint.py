@@ -114,7 +114,7 @@ def test_config_errors_name_the_problem(tmp_path):
         ModelConfig.from_dict({"hidden_size": 8})
     with pytest.raises(ChipspanError, match="'gpt2' .* not supported; chipspan supports: llama, mistral, qwen2"):
         ModelConfig.from_dict({"model_type": "gpt2"})
-    with pytest.raises(ChipspanError, match="rope_scaling type 'yarn'"):
+    with pytest.raises(ChipspanError, match='rope_scaling type "yarn" in config.json is not supported'):
         ModelConfig.from_dict({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
                                "num_hidden_layers": 1, "num_attention_heads": 2,
                                "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

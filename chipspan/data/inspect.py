@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 MASK_OPEN, MASK_CLOSE = "«", "»"
 
 
-def run_data(run: RunArguments, out: str | None = None, err: TextIO = sys.stderr) -> DataStats:
-    """Encode ``run``'s dataset and write its examples as JSON lines to ``out`` (None: stdout)."""
+def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = None) -> DataStats:
+    """Encode ``run``'s dataset and write its examples as JSON lines to ``out`` (None: stdout), and its
+    counts to ``err`` (None: the stderr of the moment, not the one at import)."""
     from chipspan.models.tokenizer import Tokenizer
 
     if not run.model.model_name_or_path:
@@ -46,7 +47,7 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO = sys.stderr
     else:
         with open(out, "w", encoding="utf-8") as f:
             f.writelines(lines)
-    print(split.stats.summary(), file=err)
+    print(split.stats.summary(), file=err or sys.stderr)
     return split.stats
 
 

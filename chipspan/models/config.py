@@ -255,7 +255,7 @@ def _read_rope_scaling(raw: dict[str, Any], source: str) -> dict[str, Any] | Non
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ChipspanError(
-            f"rope_scaling type '{_shown(rope_type)}' in {source} is not supported; "
+            f"rope_scaling type {_shown(rope_type)} in {source} is not supported; "
             f"chipspan supports: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
