@@ -16,6 +16,7 @@ from chipspan.chips.placement import even_placement, split_layers
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
+from chipspan.train import checkpoints
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
 from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
@@ -246,6 +247,19 @@ def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(seed_wor
     assert code == 1 and len(err) == 1
     assert "would not fit on disk" in err[0] and "--save_total_limit" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("free, advice", [
+    (10_500, "pass --save_total_limit 3 (or fewer)"),  # 3 kept + 1 being written + the final 6,000
+    (7_500, "no rotation of checkpoints fits beside the final outputs: pass --save_steps 0"),
+    (5_000, "even the final outputs do not fit"),
+])
+def test_the_disk_refusal_advises_what_can_fit(tmp_path, monkeypatch, free, advice):
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6 - free, free))
+    with pytest.raises(ChipspanError, match="would not fit on disk") as refused:
+        checkpoints.check_disk_space(tmp_path, steps=100, save_steps=1, save_total_limit=None, checkpoint_bytes=1_000,
+                                     final_bytes=6_000, report=print)
+    assert advice in str(refused.value)
 
 
 def test_resume_from_a_named_checkpoint(seed_workspace, tmp_path):

@@ -186,9 +186,15 @@ def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_l
     summary = (f"{kept} checkpoint(s) of {checkpoint_bytes / 1e9:.2f} GB + the final {final_bytes / 1e9:.2f} GB "
                f"= {needed / 1e9:.1f} GB, with {free / 1e9:.1f} GB free on the disk of {output_dir}")
     if needed > free:
-        fit = max(int((free - final_bytes) // checkpoint_bytes) - 1, 0)
-        raise ChipspanError(f"the run would not fit on disk: {summary}; pass --save_total_limit {fit} "
-                            "(or fewer) or a larger --save_steps")
+        fit = int((free - final_bytes) // checkpoint_bytes) - 1 if checkpoint_bytes else 0
+        if fit >= 1:
+            advice = f"pass --save_total_limit {fit} (or fewer) or a larger --save_steps"
+        elif final_bytes <= free:
+            advice = ("no rotation of checkpoints fits beside the final outputs: pass --save_steps 0 (no "
+                      "checkpoints), or free space or choose an output_dir on another disk")
+        else:
+            advice = "even the final outputs do not fit: free space or choose an output_dir on another disk"
+        raise ChipspanError(f"the run would not fit on disk: {summary}; {advice}")
     if needed > 0.9 * free:
         report(f"warning: the run will nearly fill the disk: {summary}")
 
