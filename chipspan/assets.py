@@ -52,28 +52,30 @@ LLAMA3_TOKENIZER_FILES = {  # file name -> (wheel member, sha256)
     ),
 }
 
+
+def _members(folder: str, sha256s: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """``{file name: (member of the archive, sha256)}`` for files that lie in ``folder`` of an archive."""
+    return {name: (f"{folder}/{name}", sha256) for name, sha256 in sha256s.items()}
+
+
 LLAMA2_VOCAB_SDIST = "llama-cpp-python==0.3.36"
-LLAMA2_VOCAB_FILES = {  # file name -> (member of the source package, sha256)
-    name: (f"llama_cpp_python-0.3.36/vendor/llama.cpp/models/{name}", sha256) for name, sha256 in {
-        "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
-        "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
-        "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
-    }.items()
-}
+LLAMA2_VOCAB_FILES = _members("llama_cpp_python-0.3.36/vendor/llama.cpp/models", {
+    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+    "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
+})
 LLAMA2_TOKENIZER = "llama2-tokenizer"
 LLAMA2_CONTEXT = 4096  # the model_max_length Llama 2's tokenizer_config.json carries
 
 DEMO_DATASETS_SDIST = "llamafactory==0.9.5"
-DEMO_DATASET_FILES = {  # file name -> (member of the source package, sha256)
-    name: (f"llamafactory-0.9.5/data/{name}", sha256) for name, sha256 in {
-        "alpaca_zh_demo.json": "d5a4be46ae70d23a461ffc16048069324c0865ee9aa0c8730e21ac4b65ea0f08",
-        "alpaca_en_demo.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
-        "glaive_toolcall_zh_demo.json": "d5bbc25b250ff7578ea339abe90a612511866d9beb1ea3b66d094b4f250c9c50",
-        "c4_demo.jsonl": "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
-        "dpo_zh_demo.json": "9ea7206bc1a45df8b7811d1fc02d5555c65379d05905f343da88f221ff145376",
-        "identity.json": "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
-    }.items()
-}
+DEMO_DATASET_FILES = _members("llamafactory-0.9.5/data", {
+    "alpaca_zh_demo.json": "d5a4be46ae70d23a461ffc16048069324c0865ee9aa0c8730e21ac4b65ea0f08",
+    "alpaca_en_demo.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+    "glaive_toolcall_zh_demo.json": "d5bbc25b250ff7578ea339abe90a612511866d9beb1ea3b66d094b4f250c9c50",
+    "c4_demo.jsonl": "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
+    "dpo_zh_demo.json": "9ea7206bc1a45df8b7811d1fc02d5555c65379d05905f343da88f221ff145376",
+    "identity.json": "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
+})
 
 # Files a converted model folder must hold to be reused from the cache.
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
