@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chipspan.args import DataArguments
@@ -152,6 +152,7 @@ ENTRY_FIELDS = {"file_name": st.sampled_from(["toy.jsonl", "../toy.jsonl", "", "
 
 @SETTINGS
 @given(st.fixed_dictionaries({}, optional=ENTRY_FIELDS) | junk)
+@example({"file_name": None})  # once a TypeError
 def test_messy_dataset_info_entries(entry):
     """Any dataset_info.json entry: the data loads or one ChipspanError line says what is wrong."""
     good = {"instruction": "hi", "output": "yo", "conversations": [{"from": "human", "value": "hi"},

@@ -95,6 +95,7 @@ def _entry(name: str, info: object, builtin: bool, where: Path | str = REGISTRY_
     prefix = f"dataset '{name}' in {where}"
     if not isinstance(info, dict):
         raise ChipspanError(f"{prefix} must be a JSON object with a file_name")
+    info = {key: value for key, value in info.items() if value is not None}  # a null field is an absent one
     for key, why in _REFUSED.items():
         if key in info and "hf_hub_url" not in info and "file_name" not in info:
             raise ChipspanError(
