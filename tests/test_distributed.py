@@ -281,3 +281,16 @@ def test_one_process_per_chip_flags_without_torchrun_are_refused(tiny_workspace,
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), MESH_LAYOUTS if sys.argv[2] == "mesh" else LAYOUTS)
+
+
+def test_a_diverging_run_stops_on_every_rank_and_writes_no_final_weights(tiny_workspace, tmp_path):
+    """The one-process NonFiniteGuard under torchrun: the ranks agree on the step's loss and stop together."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = train_flags(tiny_workspace, out, "--learning_rate", "1e30", "--max_steps", "6")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "chipspan", "train", *map(str, argv)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("chipspan: error: training diverged: steps 2-4 all had a non-finite loss") == 2
+    assert not list(out.glob("model*.safetensors")) and (out / "checkpoint-2").is_dir()
