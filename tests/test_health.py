@@ -69,8 +69,8 @@ def test_data_with_no_token_to_train_is_refused_before_loading(tiny_workspace, t
     argv[argv.index("--cutoff_len") + 1] = "1"  # room for one prompt token, no answer
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "none of the 40 training examples has a token to train on" in err[0]
-    assert "--cutoff_len 1" in err[0]
+    assert len(err) == 1 and "has no usable rows: all 40 were dropped: 40 has no tokens to train on" in err[0]
+    assert "--cutoff_len 1 may leave no room for the answers" in err[0]
     assert not (tmp_path / "out").exists()
 
 

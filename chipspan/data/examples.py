@@ -70,6 +70,10 @@ class EncodedExamples(Sequence):
         return EncodedExamples(self.input_ids[positions], self.labels[positions], offsets)
 
     def trained(self) -> np.ndarray:
-        """Whether each example has at least one token to train on (a label that is not -100)."""
-        trained = np.concatenate([[0], np.cumsum(self.labels != IGNORE_INDEX)])
+        """Whether each example has at least one token to train on: a label that is not -100 after its
+        first position (the loss predicts token t + 1 from token t, so a first label is never a target)."""
+        scored = self.labels != IGNORE_INDEX
+        starts = self.offsets[:-1]
+        scored[starts[starts < len(scored)]] = False
+        trained = np.concatenate([[0], np.cumsum(scored)])
         return trained[self.offsets[1:]] > trained[self.offsets[:-1]]

@@ -207,7 +207,7 @@ def _build(data, entries, files, tokenizer, template, stage, seed, probs):
         _supervised_encoder(template, tokenizer, data, stats)
     splits = {"train": encode(train_rows), "eval": encode(eval_rows)}
     if not stats.rows_kept:
-        raise ChipspanError(_nothing_usable(data.dataset, stats))
+        raise ChipspanError(_nothing_usable(data, stats))
     if not splits["train"] and splits["eval"]:
         raise ChipspanError(f"val_size {data.val_size:g} leaves no training rows: lower it")
     if not splits["train"]:
@@ -327,9 +327,11 @@ def _pretrain_encoder(tokenizer, cutoff_len: int):
     return encode
 
 
-def _nothing_usable(dataset: str, stats: DataStats) -> str:
+def _nothing_usable(data: DataArguments, stats: DataStats) -> str:
     if not stats.rows_read:
-        return f"dataset {dataset} has no rows: the files are empty"
-    return (f"dataset {dataset} has no usable rows: all {stats.rows_read} were dropped: {stats.reasons()}; "
-            "check the files and the columns/tags in dataset_info.json")
+        return f"dataset {data.dataset} has no rows: the files are empty"
+    hint = f"--cutoff_len {data.cutoff_len} may leave no room for the answers (raise it), or " \
+        if NOTHING_TO_TRAIN in stats.dropped else ""
+    return (f"dataset {data.dataset} has no usable rows: all {stats.rows_read} were dropped: {stats.reasons()}; "
+            f"{hint}check the files and the columns/tags in dataset_info.json")
 

@@ -1,6 +1,7 @@
 """Training health, the same for every placement: a run whose numbers stop being finite stops with a
-clear error instead of "succeeding" at nothing, no weights holding inf/NaN are ever written, and a
-dataset that leaves no token to train on is refused before a weight is read.
+clear error instead of "succeeding" at nothing, and no weights holding inf/NaN are ever written.
+(Examples with no token to train on are dropped and counted by the data loader, and a dataset left
+with none is refused there, before a weight is read.)
 
 fp16's dynamic loss scaler already skips steps whose gradients overflow (that is how it finds its
 scale); :class:`NonFiniteGuard` leaves those to it and watches the loss itself.
@@ -13,7 +14,6 @@ from collections.abc import Iterable
 
 import torch
 
-from chipspan.data import IGNORE_INDEX, Example
 from chipspan.errors import ChipspanError
 
 NONFINITE_STEP_LIMIT = 3  # optimizer steps in a row with an inf/NaN loss or gradient norm before the run stops
@@ -68,11 +68,3 @@ def refuse_nonfinite_weights(name: str | None, where: str) -> None:
         raise ChipspanError(f"the trained weight {name} holds inf/NaN, so {where} was not written; lower "
                             "--learning_rate or check the data, and resume from an earlier checkpoint")
 
-
-def check_trainable_tokens(examples: list[Example], cutoff_len: int) -> None:
-    """Refuse training data in which no example has a token to learn (every label masked)."""
-    if examples and not any(label != IGNORE_INDEX for e in examples for label in e.labels[1:]):
-        raise ChipspanError(
-            f"none of the {len(examples)} training examples has a token to train on: every label is masked; "
-            f"--cutoff_len {cutoff_len} may leave no room for the answers (raise it), or the template or "
-            "dataset columns leave the responses empty")

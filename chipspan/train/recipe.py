@@ -31,7 +31,7 @@ from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.paths import check_output, run_inputs
 from chipspan.train import checkpoints
-from chipspan.train.health import check_trainable_tokens, nonfinite_weight, refuse_nonfinite_weights
+from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
 from chipspan.infer.chat import stop_token_ids
 from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
@@ -364,12 +364,10 @@ def _report_placement(model: SpannedModel, placement: Placement, micro_batches: 
 
 
 def split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], None]):
-    """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train.
-    Training data that leaves no token to train on is refused here, before any weight loads."""
+    """(train, eval) examples: without --do_train every row is evaluated; SFT packing applies to train."""
     if not run.training.do_train:
         return [], [*data.train, *data.eval]
     examples = data.train
-    check_trainable_tokens(examples, run.data.cutoff_len)
     if run.finetuning.stage == "sft" and (run.data.packing or run.data.sft_packing):  # pt is already in blocks
         examples = list(examples)
         # a seed template with efficient_eos may make an example one token longer than cutoff_len
