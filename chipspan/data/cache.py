@@ -28,17 +28,19 @@ from chipspan.data.stats import DataStats
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
-# The modules whose code decides the examples: an edit to any of them is a new key.
-_CODE = ("encode.py", "formats.py", "templates.py", "loader.py", "mixing.py", "sources.py")
+# The code that decides the examples: every file of the data package (its templates and built-in
+# registry too) and the tokenizer modules that render chat templates; an edit to any is a new key.
+_DATA = Path(__file__).parent
+_CODE = (*sorted(p for p in _DATA.iterdir() if p.suffix in (".py", ".json")),
+         _DATA.parent / "models" / "tokenizer.py", _DATA.parent / "models" / "chat_sandbox.py")
 
 
 def cache_key(parts: dict) -> str:
     """A hex key from JSON-able ``parts``, chipspan's version and the encoding code itself."""
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     digest.update(chipspan.__version__.encode())
-    here = Path(__file__).parent
-    for name in _CODE:
-        digest.update((here / name).read_bytes())
+    for path in _CODE:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:32]
 
 
