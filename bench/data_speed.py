@@ -61,10 +61,20 @@ def make_dataset(folder: Path, copies: int) -> int:
 
 
 def time_llamafactory(venv: Path, folder: Path) -> tuple[int, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(venv / "stubs"),
-           "HF_DATASETS_CACHE": str(folder / "hf-datasets"), "TOKENIZERS_PARALLELISM": "true"}
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", LF_SCRIPT, str(TOKENIZER), str(folder)],
-                          capture_output=True, text=True, env=env, check=False)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(venv / "stubs"),
+        "HF_DATASETS_CACHE": str(folder / "hf-datasets"),
+        "TOKENIZERS_PARALLELISM": "true",
+    }
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", LF_SCRIPT, str(TOKENIZER), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if done.returncode != 0:
         sys.exit(f"LLaMA-Factory failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -77,8 +87,9 @@ def time_chipspan(folder: Path, overwrite_cache: bool) -> tuple[int, float, bool
     from chipspan.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(TOKENIZER)
-    data = DataArguments(dataset="bench", dataset_dir=str(folder), template="default", cutoff_len=1024,
-                         overwrite_cache=overwrite_cache)
+    data = DataArguments(
+        dataset="bench", dataset_dir=str(folder), template="default", cutoff_len=1024, overwrite_cache=overwrite_cache
+    )
     started = time.perf_counter()
     split = load_dataset_split(data, tokenizer, "sft")
     return len(split.train), time.perf_counter() - started, split.stats.from_cache
@@ -100,8 +111,10 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["CHIPSPAN_CACHE"] = str(folder / "chipspan-cache")
         rows = make_dataset(folder, args.copies)
-        print(f"{rows:,} rows ({args.copies} x alpaca_zh_demo), llama2 tokenizer, template default, cutoff 1024, "
-              f"{args.threads} thread(s) each side ({', '.join(THREAD_VARIABLES)})")
+        print(
+            f"{rows:,} rows ({args.copies} x alpaca_zh_demo), llama2 tokenizer, template default, cutoff 1024, "
+            f"{args.threads} thread(s) each side ({', '.join(THREAD_VARIABLES)})"
+        )
         totals = {"lf": 0.0, "cold": 0.0}
         warm_times = []
         for round_ in range(1, args.rounds + 1):
@@ -112,11 +125,15 @@ def main() -> None:
             totals["lf"] += lf_seconds
             totals["cold"] += cold_seconds
             warm_times.append(warm_seconds)
-            print(f"round {round_}: LLaMA-Factory {rows / lf_seconds:8,.0f} rows/s ({lf_seconds:.2f} s) | "
-                  f"chipspan cold {rows / cold_seconds:8,.0f} rows/s ({cold_seconds:.2f} s) | "
-                  f"chipspan warm {warm_seconds:.3f} s")
-        print(f"chipspan cold / LLaMA-Factory: {totals['lf'] / totals['cold']:.2f}x the rows/s; "
-              f"warm re-run {max(warm_times):.3f} s at worst")
+            print(
+                f"round {round_}: LLaMA-Factory {rows / lf_seconds:8,.0f} rows/s ({lf_seconds:.2f} s) | "
+                f"chipspan cold {rows / cold_seconds:8,.0f} rows/s ({cold_seconds:.2f} s) | "
+                f"chipspan warm {warm_seconds:.3f} s"
+            )
+        print(
+            f"chipspan cold / LLaMA-Factory: {totals['lf'] / totals['cold']:.2f}x the rows/s; "
+            f"warm re-run {max(warm_times):.3f} s at worst"
+        )
 
 
 if __name__ == "__main__":

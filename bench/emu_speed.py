@@ -54,8 +54,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps")
     for label, width, batch in [("large matmuls", 1024, 64), ("small ops", 64, 8)]:
         cpu, on_emu = compare(width, batch, args.repeats)
-        print(f"{label:14} width {width:5} batch {batch:3}: cpu {cpu * 1e3:8.2f} ms  "
-              f"emu {on_emu * 1e3:8.2f} ms  emu/cpu {on_emu / cpu:5.1f}x")
+        print(
+            f"{label:14} width {width:5} batch {batch:3}: cpu {cpu * 1e3:8.2f} ms  "
+            f"emu {on_emu * 1e3:8.2f} ms  emu/cpu {on_emu / cpu:5.1f}x"
+        )
 
 
 if __name__ == "__main__":

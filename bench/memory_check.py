@@ -70,14 +70,22 @@ class Job:
 
     def knobs(self) -> dict:
         """``estimate``'s keyword arguments."""
-        return dict(finetuning_type=self.finetuning_type, base_dtype_bytes=2 if self.half else 4,
-                    seq_len=self.seq_len, batch=self.batch, gradient_checkpointing=self.gradient_checkpointing,
-                    lora_rank=self.lora_rank, lora_targets=self.lora_targets,
-                    micro_batches_in_flight=self.micro_batches_in_flight,
-                    num_layer_trainable=self.num_layer_trainable, name_module_trainable=self.name_module_trainable)
+        return dict(
+            finetuning_type=self.finetuning_type,
+            base_dtype_bytes=2 if self.half else 4,
+            seq_len=self.seq_len,
+            batch=self.batch,
+            gradient_checkpointing=self.gradient_checkpointing,
+            lora_rank=self.lora_rank,
+            lora_targets=self.lora_targets,
+            micro_batches_in_flight=self.micro_batches_in_flight,
+            num_layer_trainable=self.num_layer_trainable,
+            name_module_trainable=self.name_module_trainable,
+        )
 
 
 # --- the tracker ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Tracker(TorchDispatchMode):
@@ -158,9 +166,12 @@ class Tracker(TorchDispatchMode):
                 return True, func(*args, **kwargs)
             except Exception:  # noqa: BLE001 - data-dependent: int(mask.sum()) in the loss
                 return True, True if args[0].dtype == torch.bool else self.true_count
-        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
-                    aten._index_put_impl_.default) and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
+        if func in (
+            aten.index.Tensor,
+            aten.index_put_.default,
+            aten.index_put.default,
+            aten._index_put_impl_.default,
+        ) and any(i is not None and i.dtype == torch.bool for i in args[1]):
             indices = []
             for i in args[1]:
                 if i is not None and i.dtype == torch.bool:  # a k-dim mask is k index vectors
@@ -172,6 +183,7 @@ class Tracker(TorchDispatchMode):
 
 
 # --- building and running chipspan's step --------------------------------------------------------
+
 
 def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.device]):
     """A SpannedModel with ``split[i]`` layers on ``devices[i]``, prepared as ``train`` prepares it,
@@ -190,9 +202,13 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     model = SpannedModel(stages, Placement(tuple(devices), layers))
     for stage in model.stages:
         stage.gradient_checkpointing = job.gradient_checkpointing
-    ft = FinetuningArguments(finetuning_type=job.finetuning_type, lora_target=",".join(job.lora_targets),
-                             lora_rank=job.lora_rank, num_layer_trainable=job.num_layer_trainable,
-                             name_module_trainable=job.name_module_trainable)
+    ft = FinetuningArguments(
+        finetuning_type=job.finetuning_type,
+        lora_target=",".join(job.lora_targets),
+        lora_rank=job.lora_rank,
+        num_layer_trainable=job.num_layer_trainable,
+        name_module_trainable=job.name_module_trainable,
+    )
     prepare_trainable(model, ft)
     optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
     if isinstance(next(model.parameters()), FakeTensor):
@@ -207,8 +223,9 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     return model, optimizer, precision
 
 
-def train_step(model: SpannedModel, optimizer, precision: Precision, job: Job, tracker: Tracker | None,
-               use_scaler: bool) -> None:
+def train_step(
+    model: SpannedModel, optimizer, precision: Precision, job: Job, tracker: Tracker | None, use_scaler: bool
+) -> None:
     """One optimizer step as ``chipspan.train.loop.train`` runs it, with ``micro_batches_in_flight``
     forwards kept alive before a single backward (m = 1: the loop exactly)."""
     scaler = precision.scaler if use_scaler else None
@@ -256,8 +273,9 @@ class ChipResult:
         return self.predicted / self.measured
 
 
-def measure(config: ModelConfig, split: list[int], job: Job, mode: str = "fake", steps: int = 2,
-            track: bool = True) -> list[ChipResult]:
+def measure(
+    config: ModelConfig, split: list[int], job: Job, mode: str = "fake", steps: int = 2, track: bool = True
+) -> list[ChipResult]:
     """Run ``steps`` training steps over ``len(split)`` chips; each chip's peak over the last step
     against the prediction. ``mode``: "fake" or "emu"."""
     from chipspan import emu
@@ -265,7 +283,9 @@ def measure(config: ModelConfig, split: list[int], job: Job, mode: str = "fake",
     # never fewer chips than already enabled: chips that held tensors cannot be removed
     emu.enable(num_chips=max(len(split), emu.device_module.device_count() if emu.is_available() and emu._ext else 1))
     devices = [torch.device("emu", i) for i in range(len(split))]
-    tracker = Tracker(fake=mode == "fake", true_count=job.batch * (job.seq_len - 1)) if track or mode == "fake" else None
+    tracker = (
+        Tracker(fake=mode == "fake", true_count=job.batch * (job.seq_len - 1)) if track or mode == "fake" else None
+    )
     if mode == "fake":
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -277,7 +297,7 @@ def measure(config: ModelConfig, split: list[int], job: Job, mode: str = "fake",
         outer = contextlib.nullcontext()
     else:
         raise ValueError(f"mode must be fake or emu, not {mode!r}")
-    with outer, (tracker if tracker is not None else contextlib.nullcontext()):
+    with outer, tracker if tracker is not None else contextlib.nullcontext():
         model, optimizer, precision = build(config, split, job, devices)
         for step in range(steps):
             if step == steps - 1:
@@ -305,25 +325,41 @@ class _ShortMemo(dict):
 
 def predict(config: ModelConfig, split: list[int], job: Job) -> list[int]:
     starts = [sum(split[:i]) for i in range(len(split))]
-    return [estimate(config, range(a, a + n), i == 0, i == len(split) - 1, **job.knobs()).total
-            for i, (a, n) in enumerate(zip(starts, split))]
+    return [
+        estimate(config, range(a, a + n), i == 0, i == len(split) - 1, **job.knobs()).total
+        for i, (a, n) in enumerate(zip(starts, split))
+    ]
 
 
 def render(results: list[ChipResult], mode: str) -> str:
-    rows = [f"{'chip':>4} {'layers':>7} {'predicted':>10} {'measured':>10} {'ratio':>6} {'tracker':>10}  "
-            f"peak by phase (GiB: forward/backward/step)"]
+    rows = [
+        f"{'chip':>4} {'layers':>7} {'predicted':>10} {'measured':>10} {'ratio':>6} {'tracker':>10}  "
+        f"peak by phase (GiB: forward/backward/step)"
+    ]
     for i, r in enumerate(results):
         phases = "/".join(f"{r.by_phase.get(p, 0) / GIB:.3f}" for p in PHASES)
-        rows.append(f"{i:>4} {r.layers.start:>3}-{r.layers.stop - 1:<3} {r.predicted / GIB:10.4f} "
-                    f"{r.measured / GIB:10.4f} {r.ratio:6.3f} {r.tracked / GIB:10.4f}  {phases}")
+        rows.append(
+            f"{i:>4} {r.layers.start:>3}-{r.layers.stop - 1:<3} {r.predicted / GIB:10.4f} "
+            f"{r.measured / GIB:10.4f} {r.ratio:6.3f} {r.tracked / GIB:10.4f}  {phases}"
+        )
     rows.append(f"(GiB; measured = {'the tracker under FakeTensorMode' if mode == 'fake' else 'emu peak_memory'})")
     return "\n".join(rows)
 
 
-def small_config(layers: int, hidden: int, vocab: int = 32000, heads: int = 4, kv_heads: int | None = None) -> ModelConfig:
-    return ModelConfig.from_dict({"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-                                  "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers,
-                                  "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads})
+def small_config(
+    layers: int, hidden: int, vocab: int = 32000, heads: int = 4, kv_heads: int | None = None
+) -> ModelConfig:
+    return ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 11 // 4,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads or heads,
+        }
+    )
 
 
 def main(argv=None) -> int:
@@ -352,14 +388,23 @@ def main(argv=None) -> int:
         parser.error(f"--split holds {sum(split)} layers; the model has {config.num_hidden_layers}")
     if sum(split) < config.num_hidden_layers:  # measure the first layers only
         config = _truncated(config, sum(split))
-    job = Job(finetuning_type=args.finetuning, half=args.fp16, seq_len=args.seq, batch=args.batch,
-              gradient_checkpointing=args.checkpointing, lora_targets=tuple(args.lora_target.split(",")),
-              micro_batches_in_flight=args.in_flight, num_layer_trainable=args.num_layer_trainable,
-              name_module_trainable=args.name_module_trainable)
+    job = Job(
+        finetuning_type=args.finetuning,
+        half=args.fp16,
+        seq_len=args.seq,
+        batch=args.batch,
+        gradient_checkpointing=args.checkpointing,
+        lora_targets=tuple(args.lora_target.split(",")),
+        micro_batches_in_flight=args.in_flight,
+        num_layer_trainable=args.num_layer_trainable,
+        name_module_trainable=args.name_module_trainable,
+    )
     results = measure(config, split, job, args.mode, steps=args.steps)
-    print(f"{args.mode}: {args.finetuning}{' fp16' if args.fp16 else ' fp32'}, seq {args.seq}, batch {args.batch}"
-          f"{', checkpointing' if args.checkpointing else ''}{f', {args.in_flight} in flight' if args.in_flight > 1 else ''},"
-          f" h={config.hidden_size}, split {split}")
+    print(
+        f"{args.mode}: {args.finetuning}{' fp16' if args.fp16 else ' fp32'}, seq {args.seq}, batch {args.batch}"
+        f"{', checkpointing' if args.checkpointing else ''}{f', {args.in_flight} in flight' if args.in_flight > 1 else ''},"
+        f" h={config.hidden_size}, split {split}"
+    )
     print(render(results, args.mode))
     return 0
 

@@ -34,9 +34,18 @@ from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = {"model_type": "llama", "vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1376,
-         "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-         "max_position_embeddings": 2048, "tie_word_embeddings": False}
+SHAPE = {
+    "model_type": "llama",
+    "vocab_size": 2048,
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 
 
 def make_model(folder: Path) -> None:
@@ -64,8 +73,9 @@ def single(folder: Path, args) -> dict:
     from chipspan.chips.placement import even_placement
     from chipspan.chips.span import SpannedModel
 
-    model = SpannedModel.load(folder, even_placement(ModelConfig.from_folder(folder), [torch.device("cpu")]),
-                              torch.float32)
+    model = SpannedModel.load(
+        folder, even_placement(ModelConfig.from_folder(folder), [torch.device("cpu")]), torch.float32
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     data = batch(args.batch, args.seq)
 
@@ -82,8 +92,8 @@ def pipelined(folder: Path, args) -> dict:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
-    from chipspan.chips.placement import split_layers
     from chipspan.args import parse_run_arguments
+    from chipspan.chips.placement import split_layers
     from chipspan.distributed.gradients import clip_global_norm
     from chipspan.distributed.loop import replica_rows
     from chipspan.distributed.mesh import plan_layout, start
@@ -100,14 +110,34 @@ def pipelined(folder: Path, args) -> dict:
                 return method(*a, **k)
             finally:
                 busy[0] += time.perf_counter() - started
+
         return run
 
     PipelineStage.forward_one_chunk = timed(PipelineStage.forward_one_chunk)
     PipelineStage.backward_one_chunk = timed(PipelineStage.backward_one_chunk)
-    run = parse_run_arguments(["--do_train", "--model_name_or_path", str(folder), "--dataset", "x", "--output_dir",
-                               "x", "--finetuning_type", "full", "--per_device_train_batch_size", str(args.batch),
-                               "--micro_batches", str(args.batch), "--pipeline_schedule", args.schedule,
-                               "--disable_gradient_checkpointing", "--learning_rate", "1e-5"], {})
+    run = parse_run_arguments(
+        [
+            "--do_train",
+            "--model_name_or_path",
+            str(folder),
+            "--dataset",
+            "x",
+            "--output_dir",
+            "x",
+            "--finetuning_type",
+            "full",
+            "--per_device_train_batch_size",
+            str(args.batch),
+            "--micro_batches",
+            str(args.batch),
+            "--pipeline_schedule",
+            args.schedule,
+            "--disable_gradient_checkpointing",
+            "--learning_rate",
+            "1e-5",
+        ],
+        {},
+    )
     device = torch.device("cpu")
     layout = plan_layout(int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), 1, 1)
     mesh = start(layout, device)
@@ -135,18 +165,37 @@ def pipelined(folder: Path, args) -> dict:
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     dist.destroy_process_group()
-    return {"seconds_per_step": max(r["seconds_per_step"] for r in results),
-            "bubble": sum(r["bubble"] for r in results) / len(results)}
+    return {
+        "seconds_per_step": max(r["seconds_per_step"] for r in results),
+        "bubble": sum(r["bubble"] for r in results) / len(results),
+    }
 
 
 def launch(folder: Path, mode: str, args, processes: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = folder / f"{mode}.json"
-    worker = [str(Path(__file__)), "--worker", mode, "--model", str(folder), "--out", str(out),
-              "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-              "--schedule", args.schedule]
-    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-               if processes > 1 else [sys.executable]) + worker
+    worker = [
+        str(Path(__file__)),
+        "--worker",
+        mode,
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--schedule",
+        args.schedule,
+    ]
+    command = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    ) + worker
     subprocess.run(command, env=env, check=True, capture_output=True)
     return json.loads(out.read_text())
 
@@ -174,10 +223,16 @@ def main() -> None:
         two = launch(folder, "pipeline", args, 2)
     tokens = args.batch * args.seq
     p, m = 2, args.batch
-    print(f"model: 8 layers, hidden 512; batch {args.batch} x {args.seq} tokens, full fine-tuning, fp32, 1 thread per process")
-    print(f"1 process          : {tokens / one['seconds_per_step']:8.1f} tokens/s ({one['seconds_per_step']:.2f} s/step)")
-    print(f"2 stages ({args.schedule:>9}): {tokens / two['seconds_per_step']:8.1f} tokens/s ({two['seconds_per_step']:.2f} s/step), "
-          f"m = {m} micro-batches")
+    print(
+        f"model: 8 layers, hidden 512; batch {args.batch} x {args.seq} tokens, full fine-tuning, fp32, 1 thread per process"
+    )
+    print(
+        f"1 process          : {tokens / one['seconds_per_step']:8.1f} tokens/s ({one['seconds_per_step']:.2f} s/step)"
+    )
+    print(
+        f"2 stages ({args.schedule:>9}): {tokens / two['seconds_per_step']:8.1f} tokens/s ({two['seconds_per_step']:.2f} s/step), "
+        f"m = {m} micro-batches"
+    )
     print(f"speed-up           : {one['seconds_per_step'] / two['seconds_per_step']:.2f}x")
     print(f"bubble             : measured {two['bubble']:.3f}, ideal (p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.3f}")
     print(f"machine load (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")

@@ -30,8 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-SHAPE = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
-         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
+SHAPE = {
+    "model_type": "llama",
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
 
 
 def measure_stages(jobs: list[dict], out: Path) -> list[list[dict]]:
@@ -39,9 +47,23 @@ def measure_stages(jobs: list[dict], out: Path) -> list[list[dict]]:
     per job, each stage's {stage, layers, in_flight, predicted, measured} in bytes."""
     (out / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             __file__, "--worker", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            __file__,
+            "--worker",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return [[json.loads((out / f"job{j}-stage{s}.json").read_text()) for s in range(2)] for j in range(len(jobs))]
@@ -49,6 +71,7 @@ def measure_stages(jobs: list[dict], out: Path) -> list[list[dict]]:
 
 def worker(out: Path) -> None:
     import torch.distributed as dist
+    from memory_check import Tracker
 
     from chipspan.args import parse_run_arguments
     from chipspan.chips.memory import Schedule, split_estimates
@@ -62,7 +85,6 @@ def worker(out: Path) -> None:
     from chipspan.distributed.trainable import prepare_stages
     from chipspan.models.config import ModelConfig
     from chipspan.models.decoder import CausalLM
-    from memory_check import Tracker
 
     torch.set_num_threads(1)
     rank, device = int(os.environ["RANK"]), torch.device("cpu")
@@ -70,25 +92,54 @@ def worker(out: Path) -> None:
     for index, job in enumerate(json.loads((out / "jobs.json").read_text())):
         micro, schedule = job["micro_batches"], job["schedule"]
         run = parse_run_arguments(
-            ["--do_train", "--model_name_or_path", "unused", "--dataset", "x", "--output_dir", "x",
-             "--finetuning_type", job["finetuning"], "--lora_target", "q_proj,v_proj", "--cutoff_len", str(job["seq"]),
-             "--per_device_train_batch_size", str(micro), "--micro_batches", str(micro),
-             "--pipeline_schedule", schedule, "--disable_gradient_checkpointing", "--launcher", "torchrun"], {})
+            [
+                "--do_train",
+                "--model_name_or_path",
+                "unused",
+                "--dataset",
+                "x",
+                "--output_dir",
+                "x",
+                "--finetuning_type",
+                job["finetuning"],
+                "--lora_target",
+                "q_proj,v_proj",
+                "--cutoff_len",
+                str(job["seq"]),
+                "--per_device_train_batch_size",
+                str(micro),
+                "--micro_batches",
+                str(micro),
+                "--pipeline_schedule",
+                schedule,
+                "--disable_gradient_checkpointing",
+                "--launcher",
+                "torchrun",
+            ],
+            {},
+        )
         layout = plan_layout(2, rank, 1, VIRTUAL_STAGES[schedule])
         mesh = start(layout, device)
         split = split_layers(config.num_hidden_layers, layout.num_stages)
         tracker = Tracker()
         with tracker:
             torch.manual_seed(0)
-            pieces = [CausalLM(config, layers=split[s], embed=s == 0, head=s == layout.num_stages - 1)
-                      for s in layout.stages]
+            pieces = [
+                CausalLM(config, layers=split[s], embed=s == 0, head=s == layout.num_stages - 1) for s in layout.stages
+            ]
             prepare_stages(pieces, config, run.finetuning, None)
             training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=100)
             for group in training.optimizer.param_groups:
                 group["foreach"] = True  # what torch picks on an accelerator, and what the plan prices
             ids = torch.randint(0, config.vocab_size, (micro, job["seq"]), generator=torch.Generator().manual_seed(1))
-            rows = replica_rows([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
-                                layout, micro, 0, training.data_group, device)
+            rows = replica_rows(
+                [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
+                layout,
+                micro,
+                0,
+                training.data_group,
+                device,
+            )
             for step in range(2):
                 if step == 1:
                     tracker.reset_peaks()
@@ -101,9 +152,17 @@ def worker(out: Path) -> None:
         knobs = job_of(run)
         stages = split_estimates(config, split, Schedule(schedule, micro), **knobs)
         for s in layout.stages:
-            (out / f"job{index}-stage{s}.json").write_text(json.dumps({
-                "stage": s, "layers": [split[s].start, split[s].stop - 1], "in_flight": stages[s].in_flight,
-                "predicted": stages[s].total, "measured": measured}))
+            (out / f"job{index}-stage{s}.json").write_text(
+                json.dumps(
+                    {
+                        "stage": s,
+                        "layers": [split[s].start, split[s].stop - 1],
+                        "in_flight": stages[s].in_flight,
+                        "predicted": stages[s].total,
+                        "measured": measured,
+                    }
+                )
+            )
         del pieces, training
         dist.barrier()
     dist.destroy_process_group()
@@ -120,16 +179,24 @@ def main(argv=None) -> int:
     if args.worker:
         worker(Path(args.worker))
         return 0
-    job = {"finetuning": args.finetuning, "schedule": args.schedule, "micro_batches": args.micro_batches,
-           "seq": args.seq}
+    job = {
+        "finetuning": args.finetuning,
+        "schedule": args.schedule,
+        "micro_batches": args.micro_batches,
+        "seq": args.seq,
+    }
     with tempfile.TemporaryDirectory() as folder:
         stages = measure_stages([job], Path(folder))[0]
-    print(f"{args.schedule}, {args.micro_batches} micro-batches of 1 x {args.seq} tokens, {args.finetuning}, fp32, "
-          f"2 stage processes (h={SHAPE['hidden_size']}, {SHAPE['num_hidden_layers']} layers)")
+    print(
+        f"{args.schedule}, {args.micro_batches} micro-batches of 1 x {args.seq} tokens, {args.finetuning}, fp32, "
+        f"2 stage processes (h={SHAPE['hidden_size']}, {SHAPE['num_hidden_layers']} layers)"
+    )
     print(f"{'stage':>5} {'layers':>7} {'m':>3} {'predicted':>10} {'measured':>10} {'ratio':>6}")
     for s in stages:
-        print(f"{s['stage']:>5} {s['layers'][0]:>3}-{s['layers'][1]:<3} {s['in_flight']:>3} "
-              f"{s['predicted'] / 2**20:10.2f} {s['measured'] / 2**20:10.2f} {s['predicted'] / s['measured']:6.3f}")
+        print(
+            f"{s['stage']:>5} {s['layers'][0]:>3}-{s['layers'][1]:<3} {s['in_flight']:>3} "
+            f"{s['predicted'] / 2**20:10.2f} {s['measured'] / 2**20:10.2f} {s['predicted'] / s['measured']:6.3f}"
+        )
     print("(MiB; m: micro-batches in flight; measured: the stage process's tracked peak over one optimizer step)")
     return 0
 

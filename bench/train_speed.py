@@ -54,8 +54,9 @@ def reference_step_fn(folder: Path):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                       task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -93,21 +94,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as registry:
         entry = {"alpaca_zh_demo": {"file_name": str(SHARED_DATA / "alpaca_zh_demo.json")}}
         (Path(registry) / "dataset_info.json").write_text(json.dumps(entry))
-        examples = load_examples("alpaca_zh_demo", registry, tokenizer, "default", cutoff_len=args.cutoff,
-                                 max_samples=args.steps * args.rounds)
+        examples = load_examples(
+            "alpaca_zh_demo",
+            registry,
+            tokenizer,
+            "default",
+            cutoff_len=args.cutoff,
+            max_samples=args.steps * args.rounds,
+        )
     batches = [(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in examples]
     loops = {"chipspan": chipspan_step_fn(folder, args.chips), "transformers+peft": reference_step_fn(folder)}
     totals = {name: [0.0, 0] for name in loops}
     for round_index in range(args.rounds):
-        part = batches[round_index * args.steps:(round_index + 1) * args.steps]
+        part = batches[round_index * args.steps : (round_index + 1) * args.steps]
         for name, step in loops.items():
             seconds, tokens = timed(step, part)
             totals[name][0] += seconds
             totals[name][1] += tokens
             print(f"round {round_index + 1} {name:>18}: {tokens / seconds:7.1f} tokens/s")
     speed = {name: tokens / seconds for name, (seconds, tokens) in totals.items()}
-    print(f"chipspan / transformers+peft: {speed['chipspan'] / speed['transformers+peft']:.2f}x "
-          f"({speed['chipspan']:.1f} vs {speed['transformers+peft']:.1f} tokens/s, {torch.get_num_threads()} threads)")
+    print(
+        f"chipspan / transformers+peft: {speed['chipspan'] / speed['transformers+peft']:.2f}x "
+        f"({speed['chipspan']:.1f} vs {speed['transformers+peft']:.1f} tokens/s, {torch.get_num_threads()} threads)"
+    )
 
 
 if __name__ == "__main__":

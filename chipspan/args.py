@@ -12,9 +12,10 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -87,28 +88,35 @@ class DataArguments:
     template: str = field(default="default", metadata={"help": "prompt template"})
     template_revision: str = field(default="seed", metadata={"help": "seed | lf-0.9"})
     cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example", "range": AT_LEAST_1})
-    max_samples: int | None = field(default=None, metadata={"help": "first N rows of each dataset",
-                                                             "range": Range(1, example="1000")})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "first N rows of each dataset", "range": Range(1, example="1000")}
+    )
     overwrite_cache: bool = field(default=False, metadata={"help": "re-encode the dataset"})
-    val_size: float = field(default=0.0, metadata={"help": "held-out rows (count or fraction)",
-                                                    "range": Range(0, example="0.1", whole_above=1)})
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "held-out rows (count or fraction)", "range": Range(0, example="0.1", whole_above=1)},
+    )
     train_on_prompt: bool = field(default=False, metadata={"help": "train on prompt tokens too"})
     mask_history: bool = field(default=False, metadata={"help": "train only the last assistant turn"})
     default_system: str | None = field(default=None, metadata={"help": "replace the template's system prompt"})
     tool_format: str | None = field(default=None, metadata={"help": "how tool calls are written (lf-0.9)"})
-    packing: bool | None = field(default=None, metadata={
-        "help": "pack SFT examples into cutoff_len blocks, each kept apart in attention"})
+    packing: bool | None = field(
+        default=None, metadata={"help": "pack SFT examples into cutoff_len blocks, each kept apart in attention"}
+    )
     sft_packing: bool = field(default=False, metadata={"help": "the seed's name for --packing"})
-    neat_packing: bool = field(default=False, metadata={
-        "help": "accepted from LLaMA-Factory; chipspan's packing always keeps examples apart"})
-    mix_strategy: str = field(default="concat", metadata={
-        "help": "concat | interleave_under | interleave_over"})
-    interleave_probs: str | None = field(default=None, metadata={
-        "help": "comma list of sampling probabilities, one per dataset (interleave)"})
+    neat_packing: bool = field(
+        default=False, metadata={"help": "accepted from LLaMA-Factory; chipspan's packing always keeps examples apart"}
+    )
+    mix_strategy: str = field(default="concat", metadata={"help": "concat | interleave_under | interleave_over"})
+    interleave_probs: str | None = field(
+        default=None, metadata={"help": "comma list of sampling probabilities, one per dataset (interleave)"}
+    )
     streaming: bool = field(default=False, metadata={"help": "read JSON-lines files lazily"})
     buffer_size: int = field(default=16384, metadata={"help": "shuffle buffer when streaming", "range": AT_LEAST_1})
-    preprocessing_num_workers: int | None = field(default=None, metadata={
-        "help": "accepted from LLaMA-Factory; encoding runs in one process", "range": Range(1, example="8")})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "accepted from LLaMA-Factory; encoding runs in one process", "range": Range(1, example="8")},
+    )
 
 
 @dataclass
@@ -117,10 +125,13 @@ class FinetuningArguments:
     finetuning_type: str = field(default="lora", metadata={"help": "lora | full | freeze"})
     lora_target: str | None = field(default=None, metadata={"help": "comma list of module names, or all"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank", "range": AT_LEAST_1})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * rank)",
-                                                              "range": Range(0, low_open=True, example="16")})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input",
-                                                        "range": Range(0, 1, high_open=True, example="0.05")})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha (default 2 * rank)", "range": Range(0, low_open=True, example="16")}
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout on the LoRA input", "range": Range(0, 1, high_open=True, example="0.05")},
+    )
     additional_target: str | None = field(default=None, metadata={"help": "modules trained in full beside LoRA"})
     num_layer_trainable: int = field(default=3, metadata={"help": "freeze: layers trained (<0: the first)"})
     name_module_trainable: str = field(default="mlp", metadata={"help": "freeze: mlp | self_attn | all"})
@@ -133,46 +144,61 @@ class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "where results and checkpoints go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a non-empty output_dir"})
     do_train: bool = field(default=False, metadata={"help": "train (the seed's flag)"})
-    do_eval: bool = field(default=False, metadata={"help": "report eval_loss (held-out rows; all rows without --do_train)"})
-    do_predict: bool = field(default=False, metadata={
-        "help": "answer the eval rows and write generated_predictions.jsonl"})
+    do_eval: bool = field(
+        default=False, metadata={"help": "report eval_loss (held-out rows; all rows without --do_train)"}
+    )
+    do_predict: bool = field(
+        default=False, metadata={"help": "answer the eval rows and write generated_predictions.jsonl"}
+    )
     eval_strategy: str = field(default="no", metadata={"help": "no | steps | epoch: evaluate while training"})
-    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default logging_steps)",
-                                                            "range": Range(1, example="100")})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per eval batch",
-                                                                  "range": BATCH})
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "evaluate every N steps (default logging_steps)", "range": Range(1, example="100")},
+    )
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per eval batch", "range": BATCH})
     predict_with_generate: bool = field(default=False, metadata={"help": "accepted; --do_predict always generates"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per step and device",
-                                                                   "range": BATCH})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step",
-                                                                   "range": BATCH})
-    micro_batches: int | None = field(default=None, metadata={
-        "help": "split each batch into M micro-batches pipelined over the chips (default: the plan's choice)",
-        "range": Range(1, MAX_BATCH, example="4")})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "examples per step and device", "range": BATCH}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-steps per optimizer step", "range": BATCH}
+    )
+    micro_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "split each batch into M micro-batches pipelined over the chips (default: the plan's choice)",
+            "range": Range(1, MAX_BATCH, example="4"),
+        },
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate", "range": POSITIVE})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": Range(0, example="0.01")})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": BETA})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2", "range": BETA})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": POSITIVE})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)",
-                                                         "range": AT_LEAST_0})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the global gradient norm (0: off)", "range": AT_LEAST_0}
+    )
     num_train_epochs: float = field(default=3.0, metadata={"help": "epochs (fractions allowed)", "range": AT_LEAST_0})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs (-1: off)",
-                                                  "range": Range(-1, example="1000")})
-    lr_scheduler_type: str = field(default="linear",
-                                   metadata={"help": "linear | cosine | constant | constant_with_warmup"})
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "optimizer steps; overrides num_train_epochs (-1: off)", "range": Range(-1, example="1000")},
+    )
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "linear | cosine | constant | constant_with_warmup"}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps", "range": AT_LEAST_0})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "warm-up as a fraction of all steps",
-                                                        "range": Range(0, 1, example="0.1")})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "warm-up as a fraction of all steps", "range": Range(0, 1, example="0.1")}
+    )
     logging_steps: int = field(default=500, metadata={"help": "log every N steps", "range": AT_LEAST_1})
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: never)",
-                                                    "range": AT_LEAST_0})
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep the newest N checkpoints",
-                                                                  "range": Range(1, example="3")})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "a checkpoint folder to continue from, or true for the last one in output_dir"})
-    seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)",
-                                        "range": SEEDS})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0: never)", "range": AT_LEAST_0})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "keep the newest N checkpoints", "range": Range(1, example="3")}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint folder to continue from, or true for the last one in output_dir"}
+    )
+    seed: int = field(default=42, metadata={"help": "random seed (shuffling, LoRA init, dropout)", "range": SEEDS})
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
@@ -184,18 +210,33 @@ class TrainingArguments:
 class ChipArguments:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda | tpu | npu | xpu | emu | ..."})
     chips: str | None = field(default=None, metadata={"help": "chips to span, e.g. 0-3 or 0,1 (default: 0)"})
-    chip_memory: str | None = field(default=None, metadata={
-        "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips",
-        "size": True})
-    usable_fraction: float = field(default=1.0, metadata={"help": "share of chip_memory a job may use (plan)",
-                                                           "range": Range(0, 1, low_open=True, example="0.9")})
-    launcher: str | None = field(default=None, metadata={
-        "help": "torchrun: one process per chip (re-runs this command under torchrun)"})
-    pipeline_schedule: str = field(default="1f1b", metadata={
-        "help": "one process per chip: gpipe | 1f1b | interleaved1f1b (2 stages per process)"})
-    data_parallel: int = field(default=1, metadata={
-        "help": "one process per chip: data-parallel replicas of the pipeline (processes = stages x this)",
-        "range": Range(1, example="2")})
+    chip_memory: str | None = field(
+        default=None,
+        metadata={
+            "help": "memory of one chip, e.g. 16GiB: the budget `plan` checks; the limit of emulated chips",
+            "size": True,
+        },
+    )
+    usable_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "share of chip_memory a job may use (plan)",
+            "range": Range(0, 1, low_open=True, example="0.9"),
+        },
+    )
+    launcher: str | None = field(
+        default=None, metadata={"help": "torchrun: one process per chip (re-runs this command under torchrun)"}
+    )
+    pipeline_schedule: str = field(
+        default="1f1b", metadata={"help": "one process per chip: gpipe | 1f1b | interleaved1f1b (2 stages per process)"}
+    )
+    data_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "one process per chip: data-parallel replicas of the pipeline (processes = stages x this)",
+            "range": Range(1, example="2"),
+        },
+    )
 
 
 @dataclass
@@ -204,15 +245,17 @@ class GeneratingArguments:
 
     do_sample: bool = field(default=True, metadata={"help": "sample (false: greedy)"})
     temperature: float = field(default=0.95, metadata={"help": "sampling temperature", "range": POSITIVE})
-    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass",
-                                            "range": Range(0, 1, low_open=True)})
-    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens (0: all)",
-                                          "range": AT_LEAST_0})
-    max_new_tokens: int = field(default=512, metadata={"help": "tokens generated per answer at most",
-                                                    "range": AT_LEAST_1})
+    top_p: float = field(default=0.7, metadata={"help": "nucleus sampling mass", "range": Range(0, 1, low_open=True)})
+    top_k: int = field(
+        default=50, metadata={"help": "sample among the k likeliest tokens (0: all)", "range": AT_LEAST_0}
+    )
+    max_new_tokens: int = field(
+        default=512, metadata={"help": "tokens generated per answer at most", "range": AT_LEAST_1}
+    )
     num_beams: int = field(default=1, metadata={"help": "1 (beam search is not supported)", "range": AT_LEAST_1})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 (penalties are not supported)",
-                                                              "range": POSITIVE})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "1.0 (penalties are not supported)", "range": POSITIVE}
+    )
 
 
 @dataclass
@@ -225,8 +268,14 @@ class RunArguments:
     generating: GeneratingArguments
 
 
-_GROUPS = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
-           ("training", TrainingArguments), ("chips", ChipArguments), ("generating", GeneratingArguments))
+_GROUPS = (
+    ("model", ModelArguments),
+    ("data", DataArguments),
+    ("finetuning", FinetuningArguments),
+    ("training", TrainingArguments),
+    ("chips", ChipArguments),
+    ("generating", GeneratingArguments),
+)
 
 
 def known_flags() -> dict[str, tuple[str, dataclasses.Field, type]]:
@@ -301,7 +350,6 @@ def _check_size(name: str, value: str) -> None:
         raise ChipspanError(f"--{name} {shown(value)}: must be a size above 0, e.g. 16GiB or 500MB")
 
 
-
 def _collect(argv: list[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     i = 0
@@ -326,8 +374,9 @@ def _collect(argv: list[str]) -> dict[str, Any]:
             name, _, value = token.partition("=")
             values[name.replace("-", "_")] = value
         else:
-            raise ChipspanError(f"cannot read argument '{token}': write flags as --name value, "
-                                "key=value, or name a .yaml file")
+            raise ChipspanError(
+                f"cannot read argument '{token}': write flags as --name value, key=value, or name a .yaml file"
+            )
         i += 1
     return values
 
@@ -362,8 +411,9 @@ def _seed_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             count, start = int(split or 1), int(first or 0)
         except ValueError:
-            raise ChipspanError(f"SOPHGO_SPLIT={split!r} and CHIPS={first!r} must be whole numbers "
-                                "(chips to span, first chip id)") from None
+            raise ChipspanError(
+                f"SOPHGO_SPLIT={split!r} and CHIPS={first!r} must be whole numbers (chips to span, first chip id)"
+            ) from None
         if count < 1 or start < 0:
             raise ChipspanError(f"SOPHGO_SPLIT must be >= 1 and CHIPS >= 0 (got {count} and {start})")
         values["chips"] = f"{start}-{start + count - 1}"
@@ -411,9 +461,11 @@ def _unknown_flag_message(name: str, flags: Mapping[str, Any]) -> str:
 
 def flags_help() -> str:
     """Every flag of `chipspan train`, grouped, with its default and meaning."""
-    lines = ["usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
-             "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K",
-             "older names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items())]
+    lines = [
+        "usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
+        "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K",
+        "older names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items()),
+    ]
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):

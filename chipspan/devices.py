@@ -47,8 +47,10 @@ def prepare_device_type(device_type: str, chips_wanted: int = 1, emu_memory_limi
     try:
         importlib.import_module(plugin)
     except ImportError as exc:
-        raise ChipspanError(f"device '{device_type}' needs the PyTorch plugin '{plugin}', which cannot be "
-                            f"imported ({exc}); install your vendor's {plugin} package") from None
+        raise ChipspanError(
+            f"device '{device_type}' needs the PyTorch plugin '{plugin}', which cannot be "
+            f"imported ({exc}); install your vendor's {plugin} package"
+        ) from None
 
 
 def device_count(device_type: str) -> int:
@@ -90,8 +92,10 @@ def chip_devices(device_type: str, chip_ids: list[int]) -> list[torch.device]:
     available = device_count(device_type)
     beyond = [i for i in chip_ids if i >= available]
     if beyond:
-        raise ChipspanError(f"chip {beyond[0]} does not exist: this machine shows {available} '{device_type}' "
-                            f"device(s), ids 0-{available - 1}; lower CHIPS/SOPHGO_SPLIT or --chips")
+        raise ChipspanError(
+            f"chip {beyond[0]} does not exist: this machine shows {available} '{device_type}' "
+            f"device(s), ids 0-{available - 1}; lower CHIPS/SOPHGO_SPLIT or --chips"
+        )
     return [torch.device(device_type, i) for i in chip_ids]
 
 

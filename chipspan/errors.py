@@ -12,4 +12,4 @@ class ChipspanError(Exception):
 def shown(value: object, limit: int = 40) -> str:
     """``value`` as an error line quotes it: its text, cut to ``limit`` characters."""
     text = str(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -43,10 +43,14 @@ def seal(folder: Path, kind: str, settings: dict | None = None, known: dict[str,
     ``known``: entries (:func:`file_entry`) already computed by whoever wrote those files.
     """
     known = known or {}
-    files = {p.name: known.get(p.name) or file_entry(p)
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    _write(folder, {"written_by": "chipspan", "version": VERSION, "kind": kind, "files": files,
-                    "settings": settings or {}})
+    files = {
+        p.name: known.get(p.name) or file_entry(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    _write(
+        folder, {"written_by": "chipspan", "version": VERSION, "kind": kind, "files": files, "settings": settings or {}}
+    )
 
 
 def mark(folder: Path, kind: str) -> None:
@@ -118,13 +122,18 @@ def _parse(folder: Path, kind: str) -> dict | None:
         manifest = json.loads(file.read_bytes())
     except (OSError, ValueError):
         raise ValueError(f"its {MANIFEST} cannot be read") from None
-    if not (isinstance(manifest, dict) and manifest.get("written_by") == "chipspan"
-            and manifest.get("kind") == kind and isinstance(manifest.get("files"), dict)
-            and isinstance(manifest.get("settings", {}), dict)):
+    if not (
+        isinstance(manifest, dict)
+        and manifest.get("written_by") == "chipspan"
+        and manifest.get("kind") == kind
+        and isinstance(manifest.get("files"), dict)
+        and isinstance(manifest.get("settings", {}), dict)
+    ):
         raise ValueError(f"its {MANIFEST} is not chipspan's manifest of a {kind} folder")
     for name, entry in manifest["files"].items():
-        if not _plain_name(name) or not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
-                                         and isinstance(entry.get("sha256"), str)):
+        if not _plain_name(name) or not (
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        ):
             raise ValueError(f"its {MANIFEST} lists {name!r}, which is not a file of that folder")
     return manifest
 

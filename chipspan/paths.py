@@ -34,8 +34,10 @@ def check_output(path: str | Path, flag: str, inputs: Mapping[str, str | Path | 
             where = "holds"
         else:
             continue
-        raise ChipspanError(f"{flag} {path} {where} {name} {given}, which this run reads: choose another {kind} "
-                            "for the outputs, so nothing of the input is overwritten")
+        raise ChipspanError(
+            f"{flag} {path} {where} {name} {given}, which this run reads: choose another {kind} "
+            "for the outputs, so nothing of the input is overwritten"
+        )
 
 
 def _check_shape(path: Path, flag: str, kind: str) -> None:
@@ -53,8 +55,9 @@ def run_inputs(run: RunArguments) -> dict[str, Path | None]:
     """What a run reads, by how the user named it: the model folder, each adapter, the datasets."""
     inputs: dict[str, Path | None] = {"the model folder (--model_name_or_path)": _path(run.model.model_name_or_path)}
     given = run.model.adapter_name_or_path
-    adapters = [] if not given else [given] if Path(given).exists() else [a.strip() for a in given.split(",")
-                                                                          if a.strip()]
+    adapters = (
+        [] if not given else [given] if Path(given).exists() else [a.strip() for a in given.split(",") if a.strip()]
+    )
     for i, adapter in enumerate(adapters):
         inputs[f"the adapter (--adapter_name_or_path{f', #{i + 1}' if len(adapters) > 1 else ''})"] = Path(adapter)
     inputs.update(dataset_inputs(run.data))
@@ -73,8 +76,11 @@ def dataset_inputs(data: DataArguments) -> dict[str, Path]:
         entries = registry.lookup(data.dataset, folder)
     except ChipspanError:  # a dataset that cannot be found is not read: loading it says so, after the plan
         entries = []
-    inputs = {f"the file(s) of dataset '{entry.name}'": folder / entry.file_name
-              for entry in entries if isinstance(entry.file_name, str)}
+    inputs = {
+        f"the file(s) of dataset '{entry.name}'": folder / entry.file_name
+        for entry in entries
+        if isinstance(entry.file_name, str)
+    }
     if (folder / registry.REGISTRY_FILE).is_file():
         inputs["the dataset registry"] = folder / registry.REGISTRY_FILE
     return inputs

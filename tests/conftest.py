@@ -54,11 +54,19 @@ def llama2_vocab_dir():
 def make_workspace(root, num_layers: int):
     """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
     ``root/model``, and the seed's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
-    from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
+    from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
     from test_decoder_parity import make_reference
 
-    make_reference(root / "model", "llama2-mha", vocab_size=32000, hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4)
+    make_reference(
+        root / "model",
+        "llama2-mha",
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     for file in LLAMA2_TOKENIZER.iterdir():
         shutil.copy(file, root / "model")
     (root / "data").mkdir()

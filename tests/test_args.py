@@ -9,8 +9,9 @@ from chipspan.errors import ChipspanError
 
 def test_yaml_then_key_value_then_flags(tmp_path):
     run_file = tmp_path / "run.yaml"
-    run_file.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\nfp16: true\nlora_target: q_proj\n"
-                        "num_train_epochs: 2\n")
+    run_file.write_text(
+        "model_name_or_path: m\nlearning_rate: 1.0e-4\nfp16: true\nlora_target: q_proj\nnum_train_epochs: 2\n"
+    )
     run = parse_run_arguments([str(run_file), "learning_rate=3e-4", "--fp16", "false", "--max_steps", "7"], {})
     assert run.model.model_name_or_path == "m" and run.finetuning.lora_target == "q_proj"
     assert run.training.learning_rate == 3e-4 and run.training.fp16 is False
@@ -30,14 +31,17 @@ def test_seed_environment_sets_device_and_chips():
     assert parse_run_arguments(["--chips", "0-1"], {"SOPHGO_SPLIT": "4"}).chips.chips == "0-1"  # flags win
 
 
-@pytest.mark.parametrize("argv,env,message", [
-    (["--learning_rate", "fast"], {}, "--learning_rate takes a number, not 'fast'"),
-    (["--max_steps", "2.5"], {}, "--max_steps takes a whole number, not '2.5'"),
-    (["--fp16=maybe"], {}, "--fp16 takes true or false, not 'maybe'"),
-    (["--outptu_dir", "x"], {}, "unknown flag --outptu_dir; did you mean --output_dir?"),
-    (["stray"], {}, "cannot read argument 'stray'"),
-    ([], {"SOPHGO_SPLIT": "two"}, "must be whole numbers"),
-])
+@pytest.mark.parametrize(
+    "argv,env,message",
+    [
+        (["--learning_rate", "fast"], {}, "--learning_rate takes a number, not 'fast'"),
+        (["--max_steps", "2.5"], {}, "--max_steps takes a whole number, not '2.5'"),
+        (["--fp16=maybe"], {}, "--fp16 takes true or false, not 'maybe'"),
+        (["--outptu_dir", "x"], {}, "unknown flag --outptu_dir; did you mean --output_dir?"),
+        (["stray"], {}, "cannot read argument 'stray'"),
+        ([], {"SOPHGO_SPLIT": "two"}, "must be whole numbers"),
+    ],
+)
 def test_bad_settings_are_named(argv, env, message):
     with pytest.raises(ChipspanError, match=message.replace("?", r"\?").replace(".", r"\.")):
         parse_run_arguments(argv, env)
@@ -49,36 +53,39 @@ def test_chip_lists():
         parse_chip_ids("0,2")
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("learning_rate", "inf", "--learning_rate inf: must be a finite number > 0 (e.g. 5e-05)"),
-    ("learning_rate", "nan", "--learning_rate nan: must be a finite number > 0"),
-    ("learning_rate", "0", "--learning_rate 0.0: must be a finite number > 0"),
-    ("logging_steps", "0", "--logging_steps 0: must be a whole number >= 1 (e.g. 500)"),
-    ("save_steps", "-5", "--save_steps -5: must be a whole number >= 0 (e.g. 500)"),
-    ("eval_steps", "0", "--eval_steps 0: must be a whole number >= 1 (e.g. 100)"),
-    ("warmup_ratio", "1.5", "--warmup_ratio 1.5: must be a finite number in [0, 1] (e.g. 0.1)"),
-    ("val_size", "2.5", "--val_size 2.5: must be a finite number in [0, 1) or a whole count >= 1"),
-    ("lora_dropout", "1", "--lora_dropout 1.0: must be a finite number in [0, 1)"),
-    ("weight_decay", "-0.1", "--weight_decay -0.1: must be a finite number >= 0"),
-    ("max_grad_norm", "-inf", "--max_grad_norm -inf: must be a finite number >= 0"),
-    ("adam_beta2", "1", "--adam_beta2 1.0: must be a finite number in [0, 1) (e.g. 0.999)"),
-    ("adam_epsilon", "0", "--adam_epsilon 0.0: must be a finite number > 0"),
-    ("lora_rank", "0", "--lora_rank 0: must be a whole number >= 1 (e.g. 8)"),
-    ("lora_alpha", "-16", "--lora_alpha -16.0: must be a finite number > 0 (e.g. 16)"),
-    ("cutoff_len", "0", "--cutoff_len 0: must be a whole number >= 1 (e.g. 1024)"),
-    ("per_device_train_batch_size", "0", "--per_device_train_batch_size 0: must be a whole number in [1, 1048576]"),
-    ("gradient_accumulation_steps", str(10**9), "--gradient_accumulation_steps 1000000000: must be a whole number"),
-    ("max_samples", "0", "--max_samples 0: must be a whole number >= 1"),
-    ("temperature", "0", "--temperature 0.0: must be a finite number > 0 (e.g. 0.95)"),
-    ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.7)"),
-    ("top_k", "-1", "--top_k -1: must be a whole number >= 0 (e.g. 50)"),
-    ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1 (e.g. 512)"),
-    ("usable_fraction", "0", "--usable_fraction 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
-    ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295] (e.g. 42)"),
-    ("chip_memory", "0GiB", "--chip_memory 0GiB: must be a size above 0, e.g. 16GiB or 500MB"),
-    ("chip_memory", "9" * 400 + "GB", "--chip_memory 9999999999999999999999999999999999999...: must be a size"),
-    ("max_steps", "9" * 5000, "--max_steps takes a whole number, not '9999"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("learning_rate", "inf", "--learning_rate inf: must be a finite number > 0 (e.g. 5e-05)"),
+        ("learning_rate", "nan", "--learning_rate nan: must be a finite number > 0"),
+        ("learning_rate", "0", "--learning_rate 0.0: must be a finite number > 0"),
+        ("logging_steps", "0", "--logging_steps 0: must be a whole number >= 1 (e.g. 500)"),
+        ("save_steps", "-5", "--save_steps -5: must be a whole number >= 0 (e.g. 500)"),
+        ("eval_steps", "0", "--eval_steps 0: must be a whole number >= 1 (e.g. 100)"),
+        ("warmup_ratio", "1.5", "--warmup_ratio 1.5: must be a finite number in [0, 1] (e.g. 0.1)"),
+        ("val_size", "2.5", "--val_size 2.5: must be a finite number in [0, 1) or a whole count >= 1"),
+        ("lora_dropout", "1", "--lora_dropout 1.0: must be a finite number in [0, 1)"),
+        ("weight_decay", "-0.1", "--weight_decay -0.1: must be a finite number >= 0"),
+        ("max_grad_norm", "-inf", "--max_grad_norm -inf: must be a finite number >= 0"),
+        ("adam_beta2", "1", "--adam_beta2 1.0: must be a finite number in [0, 1) (e.g. 0.999)"),
+        ("adam_epsilon", "0", "--adam_epsilon 0.0: must be a finite number > 0"),
+        ("lora_rank", "0", "--lora_rank 0: must be a whole number >= 1 (e.g. 8)"),
+        ("lora_alpha", "-16", "--lora_alpha -16.0: must be a finite number > 0 (e.g. 16)"),
+        ("cutoff_len", "0", "--cutoff_len 0: must be a whole number >= 1 (e.g. 1024)"),
+        ("per_device_train_batch_size", "0", "--per_device_train_batch_size 0: must be a whole number in [1, 1048576]"),
+        ("gradient_accumulation_steps", str(10**9), "--gradient_accumulation_steps 1000000000: must be a whole number"),
+        ("max_samples", "0", "--max_samples 0: must be a whole number >= 1"),
+        ("temperature", "0", "--temperature 0.0: must be a finite number > 0 (e.g. 0.95)"),
+        ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.7)"),
+        ("top_k", "-1", "--top_k -1: must be a whole number >= 0 (e.g. 50)"),
+        ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1 (e.g. 512)"),
+        ("usable_fraction", "0", "--usable_fraction 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
+        ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295] (e.g. 42)"),
+        ("chip_memory", "0GiB", "--chip_memory 0GiB: must be a size above 0, e.g. 16GiB or 500MB"),
+        ("chip_memory", "9" * 400 + "GB", "--chip_memory 9999999999999999999999999999999999999...: must be a size"),
+        ("max_steps", "9" * 5000, "--max_steps takes a whole number, not '9999"),
+    ],
+)
 def test_out_of_range_values_are_refused_with_the_range(flag, value, message):
     with pytest.raises(ChipspanError) as error:
         parse_run_arguments([f"--{flag}", value], {})
@@ -105,6 +112,23 @@ def test_yaml_values_of_the_wrong_kind_are_named(tmp_path):
 
 
 def test_values_at_the_ends_of_their_ranges_are_accepted():
-    run = parse_run_arguments(["--warmup_ratio", "1", "--val_size", "3", "--top_p", "1", "--top_k", "0",
-                               "--max_grad_norm", "0", "--usable_fraction", "1", "--seed", str(2**32 - 1)], {})
+    run = parse_run_arguments(
+        [
+            "--warmup_ratio",
+            "1",
+            "--val_size",
+            "3",
+            "--top_p",
+            "1",
+            "--top_k",
+            "0",
+            "--max_grad_norm",
+            "0",
+            "--usable_fraction",
+            "1",
+            "--seed",
+            str(2**32 - 1),
+        ],
+        {},
+    )
     assert (run.training.warmup_ratio, run.data.val_size, run.generating.top_p) == (1.0, 3.0, 1.0)

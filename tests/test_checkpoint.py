@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_decoder_parity import batch, make_reference
 
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import load_pretrained, model_state_dict, parse_size, save_weights
 from chipspan.models.config import ModelConfig
-from test_decoder_parity import batch, make_reference
 
 
 @pytest.fixture()
@@ -102,9 +102,18 @@ def test_truncated_safetensors_file(reference):
 def test_missing_folder_and_missing_weights(tmp_path):
     with pytest.raises(ChipspanError, match="does not exist"):
         load_pretrained(tmp_path / "nowhere")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
-                                                      "intermediate_size": 8, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     with pytest.raises(ChipspanError, match="no model weights"):
         load_pretrained(tmp_path)
 
@@ -115,9 +124,17 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ChipspanError, match="'gpt2' .* not supported; chipspan supports: llama, mistral, qwen2"):
         ModelConfig.from_dict({"model_type": "gpt2"})
     with pytest.raises(ChipspanError, match='rope_scaling type "yarn" in config.json is not supported'):
-        ModelConfig.from_dict({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
-                               "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        ModelConfig.from_dict(
+            {
+                "model_type": "llama",
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
 
 
 def test_parameter_count_matches_the_built_model(reference):

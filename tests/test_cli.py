@@ -6,15 +6,14 @@ import subprocess
 import sys
 
 import pytest
-
 from fetched_assets import LLAMA2_TOKENIZER
 from test_decoder_parity import make_reference
 
 
-
 def chipspan(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "chipspan", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "chipspan", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_one_error_line(result, *fragments):
@@ -72,12 +71,21 @@ def test_tokenizer_larger_than_the_model_vocabulary(model_folder):
 def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "target_modules": ["qproj"], "bias": "none"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "target_modules": ["qproj"],
+                "bias": "none",
+            }
+        )
+    )
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    result = chipspan("chat", "--model_name_or_path", model_folder, "--adapter_name_or_path", adapter,
-                      "--prompt", "hi")
+    result = chipspan("chat", "--model_name_or_path", model_folder, "--adapter_name_or_path", adapter, "--prompt", "hi")
     assert_one_error_line(result, "'qproj' matches no module", "q_proj", "v_proj")
 
 
@@ -90,12 +98,15 @@ def test_gguf_of_another_architecture(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
-    ("temperature", "nan", "--temperature nan: must be a finite number >= 0"),
-    ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1"),
-    ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295]"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
+        ("temperature", "nan", "--temperature nan: must be a finite number >= 0"),
+        ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1"),
+        ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295]"),
+    ],
+)
 def test_chat_sampling_values_are_checked_before_the_model_is_read(tmp_path, capsys, flag, value, message):
     from chipspan.cli import main
 

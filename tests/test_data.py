@@ -14,12 +14,12 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
+from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
 
 from chipspan.data import IGNORE_INDEX, Example, collate, load_examples
 from chipspan.data.templates import get_template
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
@@ -60,9 +60,7 @@ def encode_rows(tmp_path, tok, rows, template="default", cutoff_len=1024, column
     return load_examples("toy", tmp_path, tok, template, cutoff_len=cutoff_len, **kwargs)
 
 
-HISTORY = {
-    "prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"
-}
+HISTORY = {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"}
 HI = {"instruction": "hi", "input": "", "output": "Hello!"}
 MULTI_TURN = {"system": "Be brief.", "history": [["2+2?", "4"]], "instruction": "and 3+3?", "output": "6"}
 
@@ -221,7 +219,9 @@ def test_empty_template_adds_nothing(tmp_path, tok):
 
 
 def test_unknown_template_lists_the_known_ones(tmp_path, tok):
-    with pytest.raises(ChipspanError, match=r"unknown template 'llama3x' \(did you mean 'llama3'\?\): known templates are alp"):
+    with pytest.raises(
+        ChipspanError, match=r"unknown template 'llama3x' \(did you mean 'llama3'\?\): known templates are alp"
+    ):
         encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], template="llama3x")
     with pytest.raises(ChipspanError, match="template 'ziya' is not in LLaMA-Factory 0.9"):
         encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], template="ziya", template_revision="lf-0.9")
@@ -314,8 +314,13 @@ def test_sha1_mismatch_warns_once_and_loads(tmp_path, tok, caplog):
 
 
 def test_user_entries_replace_builtin_ones(tmp_path, tok):
-    write_dataset(tmp_path, [{"q": "hi", "a": "yo"}], name="alpaca_gpt4_zh", file_name="mine.json",
-                  columns={"prompt": "q", "response": "a"})
+    write_dataset(
+        tmp_path,
+        [{"q": "hi", "a": "yo"}],
+        name="alpaca_gpt4_zh",
+        file_name="mine.json",
+        columns={"prompt": "q", "response": "a"},
+    )
     [ex] = load_examples("alpaca_gpt4_zh", tmp_path, tok)
     assert ex.input_ids == enc(tok, "Human: hi\nAssistant: ") + enc(tok, "yo") + [EOS]
 
@@ -348,8 +353,7 @@ def test_seed_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, ca
     answer = lambda text: enc(tok, text) + [EOS]  # noqa: E731
     newline = enc(tok, "\n")
     assert example.input_ids == prompt("q1") + answer("a1") + newline + prompt("q2") + answer("a2")
-    assert example.labels == ([M] * len(prompt("q1")) + answer("a1") + [M] * len(newline + prompt("q2"))
-                              + answer("a2"))
+    assert example.labels == ([M] * len(prompt("q1")) + answer("a1") + [M] * len(newline + prompt("q2")) + answer("a2"))
 
 
 def test_stage_must_be_sft_or_pt(tmp_path, tok):

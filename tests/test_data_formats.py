@@ -1,22 +1,25 @@
 """Data formats: sharegpt and OpenAI-style rows encode like the equivalent alpaca rows."""
 
 import json
-import re
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
 
 from chipspan.data import IGNORE_INDEX, load_examples
 from chipspan.data.formats import BadRow, converter
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
 
 EOS = 2
 OPENAI_TAGS = {
-    "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
     "system_tag": "system",
 }
 HISTORY = {"prompt": "instruction", "response": "output", "history": "history", "system": "system"}
@@ -43,9 +46,7 @@ def encode(folder: Path, tok, rows: list, **entry):
 
 def test_sharegpt_multi_turn_with_system_equals_alpaca_with_history(tmp_path, tok):
     [alpaca] = encode(tmp_path / "alpaca", tok, [MULTI_TURN], columns=HISTORY)
-    messages = sharegpt(
-        ("system", "Be brief."), ("human", "2+2?"), ("gpt", "4"), ("human", "and 3+3?"), ("gpt", "6")
-    )
+    messages = sharegpt(("system", "Be brief."), ("human", "2+2?"), ("gpt", "4"), ("human", "and 3+3?"), ("gpt", "6"))
     [share] = encode(tmp_path / "sharegpt", tok, [{"conversations": messages}], formatting="sharegpt")
     assert share == alpaca
     assert alpaca.labels.count(EOS) == 2 and alpaca.labels[0] == IGNORE_INDEX  # both answers trained
@@ -55,20 +56,21 @@ def test_sharegpt_system_column_and_renamed_messages(tmp_path, tok):
     [alpaca] = encode(tmp_path / "alpaca", tok, [MULTI_TURN], columns=HISTORY)
     chat = sharegpt(("human", "2+2?"), ("gpt", "4"), ("human", "and 3+3?"), ("gpt", "6"))
     row = {"chat": chat, "sys": "Be brief."}
-    [share] = encode(tmp_path / "sharegpt", tok, [row], formatting="sharegpt",
-                     columns={"messages": "chat", "system": "sys"})
+    [share] = encode(
+        tmp_path / "sharegpt", tok, [row], formatting="sharegpt", columns={"messages": "chat", "system": "sys"}
+    )
     assert share == alpaca
 
 
 def test_openai_rows_equal_sharegpt_rows(tmp_path, tok):
-    turns = [("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("tool", "{\"x\": 1}"),
-             ("assistant", "6")]
+    turns = [("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("tool", '{"x": 1}'), ("assistant", "6")]
     openai = {"messages": sharegpt(*turns, role="role", content="content")}
     names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
     share = {"conversations": sharegpt(*[(names[r], c) for r, c in turns])}
     tags = {**OPENAI_TAGS, "observation_tag": "tool"}
-    from_openai = encode(tmp_path / "openai", tok, [openai], formatting="sharegpt",
-                         columns={"messages": "messages"}, tags=tags)
+    from_openai = encode(
+        tmp_path / "openai", tok, [openai], formatting="sharegpt", columns={"messages": "messages"}, tags=tags
+    )
     assert from_openai == encode(tmp_path / "sharegpt", tok, [share], formatting="sharegpt")
 
 
@@ -78,8 +80,13 @@ def test_function_calls_and_observations_use_the_template_tool_slots(tmp_path, t
     call = '{"name": "f", "arguments": {"x": 1}}'
     calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
     plain = sharegpt(("human", "q"), ("gpt", 'Action: f\nAction Input: {"x": 1}'), ("human", "42"), ("gpt", "a"))
-    with_tools = encode(tmp_path / "a", tok, [{"conversations": calls, "tools": "[]"}], formatting="sharegpt",
-                        columns={"messages": "conversations", "tools": "tools"})
+    with_tools = encode(
+        tmp_path / "a",
+        tok,
+        [{"conversations": calls, "tools": "[]"}],
+        formatting="sharegpt",
+        columns={"messages": "conversations", "tools": "tools"},
+    )
     assert with_tools == encode(tmp_path / "b", tok, [{"conversations": plain}], formatting="sharegpt")
 
 
@@ -100,8 +107,9 @@ def test_broken_sharegpt_rows_are_dropped_and_counted(tmp_path, tok, caplog):
         {"conversations": good, "system": 3},
     ]
     with caplog.at_level(logging.WARNING, logger="chipspan.data"):
-        examples = encode(tmp_path, tok, rows, formatting="sharegpt",
-                          columns={"messages": "conversations", "system": "system"})
+        examples = encode(
+            tmp_path, tok, rows, formatting="sharegpt", columns={"messages": "conversations", "system": "system"}
+        )
     assert examples == encode(tmp_path / "good", tok, [{"conversations": good}], formatting="sharegpt")
     assert "dropped 11 of 12 rows" in caplog.text
     for reason in (
@@ -153,8 +161,9 @@ def test_bad_entries_say_so(tmp_path, tok, entry, message):
 def test_a_file_name_outside_the_dataset_folder_is_refused(tmp_path, tok, file_name):
     (tmp_path / "outside.json").write_text(json.dumps([{"instruction": "secret", "output": "x"}]))
     folder = tmp_path / "data"
-    with pytest.raises(ChipspanError, match=f"file_name '{re.escape(file_name)}' is not a file inside "
-                                            "--dataset_dir") as info:
+    with pytest.raises(
+        ChipspanError, match=f"file_name '{re.escape(file_name)}' is not a file inside --dataset_dir"
+    ) as info:
         encode(folder, tok, [], file_name=file_name)
     assert "no absolute path, no '..'" in str(info.value)
 
@@ -182,12 +191,15 @@ def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
         assert len(example.input_ids) == len(example.labels) and trained and example.labels[-1] == EOS
 
 
-@pytest.mark.parametrize("revision, row, user", [
-    ("seed", {"instruction": "", "input": "only an input", "output": "ok"}, "\nonly an input"),
-    ("lf-0.9", {"instruction": "", "input": "only an input", "output": "ok"}, "only an input"),
-    ("lf-0.9", {"input": "q", "output": "ok"}, "q"),  # LLaMA-Factory 0.9.5's converter gives these
-    ("lf-0.9", {"instruction": "a", "input": "b", "output": "ok"}, "a\nb"),
-])
+@pytest.mark.parametrize(
+    "revision, row, user",
+    [
+        ("seed", {"instruction": "", "input": "only an input", "output": "ok"}, "\nonly an input"),
+        ("lf-0.9", {"instruction": "", "input": "only an input", "output": "ok"}, "only an input"),
+        ("lf-0.9", {"input": "q", "output": "ok"}, "q"),  # LLaMA-Factory 0.9.5's converter gives these
+        ("lf-0.9", {"instruction": "a", "input": "b", "output": "ok"}, "a\nb"),
+    ],
+)
 def test_alpaca_user_turn_is_read_as_each_revision_reads_it(revision, row, user):
     assert converter("alpaca", None, None, revision)(row).prompt == (("user", user),)
 
@@ -198,19 +210,38 @@ def test_the_seed_needs_an_instruction():
 
 
 @pytest.mark.parametrize("template", ["qwen", "auto"])
-@pytest.mark.parametrize("call, tools, message", [
-    ('{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}", "[]", "is not JSON with name and arguments"),
-    ('{"name": "f", "arguments": {}}', "[" * 100_000 + "]" * 100_000, "tools column is not JSON"),
-    ('{"name": "f", "arguments": {}}', "[1, 2]", "tools"),
-], ids=["deep-call", "deep-tools", "tools-not-objects"])
+@pytest.mark.parametrize(
+    "call, tools, message",
+    [
+        (
+            '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "[]",
+            "is not JSON with name and arguments",
+        ),
+        ('{"name": "f", "arguments": {}}', "[" * 100_000 + "]" * 100_000, "tools column is not JSON"),
+        ('{"name": "f", "arguments": {}}', "[1, 2]", "tools"),
+    ],
+    ids=["deep-call", "deep-tools", "tools-not-objects"],
+)
 def test_bad_tool_text_is_one_line(tmp_path, template, call, tools, message):
     tok = Tokenizer.from_folder(LLAMA2_TOKENIZER)
-    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
     (tmp_path / "toy.json").write_text(json.dumps([{"conversations": calls, "tools": tools}]))
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"toy": {
-        "file_name": "toy.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "toy": {
+                    "file_name": "toy.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "conversations", "tools": "tools"},
+                }
+            }
+        )
+    )
     with pytest.raises(ChipspanError, match=message) as info:
         load_examples("toy", tmp_path, tok, template, template_revision="lf-0.9")
     assert "\n" not in str(info.value)

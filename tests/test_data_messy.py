@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from fetched_assets import LLAMA2_TOKENIZER
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -15,13 +16,15 @@ from chipspan.data.formats import BadRow, converter
 from chipspan.data.loader import load_dataset_split
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) | st.text(max_size=6)
-junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                         max_size=3), max_leaves=5)
+junk = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=5,
+)
 text = st.text(max_size=12)
 maybe_text = text | junk  # mostly text, sometimes anything
 
@@ -36,20 +39,49 @@ def messages(role_key, content_key, roles):
     return st.lists(message | junk, max_size=5) | junk
 
 
-ALPACA = rows_of({"instruction": maybe_text, "input": maybe_text, "output": maybe_text | st.lists(text, max_size=2),
-                  "system": maybe_text, "history": st.lists(st.lists(maybe_text, max_size=3), max_size=2) | junk})
-SHAREGPT = rows_of({"conversations": messages("from", "value", ["human", "gpt", "system", "observation",
-                                                                 "function_call", "bob"]),
-                    "system": maybe_text, "tools": maybe_text})
+ALPACA = rows_of(
+    {
+        "instruction": maybe_text,
+        "input": maybe_text,
+        "output": maybe_text | st.lists(text, max_size=2),
+        "system": maybe_text,
+        "history": st.lists(st.lists(maybe_text, max_size=3), max_size=2) | junk,
+    }
+)
+SHAREGPT = rows_of(
+    {
+        "conversations": messages("from", "value", ["human", "gpt", "system", "observation", "function_call", "bob"]),
+        "system": maybe_text,
+        "tools": maybe_text,
+    }
+)
 OPENAI = rows_of({"messages": messages("role", "content", ["user", "assistant", "system", "tool", "bob"])})
 ENTRIES = {
-    "alpaca": {"columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                           "history": "history"}},
-    "sharegpt": {"formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system",
-                                                       "tools": "tools"}},
-    "openai": {"formatting": "sharegpt", "columns": {"messages": "messages"},
-               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                        "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}},
+    "alpaca": {
+        "columns": {
+            "prompt": "instruction",
+            "query": "input",
+            "response": "output",
+            "system": "system",
+            "history": "history",
+        }
+    },
+    "sharegpt": {
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    },
+    "openai": {
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "observation_tag": "tool",
+            "system_tag": "system",
+        },
+    },
 }
 BAD_LINES = [b"{oops", b"\xff\xfe\x00 not utf-8", b"[1,", b"", b"   "]
 
@@ -64,8 +96,9 @@ def tokenizer():
 
 def lines_of(rows):
     """JSON lines, with bad lines (and blank ones) mixed in."""
-    return st.lists(st.one_of(rows.map(lambda r: json.dumps(r).encode()), st.sampled_from(BAD_LINES)),
-                    min_size=1, max_size=12)
+    return st.lists(
+        st.one_of(rows.map(lambda r: json.dumps(r).encode()), st.sampled_from(BAD_LINES)), min_size=1, max_size=12
+    )
 
 
 def check_load(formatting: str, lines: list[bytes]):
@@ -129,8 +162,10 @@ def test_lone_surrogate_escapes_are_dropped():
 CONVERTER_CRASHES = [
     ("alpaca", {"instruction": "a", "output": "b", "history": 5}),
     ("alpaca", {"instruction": "a", "output": "b", "history": True}),
-    ("openai", {"messages": [{"role": "system"}, {"role": "user", "content": "q"},
-                             {"role": "assistant", "content": "a"}]}),
+    (
+        "openai",
+        {"messages": [{"role": "system"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ),
 ]
 
 
@@ -142,12 +177,17 @@ def test_converters_refuse_malformed_rows_with_badrow(formatting, row):
         convert(row)
 
 
-ENTRY_FIELDS = {"file_name": st.sampled_from(["toy.jsonl", "../toy.jsonl", "", "."]) | junk,
-                "formatting": st.sampled_from(["alpaca", "sharegpt"]) | junk, "columns": junk | st.dictionaries(
-                    st.sampled_from(["prompt", "response", "messages", "system", "tools"]), maybe_text, max_size=3),
-                "tags": junk | st.dictionaries(st.sampled_from(["role_tag", "content_tag", "user_tag"]), maybe_text,
-                                               max_size=2),
-                "file_sha1": junk, "split": junk, "subset": junk, "ms_hub_url": junk}
+ENTRY_FIELDS = {
+    "file_name": st.sampled_from(["toy.jsonl", "../toy.jsonl", "", "."]) | junk,
+    "formatting": st.sampled_from(["alpaca", "sharegpt"]) | junk,
+    "columns": junk
+    | st.dictionaries(st.sampled_from(["prompt", "response", "messages", "system", "tools"]), maybe_text, max_size=3),
+    "tags": junk | st.dictionaries(st.sampled_from(["role_tag", "content_tag", "user_tag"]), maybe_text, max_size=2),
+    "file_sha1": junk,
+    "split": junk,
+    "subset": junk,
+    "ms_hub_url": junk,
+}
 
 
 @SETTINGS
@@ -155,8 +195,11 @@ ENTRY_FIELDS = {"file_name": st.sampled_from(["toy.jsonl", "../toy.jsonl", "", "
 @example({"file_name": None})  # once a TypeError
 def test_messy_dataset_info_entries(entry):
     """Any dataset_info.json entry: the data loads or one ChipspanError line says what is wrong."""
-    good = {"instruction": "hi", "output": "yo", "conversations": [{"from": "human", "value": "hi"},
-                                                                     {"from": "gpt", "value": "yo"}]}
+    good = {
+        "instruction": "hi",
+        "output": "yo",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    }
     with tempfile.TemporaryDirectory() as root:
         folder = Path(root) / "data"
         folder.mkdir()

@@ -2,14 +2,15 @@
 statistics and `chipspan data`."""
 
 import json
-import re
 import logging
+import re
 import sys
 import tracemalloc
 import types
 
 import numpy as np
 import pytest
+from fetched_assets import LLAMA2_TOKENIZER
 
 from chipspan import cli
 from chipspan.args import DataArguments
@@ -18,7 +19,6 @@ from chipspan.data.loader import load_dataset_split, load_examples
 from chipspan.data.mixing import mix
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,9 @@ def test_rows_past_the_size_limits_are_dropped_and_counted_before_tokenizing(tmp
     huge = {"instruction": "x" * formats.MAX_ROW_CHARS, "output": "y"}
     chatty = {"instruction": "q", "output": "a", "history": [["q", "a"]] * (formats.MAX_ROW_MESSAGES // 2)}
     write_jsonl(tmp_path, "toy", [rows("a", 1)[0], huge, chatty, rows("b", 1)[0]])
-    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
-                                                    "history": "history"})
+    register(
+        tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output", "history": "history"}
+    )
     tokenized = []
     encode_batch = tok.encode_batch
     monkeypatch.setattr(tok, "encode_batch", lambda texts: tokenized.extend(texts) or encode_batch(texts))
@@ -99,8 +100,9 @@ def test_auto_template_bounds_answers_times_characters(tmp_path, monkeypatch):
     tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     chatty = {"instruction": "q", "output": "a" * 100, "history": [["q", "a" * 100]] * 9}  # 10 answers, ~1,000 chars
     write_jsonl(tmp_path, "toy", [rows("a", 1)[0], chatty])
-    register(tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output",
-                                                    "history": "history"})
+    register(
+        tmp_path, "toy", "toy.jsonl", columns={"prompt": "instruction", "response": "output", "history": "history"}
+    )
     monkeypatch.setattr(formats, "MAX_AUTO_RENDER", 5_000)
     split = load(tmp_path, tok, template="auto")
     assert split.stats.dropped == {"is too long for --template auto (answers x characters above 5,000)": 1}
@@ -131,8 +133,11 @@ def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path, tok):
 def test_a_line_past_the_limit_is_skipped_without_holding_it(tmp_path, tok):
     """A 64 MB line in a JSON lines file, streamed: dropped and counted, read in pieces."""
     folder = tmp_path / "data"
-    write_jsonl(folder, "toy", [rows("a", 1)[0], b'{"instruction": "' + b"x" * (4 * sources.MAX_LINE_BYTES) + b'"}',
-                                rows("b", 1)[0]])
+    write_jsonl(
+        folder,
+        "toy",
+        [rows("a", 1)[0], b'{"instruction": "' + b"x" * (4 * sources.MAX_LINE_BYTES) + b'"}', rows("b", 1)[0]],
+    )
     tracemalloc.start()
     try:
         split = load(folder, tok, streaming=True)
@@ -178,12 +183,15 @@ def test_files_with_a_byte_order_mark_read_as_utf8(tmp_path, tok, encoding):
         assert prompts(load(tmp_path, tok, f"toy_{kind}").train, tok) == ["q0", "q1", "q2"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (bytes(range(256)) * 8, "has no readable row: its first bad line 1 is not"),
-    ("a\nb\nc\n".encode("utf-16-le"), "NUL bytes: UTF-16 without a byte-order mark"),
-    (b'[{"instruction": "a", "output": "x"},\n {"instruction": ', "is not valid JSON (Expecting value at line 2"),
-    (b'[\n{"instruction": "\xff"}]', "is not utf-8 text (invalid start byte on line 2)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (bytes(range(256)) * 8, "has no readable row: its first bad line 1 is not"),
+        ("a\nb\nc\n".encode("utf-16-le"), "NUL bytes: UTF-16 without a byte-order mark"),
+        (b'[{"instruction": "a", "output": "x"},\n {"instruction": ', "is not valid JSON (Expecting value at line 2"),
+        (b'[\n{"instruction": "\xff"}]', "is not utf-8 text (invalid start byte on line 2)"),
+    ],
+)
 def test_a_file_that_is_not_rows_is_one_clear_error(tmp_path, tok, content, message):
     (tmp_path / "toy.json").write_bytes(content)
     register(tmp_path, "toy", "toy.json")
@@ -215,8 +223,11 @@ def test_csv_and_text_lines_that_are_not_utf8_are_dropped(tmp_path, tok):
 
 def test_no_usable_rows_says_why(tmp_path, tok):
     write_jsonl(tmp_path, "toy", [{"instruction": None, "output": "x"}, {"output": "x"}, "{oops", {"q": 1}])
-    with pytest.raises(ChipspanError, match=r"dataset toy has no usable rows: all 4 were dropped: 3 instruction is "
-                                            r"missing \(first: toy line 1, toy line 2, toy line 4\); 1 line is not"):
+    with pytest.raises(
+        ChipspanError,
+        match=r"dataset toy has no usable rows: all 4 were dropped: 3 instruction is "
+        r"missing \(first: toy line 1, toy line 2, toy line 4\); 1 line is not",
+    ):
         load(tmp_path, tok)
 
 
@@ -237,8 +248,9 @@ def test_stats_count_tokens_and_truncated_rows(tmp_path, tok):
 
 
 def test_hub_entries_need_datasets_online_and_script_entries_are_refused(tmp_path, tok, monkeypatch):
-    (tmp_path / "dataset_info.json").write_text(json.dumps({
-        "hub": {"hf_hub_url": "org/data", "split": "train"}, "script": {"script_url": "x"}}))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"hub": {"hf_hub_url": "org/data", "split": "train"}, "script": {"script_url": "x"}})
+    )
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
@@ -317,20 +329,24 @@ def test_interleaving_datasets(tmp_path, tok):
     over = load(tmp_path, tok, "a,b", mix_strategy="interleave_over", interleave_probs="0.5,0.5")
     assert set(prompts(over.train, tok)) == {"a0", "a1", "b0", "b1", "b2", "b3"}
     assert over.stats.rows_read == 6  # each row read and counted once, however often it is used
-    streamed = load(tmp_path, tok, "a,b", mix_strategy="interleave_over", interleave_probs="0.5,0.5",
-                    streaming=True, buffer_size=1)
+    streamed = load(
+        tmp_path, tok, "a,b", mix_strategy="interleave_over", interleave_probs="0.5,0.5", streaming=True, buffer_size=1
+    )
     assert prompts(streamed.train, tok) == prompts(over.train, tok)
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"mix_strategy": "interleave"}, "unknown mix_strategy 'interleave': use one of concat, interleave_under"),
-    ({"interleave_probs": "0.5,0.5"}, "interleave_probs needs --mix_strategy interleave_under"),
-    ({"mix_strategy": "interleave_under", "interleave_probs": "1"}, "has 1 values for 2 datasets"),
-    ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.6"}, r"sum to 1, got 0.5,0.6 \(sum 1.1\)"),
-    ({"mix_strategy": "interleave_under", "interleave_probs": "a,b"}, "must be a comma list of numbers"),
-    ({"val_size": -1}, "val_size must be a count"),
-    ({"val_size": 2.5}, "val_size 2.5 is neither a whole count nor a fraction below 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"mix_strategy": "interleave"}, "unknown mix_strategy 'interleave': use one of concat, interleave_under"),
+        ({"interleave_probs": "0.5,0.5"}, "interleave_probs needs --mix_strategy interleave_under"),
+        ({"mix_strategy": "interleave_under", "interleave_probs": "1"}, "has 1 values for 2 datasets"),
+        ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.6"}, r"sum to 1, got 0.5,0.6 \(sum 1.1\)"),
+        ({"mix_strategy": "interleave_under", "interleave_probs": "a,b"}, "must be a comma list of numbers"),
+        ({"val_size": -1}, "val_size must be a count"),
+        ({"val_size": 2.5}, "val_size 2.5 is neither a whole count nor a fraction below 1"),
+    ],
+)
 def test_bad_flags_are_refused_before_reading(tmp_path, tok, flags, message):
     write_jsonl(tmp_path, "a", ["{broken"])  # never read
     write_jsonl(tmp_path, "b", ["{broken"])
@@ -399,19 +415,33 @@ def _stats_json(text):
     return np.frombuffer(text.encode(), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("damage", [
-    lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
-    lambda path: _damage(path, train_offsets=lambda o: o[::-1].copy()),
-    lambda path: _damage(path, train_offsets=lambda o: o + 1),
-    lambda path: _damage(path, train_input_ids=lambda ids: ids.astype(np.float64)),
-    lambda path: _damage(path, train_input_ids=lambda ids: ids + 10**6),
-    lambda path: _damage(path, train_labels=lambda labels: labels[:-1].copy()),
-    lambda path: _damage(path, stats=_stats_json("[1, 2]")),
-    lambda path: _damage(path, stats=_stats_json('{"rows_read": "many"}')),
-    lambda path: _damage(path, stats=lambda s: _stats_json(bytes(s).decode().replace('"train": 4', '"train": 9'))),
-    lambda path: _damage(path, stats=_stats_json("[" * 100_000)),
-], ids=["truncated", "offsets-reversed", "offsets-shifted", "float-ids", "ids-outside-vocab", "labels-short",
-        "stats-list", "stats-types", "stats-counts", "stats-deep"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+        lambda path: _damage(path, train_offsets=lambda o: o[::-1].copy()),
+        lambda path: _damage(path, train_offsets=lambda o: o + 1),
+        lambda path: _damage(path, train_input_ids=lambda ids: ids.astype(np.float64)),
+        lambda path: _damage(path, train_input_ids=lambda ids: ids + 10**6),
+        lambda path: _damage(path, train_labels=lambda labels: labels[:-1].copy()),
+        lambda path: _damage(path, stats=_stats_json("[1, 2]")),
+        lambda path: _damage(path, stats=_stats_json('{"rows_read": "many"}')),
+        lambda path: _damage(path, stats=lambda s: _stats_json(bytes(s).decode().replace('"train": 4', '"train": 9'))),
+        lambda path: _damage(path, stats=_stats_json("[" * 100_000)),
+    ],
+    ids=[
+        "truncated",
+        "offsets-reversed",
+        "offsets-shifted",
+        "float-ids",
+        "ids-outside-vocab",
+        "labels-short",
+        "stats-list",
+        "stats-types",
+        "stats-counts",
+        "stats-deep",
+    ],
+)
 def test_a_damaged_cache_is_rebuilt_equal_to_a_fresh_encode(tmp_path, tok, cache_root, caplog, damage):
     folder = tmp_path / "data"
     write_jsonl(folder, "toy", rows("r", 5))
@@ -439,8 +469,21 @@ def test_load_examples_does_not_cache(tmp_path, tok, cache_root):
 def test_chipspan_data_writes_examples_with_masked_spans(tmp_path, tok, capsys):
     write_jsonl(tmp_path, "toy", [{"instruction": "hi", "output": "Hello!"}, rows("r", 1)[0], "{bad"])
     out = tmp_path / "out.jsonl"
-    code = cli.main(["data", "--model_name_or_path", str(LLAMA2_TOKENIZER), "--dataset", "toy",
-                     "--dataset_dir", str(tmp_path), "--val_size", "1", "--out", str(out)])
+    code = cli.main(
+        [
+            "data",
+            "--model_name_or_path",
+            str(LLAMA2_TOKENIZER),
+            "--dataset",
+            "toy",
+            "--dataset_dir",
+            str(tmp_path),
+            "--val_size",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [line["split"] for line in lines] == ["train", "eval"]

@@ -7,19 +7,40 @@ import transformers
 from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import KVCache
 
-TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+)
 
 VARIANTS = {
     "llama2-mha": ("LlamaConfig", {}),
-    "llama3-gqa-rope-llama3": ("LlamaConfig", dict(
-        num_key_value_heads=2,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=16))),
-    "llama-rope-linear": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", factor=2.0,
-                                                                    rope_theta=10000.0))),
-    "llama-rope-dynamic-beyond-max": ("LlamaConfig", dict(
-        max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
+    "llama3-gqa-rope-llama3": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "llama-rope-linear": (
+        "LlamaConfig",
+        dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+    ),
+    "llama-rope-dynamic-beyond-max": (
+        "LlamaConfig",
+        dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)),
+    ),
     "llama-attention-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
     "llama-head-dim-given": ("LlamaConfig", dict(head_dim=24, num_key_value_heads=2)),
     "smollm-tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=2)),
@@ -114,9 +135,11 @@ def test_model_slices_chain_to_the_whole_model(tmp_path):
     """Stages holding embed+layer 0, layer 1, layer 2+head give the whole model's loss."""
     _, folder = make_reference(tmp_path, "qwen2-qkv-bias")
     whole = load_pretrained(folder)
-    stages = [load_pretrained(folder, layers=[0], head=False),
-              load_pretrained(folder, layers=[1], embed=False, head=False),
-              load_pretrained(folder, layers=[2], embed=False)]
+    stages = [
+        load_pretrained(folder, layers=[0], head=False),
+        load_pretrained(folder, layers=[1], embed=False, head=False),
+        load_pretrained(folder, layers=[2], embed=False),
+    ]
     assert [s.layer_indices for s in stages] == [[0], [1], [2]]
     ids, labels = batch(whole.config.vocab_size)
     positions = torch.arange(ids.shape[1]).expand_as(ids)

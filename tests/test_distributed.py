@@ -52,11 +52,31 @@ PROCESSES = int(os.environ.get("CHIPSPAN_TEST_PROCESSES", "2"))
 
 def flags(model, finetuning, schedule="1f1b", data_parallel=1):
     lora = ["--lora_target", "q_proj,v_proj"] if finetuning == "lora" else []
-    return ["--do_train", "--model_name_or_path", str(model), "--dataset", "x", "--output_dir", "unused",
-            "--finetuning_type", finetuning, *lora, "--per_device_train_batch_size", str(BATCH // data_parallel),
-            "--gradient_accumulation_steps", str(ACCUMULATION), "--micro_batches", str(MICRO_BATCHES // data_parallel),
-            "--pipeline_schedule", schedule, "--data_parallel", str(data_parallel), "--max_grad_norm", str(MAX_NORM),
-            "--disable_gradient_checkpointing"]
+    return [
+        "--do_train",
+        "--model_name_or_path",
+        str(model),
+        "--dataset",
+        "x",
+        "--output_dir",
+        "unused",
+        "--finetuning_type",
+        finetuning,
+        *lora,
+        "--per_device_train_batch_size",
+        str(BATCH // data_parallel),
+        "--gradient_accumulation_steps",
+        str(ACCUMULATION),
+        "--micro_batches",
+        str(MICRO_BATCHES // data_parallel),
+        "--pipeline_schedule",
+        schedule,
+        "--data_parallel",
+        str(data_parallel),
+        "--max_grad_norm",
+        str(MAX_NORM),
+        "--disable_gradient_checkpointing",
+    ]
 
 
 def global_batches():
@@ -66,7 +86,7 @@ def global_batches():
     for length in (24, 16):
         ids = torch.randint(0, VOCAB, (BATCH, length), generator=g)
         mask = torch.ones_like(ids)
-        mask[1, length - 5:] = 0
+        mask[1, length - 5 :] = 0
         labels = torch.where(mask.bool(), ids, -100)
         labels[:, :6] = -100
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
@@ -85,6 +105,7 @@ def perturb(named_parameters, tied):
 
 
 # --- the worker -------------------------------------------------------------------------------------
+
 
 def worker(out: Path, layouts: list) -> None:
     import torch.distributed as dist
@@ -110,8 +131,12 @@ def worker(out: Path, layouts: list) -> None:
         for piece in pieces:
             piece.gradient_checkpointing = False
         prepare_stages(pieces, config, run.finetuning, None)
-        initial = {n: p.detach().clone() for piece in pieces for n, p in piece.named_parameters(remove_duplicate=False)
-                   if p.requires_grad}
+        initial = {
+            n: p.detach().clone()
+            for piece in pieces
+            for n, p in piece.named_parameters(remove_duplicate=False)
+            if p.requires_grad
+        }
         for piece in pieces:
             perturb(piece.named_parameters(), config.tie_word_embeddings)
         training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=10)
@@ -121,21 +146,36 @@ def worker(out: Path, layouts: list) -> None:
         norm = clip_global_norm(training.trained, training.head_copies, MAX_NORM, training.pipeline_group, device)
         total = torch.tensor(loss or 0.0)
         dist.all_reduce(total)
-        grads = {n: p.grad for piece in pieces for n, p in piece.named_parameters(remove_duplicate=False)
-                 if p.requires_grad}
-        torch.save({"loss": float(total), "norm": norm, "grads": grads, "initial": initial},
-                   out / f"{name}-rank{rank}.pt")
+        grads = {
+            n: p.grad for piece in pieces for n, p in piece.named_parameters(remove_duplicate=False) if p.requires_grad
+        }
+        torch.save(
+            {"loss": float(total), "norm": norm, "grads": grads, "initial": initial}, out / f"{name}-rank{rank}.pt"
+        )
         dist.barrier()
     dist.destroy_process_group()
 
 
 # --- the tests ----------------------------------------------------------------------------------------
 
+
 def torchrun(*args, timeout=120, processes=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc-per-node={processes}",
-                             *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            *map(str, args),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -147,8 +187,9 @@ def reference(folder, finetuning):
     config = ModelConfig.from_folder(folder)
     model = SpannedModel.load(folder, even_placement(config, [torch.device("cpu")]), torch.float32)
     prepare_trainable(model, run.finetuning)
-    initial = {n: p.detach().clone() for n, p in model.stages[0].named_parameters(remove_duplicate=False)
-               if p.requires_grad}
+    initial = {
+        n: p.detach().clone() for n, p in model.stages[0].named_parameters(remove_duplicate=False) if p.requires_grad
+    }
     perturb(model.stages[0].named_parameters(), config.tie_word_embeddings)
     loss = 0.0
     for batch in global_batches():
@@ -164,12 +205,17 @@ def run_layouts(tmp_path, layouts, processes):
     """Run ``layouts`` on ``processes`` ranks and compare each with one process."""
     from test_decoder_parity import make_reference
 
-    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2)
+    shape = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     make_reference(tmp_path / "untied", "llama2-mha", **shape)
     make_reference(tmp_path / "tied", "smollm-tied", **shape)
-    torchrun(Path(__file__), tmp_path, "mesh" if layouts is MESH_LAYOUTS else "pairs", processes=processes,
-             timeout=300)
+    torchrun(Path(__file__), tmp_path, "mesh" if layouts is MESH_LAYOUTS else "pairs", processes=processes, timeout=300)
     expected = {model: {ft: reference(tmp_path / model, ft) for ft in ("lora", "full")} for model in ("untied", "tied")}
     for name, _, finetuning, data_parallel, model in layouts:
         loss, norm, grads, initial = expected[model][finetuning]
@@ -183,9 +229,10 @@ def run_layouts(tmp_path, layouts, processes):
         for r in ranks:
             assert all(torch.equal(r["initial"][k], initial[k]) for k in r["initial"]), f"{name}: initial weights"
         for first in range(0, processes, data_parallel):  # the replicas hold the same summed gradients
-            for replica in ranks[first + 1:first + data_parallel]:
-                assert all(torch.equal(ranks[first]["grads"][k], replica["grads"][k])
-                           for k in ranks[first]["grads"]), name
+            for replica in ranks[first + 1 : first + data_parallel]:
+                assert all(torch.equal(ranks[first]["grads"][k], replica["grads"][k]) for k in ranks[first]["grads"]), (
+                    name
+                )
         assert set(held) == set(grads), name
         for key, grad in grads.items():
             torch.testing.assert_close(held[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
@@ -195,20 +242,51 @@ def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_
     run_layouts(tmp_path, LAYOUTS, processes=2)
 
 
-@pytest.mark.skipif(PROCESSES < 4, reason="the 2 x 2 mesh needs 4 processes: set CHIPSPAN_TEST_PROCESSES=4 "
-                                          "on a machine with the cores for it")
+@pytest.mark.skipif(
+    PROCESSES < 4,
+    reason="the 2 x 2 mesh needs 4 processes: set CHIPSPAN_TEST_PROCESSES=4 on a machine with the cores for it",
+)
 def test_pipeline_by_data_mesh_gives_the_gradients_of_one_process(tmp_path):
     run_layouts(tmp_path, MESH_LAYOUTS, processes=4)
 
 
 # end to end: `chipspan train` under torchrun, checkpoints across the two ways of running
 
+
 def train_flags(tiny_workspace, out, *extra):
-    return ["--stage", "sft", "--do_train", "--model_name_or_path", tiny_workspace / "model", "--dataset", "alpaca_gpt4_zh",
-            "--dataset_dir", tiny_workspace / "data", "--template", "default", "--finetuning_type", "full",
-            "--output_dir", out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "24",
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--disable_gradient_checkpointing", *extra]
+    return [
+        "--stage",
+        "sft",
+        "--do_train",
+        "--model_name_or_path",
+        tiny_workspace / "model",
+        "--dataset",
+        "alpaca_gpt4_zh",
+        "--dataset_dir",
+        tiny_workspace / "data",
+        "--template",
+        "default",
+        "--finetuning_type",
+        "full",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--max_samples",
+        "24",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--disable_gradient_checkpointing",
+        *extra,
+    ]
 
 
 def one_process(argv):
@@ -245,11 +323,21 @@ def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp
     straight = losses(single)
 
     staged = tmp_path / "staged"  # two stages, 1F1B, micro-batches: each stage writes its own share
-    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
+    torchrun(
+        "-m",
+        "chipspan",
+        "train",
+        *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"),
+    )
     assert losses(staged) == straight
     assert_same_weights(weights(staged), weights(single))
-    shares = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-              "optimizer-stage0-of-2.pt", "optimizer-stage1-of-2.pt"]
+    shares = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "optimizer-stage0-of-2.pt",
+        "optimizer-stage1-of-2.pt",
+    ]
     assert all((staged / "checkpoint-2" / f).is_file() for f in shares)
     assert not any((staged / "checkpoint-2" / f).exists() for f in ("model.safetensors", "optimizer.pt"))
     expected = weights(single / "checkpoint-2")
@@ -264,9 +352,13 @@ def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp
     assert losses(staged) == straight
 
     shutil.copytree(single / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe"))
-    assert [line["current_steps"] for line in map(json.loads, (tmp_path / "resumed" / "trainer_log.jsonl")
-                                                  .read_text().splitlines())] == [3, 4]
+    torchrun(
+        "-m", "chipspan", "train", *train_flags(tiny_workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe")
+    )
+    assert [
+        line["current_steps"]
+        for line in map(json.loads, (tmp_path / "resumed" / "trainer_log.jsonl").read_text().splitlines())
+    ] == [3, 4]
     assert losses(tmp_path / "resumed") == straight[2:]
 
 
@@ -288,9 +380,24 @@ def test_a_diverging_run_stops_on_every_rank_and_writes_no_final_weights(tiny_wo
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     argv = train_flags(tiny_workspace, out, "--learning_rate", "1e30", "--max_steps", "6")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "-m", "chipspan", "train", *map(str, argv)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "chipspan",
+            "train",
+            *map(str, argv),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert result.stderr.count("chipspan: error: training diverged: steps 2-4 all had a non-finite loss") == 2
     assert not list(out.glob("model*.safetensors")) and (out / "checkpoint-2").is_dir()

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import losses, one_process, torchrun, train_flags  # noqa: E402
 
-
 SCALER = "(Precision(device_type, None, torch.amp.GradScaler(device_type)), torch.float32)"
 
 # torchrun worker: argv = OUT POISON_STEP chipspan-arguments...; poisons rank 0's gradients in step
@@ -69,8 +68,14 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
     from chipspan.train.loop import Precision
 
     # one process: the same scaler, step 2's gradients overflow
-    monkeypatch.setattr(recipe, "choose_precision", lambda run, device_type, report: (
-        Precision(device_type, None, torch.amp.GradScaler(device_type)), torch.float32))
+    monkeypatch.setattr(
+        recipe,
+        "choose_precision",
+        lambda run, device_type, report: (
+            Precision(device_type, None, torch.amp.GradScaler(device_type)),
+            torch.float32,
+        ),
+    )
     unscale, calls = Precision.unscale, [0]
 
     def poisoning_unscale(self, optimizer):
@@ -87,10 +92,15 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
     script.write_text(WORKER)
     records.mkdir()
     staged = tmp_path / "staged"
-    torchrun(script, records, 2, "train",
-             *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"))
+    torchrun(
+        script,
+        records,
+        2,
+        "train",
+        *train_flags(tiny_workspace, staged, "--overwrite_output_dir", "--micro_batches", "2"),
+    )
 
-    expected = [(False, 2.0 ** 16), (True, 2.0 ** 15), (False, 2.0 ** 15), (False, 2.0 ** 15)]
+    expected = [(False, 2.0**16), (True, 2.0**15), (False, 2.0**15), (False, 2.0**15)]
     assert scales(records, 0) == scales(records, 1) == expected  # rank 1's gradients were finite
     ours, theirs = log_lines(staged), log_lines(single)
     assert [line["skipped_steps"] for line in ours] == [line["skipped_steps"] for line in theirs] == [0, 1, 1, 1]
@@ -98,7 +108,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
     assert losses(staged) == losses(single)
     saved = torch.load(staged / "checkpoint-2" / "scaler.pt", weights_only=False)
     assert saved == torch.load(single / "checkpoint-2" / "scaler.pt", weights_only=False)
-    assert saved["scaler"]["scale"] == 2.0 ** 15 and saved["skipped_steps"] == 1
+    assert saved["scaler"]["scale"] == 2.0**15 and saved["skipped_steps"] == 1
 
     # resuming from checkpoint-2 restores the halved scale and the count on both ranks
     (tmp_path / "resumed").mkdir()
@@ -112,16 +122,32 @@ def test_eval_loss_through_the_pipeline_is_the_single_process_one(tiny_workspace
     """--val_size, --eval_strategy steps and --do_eval under torchrun: the forward-only pipeline gives
     the single process's eval_loss (each batch's token mean counted once per example); 2 data-parallel
     replicas split the eval batches. The 2-stage run also reports to TensorBoard (rank 0)."""
-    extra = ["--overwrite_output_dir", "--val_size", "7", "--eval_strategy", "steps", "--eval_steps", "2",
-             "--do_eval", "--per_device_eval_batch_size", "3", "--max_steps", "2", "--save_steps", "0"]
+    extra = [
+        "--overwrite_output_dir",
+        "--val_size",
+        "7",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--do_eval",
+        "--per_device_eval_batch_size",
+        "3",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "0",
+    ]
     single = tmp_path / "single"
     one_process(train_flags(tiny_workspace, single, *extra))
     expected = [line["eval_loss"] for line in log_lines(single) if line.get("eval_loss") is not None]
     final = json.loads((single / "eval_results.json").read_text())["eval_loss"]
     assert len(expected) == 1
     tensorboard = ["--report_to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    for name, layout in (("staged", ["--pipeline_schedule", "gpipe", *tensorboard]),
-                         ("replicas", ["--data_parallel", "2", "--per_device_train_batch_size", "2"])):
+    for name, layout in (
+        ("staged", ["--pipeline_schedule", "gpipe", *tensorboard]),
+        ("replicas", ["--data_parallel", "2", "--per_device_train_batch_size", "2"]),
+    ):
         out = tmp_path / name
         torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, *extra, *layout))
         ours = [line["eval_loss"] for line in log_lines(out) if line.get("eval_loss") is not None]

@@ -33,6 +33,7 @@ def chips():
 
 # --- a model spanned over four chips ------------------------------------------------------
 
+
 class Block(nn.Module):
     """A pre-norm decoder block: causal self-attention and a SiLU MLP."""
 
@@ -46,16 +47,16 @@ class Block(nn.Module):
     def forward(self, x):  # x: (batch, seq, dim)
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + self.out(att.transpose(1, 2).reshape(b, s, d))
         return x + self.down(F.silu(self.up(self.norm2(x))))
 
 
 def stages(vocab=50, dim=32):
     torch.manual_seed(0)
-    return nn.ModuleList([nn.Embedding(vocab, dim), Block(dim), Block(dim),
-                          nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab))])
+    return nn.ModuleList(
+        [nn.Embedding(vocab, dim), Block(dim), Block(dim), nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab))]
+    )
 
 
 def run(model, devices, ids, labels):
@@ -84,8 +85,10 @@ def test_span_over_four_chips_matches_cpu():
             losses.append(loss.item())
         assert losses[1] == losses[0], f"step {step}"  # the same CPU kernels run, so exactly equal
         for (name, p_cpu), p_emu, device in zip(
-                cpu_model.named_parameters(), emu_model.parameters(),
-                [c for s, c in zip(emu_model, chips) for _ in s.parameters()]):
+            cpu_model.named_parameters(),
+            emu_model.parameters(),
+            [c for s, c in zip(emu_model, chips) for _ in s.parameters()],
+        ):
             assert p_emu.device == torch.device(device) and p_emu.grad.device == p_emu.device
             assert torch.equal(p_emu.grad.cpu(), p_cpu.grad), name
             assert torch.equal(p_emu.detach().cpu(), p_cpu.detach()), name
@@ -93,11 +96,16 @@ def test_span_over_four_chips_matches_cpu():
 
 # --- a tensor left on the wrong chip --------------------------------------------------------
 
+
 @pytest.mark.parametrize("op", ["cat", "mm", "where", "add"])
 def test_tensor_on_the_wrong_chip_raises(op):
     a, b = torch.ones(3, 3, device="emu:1"), torch.ones(3, 3, device="emu:2")
-    calls = {"cat": lambda: torch.cat([a, b]), "mm": lambda: a @ b,
-             "where": lambda: torch.where(a > 0, a, b), "add": lambda: a + b}
+    calls = {
+        "cat": lambda: torch.cat([a, b]),
+        "mm": lambda: a @ b,
+        "where": lambda: torch.where(a > 0, a, b),
+        "add": lambda: a + b,
+    }
     with pytest.raises(RuntimeError, match="emu:1 and emu:2") as error:
         calls[op]()
     if op != "add":  # add fails in PyTorch's own device check, which does not name the op
@@ -129,6 +137,7 @@ def test_missing_chip_is_an_error():
 
 
 # --- memory ---------------------------------------------------------------------------------
+
 
 def test_memory_is_counted_per_chip_with_peaks_and_reset():
     emu.reset_peak_memory()
@@ -176,6 +185,7 @@ def test_enable_sets_a_limit_on_every_chip_and_can_add_chips():
 
 
 # --- random numbers, autocast, GradScaler, save/load, torch.accelerator --------------------
+
 
 def test_manual_seed_makes_random_ops_reproducible_per_chip():
     torch.manual_seed(7)

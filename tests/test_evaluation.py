@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_run import command, run
 
 from chipspan.args import parse_run_arguments
 from chipspan.data import collate
@@ -13,7 +14,6 @@ from chipspan.data.loader import load_dataset_split
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train.evaluate import last_answer
-from tiny_run import command, run
 
 
 def eval_only(tiny_workspace, out, *extra):
@@ -34,10 +34,10 @@ def test_eval_loss_equals_a_hand_computation_with_transformers(tiny_workspace, t
     reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_workspace / "model", dtype=torch.float32)
     total = 0.0
     for start in range(0, len(examples), 5):
-        batch = collate(examples[start:start + 5], tokenizer.pad_token_id)
+        batch = collate(examples[start : start + 5], tokenizer.pad_token_id)
         with torch.no_grad():
             loss = reference(**batch).loss  # mean over the batch's trained tokens
-        total += float(loss) * len(examples[start:start + 5])
+        total += float(loss) * len(examples[start : start + 5])
     assert len(examples) == 12
     assert reported["eval_loss"] == pytest.approx(total / 12, rel=1e-5)
     assert reported["perplexity"] == pytest.approx(torch.tensor(total / 12).exp().item(), rel=1e-5)
@@ -45,8 +45,16 @@ def test_eval_loss_equals_a_hand_computation_with_transformers(tiny_workspace, t
 
 def test_evaluation_while_training_is_logged_and_plotted(tiny_workspace, tmp_path):
     out = tmp_path / "train"
-    argv = command(tiny_workspace, out, "lora") + ["--val_size", "4", "--eval_strategy", "steps", "--eval_steps", "3",
-                                              "--do_eval", "--plot_loss"]
+    argv = command(tiny_workspace, out, "lora") + [
+        "--val_size",
+        "4",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--do_eval",
+        "--plot_loss",
+    ]
     run(argv)
     lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     evals = [(line["current_steps"], line["eval_loss"]) for line in lines if line["eval_loss"] is not None]
@@ -65,8 +73,9 @@ def test_evaluating_while_training_without_held_out_rows_is_refused(tiny_workspa
 
 def test_predictions_are_the_greedy_answers_transformers_gives(tiny_workspace, tmp_path):
     out = tmp_path / "predict"
-    argv = eval_only(tiny_workspace, out, "--do_predict", "--do_sample", "false", "--max_new_tokens", "6",
-                     "--max_samples", "3")
+    argv = eval_only(
+        tiny_workspace, out, "--do_predict", "--do_sample", "false", "--max_new_tokens", "6", "--max_samples", "3"
+    )
     run(argv)
     rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "predict", "label"}
@@ -77,9 +86,14 @@ def test_predictions_are_the_greedy_answers_transformers_gives(tiny_workspace, t
     example = load_dataset_split(args.data, tokenizer, use_cache=False).train[0]
     prompt, answer = last_answer(example)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_workspace / "model", dtype=torch.float32)
-    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    assert rows[0]["predict"] == tokenizer.decode(expected[0, len(prompt):].tolist())
+    expected = reference.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert rows[0]["predict"] == tokenizer.decode(expected[0, len(prompt) :].tolist())
     assert rows[0]["label"] == tokenizer.decode(answer) and rows[0]["prompt"] == tokenizer.decode(prompt)
 
 
@@ -91,8 +105,10 @@ def test_tensorboard_gets_every_logged_number(tiny_workspace, tmp_path):
     run(command(tiny_workspace, out, "lora") + ["--report_to", "tensorboard"])
     events = EventAccumulator(str(out / "runs")).Reload()
     losses = {e.step: round(e.value, 4) for e in events.Scalars("train/loss")}  # stored as float32
-    logged = {line["current_steps"]: line["loss"]
-              for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())}
+    logged = {
+        line["current_steps"]: line["loss"]
+        for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+    }
     assert losses == logged and len(logged) == 6
     assert "train/learning_rate" in events.Tags()["scalars"]
 

@@ -11,30 +11,64 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_model_config import TOY
 
 from chipspan.args import known_flags, parse_run_arguments
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.train.recipe import check_arguments
-from test_model_config import TOY
 
 # FUZZ_EXAMPLES=2000 for a longer hunt; the suite's 60 take seconds
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
-numbers = st.one_of(st.integers(-2**70, 2**70), st.integers(-3, 16),
-                    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1e-300, 1e300, -0.0]))
-flag_values = st.one_of(numbers.map(str), st.text(max_size=12), st.sampled_from(
-    ["", "true", "false", "none", "nan", "-inf", "1e999", "0x10", "1_000", "0-3", "auto", "16GiB", "-1GB", " 7 "]))
-json_values = st.one_of(numbers, st.none(), st.booleans(), st.text(max_size=8),
-                        st.lists(st.integers(-2, 70), max_size=3),
-                        st.dictionaries(st.sampled_from(["type", "rope_type", "factor", "low_freq_factor",
-                                                         "high_freq_factor", "original_max_position_embeddings"]),
-                                        st.one_of(numbers, st.text(max_size=8)), max_size=4))
-config_keys = st.sampled_from([*TOY, "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-                               "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
-                               "max_position_embeddings", "sliding_window", "eos_token_id", "torch_dtype",
-                               "hidden_act"])
+numbers = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.integers(-3, 16),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.5, 1e-300, 1e300, -0.0]),
+)
+flag_values = st.one_of(
+    numbers.map(str),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["", "true", "false", "none", "nan", "-inf", "1e999", "0x10", "1_000", "0-3", "auto", "16GiB", "-1GB", " 7 "]
+    ),
+)
+json_values = st.one_of(
+    numbers,
+    st.none(),
+    st.booleans(),
+    st.text(max_size=8),
+    st.lists(st.integers(-2, 70), max_size=3),
+    st.dictionaries(
+        st.sampled_from(
+            ["type", "rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+        ),
+        st.one_of(numbers, st.text(max_size=8)),
+        max_size=4,
+    ),
+)
+config_keys = st.sampled_from(
+    [
+        *TOY,
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "max_position_embeddings",
+        "sliding_window",
+        "eos_token_id",
+        "torch_dtype",
+        "hidden_act",
+    ]
+)
 
 
 def run_cli(argv):
@@ -61,24 +95,35 @@ def plan_of(config: dict, *flags):
 
 
 # settings that lead the plan down its other paths: one process per chip, a chip budget, --chips auto
-CONTEXTS = st.lists(st.sampled_from([("launcher", "torchrun"), ("chips", "0-1"), ("chips", "auto"),
-                                     ("chip_memory", "1GiB"), ("finetuning_type", "freeze"),
-                                     ("finetuning_type", "full"), ("pipeline_schedule", "interleaved1f1b")]),
-                    max_size=3)
+CONTEXTS = st.lists(
+    st.sampled_from(
+        [
+            ("launcher", "torchrun"),
+            ("chips", "0-1"),
+            ("chips", "auto"),
+            ("chip_memory", "1GiB"),
+            ("finetuning_type", "freeze"),
+            ("finetuning_type", "full"),
+            ("pipeline_schedule", "interleaved1f1b"),
+        ]
+    ),
+    max_size=3,
+)
 
 
 @FUZZ
 @example([("launcher", "torchrun")], [("pipeline_schedule", "xyz")])  # found by hand: a KeyError in the plan
 @given(CONTEXTS, st.lists(st.tuples(st.sampled_from(sorted(known_flags())), flag_values), min_size=1, max_size=3))
 def test_any_flag_values_plan_or_refuse_in_one_line(context, flags):
-    argv = [part for name, value in [*context, *flags] if name != "model_name_or_path"
-            for part in (f"--{name}", value)]
+    argv = [part for name, value in [*context, *flags] if name != "model_name_or_path" for part in (f"--{name}", value)]
     assert_success_or_one_line(*plan_of(TOY, "--device", "cpu", *argv))
 
 
 @FUZZ
-@given(st.sampled_from([n for n, (_, _, kind) in known_flags().items() if kind in (int, float, int | None,
-                                                                                float | None)]), numbers)
+@given(
+    st.sampled_from([n for n, (_, _, kind) in known_flags().items() if kind in (int, float, int | None, float | None)]),
+    numbers,
+)
 def test_numeric_flags_take_any_number(name, value):
     code, out, err = plan_of(TOY, "--device", "cpu", f"--{name}", str(value))
     assert_success_or_one_line(code, out, err)
@@ -113,10 +158,25 @@ def test_trains_checks_take_any_flag_values(context, flags):
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(TOY))
         out = Path(folder) / "out"
-        argv = ["--do_train", "--model_name_or_path", folder, "--dataset", "alpaca_gpt4_zh", "--output_dir", str(out),
-                "--lora_target", "q_proj", "--device", "cpu"]
-        argv += [part for name, value in [*context, *flags] if name not in ("model_name_or_path", "launcher")
-                 for part in (f"--{name}", value)]
+        argv = [
+            "--do_train",
+            "--model_name_or_path",
+            folder,
+            "--dataset",
+            "alpaca_gpt4_zh",
+            "--output_dir",
+            str(out),
+            "--lora_target",
+            "q_proj",
+            "--device",
+            "cpu",
+        ]
+        argv += [
+            part
+            for name, value in [*context, *flags]
+            if name not in ("model_name_or_path", "launcher")
+            for part in (f"--{name}", value)
+        ]
         try:
             check_arguments(parse_run_arguments(argv, {}))
         except ChipspanError as error:  # the refusal the CLI prints as its one line

@@ -1,18 +1,19 @@
 """Generation with the KV cache against transformers' greedy decoding and a cache-free loop."""
 
 import torch
+from test_decoder_parity import make_reference
 
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.models.checkpoint import load_pretrained
-from test_decoder_parity import make_reference
 
 
 def test_greedy_generation_equals_transformers(tmp_path):
     ref, folder = make_reference(tmp_path, "llama3-gqa-rope-llama3")
     ours = load_pretrained(folder)
     prompt = [5, 17, 42, 8, 99]
-    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = ref.generate(
+        torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     assert generate(ours, prompt, stop_ids=[], settings=SamplingSettings(max_new_tokens=20)) == expected
 
 

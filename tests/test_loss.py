@@ -21,8 +21,9 @@ def inputs(b=3, s=11, seed=0, dtype=torch.float32):
 
 def plain_loss(hidden, weight, labels, reduction="mean"):
     logits = (hidden @ weight.T).float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 1000])

@@ -10,8 +10,14 @@ from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 
-TOY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
-       "num_hidden_layers": 6, "num_attention_heads": 4}
+TOY = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+}
 
 
 def write_config(tmp_path, **changes):
@@ -21,30 +27,39 @@ def write_config(tmp_path, **changes):
     return folder
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"hidden_size": -4096}, "hidden_size in config.json must be a whole number from 1 to 1,048,576, not -4096"),
-    ({"hidden_size": "4096"}, 'hidden_size in config.json must be a whole number from 1 to 1,048,576, not "4096"'),
-    ({"vocab_size": True}, "vocab_size in config.json must be a whole number from 1 to 16,777,216, not true"),
-    ({"intermediate_size": 0}, "intermediate_size in config.json must be a whole number"),
-    ({"num_hidden_layers": 10**9}, "num_hidden_layers in config.json must be a whole number from 1 to 4,096, not "
-                                   "1000000000"),
-    ({"num_attention_heads": [4]}, "num_attention_heads in config.json must be a whole number"),
-    ({"num_attention_heads": 3}, "num_attention_heads 3 in config.json does not divide hidden_size 64"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads 3 in config.json does not divide num_attention_heads 4"),
-    ({"head_dim": 15}, "head_dim 15 in config.json is odd"),
-    ({"rms_norm_eps": 0}, "rms_norm_eps in config.json must be a finite number > 0, not 0"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps in config.json must be a finite number > 0, not NaN"),
-    ({"rope_theta": -1.0}, "rope_theta in config.json must be a finite number > 0, not -1.0"),
-    ({"rope_theta": float("inf")}, "rope_theta in config.json must be a finite number > 0, not Infinity"),
-    ({"rope_scaling": "linear"}, 'rope_scaling in config.json must be a JSON object (or null), not "linear"'),
-    ({"rope_scaling": {"type": "linear", "factor": -2}}, "rope_scaling.factor in config.json must be a finite "
-                                                         "number > 0, not -2"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4}},
-     "rope_scaling in config.json: high_freq_factor (4) must be above low_freq_factor (4)"),
-    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings in config.json must be true or false, not "false"'),
-    ({"eos_token_id": [2, "</s>"]}, "eos_token_id in config.json must be a token id (a whole number) or a list"),
-    ({"torch_dtype": 16}, "torch_dtype in config.json must be a string"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"hidden_size": -4096}, "hidden_size in config.json must be a whole number from 1 to 1,048,576, not -4096"),
+        ({"hidden_size": "4096"}, 'hidden_size in config.json must be a whole number from 1 to 1,048,576, not "4096"'),
+        ({"vocab_size": True}, "vocab_size in config.json must be a whole number from 1 to 16,777,216, not true"),
+        ({"intermediate_size": 0}, "intermediate_size in config.json must be a whole number"),
+        (
+            {"num_hidden_layers": 10**9},
+            "num_hidden_layers in config.json must be a whole number from 1 to 4,096, not 1000000000",
+        ),
+        ({"num_attention_heads": [4]}, "num_attention_heads in config.json must be a whole number"),
+        ({"num_attention_heads": 3}, "num_attention_heads 3 in config.json does not divide hidden_size 64"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads 3 in config.json does not divide num_attention_heads 4"),
+        ({"head_dim": 15}, "head_dim 15 in config.json is odd"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps in config.json must be a finite number > 0, not 0"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps in config.json must be a finite number > 0, not NaN"),
+        ({"rope_theta": -1.0}, "rope_theta in config.json must be a finite number > 0, not -1.0"),
+        ({"rope_theta": float("inf")}, "rope_theta in config.json must be a finite number > 0, not Infinity"),
+        ({"rope_scaling": "linear"}, 'rope_scaling in config.json must be a JSON object (or null), not "linear"'),
+        (
+            {"rope_scaling": {"type": "linear", "factor": -2}},
+            "rope_scaling.factor in config.json must be a finite number > 0, not -2",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4}},
+            "rope_scaling in config.json: high_freq_factor (4) must be above low_freq_factor (4)",
+        ),
+        ({"tie_word_embeddings": "false"}, 'tie_word_embeddings in config.json must be true or false, not "false"'),
+        ({"eos_token_id": [2, "</s>"]}, "eos_token_id in config.json must be a token id (a whole number) or a list"),
+        ({"torch_dtype": 16}, "torch_dtype in config.json must be a string"),
+    ],
+)
 def test_bad_config_fields_are_named(changes, message):
     with pytest.raises(ChipspanError) as error:
         ModelConfig.from_dict({**TOY, **changes})
@@ -52,16 +67,27 @@ def test_bad_config_fields_are_named(changes, message):
 
 
 def test_a_published_grouped_query_config_still_reads():
-    config = ModelConfig.from_dict({**TOY, "num_key_value_heads": 2, "head_dim": 32, "pad_token_id": -1,
-                                    "eos_token_id": [1, 2], "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    config = ModelConfig.from_dict(
+        {
+            **TOY,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "pad_token_id": -1,
+            "eos_token_id": [1, 2],
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+        }
+    )
     assert (config.num_key_value_heads, config.head_dim, config.pad_token_id) == (2, 32, -1)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[1, 2]", "must hold a JSON object (name -> value), not a list"),
-    ("{\"a\": " * 100000 + "1" + "}" * 100000, "is not valid JSON"),
-    ('{"hidden_size": ' + "9" * 5000 + "}", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[1, 2]", "must hold a JSON object (name -> value), not a list"),
+        ('{"a": ' * 100000 + "1" + "}" * 100000, "is not valid JSON"),
+        ('{"hidden_size": ' + "9" * 5000 + "}", "is not valid JSON"),
+    ],
+)
 def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path, text, message):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ChipspanError, match=message.replace("(", r"\(").replace(")", r"\)")):

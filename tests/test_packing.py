@@ -6,6 +6,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_decoder_parity import make_reference
+from test_train import SEED_LORA, seed_command
 
 from chipspan.args import parse_run_arguments
 from chipspan.chips.placement import Placement
@@ -15,8 +17,6 @@ from chipspan.data.packing import PackedExample, pack_examples
 from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import build_attention_mask, segment_positions
 from chipspan.train.recipe import run_train
-from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command
 
 CUTOFF = 32
 
@@ -27,7 +27,7 @@ def random_examples(vocab, lengths, seed=0):
     examples = []
     for n in lengths:
         ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        examples.append(Example(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
+        examples.append(Example(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]))
     return examples
 
 
@@ -39,8 +39,9 @@ def segments(block: PackedExample):
 
 def token_losses(logits, labels):
     """Per-token next-token cross-entropy (b, s - 1), 0 where the label is -100."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none",
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none", ignore_index=IGNORE_INDEX
+    )
 
 
 def test_every_example_is_packed_once_within_cutoff():
@@ -54,7 +55,7 @@ def test_every_example_is_packed_once_within_cutoff():
         assert len(block.input_ids) == len(block.labels) == len(block.segment_ids)
         for start, stop in segments(block):
             assert block.labels[start] == IGNORE_INDEX  # nothing predicts across a boundary
-            unpacked.append((tuple(block.input_ids[start:stop]), tuple(block.labels[start + 1:stop])))
+            unpacked.append((tuple(block.input_ids[start:stop]), tuple(block.labels[start + 1 : stop])))
     assert sorted(unpacked) == sorted((tuple(e.input_ids), tuple(e.labels[1:])) for e in examples)
     total = sum(len(e.input_ids) for e in examples)
     assert len(blocks) <= -(-total // CUTOFF) + 1  # nearly as few blocks as possible
@@ -111,7 +112,7 @@ def test_packed_loss_and_gradients_equal_examples_run_alone(tmp_path):
         (result.loss * count).backward()
         total += result.loss.item() * count
         own_sum = token_losses(result.logits, labels).sum()
-        assert abs(per_token[row, start:stop - 1].sum() - own_sum) <= 1e-5 * max(1.0, own_sum.item())
+        assert abs(per_token[row, start : stop - 1].sum() - own_sum) <= 1e-5 * max(1.0, own_sum.item())
     assert abs(out.loss.item() * scored - total) <= 1e-5 * total
     packed_grads = dict(packed.named_parameters())
     for name, param in alone.named_parameters():
@@ -138,13 +139,16 @@ def test_packed_batch_over_two_chips_equals_one_model_unpacked(tmp_path):
             assert torch.allclose(param.grad, whole_grads[name].grad, atol=1e-5, rtol=1e-5), name
 
 
-@pytest.mark.parametrize("variant,lengths,cutoff", [
-    ("llama3-gqa-rope-llama3", LENGTHS, CUTOFF),
-    ("qwen2-qkv-bias", LENGTHS, CUTOFF),
-    # three full rows of 24 > max_position_embeddings (16): dynamic rope would scale them unless
-    # positions restart per example, and no example alone is longer than 16
-    ("llama-rope-dynamic-beyond-max", [16, 8, 12, 12, 10, 14], 24),
-])
+@pytest.mark.parametrize(
+    "variant,lengths,cutoff",
+    [
+        ("llama3-gqa-rope-llama3", LENGTHS, CUTOFF),
+        ("qwen2-qkv-bias", LENGTHS, CUTOFF),
+        # three full rows of 24 > max_position_embeddings (16): dynamic rope would scale them unless
+        # positions restart per example, and no example alone is longer than 16
+        ("llama-rope-dynamic-beyond-max", [16, 8, 12, 12, 10, 14], 24),
+    ],
+)
 def test_packed_logits_match_transformers_one_example_at_a_time(tmp_path, variant, lengths, cutoff):
     ref, folder, examples, blocks = packed_and_alone(tmp_path, variant, lengths, cutoff)
     if variant == "llama-rope-dynamic-beyond-max":
@@ -161,8 +165,21 @@ def test_packed_logits_match_transformers_one_example_at_a_time(tmp_path, varian
 @pytest.mark.parametrize("flag", ["--packing", "--sft_packing"])
 def test_training_with_packing_runs_and_writes_outputs(seed_workspace, tmp_path, flag):
     out = tmp_path / "out"
-    argv = seed_command(SEED_LORA, seed_workspace, out, flag, "true", "--max_steps", "2", "--max_samples", "16",
-                        "--cutoff_len", "256", "--save_steps", "0")
+    argv = seed_command(
+        SEED_LORA,
+        seed_workspace,
+        out,
+        flag,
+        "true",
+        "--max_steps",
+        "2",
+        "--max_samples",
+        "16",
+        "--cutoff_len",
+        "256",
+        "--save_steps",
+        "0",
+    )
     messages = []
     run_train(parse_run_arguments(argv, {}), report=messages.append)
     line = next(m for m in messages if m.startswith("packed"))

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from test_decoder_parity import make_reference
+from test_train import SEED_LORA, seed_command
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipspan import emu
@@ -17,8 +19,6 @@ from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
-from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command
 
 VOCAB = 131
 TOLERANCE = 1e-6  # relative
@@ -88,10 +88,13 @@ def check_micro_batches_match_the_plain_batch(model, batch, micro_batches=(1, 2,
     assert all(g.norm() > 0 for g in plain[1].values())  # every trained tensor gets a gradient
     worst = 0.0
     for m in micro_batches:
-        loss, grads, weights = sgd_step(model, lambda model_: pipelined_loss(model_, batch, m))
-        worst = max(worst, abs(loss - plain[0]) / plain[0],
-                    *(relative(grads[n], plain[1][n]) for n in grads),
-                    *(relative(weights[n], plain[2][n]) for n in weights))
+        loss, grads, weights = sgd_step(model, lambda model_, m=m: pipelined_loss(model_, batch, m))
+        worst = max(
+            worst,
+            abs(loss - plain[0]) / plain[0],
+            *(relative(grads[n], plain[1][n]) for n in grads),
+            *(relative(weights[n], plain[2][n]) for n in weights),
+        )
         assert worst <= TOLERANCE, (m, worst)
     return worst
 
@@ -158,8 +161,10 @@ def test_a_pipelined_step_never_waits_on_a_chip_for_its_token_count(model_dir):
         loss.backward()
     assert readbacks.seen == []
     with ChipReadbacks() as readbacks:  # the check itself sees a read-back
-        model.loss(torch.zeros(1, 3, model.config.hidden_size, device="emu:1"), torch.ones(1, 3, dtype=torch.long,
-                                                                                             device="emu:1"))
+        model.loss(
+            torch.zeros(1, 3, model.config.hidden_size, device="emu:1"),
+            torch.ones(1, 3, dtype=torch.long, device="emu:1"),
+        )
     assert readbacks.seen
 
 
@@ -181,10 +186,27 @@ def test_wavefront_order_puts_every_stage_to_work(model_dir, monkeypatch):
 
 # --- `train --micro_batches` ---------------------------------------------------------------------
 
+
 def test_train_with_micro_batches_logs_the_same_losses(seed_workspace, tmp_path, monkeypatch):
     def losses(out, *extra):
-        argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "4", "--save_steps", "0", "--max_samples", "12",
-                            "--per_device_train_batch_size", "3", "--learning_rate", "1e-3", "--fp16", "false", *extra)
+        argv = seed_command(
+            SEED_LORA,
+            seed_workspace,
+            out,
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "0",
+            "--max_samples",
+            "12",
+            "--per_device_train_batch_size",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--fp16",
+            "false",
+            *extra,
+        )
         run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
         return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
 
@@ -207,10 +229,26 @@ def test_more_micro_batches_than_examples_is_refused_before_loading(model_dir, t
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(span, "load_pretrained", refuse)
-    argv = ["--do_train", "--model_name_or_path", str(model_dir), "--dataset", "any", "--output_dir",
-            str(tmp_path / "out"), "--finetuning_type", "full", "--per_device_train_batch_size", "2",
-            "--micro_batches", "3", "--device", "cpu"]
+    argv = [
+        "--do_train",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset",
+        "any",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--finetuning_type",
+        "full",
+        "--per_device_train_batch_size",
+        "2",
+        "--micro_batches",
+        "3",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(ChipspanError) as error:
         run_train(parse_run_arguments(argv, {}))
-    assert str(error.value) == ("--micro_batches 3 must be between 1 and per_device_train_batch_size (2): "
-                                "each micro-batch needs at least one example")
+    assert str(error.value) == (
+        "--micro_batches 3 must be between 1 and per_device_train_batch_size (2): "
+        "each micro-batch needs at least one example"
+    )

@@ -2,8 +2,8 @@
 and the estimate against measured peaks (emu chips, and FakeTensorMode at Llama-2-7B's shape)."""
 
 import dataclasses
-import json
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -30,9 +30,17 @@ SEED_FULL = dict(SEED_LORA, finetuning_type="full", base_dtype_bytes=4)
 
 
 def _toy(layers=6, tied=False):
-    return ModelConfig.from_dict({"model_type": "llama", "vocab_size": 512, "hidden_size": 64,
-                                  "intermediate_size": 160, "num_hidden_layers": layers,
-                                  "num_attention_heads": 4, "tie_word_embeddings": tied})
+    return ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 160,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "tie_word_embeddings": tied,
+        }
+    )
 
 
 def _totals(config, slices, job):
@@ -45,10 +53,15 @@ def test_published_parameter_counts():
     assert LLAMA2_13B.num_parameters == 13_015_864_320
 
 
-@pytest.mark.parametrize("config, job, gb_chips, gib_chips", [
-    (LLAMA2_7B, SEED_LORA, 2, 2), (LLAMA2_13B, SEED_LORA, 3, 3),
-    (LLAMA2_7B, SEED_FULL, 12, 11), (LLAMA2_13B, SEED_FULL, 21, 21),
-])
+@pytest.mark.parametrize(
+    "config, job, gb_chips, gib_chips",
+    [
+        (LLAMA2_7B, SEED_LORA, 2, 2),
+        (LLAMA2_13B, SEED_LORA, 3, 3),
+        (LLAMA2_7B, SEED_FULL, 12, 11),
+        (LLAMA2_13B, SEED_FULL, 21, 21),
+    ],
+)
 def test_seed_chip_counts_at_14_gb_usable(config, job, gb_chips, gib_chips):
     # The seed ran 2 / 4 / 11 / 21. 13B LoRA needs 3: chipspan's layers save ~0.45x what the
     # Korthikanti count assumed. 7B full needs 12 at 14·10^9 bytes but 11 at 14 GiB: AdamW's
@@ -89,15 +102,22 @@ def test_activations_count_what_each_layer_saves():
     # fp16 base, LoRA r8 on q and v (docs/plan.md): two norms' fp32 inputs and inverse RMS, q/k/v/out
     # and the log-sum-exp, SwiGLU's gate/SiLU/up, each adapter's 16-bit input copy, middle and
     # A/B copies; the rope tables once per chip
-    layer = (2 * (4 * s * h + 4 * s) + 2 * s * 4 * h + 4 * s * a + 3 * 2 * s * i
-             + 2 * (2 * s * h + 2 * s * 8 + 2 * 8 * 2 * h))
+    layer = (
+        2 * (4 * s * h + 4 * s)
+        + 2 * s * 4 * h
+        + 4 * s * a
+        + 3 * 2 * s * i
+        + 2 * (2 * s * h + 2 * s * 8 + 2 * 8 * 2 * h)
+    )
     assert one.activations == layer + 2 * 2 * s * d and one.logits == 0
     assert 0.4 < layer / (s * h * (34 + 5 * a * s / h)) < 0.5  # vs Korthikanti's eager-attention count
     four = estimate(LLAMA2_7B, range(1, 5), False, False, **dict(SEED_LORA, micro_batches_in_flight=3))
     assert four.activations == 3 * (4 * layer + 2 * 2 * s * d)
     adapter_copies = 2 * (2 * 8 * 2 * h)  # the 16-bit A and B, once per step whatever the batch
-    assert estimate(LLAMA2_7B, range(1, 2), False, False, **dict(SEED_LORA, batch=2)).activations \
+    assert (
+        estimate(LLAMA2_7B, range(1, 2), False, False, **dict(SEED_LORA, batch=2)).activations
         == 2 * one.activations - adapter_copies
+    )
     recomputed = estimate(LLAMA2_7B, range(1, 5), False, False, **dict(SEED_LORA, gradient_checkpointing=True))
     assert recomputed.activations == 4 * s * h * 2 + 2 * 2 * s * d  # each layer's input; the rope tables
     assert recomputed.total < estimate(LLAMA2_7B, range(1, 5), False, False, **SEED_LORA).total
@@ -142,8 +162,10 @@ def test_balanced_split_is_never_fuller_than_even_or_greedy(config, job):
 def test_balanced_split_is_optimal_on_a_small_model():
     config, job = _toy(layers=7), dict(SEED_FULL, seq_len=64)
     for chips in range(1, 8):
-        best = min(max(_totals(config, [range(a, b) for a, b in zip((0,) + cuts, cuts + (7,))], job))
-                   for cuts in itertools.combinations(range(1, 7), chips - 1))
+        best = min(
+            max(_totals(config, [range(a, b) for a, b in zip((0,) + cuts, cuts + (7,))], job))
+            for cuts in itertools.combinations(range(1, 7), chips - 1)
+        )
         assert max(_totals(config, balanced_split(config, chips, **job), job)) == best
 
 
@@ -195,12 +217,17 @@ def test_a_chip_smaller_than_one_layer_says_what_would_fit():
         balanced_split(LLAMA2_7B, 33, **SEED_LORA)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(finetuning_type="qlora"), "finetuning_type"), (dict(base_dtype_bytes=1), "base_dtype_bytes"),
-    (dict(seq_len=0), "at least 1"), (dict(lora_targets=("qkv",)), "lora target 'qkv'"),
-    (dict(finetuning_type="freeze", num_layer_trainable=0), "num_layer_trainable"),
-    (dict(finetuning_type="freeze", name_module_trainable="attn"), "name_module_trainable"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(finetuning_type="qlora"), "finetuning_type"),
+        (dict(base_dtype_bytes=1), "base_dtype_bytes"),
+        (dict(seq_len=0), "at least 1"),
+        (dict(lora_targets=("qkv",)), "lora target 'qkv'"),
+        (dict(finetuning_type="freeze", num_layer_trainable=0), "num_layer_trainable"),
+        (dict(finetuning_type="freeze", name_module_trainable="attn"), "name_module_trainable"),
+    ],
+)
 def test_bad_knobs_are_user_errors(change, message):
     with pytest.raises(ChipspanError, match=message):
         estimate(_toy(), range(0, 2), True, False, **dict(SEED_LORA, **change))
@@ -208,21 +235,45 @@ def test_bad_knobs_are_user_errors(change, message):
 
 # --- `chipspan plan` on the seed's command lines -------------------------------------------------
 
-SEED_FLAGS = ["--stage", "sft", "--do_train", "--per_device_train_batch_size", "1", "--fp16",
-              "--disable_gradient_checkpointing", "--chip_memory", "14GB", "--chips", "auto", "--json"]
+SEED_FLAGS = [
+    "--stage",
+    "sft",
+    "--do_train",
+    "--per_device_train_batch_size",
+    "1",
+    "--fp16",
+    "--disable_gradient_checkpointing",
+    "--chip_memory",
+    "14GB",
+    "--chips",
+    "auto",
+    "--json",
+]
 
 
-@pytest.mark.parametrize("size,finetuning,chips", [
-    ("7b", "lora", 2), ("13b", "lora", 3),
-    # 14GB = 14·10^9 bytes: 7B full needs 12 (11 at 14GiB), see test_seed_chip_counts_at_14_gb_usable
-    ("7b", "full", 12), ("13b", "full", 21),
-])
+@pytest.mark.parametrize(
+    "size,finetuning,chips",
+    [
+        ("7b", "lora", 2),
+        ("13b", "lora", 3),
+        # 14GB = 14·10^9 bytes: 7B full needs 12 (11 at 14GiB), see test_seed_chip_counts_at_14_gb_usable
+        ("7b", "full", 12),
+        ("13b", "full", 21),
+    ],
+)
 def test_plan_command_on_the_seed_jobs(size, finetuning, chips, capsys):
     from chipspan.cli import main
 
     target = ["--lora_target", "q_proj,v_proj"] if finetuning == "lora" else []
-    argv = ["plan", "--model_name_or_path", str(CONFIGS / f"llama2-{size}.json"), "--finetuning_type", finetuning,
-            *target, *SEED_FLAGS]
+    argv = [
+        "plan",
+        "--model_name_or_path",
+        str(CONFIGS / f"llama2-{size}.json"),
+        "--finetuning_type",
+        finetuning,
+        *target,
+        *SEED_FLAGS,
+    ]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["min_chips"] == len(plan["chips"]) == chips and plan["fits"]
@@ -230,6 +281,7 @@ def test_plan_command_on_the_seed_jobs(size, finetuning, chips, capsys):
 
 
 # --- the estimate against measured peaks (bench/memory_check.py) --------------------------------
+
 
 def _measure(config, split, job, mode):
     import memory_check
@@ -241,8 +293,9 @@ def _measure(config, split, job, mode):
 @pytest.mark.parametrize("job", [dict(finetuning_type="lora", half=True), dict(finetuning_type="full", half=False)])
 def test_estimate_matches_fake_tensor_peaks_at_7b_shape(job):
     # one Llama-2-7B layer per chip (embeddings / middle / head), s = 1024, run under FakeTensorMode
-    from chipspan import emu
     import memory_check
+
+    from chipspan import emu
 
     if not emu.is_available():
         pytest.skip("the emu device cannot be built here (no C++ compiler?)")
@@ -254,8 +307,9 @@ def test_estimate_matches_fake_tensor_peaks_at_7b_shape(job):
 @pytest.mark.parametrize("job", [dict(finetuning_type="lora", half=True), dict(finetuning_type="full", half=False)])
 def test_estimate_matches_emu_peaks(job):
     # a small random Llama really trained on two emulated chips; emu's own per-chip peak
-    from chipspan import emu
     import memory_check
+
+    from chipspan import emu
 
     if not emu.is_available():
         pytest.skip("the emu device cannot be built here (no C++ compiler?)")
@@ -266,10 +320,17 @@ def test_estimate_matches_emu_peaks(job):
 
 # --- `train`'s placement from the plan: --chips auto, the balanced split, refusals ----------------
 
+
 def _model_folder(tmp_path, **shape):
     """A folder holding only config.json: enough for everything `train` does before loading weights."""
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 8,
-              "num_attention_heads": 4, "num_key_value_heads": 4, **shape}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        **shape,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
 
@@ -279,9 +340,23 @@ HEAVY_LAYERS = dict(vocab_size=512, hidden_size=256, intermediate_size=688)
 
 
 def _train_run(folder, *flags):
-    return parse_run_arguments(["--do_train", "--model_name_or_path", str(folder), "--dataset", "any",
-                                "--output_dir", str(folder.parent / f"{folder.name}-out"), "--cutoff_len", "256",
-                                "--per_device_train_batch_size", "2", *flags], {})
+    return parse_run_arguments(
+        [
+            "--do_train",
+            "--model_name_or_path",
+            str(folder),
+            "--dataset",
+            "any",
+            "--output_dir",
+            str(folder.parent / f"{folder.name}-out"),
+            "--cutoff_len",
+            "256",
+            "--per_device_train_batch_size",
+            "2",
+            *flags,
+        ],
+        {},
+    )
 
 
 @pytest.fixture()
@@ -336,8 +411,9 @@ def test_1f1b_gives_the_first_stages_fewer_layers_and_may_need_more_chips():
     assert [c.in_flight for c in split_estimates(LLAMA2_7B, split, schedule, **job)] == [4, 3, 2, 1]
     one_at_a_time = min_chips(LLAMA2_7B, 14 * 10**9, **job)
     assert min_chips(LLAMA2_7B, 14 * 10**9, schedule=schedule, **job) >= one_at_a_time
-    assert min_chips(LLAMA2_7B, 14 * 10**9, schedule=Schedule("gpipe", 8), **job) >= \
-        min_chips(LLAMA2_7B, 14 * 10**9, schedule=schedule, **job)
+    assert min_chips(LLAMA2_7B, 14 * 10**9, schedule=Schedule("gpipe", 8), **job) >= min_chips(
+        LLAMA2_7B, 14 * 10**9, schedule=schedule, **job
+    )
 
 
 def test_the_plan_chooses_the_micro_batches(tmp_path):
@@ -355,8 +431,17 @@ def test_the_plan_chooses_the_micro_batches(tmp_path):
     torchrun = _train_run(folder, "--per_device_train_batch_size", "6", "--launcher", "torchrun")
     span_ = choose_span(torchrun, config, 2, None, "cpu")
     assert (span_.micro_batches, span_.schedule) == (6, Schedule("1f1b", 6))
-    interleaved = _train_run(folder, "--per_device_train_batch_size", "3", "--launcher", "torchrun",
-                             "--pipeline_schedule", "interleaved1f1b", "--gradient_accumulation_steps", "3")
+    interleaved = _train_run(
+        folder,
+        "--per_device_train_batch_size",
+        "3",
+        "--launcher",
+        "torchrun",
+        "--pipeline_schedule",
+        "interleaved1f1b",
+        "--gradient_accumulation_steps",
+        "3",
+    )
     assert choose_span(interleaved, config, 2, None, "cpu").micro_batches == 1  # 9 per step is not whole rounds of 2
     with pytest.raises(ChipspanError, match="interleaved1f1b runs micro-batches in rounds of 2: make"):
         choose_span(replace_training(interleaved, micro_batches=3), config, 2, None, "cpu")
@@ -369,9 +454,26 @@ def replace_training(run, **changes):
 def test_plan_shows_each_stages_micro_batches_in_flight(tmp_path, capsys):
     from chipspan.cli import main
 
-    argv = ["plan", "--model_name_or_path", str(CONFIGS / "llama2-7b.json"), "--finetuning_type", "lora",
-            "--per_device_train_batch_size", "8", "--fp16", "--cutoff_len", "1024", "--chips", "0-3",
-            "--chip_memory", "16GiB", "--launcher", "torchrun", "--pipeline_schedule", "1f1b"]
+    argv = [
+        "plan",
+        "--model_name_or_path",
+        str(CONFIGS / "llama2-7b.json"),
+        "--finetuning_type",
+        "lora",
+        "--per_device_train_batch_size",
+        "8",
+        "--fp16",
+        "--cutoff_len",
+        "1024",
+        "--chips",
+        "0-3",
+        "--chip_memory",
+        "16GiB",
+        "--launcher",
+        "torchrun",
+        "--pipeline_schedule",
+        "1f1b",
+    ]
     assert main([*argv, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert (plan["schedule"], plan["micro_batches"], plan["one_process_per_chip"]) == ("1f1b", 8, True)
@@ -396,8 +498,20 @@ def test_chips_auto_on_emulated_chips_takes_the_fewest_and_balances_them(tmp_pat
     assert estimate(config, range(8), True, True, **job).total > fits_two  # one chip is not enough
     try:
         for chips in ("auto", "0-1"):
-            placement, _ = _placement(_train_run(folder, "--finetuning_type", "full", "--device", "emu",
-                                                 "--chips", chips, "--chip_memory", str(fits_two)), config)
+            placement, _ = _placement(
+                _train_run(
+                    folder,
+                    "--finetuning_type",
+                    "full",
+                    "--device",
+                    "emu",
+                    "--chips",
+                    chips,
+                    "--chip_memory",
+                    str(fits_two),
+                ),
+                config,
+            )
             assert placement.devices == (torch.device("emu", 0), torch.device("emu", 1))
             assert list(placement.layers) == balanced
     finally:
@@ -406,22 +520,37 @@ def test_chips_auto_on_emulated_chips_takes_the_fewest_and_balances_them(tmp_pat
 
 def test_a_placement_that_will_not_fit_is_refused_before_loading(tmp_path, no_weight_loading):
     folder = _model_folder(tmp_path, **HEAVY_LAYERS)
-    run = _train_run(folder, "--finetuning_type", "lora", "--lora_target", "all", "--disable_gradient_checkpointing",
-                     "--device", "emu", "--chips", "0-1", "--chip_memory", "50MB")
+    run = _train_run(
+        folder,
+        "--finetuning_type",
+        "lora",
+        "--lora_target",
+        "all",
+        "--disable_gradient_checkpointing",
+        "--device",
+        "emu",
+        "--chips",
+        "0-1",
+        "--chip_memory",
+        "50MB",
+    )
     with pytest.raises(ChipspanError) as error:
         run_train(run)
     message = str(error.value)
     assert "\n" not in message and re.fullmatch(
         r"chip 1 \(emu:1\) would run out of memory: the plan \(docs/plan.md\) predicts a 56\.\d MiB peak for "
         r"layers 4-7 against 47\.7 MiB usable; it fits if you span 3 chips \(--chips 0-2\), or drop "
-        r"--disable_gradient_checkpointing", message), message
+        r"--disable_gradient_checkpointing",
+        message,
+    ), message
     assert not Path(run.training.output_dir).exists()
 
 
 def test_chips_auto_needs_a_chips_memory(tmp_path, no_weight_loading):
     folder = _model_folder(tmp_path, **HEAVY_HEAD)
-    with pytest.raises(ChipspanError, match="--chips auto needs the memory of one chip, and device 'cpu' reports "
-                                            "none: name the chips"):
+    with pytest.raises(
+        ChipspanError, match="--chips auto needs the memory of one chip, and device 'cpu' reports none: name the chips"
+    ):
         run_train(_train_run(folder, "--finetuning_type", "full", "--device", "cpu", "--chips", "auto"))
     with pytest.raises(ChipspanError, match="--chips auto on emulated chips needs --chip_memory"):
         run_train(_train_run(folder, "--finetuning_type", "full", "--device", "emu", "--chips", "auto"))
@@ -433,8 +562,10 @@ def test_estimate_matches_each_stage_process_peak(tmp_path):
     # gradients of earlier micro-batches alive; under GPipe both hold all 4
     import stage_memory
 
-    jobs = [dict(finetuning="full", schedule="1f1b", micro_batches=4, seq=128),
-            dict(finetuning="lora", schedule="gpipe", micro_batches=4, seq=128)]
+    jobs = [
+        dict(finetuning="full", schedule="1f1b", micro_batches=4, seq=128),
+        dict(finetuning="lora", schedule="gpipe", micro_batches=4, seq=128),
+    ]
     results = stage_memory.measure_stages(jobs, tmp_path)
     assert [[s["in_flight"] for s in stages] for stages in results] == [[2, 1], [4, 4]]
     for job, stages in zip(jobs, results):

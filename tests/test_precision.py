@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import command, run
 
 from chipspan import emu
 from chipspan.train import loop
-from tiny_run import command, run
 
 pytestmark = pytest.mark.skipif(not emu.is_available(), reason="the emulated chips cannot be built here")
 
@@ -42,7 +42,7 @@ def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(t
     assert rates[1] == rates[0] and rates[2] < rates[1]  # the skipped step did not advance the schedule
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines[2:])
     scaler = torch.load(out / "checkpoint-3" / "scaler.pt", weights_only=False)
-    assert scaler["scaler"]["scale"] == 2.0 ** 15 and scaler["skipped_steps"] == 1  # halved once from 2**16
+    assert scaler["scaler"]["scale"] == 2.0**15 and scaler["skipped_steps"] == 1  # halved once from 2**16
     assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
 
 

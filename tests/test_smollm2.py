@@ -23,8 +23,12 @@ def models(smollm2_dir):
 
 def test_cli_convert_writes_a_folder_transformers_loads(smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2"
-    result = subprocess.run([sys.executable, "-m", "chipspan", "convert", str(smollm2_gguf), str(out),
-                             "--dtype", "bfloat16"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "chipspan", "convert", str(smollm2_gguf), str(out), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 30
     assert Tokenizer.from_folder(out).chat_template
@@ -43,8 +47,9 @@ def test_greedy_answer_is_token_identical(models):
     ours, theirs, tokenizer = models
     prompt = tokenizer.encode(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True))
     answer = generate(ours, prompt, stop_ids=[tokenizer.eos_token_id], settings=SamplingSettings(max_new_tokens=24))
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                               eos_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    expected = theirs.generate(
+        torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id
+    )[0, len(prompt) :].tolist()
     if expected[-1] == tokenizer.eos_token_id:
         expected = expected[:-1]
     assert answer == expected

@@ -11,17 +11,18 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from fetched_assets import LLAMA2_TOKENIZER
 
 from chipspan.errors import ChipspanError
 from chipspan.models import chat_sandbox
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
 # Bombs seen in the wild: a 300 MB string (doubled 28 times), and nested loops that never end.
-STRING_BOMB = ("{% set ns = namespace(s='x') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
-               "{{ ns.s }}")
+STRING_BOMB = (
+    "{% set ns = namespace(s='x') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+)
 NESTED_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
 
 
@@ -49,11 +50,30 @@ def _limit_memory():
 def test_template_bomb_is_one_line_under_a_memory_limit(tmp_path, template):
     """`chipspan data --template auto` under a 3 GiB address-space limit: refused in seconds, one line."""
     model = _model(tmp_path, template)
-    command = [sys.executable, "-m", "chipspan", "data", "--model_name_or_path", str(model), "--dataset", "toy",
-               "--dataset_dir", str(tmp_path / "data"), "--template", "auto"]
+    command = [
+        sys.executable,
+        "-m",
+        "chipspan",
+        "data",
+        "--model_name_or_path",
+        str(model),
+        "--dataset",
+        "toy",
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--template",
+        "auto",
+    ]
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, preexec_fn=_limit_memory,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        preexec_fn=_limit_memory,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert time.monotonic() - start < 20
     assert done.returncode == 1 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
@@ -79,34 +99,65 @@ def _refusal(template: str) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("template, limit", [
-    ("{{ 'x' * 300000000 }}", "8,000,000 characters"),
-    ("{{ 'x'|center(1000000000) }}", "8,000,000 characters"),
-    ("{{ 'x'.ljust(1000000000) }}", "8,000,000 characters"),
-    ("{{ '{:>1000000000}'.format(1) }}", "8,000,000 characters"),
-    ("{{ '%1000000000d' % 1 }}", "8,000,000 characters"),
-    ("{% set s = 'x' * 1000000 %}{{ s.replace('', s) }}", "8,000,000 characters"),
-    ("{{ range(100000)|map('center', 1000000)|join }}", "8,000,000 characters"),
-    ("{{ messages|tojson(indent=1000000000) }}", "8,000,000 characters"),
-    ("{% set l = ['x' * 1000000] * 100 %}{{ l }}", "8,000,000 characters"),
-    (DICT_OF_100MB + "{{ d.values() }}", "8,000,000 characters"),
-    (DICT_OF_100MB + "{{ ''.join(d.values()) }}", "8,000,000 characters"),
-    ("{{ 7 ** 100000 }}", "10,000 bits"),
-    ("{% for i in range(10**9) %}{% endfor %}", "range of more than 100,000"),
-    ("{% set x %}{% for i in range(100000) %}{% for j in range(10) %}" + "y" * 1000 + "{% endfor %}{% endfor %}"
-     "{% endset %}", "32,000,000 characters of text"),
-    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "deeper than 64"),
-    ("{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}", "deeper than 64"),
-    ("{% for a in messages * 1000 %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 steps"),
-], ids=["repeat", "center", "ljust", "format-width", "percent-width", "replace", "join-map", "tojson-indent",
-        "list-repeat", "dict-view", "dict-view-join", "power", "range", "literal-loop", "recursion", "recursive-loop", "steps"])
+@pytest.mark.parametrize(
+    "template, limit",
+    [
+        ("{{ 'x' * 300000000 }}", "8,000,000 characters"),
+        ("{{ 'x'|center(1000000000) }}", "8,000,000 characters"),
+        ("{{ 'x'.ljust(1000000000) }}", "8,000,000 characters"),
+        ("{{ '{:>1000000000}'.format(1) }}", "8,000,000 characters"),
+        ("{{ '%1000000000d' % 1 }}", "8,000,000 characters"),
+        ("{% set s = 'x' * 1000000 %}{{ s.replace('', s) }}", "8,000,000 characters"),
+        ("{{ range(100000)|map('center', 1000000)|join }}", "8,000,000 characters"),
+        ("{{ messages|tojson(indent=1000000000) }}", "8,000,000 characters"),
+        ("{% set l = ['x' * 1000000] * 100 %}{{ l }}", "8,000,000 characters"),
+        (DICT_OF_100MB + "{{ d.values() }}", "8,000,000 characters"),
+        (DICT_OF_100MB + "{{ ''.join(d.values()) }}", "8,000,000 characters"),
+        ("{{ 7 ** 100000 }}", "10,000 bits"),
+        ("{% for i in range(10**9) %}{% endfor %}", "range of more than 100,000"),
+        (
+            "{% set x %}{% for i in range(100000) %}{% for j in range(10) %}" + "y" * 1000 + "{% endfor %}{% endfor %}"
+            "{% endset %}",
+            "32,000,000 characters of text",
+        ),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "deeper than 64"),
+        ("{% for x in [1, 2] recursive %}{{ loop([1, 2]) }}{% endfor %}", "deeper than 64"),
+        ("{% for a in messages * 1000 %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "1,000,000 steps"),
+    ],
+    ids=[
+        "repeat",
+        "center",
+        "ljust",
+        "format-width",
+        "percent-width",
+        "replace",
+        "join-map",
+        "tojson-indent",
+        "list-repeat",
+        "dict-view",
+        "dict-view-join",
+        "power",
+        "range",
+        "literal-loop",
+        "recursion",
+        "recursive-loop",
+        "steps",
+    ],
+)
 def test_template_limits(template, limit):
     message = _refusal(template)
     assert "was stopped" in message and limit in message and "\n" not in message
 
 
-@pytest.mark.parametrize("tag", ["{% include 'secret.txt' %}", "{% import 'macros.j2' as m %}",
-                                 "{% from 'macros.j2' import f %}", "{% extends 'base.j2' %}"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "{% include 'secret.txt' %}",
+        "{% import 'macros.j2' as m %}",
+        "{% from 'macros.j2' import f %}",
+        "{% extends 'base.j2' %}",
+    ],
+)
 def test_template_cannot_read_files(tmp_path, tag):
     tokenizer = Tokenizer.from_folder(_model(tmp_path, "hi " + tag))
     with pytest.raises(ChipspanError) as info:
@@ -128,8 +179,10 @@ def test_template_source_length_is_bounded():
 def test_a_long_conversation_renders_in_full():
     """The bounds leave room for real work: 2,000 messages of 1,000 characters each render exactly."""
     tokenizer = Tokenizer.from_folder(LLAMA2_TOKENIZER)
-    tokenizer.chat_template = ("{% for m in messages %}{{ '<|' ~ m.role ~ '|>' }}{{ m.content | trim }}"
-                               "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' ~ m.role ~ '|>' }}{{ m.content | trim }}"
+        "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
+    )
     messages = [{"role": ("user", "assistant")[i % 2], "content": f"{i:04d}" + "x" * 996} for i in range(2000)]
     text = tokenizer.apply_chat_template(messages)
     assert text == "\n".join(f"<|{m['role']}|>{m['content']}" for m in messages)

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 import tokenizers
+from fetched_assets import LLAMA2_TOKENIZER
 
-from chipspan.data import IGNORE_INDEX
-from chipspan.data import template_tools
+from chipspan.data import IGNORE_INDEX, template_tools
 from chipspan.data.encode import encode_supervised
 from chipspan.data.formats import converter
-from chipspan.data.templates import TEMPLATES, get_template
-from chipspan.data.templates import fix_tokenizer
+from chipspan.data.templates import TEMPLATES, fix_tokenizer, get_template
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
@@ -106,8 +104,24 @@ def test_equals_llamafactory(revision, tokenizer_name, name, tokenizer_folder, m
 def test_every_template_named_in_the_brief_is_there():
     seed = set(TEMPLATES["seed"])
     assert len(seed) == 31 and {"alpaca", "chatglm2", "vanilla", "ziya", "xverse"} <= seed
-    lf09_only = {"llama3", "chatml", "empty", "smollm", "smollm2", "qwen3", "qwen3_nothink", "gemma", "gemma2",
-                 "phi", "phi4", "llama4", "cohere", "mistral_small", "ministral", "deepseek3"}
+    lf09_only = {
+        "llama3",
+        "chatml",
+        "empty",
+        "smollm",
+        "smollm2",
+        "qwen3",
+        "qwen3_nothink",
+        "gemma",
+        "gemma2",
+        "phi",
+        "phi4",
+        "llama4",
+        "cohere",
+        "mistral_small",
+        "ministral",
+        "deepseek3",
+    }
     assert lf09_only <= set(TEMPLATES["lf-0.9"]) and not lf09_only & seed
     covered = {(rev, n) for rev in REFERENCES for names in reference(rev)["cases"].values() for n in names}
     assert covered == {(rev, n) for rev in REFERENCES for n in TEMPLATES[rev]}  # each one is checked
@@ -125,13 +139,22 @@ def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
 
 
-TOOLS = json.dumps([{"name": "add", "description": "Add two numbers",
-                     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}])
+TOOLS = json.dumps(
+    [
+        {
+            "name": "add",
+            "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        }
+    ]
+)
 CALL = json.dumps({"name": "add", "arguments": {"a": 1}})
 TOOL_ROW = {
     "conversations": [
-        {"from": "human", "value": "1+?"}, {"from": "function_call", "value": CALL},
-        {"from": "observation", "value": "2"}, {"from": "gpt", "value": "It is 2."},
+        {"from": "human", "value": "1+?"},
+        {"from": "function_call", "value": CALL},
+        {"from": "observation", "value": "2"},
+        {"from": "gpt", "value": "It is 2."},
     ],
     "tools": TOOLS,
 }
@@ -146,13 +169,25 @@ def test_sharegpt_tool_turns_become_function_and_observation_messages():
 
 def test_openai_tool_calls_and_consecutive_tool_results():
     """An assistant message with tool_calls is a function call; two tool results are one observation."""
-    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-            "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+    tags = {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "observation_tag": "tool",
+        "function_tag": "function_call",
+        "system_tag": "system",
+    }
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
-    row = {"messages": [
-        {"role": "user", "content": "1+?"}, {"role": "assistant", "content": None, "tool_calls": [call, call]},
-        {"role": "tool", "content": "2"}, {"role": "tool", "content": "3"}, {"role": "assistant", "content": "ok"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "1+?"},
+            {"role": "assistant", "content": None, "tool_calls": [call, call]},
+            {"role": "tool", "content": "2"},
+            {"role": "tool", "content": "3"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     conversation = converter("sharegpt", {"messages": "messages"}, tags)(row)
     assert conversation.prompt[1] == ("function", json.dumps([call["function"]] * 2))
     assert conversation.prompt[2] == ("observation", "2\n</tool_response>\n<tool_response>\n3")
@@ -173,8 +208,9 @@ def test_seed_default_writes_tools_into_the_system_and_calls_as_actions(tok):
 
 def test_lf09_qwen_writes_tool_calls_in_xml(tok):
     template = get_template("qwen", "lf-0.9")
-    pieces = template.render([("user", "1+?"), ("function", CALL), ("observation", "2"), ("assistant", "ok")],
-                             "", TOOLS)
+    pieces = template.render(
+        [("user", "1+?"), ("function", CALL), ("observation", "2"), ("assistant", "ok")], "", TOOLS
+    )
     assert pieces[1] == ['<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>\n']
     assert pieces[2] == ["<|im_start|>user\n<tool_response>\n2\n</tool_response><|im_end|>\n<|im_start|>assistant\n"]
     assert "# Tools" in pieces[0][0] and '{"type": "function", "function": {"name": "add"' in pieces[0][0]
@@ -203,7 +239,8 @@ def test_bad_function_call_json_says_so(tok):
 
 
 MULTI = converter("alpaca", {"prompt": "q", "response": "a", "history": "h"}, None)(
-    {"h": [["2+2?", "4"]], "q": "and 3+3?", "a": "6"})
+    {"h": [["2+2?", "4"]], "q": "and 3+3?", "a": "6"}
+)
 
 
 def test_mask_history_trains_only_the_last_answer(tok):
@@ -237,8 +274,9 @@ def test_qwen3_adds_an_empty_thought_to_answers_without_one():
     pieces = template.render([("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", thought + "b")], "")
     assert pieces[1] == ["<think>\n\n</think>\n\n", "a<|im_end|>\n"]
     assert pieces[3] == [thought + "b<|im_end|>\n"]  # it has one: kept
-    masked = template.render([("user", "q"), ("assistant", thought + "a"), ("user", "q2"),
-                              ("assistant", "b")], "", mask_history=True)
+    masked = template.render(
+        [("user", "q"), ("assistant", thought + "a"), ("user", "q2"), ("assistant", "b")], "", mask_history=True
+    )
     assert masked[1] == ["a<|im_end|>\n"] and masked[3][0] == "<think>\n\n</think>\n\n"
 
 

@@ -5,13 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fetched_assets import LLAMA2_TOKENIZER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from fetched_assets import LLAMA2_TOKENIZER
-
 
 TEXTS = [
     "Hello, world!",
@@ -98,8 +97,7 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "Weather in a city, <in °C>",
-            "parameters": {
-                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
     }
 ]
@@ -148,7 +146,10 @@ def test_encode_decode_match_transformers(folder, auto_tokenizer):
     ours, ref = Tokenizer.from_folder(folder), auto_tokenizer(folder)
     assert ours.vocab_size == len(ref)
     assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id) == (
-        ref.bos_token_id, ref.eos_token_id, ref.unk_token_id)
+        ref.bos_token_id,
+        ref.eos_token_id,
+        ref.unk_token_id,
+    )
     for text in TEXTS:
         for special in (False, True):
             ids = ours.encode(text, add_special_tokens=special)
@@ -180,8 +181,9 @@ def test_llama3_has_its_own_pad(llama3_tokenizer_dir):
 
 def test_add_eos_token_and_dict_special_tokens(tmp_path):
     folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t", {"add_eos_token": True, "eos_token": None})
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False, "normalized": False}}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False, "normalized": False}})
+    )
     tok = Tokenizer.from_folder(folder)
     assert tok.eos_token == "</s>"
     ids = tok.encode("Hello", add_special_tokens=True)
@@ -201,7 +203,8 @@ def test_special_token_missing_from_vocab_is_added(tmp_path, auto_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "template", [CHATML, LLAMA3_STYLE, GENERATION_TAG], ids=["chatml", "llama3-style", "generation-tag"])
+    "template", [CHATML, LLAMA3_STYLE, GENERATION_TAG], ids=["chatml", "llama3-style", "generation-tag"]
+)
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_chat_template_matches_transformers(folder, template, generation_prompt, auto_tokenizer):
     ours, ref = Tokenizer.from_folder(folder), auto_tokenizer(folder)
@@ -325,19 +328,33 @@ def test_broken_config_json(tmp_path):
         Tokenizer.from_folder(folder)
 
 
-@pytest.mark.parametrize("file, content, wrong", [
-    ("tokenizer_config.json", "[1, 2]", "holds a JSON list, not an object"),
-    ("tokenizer_config.json", "[" * 100000, "is not valid JSON"),
-    ("special_tokens_map.json", '"</s>"', "holds a JSON str, not an object"),
-    ("tokenizer_config.json", '{"eos_token": 2}', "eos_token must be a token string, not 2"),
-    ("tokenizer_config.json", '{"bos_token": {"id": 1}}', "bos_token is an object without a text \"content\""),
-    ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be true or false"),
-    ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be Jinja text or a list"),
-    ("tokenizer_config.json", '{"chat_template": [{"name": "default"}]}', "chat_template must be Jinja text"),
-    ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot be read as UTF-8 text"),
-    ("tokenizer.json", '{"model": 1}', "cannot be read"),
-], ids=["config-list", "config-deep", "map-string", "token-number", "token-object", "flag-string",
-        "template-number", "template-list", "jinja-not-utf8", "tokenizer-wrong-type"])
+@pytest.mark.parametrize(
+    "file, content, wrong",
+    [
+        ("tokenizer_config.json", "[1, 2]", "holds a JSON list, not an object"),
+        ("tokenizer_config.json", "[" * 100000, "is not valid JSON"),
+        ("special_tokens_map.json", '"</s>"', "holds a JSON str, not an object"),
+        ("tokenizer_config.json", '{"eos_token": 2}', "eos_token must be a token string, not 2"),
+        ("tokenizer_config.json", '{"bos_token": {"id": 1}}', 'bos_token is an object without a text "content"'),
+        ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be true or false"),
+        ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be Jinja text or a list"),
+        ("tokenizer_config.json", '{"chat_template": [{"name": "default"}]}', "chat_template must be Jinja text"),
+        ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot be read as UTF-8 text"),
+        ("tokenizer.json", '{"model": 1}', "cannot be read"),
+    ],
+    ids=[
+        "config-list",
+        "config-deep",
+        "map-string",
+        "token-number",
+        "token-object",
+        "flag-string",
+        "template-number",
+        "template-list",
+        "jinja-not-utf8",
+        "tokenizer-wrong-type",
+    ],
+)
 def test_bad_tokenizer_files_are_one_line_naming_the_file(tmp_path, file, content, wrong):
     folder = _copy(LLAMA2_TOKENIZER, tmp_path / "t")
     path = folder / file
@@ -347,13 +364,35 @@ def test_bad_tokenizer_files_are_one_line_naming_the_file(tmp_path, file, conten
     assert str(path) in str(info.value) and wrong in str(info.value) and "\n" not in str(info.value)
 
 
-_junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.text(max_size=6)
-                     | st.sampled_from(["</s>", "{{ messages }}", "{% for m in messages %}{{ m.content }}",
-                                        "{{ bos_token ~ messages[0].content * 3 }}"]),
-                     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
-                         st.sampled_from(["name", "template", "content"]), inner, max_size=2), max_leaves=4)
-_FIELDS = ["bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token", "chat_template",
-           "model_max_length"]
+_junk = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10)
+    | st.text(max_size=6)
+    | st.sampled_from(
+        [
+            "</s>",
+            "{{ messages }}",
+            "{% for m in messages %}{{ m.content }}",
+            "{{ bos_token ~ messages[0].content * 3 }}",
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=2)
+        | st.dictionaries(st.sampled_from(["name", "template", "content"]), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+_FIELDS = [
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "add_bos_token",
+    "add_eos_token",
+    "chat_template",
+    "model_max_length",
+]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 import torch
+from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
 from safetensors.torch import load_file
+from test_decoder_parity import make_reference
 
 from chipspan import emu
 from chipspan.adapters.peft_io import adapter_state_dict
@@ -19,25 +21,29 @@ from chipspan.models.config import ModelConfig
 from chipspan.train import checkpoints
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
-from fetched_assets import LLAMA2_TOKENIZER, DEMO_DATA
-from test_decoder_parity import make_reference
 
-
-SEED_LORA = ("--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
-             "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
-             "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --lr_scheduler_type cosine "
-             "--logging_steps 1 --save_steps 10 --learning_rate 5e-5 --num_train_epochs 4.0 --plot_loss --fp16 "
-             "--overwrite_output_dir --disable_gradient_checkpointing")
-SEED_FULL = SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full") \
-                     .replace("--save_steps 10", "--save_steps 100").replace("--num_train_epochs 4.0",
-                                                                           "--num_train_epochs 3.0")
+SEED_LORA = (
+    "--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
+    "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
+    "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --lr_scheduler_type cosine "
+    "--logging_steps 1 --save_steps 10 --learning_rate 5e-5 --num_train_epochs 4.0 --plot_loss --fp16 "
+    "--overwrite_output_dir --disable_gradient_checkpointing"
+)
+SEED_FULL = (
+    SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full")
+    .replace("--save_steps 10", "--save_steps 100")
+    .replace("--num_train_epochs 4.0", "--num_train_epochs 3.0")
+)
 # The seed's four jobs: (command, chips) for 7B LoRA, 13B LoRA, 7B full, 13B full.
 SEED_JOBS = [(SEED_LORA, 2), (SEED_LORA, 4), (SEED_FULL, 11), (SEED_FULL, 21)]
 
 
 def seed_command(template, seed_workspace, out, *extra):
     return shlex.split(template.format(model=seed_workspace / "model", out=out)) + [
-        "--dataset_dir", str(seed_workspace / "data"), *extra]
+        "--dataset_dir",
+        str(seed_workspace / "data"),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("command,chips", SEED_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
@@ -75,9 +81,24 @@ def test_seed_command_lines_run_and_write_the_seed_outputs(seed_workspace, tmp_p
 
 
 def train_losses(seed_workspace, out, chips, *extra, steps=6):
-    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", str(steps), "--save_steps", "0",
-                        "--max_samples", "24", "--per_device_train_batch_size", "2",
-                        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra)
+    argv = seed_command(
+        SEED_LORA,
+        seed_workspace,
+        out,
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "0",
+        "--max_samples",
+        "24",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    )
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
     return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
 
@@ -109,7 +130,9 @@ def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path
     reference = load_file(tmp_path / "cpu" / name)
     for chips in (2, 4):
         out = tmp_path / f"emu{chips}"
-        losses = train_losses(seed_workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10)
+        losses = train_losses(
+            seed_workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10
+        )
         assert max(abs(a - b) for a, b in zip(losses, one)) <= 1e-5 and len(losses) == 10
         spanned = load_file(out / name)
         assert all(torch.allclose(spanned[k], reference[k], atol=1e-6, rtol=0) for k in reference)
@@ -118,10 +141,13 @@ def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path
 @needs_emu
 def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
     emu.enable(num_chips=4)
-    placement = even_placement(ModelConfig.from_folder(seed_workspace / "model"),
-                               [torch.device("emu", i) for i in range(4)])
+    placement = even_placement(
+        ModelConfig.from_folder(seed_workspace / "model"), [torch.device("emu", i) for i in range(4)]
+    )
     model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
-    prepare_trainable(model, parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning)
+    prepare_trainable(
+        model, parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning
+    )
     for chip, stage in enumerate(model.stages):
         assert {p.device for p in stage.parameters()} == {torch.device("emu", chip)}
     ids = torch.randint(0, 32000, (1, 16))
@@ -131,15 +157,41 @@ def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
 
 @needs_emu
 def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(seed_workspace, tmp_path, monkeypatch, capsys):
-    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "ok", "--max_steps", "1", "--max_samples", "4",
-                        "--device", "emu", "--chips", "0-1", "--chip_memory", "1GiB")
+    argv = seed_command(
+        SEED_LORA,
+        seed_workspace,
+        tmp_path / "ok",
+        "--max_steps",
+        "1",
+        "--max_samples",
+        "4",
+        "--device",
+        "emu",
+        "--chips",
+        "0-1",
+        "--chip_memory",
+        "1GiB",
+    )
     code, _ = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 0
     results = json.loads((tmp_path / "ok" / "train_results.json").read_text())
     peaks = [results[f"chip{i}_peak_memory_bytes"] for i in range(2)]
     assert all(0 < peak < 2**30 for peak in peaks)
-    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "oom", "--max_steps", "1", "--max_samples", "4",
-                        "--device", "emu", "--chips", "0-1", "--chip_memory", "3MiB")
+    argv = seed_command(
+        SEED_LORA,
+        seed_workspace,
+        tmp_path / "oom",
+        "--max_steps",
+        "1",
+        "--max_samples",
+        "4",
+        "--device",
+        "emu",
+        "--chips",
+        "0-1",
+        "--chip_memory",
+        "3MiB",
+    )
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     emu.set_memory_limit(None)
     assert code == 1 and len(err) == 1 and "out of memory" in err[0] and "emu:" in err[0]
@@ -155,8 +207,17 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     shutil.copy(DEMO_DATA / "alpaca_zh_demo.json", tmp_path / "data" / "alpaca_gpt4_data_zh.json")
     results = {}
     for chips in (1, 3):
-        argv = seed_command(SEED_FULL, tmp_path, tmp_path / f"out{chips}", "--max_steps", "3", "--max_samples", "8",
-                            "--learning_rate", "1e-3")
+        argv = seed_command(
+            SEED_FULL,
+            tmp_path,
+            tmp_path / f"out{chips}",
+            "--max_steps",
+            "3",
+            "--max_samples",
+            "8",
+            "--learning_rate",
+            "1e-3",
+        )
         run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips)}), report=lambda _: None)
         results[chips] = load_file(tmp_path / f"out{chips}" / "model.safetensors")
     assert "lm_head.weight" not in results[3]
@@ -166,9 +227,23 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
 def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path):
     straight = train_losses(seed_workspace, tmp_path / "straight", 2)
     out = tmp_path / "resumed"
-    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "6", "--save_steps", "4", "--max_samples", "24",
-                        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                        "--learning_rate", "1e-3")
+    argv = seed_command(
+        SEED_LORA,
+        seed_workspace,
+        out,
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "4",
+        "--max_samples",
+        "24",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    )
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
     argv.remove("--overwrite_output_dir")  # the seed's way: the same command again resumes
     messages = []
@@ -180,6 +255,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path
 
 
 # --- bad input: one line, before any weight is read ----------------------------------------------
+
 
 @pytest.fixture()
 def no_weight_loading(monkeypatch):
@@ -198,18 +274,27 @@ def run_cli(argv, env, monkeypatch, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-@pytest.mark.parametrize("change,env,message", [
-    (["--lora_rnak", "4"], {}, "unknown flag --lora_rnak; did you mean --lora_rank?"),
-    (["--dataset", "alpaca_gpt5_zh"], {}, "alpaca_gpt5_zh"),
-    (["--dataset", "alpaca_gpt4_en"], {}, "alpaca_gpt4_data_en.json"),
-    ([], {"SOPHGO_SPLIT": "23"}, "23 chips asked for (SOPHGO_SPLIT / --chips) but the model has only 22"),
-    (["--device", "cuda"], {"SOPHGO_SPLIT": "2", "CHIPS": "3"}, "chip 3 does not exist"),
-    (["--lora_target", "none"], {}, "LoRA needs --lora_target"),
-    (["--lora_target", "q_proj,qkv"], {}, "lora_target 'qkv' matches no module; this model has: down_proj, gate_proj"),
-    (["--stage", "ppo"], {}, "--stage ppo is not supported yet"),
-    ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
-])
-def test_bad_input_gets_one_line(seed_workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "change,env,message",
+    [
+        (["--lora_rnak", "4"], {}, "unknown flag --lora_rnak; did you mean --lora_rank?"),
+        (["--dataset", "alpaca_gpt5_zh"], {}, "alpaca_gpt5_zh"),
+        (["--dataset", "alpaca_gpt4_en"], {}, "alpaca_gpt4_data_en.json"),
+        ([], {"SOPHGO_SPLIT": "23"}, "23 chips asked for (SOPHGO_SPLIT / --chips) but the model has only 22"),
+        (["--device", "cuda"], {"SOPHGO_SPLIT": "2", "CHIPS": "3"}, "chip 3 does not exist"),
+        (["--lora_target", "none"], {}, "LoRA needs --lora_target"),
+        (
+            ["--lora_target", "q_proj,qkv"],
+            {},
+            "lora_target 'qkv' matches no module; this model has: down_proj, gate_proj",
+        ),
+        (["--stage", "ppo"], {}, "--stage ppo is not supported yet"),
+        ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
+    ],
+)
+def test_bad_input_gets_one_line(
+    seed_workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys
+):
     argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "out") + change
     code, err = run_cli(argv, env, monkeypatch, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("chipspan: error: ")
@@ -236,29 +321,41 @@ def test_lora_spanned_stages_hold_their_own_layers(seed_workspace):
     assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
 
 
-def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(seed_workspace, tmp_path, no_weight_loading,
-                                                                       monkeypatch, capsys):
+def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(
+    seed_workspace, tmp_path, no_weight_loading, monkeypatch, capsys
+):
     free = shutil.disk_usage(tmp_path).free
     # full fine-tuning of this 2.3M-parameter model: ~27.6 MB per checkpoint (fp32 weights + AdamW)
     steps = int(free // 27_000_000) + 10
-    argv = seed_command(SEED_FULL, seed_workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1",
-                        "--fp16", "false")
+    argv = seed_command(
+        SEED_FULL, seed_workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1", "--fp16", "false"
+    )
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 1 and len(err) == 1
     assert "would not fit on disk" in err[0] and "--save_total_limit" in err[0]
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("free, advice", [
-    (10_500, "pass --save_total_limit 3 (or fewer)"),  # 3 kept + 1 being written + the final 6,000
-    (7_500, "no rotation of checkpoints fits beside the final outputs: pass --save_steps 0"),
-    (5_000, "even the final outputs do not fit"),
-])
+@pytest.mark.parametrize(
+    "free, advice",
+    [
+        (10_500, "pass --save_total_limit 3 (or fewer)"),  # 3 kept + 1 being written + the final 6,000
+        (7_500, "no rotation of checkpoints fits beside the final outputs: pass --save_steps 0"),
+        (5_000, "even the final outputs do not fit"),
+    ],
+)
 def test_the_disk_refusal_advises_what_can_fit(tmp_path, monkeypatch, free, advice):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**6, 10**6 - free, free))
     with pytest.raises(ChipspanError, match="would not fit on disk") as refused:
-        checkpoints.check_disk_space(tmp_path, steps=100, save_steps=1, save_total_limit=None, checkpoint_bytes=1_000,
-                                     final_bytes=6_000, report=print)
+        checkpoints.check_disk_space(
+            tmp_path,
+            steps=100,
+            save_steps=1,
+            save_total_limit=None,
+            checkpoint_bytes=1_000,
+            final_bytes=6_000,
+            report=print,
+        )
     assert advice in str(refused.value)
 
 

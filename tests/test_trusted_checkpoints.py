@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tiny_run import STEPS, command, run
 
 from chipspan import manifest
 from chipspan.args import parse_run_arguments
@@ -18,7 +19,6 @@ from chipspan.cli import main
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints, recipe
-from tiny_run import STEPS, command, run
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,12 @@ class Planted:
 
 # --- no pickle on any load path --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("file", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"])
 @pytest.mark.parametrize("how", ["output_dir", "resume_from_checkpoint"])
-def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(tiny_workspace, out, tmp_path, file, how,
-                                                                monkeypatch, capsys):
+def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(
+    tiny_workspace, out, tmp_path, file, how, monkeypatch, capsys
+):
     monkeypatch.setattr(span, "load_pretrained", lambda *args, **kwargs: pytest.fail("weights loaded first"))
     marker = tmp_path / "code-ran"
     checkpoint = out / "checkpoint-4"
@@ -84,13 +86,17 @@ def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(tiny_workspace, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("file,content,message", [
-    ("scheduler.pt", {"unexpected": 1}, "does not hold the training state chipspan saves"),
-    ("rng_state.pth", {"python": [], "numpy": {}, "cpu": torch.zeros(3)}, "does not hold the training state"),
-    ("trainer_state.json", [], "trainer_state.json is not a trainer state"),
-])
-def test_checkpoint_files_of_the_wrong_shape_are_one_line(tiny_workspace, out, file, content, message, monkeypatch,
-                                                         capsys):
+@pytest.mark.parametrize(
+    "file,content,message",
+    [
+        ("scheduler.pt", {"unexpected": 1}, "does not hold the training state chipspan saves"),
+        ("rng_state.pth", {"python": [], "numpy": {}, "cpu": torch.zeros(3)}, "does not hold the training state"),
+        ("trainer_state.json", [], "trainer_state.json is not a trainer state"),
+    ],
+)
+def test_checkpoint_files_of_the_wrong_shape_are_one_line(
+    tiny_workspace, out, file, content, message, monkeypatch, capsys
+):
     checkpoint = out / "checkpoint-4"
     if file.endswith(".json"):
         (checkpoint / file).write_text(json.dumps(content))
@@ -116,6 +122,7 @@ def test_rng_state_round_trips_through_weights_only_files(tmp_path):
 
 # --- resume only from an intact checkpoint of the same settings -------------------------------------
 
+
 def truncate(folder):
     data = (folder / "optimizer.pt").read_bytes()
     (folder / "optimizer.pt").write_bytes(data[: len(data) // 2])
@@ -136,8 +143,9 @@ DAMAGES = [
 
 
 @pytest.mark.parametrize("damage,problem", DAMAGES, ids=["truncated", "missing", "changed", "no-manifest"])
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tiny_workspace, trained, out, damage, problem,
-                                                                  monkeypatch, capsys):
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(
+    tiny_workspace, trained, out, damage, problem, monkeypatch, capsys
+):
     damage(out / "checkpoint-4")
     with (out / "trainer_log.jsonl").open("a") as log:
         log.write('{"current_steps": 5, "total_steps": 6, "lo')  # the torn last line of a killed run
@@ -158,29 +166,36 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tiny_workspace
         assert {p.name: p.read_bytes() for p in (out / "checkpoint-4").iterdir()} == left
 
 
-def test_no_intact_checkpoint_is_one_line_and_a_named_damaged_one_is_refused(tiny_workspace, out, monkeypatch,
-                                                                          capsys):
+def test_no_intact_checkpoint_is_one_line_and_a_named_damaged_one_is_refused(tiny_workspace, out, monkeypatch, capsys):
     truncate(out / "checkpoint-4")
     (out / "checkpoint-2" / "rng_state.pth").unlink()
     code, _, err = train(command(tiny_workspace, out, "lora"), monkeypatch, capsys)
     assert code == 1 and len(err) == 1
     assert "no checkpoint in" in err[0] and "checkpoint-4 (optimizer.pt is truncated" in err[0]
     assert "checkpoint-2 (rng_state.pth is missing)" in err[0] and "--overwrite_output_dir" in err[0]
-    code, _, err = train(command(tiny_workspace, out, "lora") + ["--resume_from_checkpoint", out / "checkpoint-4"],
-                         monkeypatch, capsys)
+    code, _, err = train(
+        command(tiny_workspace, out, "lora") + ["--resume_from_checkpoint", out / "checkpoint-4"], monkeypatch, capsys
+    )
     assert code == 1 and len(err) == 1
     assert "is not a checkpoint folder chipspan can resume from: optimizer.pt is truncated" in err[0]
     assert logged_steps(out) == list(range(1, STEPS + 1))  # nothing was written
 
 
-@pytest.mark.parametrize("change,message", [
-    (["--lora_rank", "16"], "checkpoint-4 was trained with lora_rank 8, this run asks for 16: pass --lora_rank 8"),
-    (["--lora_alpha", "32"], "checkpoint-4 was trained with lora_alpha 16, this run asks for 32"),
-    (["--lora_target", "q_proj"], "checkpoint-4 was trained with lora_target q_proj,v_proj, this run asks for q_proj"),
-    (["--finetuning_type", "full"], "checkpoint-4 was trained with finetuning_type lora, this run asks for full"),
-])
-def test_a_checkpoint_trained_otherwise_is_refused_with_the_difference(tiny_workspace, out, change, message,
-                                                                      monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--lora_rank", "16"], "checkpoint-4 was trained with lora_rank 8, this run asks for 16: pass --lora_rank 8"),
+        (["--lora_alpha", "32"], "checkpoint-4 was trained with lora_alpha 16, this run asks for 32"),
+        (
+            ["--lora_target", "q_proj"],
+            "checkpoint-4 was trained with lora_target q_proj,v_proj, this run asks for q_proj",
+        ),
+        (["--finetuning_type", "full"], "checkpoint-4 was trained with finetuning_type lora, this run asks for full"),
+    ],
+)
+def test_a_checkpoint_trained_otherwise_is_refused_with_the_difference(
+    tiny_workspace, out, change, message, monkeypatch, capsys
+):
     argv = command(tiny_workspace, out, "lora")
     if change[0] == "--finetuning_type":
         argv = [a for a in argv if a not in ("--lora_target", "q_proj,v_proj")]
@@ -201,6 +216,7 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_workspace, out, tmp_path,
 
 
 # --- chipspan removes only what it wrote ---------------------------------------------------------
+
 
 def users_things(out):
     """A note, a folder of the user's, and a folder of theirs that happens to be named checkpoint-1."""
@@ -243,12 +259,17 @@ def test_output_files_of_the_user_are_never_overwritten(tiny_workspace, tmp_path
 
 
 @pytest.mark.parametrize("limit,kept", [(1, ["checkpoint-4"]), (2, ["checkpoint-2", "checkpoint-4"])])
-def test_rotation_deletes_only_chipspan_checkpoints_older_than_the_new_one(tiny_workspace, out, limit, kept,
-                                                                          monkeypatch, capsys):
+def test_rotation_deletes_only_chipspan_checkpoints_older_than_the_new_one(
+    tiny_workspace, out, limit, kept, monkeypatch, capsys
+):
     users_things(out)
     (out / "checkpoint-4").rename(out / "checkpoint-8")  # a later checkpoint of a run this one replaces
-    argv = command(tiny_workspace, out, "lora") + ["--resume_from_checkpoint", out / "checkpoint-2",
-                                                   "--save_total_limit", limit]
+    argv = command(tiny_workspace, out, "lora") + [
+        "--resume_from_checkpoint",
+        out / "checkpoint-2",
+        "--save_total_limit",
+        limit,
+    ]
     code, _, err = train(argv, monkeypatch, capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", *kept]
@@ -256,8 +277,9 @@ def test_rotation_deletes_only_chipspan_checkpoints_older_than_the_new_one(tiny_
     assert_users_things_kept(out)
 
 
-def test_a_users_folder_where_a_checkpoint_would_go_is_refused_before_loading(tiny_workspace, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_a_users_folder_where_a_checkpoint_would_go_is_refused_before_loading(
+    tiny_workspace, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "weights.bin").write_text("theirs")
@@ -272,9 +294,17 @@ def test_a_manifest_naming_files_outside_its_folder_is_not_chipspans(tmp_path):
     folder = tmp_path / "checkpoint-2"
     folder.mkdir()
     (tmp_path / "precious").write_text("keep")
-    (folder / manifest.MANIFEST).write_text(json.dumps({
-        "written_by": "chipspan", "version": 1, "kind": "checkpoint", "settings": {},
-        "files": {"../precious": {"size": 4, "sha256": "0" * 64}}}))
+    (folder / manifest.MANIFEST).write_text(
+        json.dumps(
+            {
+                "written_by": "chipspan",
+                "version": 1,
+                "kind": "checkpoint",
+                "settings": {},
+                "files": {"../precious": {"size": 4, "sha256": "0" * 64}},
+            }
+        )
+    )
     assert "lists '../precious', which is not a file of that folder" in checkpoints.damage(folder)
     assert checkpoints.checkpoints_in(tmp_path) == []
     manifest.remove_sealed(folder, checkpoints.CHECKPOINT)
@@ -282,6 +312,7 @@ def test_a_manifest_naming_files_outside_its_folder_is_not_chipspans(tmp_path):
 
 
 # --- the disk check counts everything a checkpoint holds --------------------------------------------
+
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp_path, finetuning_type, monkeypatch):
@@ -291,16 +322,22 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
     written = sum(p.stat().st_size for p in (out / "checkpoint-4").iterdir())
     final = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     asked = {}
-    monkeypatch.setattr(checkpoints, "check_disk_space",
-                        lambda *args: asked.update(checkpoint=args[4], final=args[5]))
+    monkeypatch.setattr(checkpoints, "check_disk_space", lambda *args: asked.update(checkpoint=args[4], final=args[5]))
     arguments = parse_run_arguments(argv[1:], {})
-    recipe.check_disk(arguments, ModelConfig.from_folder(tiny_workspace / "model"), torch.float32,
-                      Tokenizer.from_folder(tiny_workspace / "model"), STEPS, print)
+    recipe.check_disk(
+        arguments,
+        ModelConfig.from_folder(tiny_workspace / "model"),
+        torch.float32,
+        Tokenizer.from_folder(tiny_workspace / "model"),
+        STEPS,
+        print,
+    )
     assert written <= asked["checkpoint"] <= 1.1 * written + 128 * 1024
     assert final <= asked["final"] <= 1.1 * final + 128 * 1024
 
 
 # --- per-stage checkpoints (torchrun) ---------------------------------------------------------------
+
 
 def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
     from test_distributed import REPO, torchrun, train_flags
@@ -309,8 +346,14 @@ def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(ti
     torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--micro_batches", "2"))
     checkpoint = out / "checkpoint-2"
     listed = manifest.read(checkpoint, checkpoints.CHECKPOINT)["files"]
-    assert {"optimizer-stage0-of-2.pt", "optimizer-stage1-of-2.pt", "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors", "scheduler.pt", "rng_state.pth"} <= set(listed)
+    assert {
+        "optimizer-stage0-of-2.pt",
+        "optimizer-stage1-of-2.pt",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "scheduler.pt",
+        "rng_state.pth",
+    } <= set(listed)
     assert set(listed) == {p.name for p in checkpoint.iterdir()} - {manifest.MANIFEST}
     assert checkpoints.damage(checkpoint) is None  # every stage's hash is the file's
 
@@ -318,9 +361,24 @@ def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(ti
     torch.save({"state": Planted(marker), "param_groups": [], "kinds": []}, checkpoint / "optimizer-stage1-of-2.pt")
     reseal(checkpoint)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              "-m", "chipspan", "train", *map(str, train_flags(tiny_workspace, out))],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "chipspan",
+            "train",
+            *map(str, train_flags(tiny_workspace, out)),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode != 0
     planted = checkpoint / "optimizer-stage1-of-2.pt"
     assert f"chipspan: error: {planted} holds objects other than tensors" in resumed.stderr

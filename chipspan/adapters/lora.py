@@ -127,15 +127,25 @@ class LoraLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"r={self.lora_A.out_features}, scaling={self.scaling:g}, merged={self.merged}"
+        )
 
 
 # --- injection -----------------------------------------------------------------------------------
 
-def inject_lora(model: nn.Module, target: str | Sequence[str], r: int = 8, alpha: float | None = None,
-                dropout: float = 0.0, additional_target: str | Sequence[str] | None = None,
-                use_rslora: bool = False, keep_tied: bool = True) -> list[str]:
+
+def inject_lora(
+    model: nn.Module,
+    target: str | Sequence[str],
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    additional_target: str | Sequence[str] | None = None,
+    use_rslora: bool = False,
+    keep_tied: bool = True,
+) -> list[str]:
     """Freeze ``model`` and add LoRA to the ``target`` linear layers; returns the wrapped names.
 
     Args:
@@ -147,8 +157,12 @@ def inject_lora(model: nn.Module, target: str | Sequence[str], r: int = 8, alpha
     """
     settings = LoraSettings(
         target_modules=_split(target),
-        r=r, alpha=2 * r if alpha is None else alpha, dropout=dropout, use_rslora=use_rslora,
-        modules_to_save=_split(additional_target) or None, keep_tied=keep_tied,
+        r=r,
+        alpha=2 * r if alpha is None else alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        modules_to_save=_split(additional_target) or None,
+        keep_tied=keep_tied,
     )
     if not settings.target_modules:
         raise ChipspanError("lora_target is empty; name the layers to adapt, e.g. q_proj,v_proj, or all")
@@ -167,8 +181,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     extra = additional_modules(model, settings)
     inside = [t for t in targets if any(t == e or t.startswith(e + ".") for e in extra)]
     if inside:
-        raise ChipspanError(f"{inside[0]} is both a lora_target and inside an additional_target; "
-                            "train it one way only")
+        raise ChipspanError(f"{inside[0]} is both a lora_target and inside an additional_target; train it one way only")
     for param in model.parameters():
         param.requires_grad_(False)
     held = dict(model.named_modules())
@@ -195,8 +208,9 @@ def additional_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
     every = [name for name, _ in reference.named_modules() if name]
     for wanted in names:
         if not any(name.endswith(wanted) for name in every):
-            raise ChipspanError(f"additional_target '{wanted}' matches no module; this model has: "
-                                f"{', '.join(_short_names(every))}")
+            raise ChipspanError(
+                f"additional_target '{wanted}' matches no module; this model has: {', '.join(_short_names(every))}"
+            )
     found = [name for name in every if any(name.endswith(wanted) for wanted in names)]
     if settings.keep_tied and _ties_in_config(model) and set(TIED_PAIR) & set(found):
         found += [name for name in TIED_PAIR if name not in found]
@@ -206,11 +220,15 @@ def additional_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
 def ties_trained_embeddings(model: nn.Module) -> bool:
     """Whether the shared embedding/head matrix of a tied model is trained as one (PEFT's ensure_weight_tying)."""
     settings = model.lora_settings
-    return (settings.keep_tied and _ties_in_config(model)
-            and bool(set(TIED_PAIR) & set(additional_modules(model, settings))))
+    return (
+        settings.keep_tied
+        and _ties_in_config(model)
+        and bool(set(TIED_PAIR) & set(additional_modules(model, settings)))
+    )
 
 
 # --- merging -------------------------------------------------------------------------------------
+
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
@@ -240,6 +258,7 @@ def merge_and_unload(model: nn.Module) -> None:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def _split(names: str | Sequence[str] | None) -> list[str]:
     if names is None:
@@ -277,8 +296,7 @@ def _is_tied(model: nn.Module) -> bool:
 
 
 def _layer_linears(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if name.startswith(LAYERS_PREFIX) and isinstance(m, nn.Linear)]
+    return [name for name, m in model.named_modules() if name.startswith(LAYERS_PREFIX) and isinstance(m, nn.Linear)]
 
 
 def _short_names(names: list[str]) -> list[str]:
@@ -296,16 +314,20 @@ def _resolve_targets(reference: nn.Module, target: list[str] | str) -> list[str]
             raise ChipspanError(f"target_modules pattern '{target}' matches no module of this model")
         groups = {target: chosen}
     else:
-        groups = {t: [name for name, _ in reference.named_modules() if name == t or name.endswith("." + t)]
-                  for t in target}
+        groups = {
+            t: [name for name, _ in reference.named_modules() if name == t or name.endswith("." + t)] for t in target
+        }
     for wanted, chosen in groups.items():
         if not chosen:
-            raise ChipspanError(f"lora_target '{wanted}' matches no module; this model has: "
-                                f"{', '.join(_short_names(linears))}")
+            raise ChipspanError(
+                f"lora_target '{wanted}' matches no module; this model has: {', '.join(_short_names(linears))}"
+            )
         other = [name for name in chosen if name not in linears]
         if other:
-            raise ChipspanError(f"lora_target '{wanted}' selects {other[0]}, which is not a linear layer "
-                                f"of a decoder layer; choose from: {', '.join(_short_names(linears))} "
-                                "(train other modules fully with additional_target)")
+            raise ChipspanError(
+                f"lora_target '{wanted}' selects {other[0]}, which is not a linear layer "
+                f"of a decoder layer; choose from: {', '.join(_short_names(linears))} "
+                "(train other modules fully with additional_target)"
+            )
     selected = {name for chosen in groups.values() for name in chosen}
     return [name for name in linears if name in selected]

@@ -24,8 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from chipspan.adapters.lora import (LoraSettings, additional_modules, apply_lora, lora_layers,
-                                    ties_trained_embeddings)
+from chipspan.adapters.lora import LoraSettings, additional_modules, apply_lora, lora_layers, ties_trained_embeddings
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
@@ -42,21 +41,60 @@ PREFIX = "base_model.model."
 
 # The other fields PEFT 0.21 writes, each with the value that means plain LoRA.
 _NEUTRAL_FIELDS = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-    "bias": "none", "corda_config": None, "eva_config": None, "exclude_modules": None,
-    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "kasa_config": None,
-    "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-    "lora_bias": False, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-    "monteclora_config": None, "qalora_group_size": 16, "rank_pattern": {}, "revision": None,
-    "target_parameters": None, "task_type": "CAUSAL_LM", "trainable_token_indices": None,
-    "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "bias": "none",
+    "corda_config": None,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "rank_pattern": {},
+    "revision": None,
+    "target_parameters": None,
+    "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
 }
 # Fields that change what an adapter computes: only their neutral value loads here.
 _UNSUPPORTED = (
-    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "bias", "exclude_modules", "fan_in_fan_out",
-    "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "lora_bias", "megatron_config",
-    "monteclora_config", "rank_pattern", "target_parameters", "trainable_token_indices", "use_bdlora",
-    "use_dora", "use_qalora", "velora_config",
+    "alora_invocation_tokens",
+    "alpha_pattern",
+    "arrow_config",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "kasa_config",
+    "layer_replication",
+    "layers_pattern",
+    "layers_to_transform",
+    "lora_bias",
+    "megatron_config",
+    "monteclora_config",
+    "rank_pattern",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_dora",
+    "use_qalora",
+    "velora_config",
 )
 _NEUTRAL_VALUES = (None, False, {}, [], "none")
 # Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ, ... change them).
@@ -64,8 +102,11 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 # A target_modules regex is matched against every module name: its size and repeats are bounded.
 _MAX_PATTERN = 500
 _MAX_REPEATS = 3
-_REPEAT_OPS = tuple(getattr(_regex_parser, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
-                    if hasattr(_regex_parser, name))
+_REPEAT_OPS = tuple(
+    getattr(_regex_parser, name)
+    for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+    if hasattr(_regex_parser, name)
+)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -113,8 +154,12 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | Path | None)
     }
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | Path | None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    base_model_name_or_path: str | Path | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``; returns the folder.
 
     ``state_dict`` (default: ``adapter_state_dict(model)``) lets a pipeline write the tensors
@@ -125,8 +170,11 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, folder / ADAPTER_WEIGHTS,
-              metadata={"format": "pt"})
+    save_file(
+        {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
+        folder / ADAPTER_WEIGHTS,
+        metadata={"format": "pt"},
+    )
     return folder
 
 
@@ -143,21 +191,32 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
     if not isinstance(config, dict):
         raise ChipspanError(f"{file} holds a JSON {type(config).__name__}, not an object of LoRA settings")
     if config.get("peft_type") != "LORA":
-        raise ChipspanError(f"{file} has peft_type {json.dumps(config.get('peft_type'))[:60]}; chipspan loads "
-                            "LORA adapters only")
+        raise ChipspanError(
+            f"{file} has peft_type {json.dumps(config.get('peft_type'))[:60]}; chipspan loads LORA adapters only"
+        )
     for field in _UNSUPPORTED:
         value = config.get(field)
         if value not in _NEUTRAL_VALUES:
-            raise ChipspanError(f"{file} sets {field} = {json.dumps(value)}, which chipspan does not support; "
-                                "only plain LoRA (optionally rsLoRA) adapters load")
+            raise ChipspanError(
+                f"{file} sets {field} = {json.dumps(value)}, which chipspan does not support; "
+                "only plain LoRA (optionally rsLoRA) adapters load"
+            )
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
-        raise ChipspanError(f"{file} sets init_lora_weights = {json.dumps(init)}, which changes the base weights; "
-                            "convert the adapter to plain LoRA with PEFT first")
+        raise ChipspanError(
+            f"{file} sets init_lora_weights = {json.dumps(init)}, which changes the base weights; "
+            "convert the adapter to plain LoRA with PEFT first"
+        )
     return LoraSettings(
-        target_modules=_field(file, config, "target_modules", None, _is_targets,
-                              f"a list of module names or a regex (at most {_MAX_PATTERN} characters and "
-                              f"{_MAX_REPEATS} repeats, none nested)"),
+        target_modules=_field(
+            file,
+            config,
+            "target_modules",
+            None,
+            _is_targets,
+            f"a list of module names or a regex (at most {_MAX_PATTERN} characters and "
+            f"{_MAX_REPEATS} repeats, none nested)",
+        ),
         r=_field(file, config, "r", 8, _is_count, "a positive integer"),
         alpha=_field(file, config, "lora_alpha", 8, _is_positive, "a positive number"),
         dropout=_field(file, config, "lora_dropout", 0.0, _is_fraction, "a number in [0, 1)"),
@@ -275,6 +334,7 @@ def load_adapter(model: CausalLM, folder: str | Path) -> list[str]:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def _settings(model: nn.Module) -> LoraSettings:
     if not hasattr(model, "lora_settings"):
         raise ChipspanError("this model carries no LoRA adapter; inject or load one first")
@@ -284,23 +344,34 @@ def _settings(model: nn.Module) -> LoraSettings:
 def _check_fit(model: CausalLM, settings: LoraSettings, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
     """ChipspanError if the adapter's keys or shapes do not fit ``model`` (checked on meta copies)."""
     whole = _with_lora(model.config, settings, folder)
-    part = _with_lora(model.config, settings, folder, layers=model.layer_indices,
-                      embed=model.model.embed_tokens is not None, head=model.lm_head is not None)
+    part = _with_lora(
+        model.config,
+        settings,
+        folder,
+        layers=model.layer_indices,
+        embed=model.model.embed_tokens is not None,
+        head=model.lm_head is not None,
+    )
     expected = {key: tuple(p.shape) for key, p in adapter_parameters(whole).items()}
     keys_of_param: dict[int, list[str]] = {}
     for key, param in adapter_parameters(part).items():
         keys_of_param.setdefault(id(param), []).append(key)
     problems = {
         "unexpected keys": [key for key in shapes if key not in expected],
-        "shape mismatch": [f"{key} {shapes[key]} vs {expected[key]}" for key in shapes
-                           if key in expected and shapes[key] != expected[key]],
+        "shape mismatch": [
+            f"{key} {shapes[key]} vs {expected[key]}"
+            for key in shapes
+            if key in expected and shapes[key] != expected[key]
+        ],
         "missing keys": [keys[0] for keys in keys_of_param.values() if not any(k in shapes for k in keys)],
     }
     for problem, keys in problems.items():
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise ChipspanError(f"adapter in {folder} does not fit this {model.config.model_type} model — "
-                                f"{problem}: {', '.join(keys[:3])}{more}; was it trained on another base model?")
+            raise ChipspanError(
+                f"adapter in {folder} does not fit this {model.config.model_type} model — "
+                f"{problem}: {', '.join(keys[:3])}{more}; was it trained on another base model?"
+            )
 
 
 def _with_lora(config: ModelConfig, settings: LoraSettings, folder: Path, **part) -> CausalLM:
@@ -329,12 +400,16 @@ def _open_adapter(folder: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Ca
         try:
             state = torch.load(folder / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} is not a readable PyTorch file "
-                                f"({type(exc).__name__})") from None
-        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                                for k, t in state.items())):
-            raise ChipspanError(f"{folder / ADAPTER_WEIGHTS_BIN} does not hold a dict of named tensors: "
-                                "re-save the adapter")
+            raise ChipspanError(
+                f"{folder / ADAPTER_WEIGHTS_BIN} is not a readable PyTorch file ({type(exc).__name__})"
+            ) from None
+        if not (
+            isinstance(state, dict)
+            and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items())
+        ):
+            raise ChipspanError(
+                f"{folder / ADAPTER_WEIGHTS_BIN} does not hold a dict of named tensors: re-save the adapter"
+            )
         yield {k: tuple(t.shape) for k, t in state.items()}, state.__getitem__
         return
     raise ChipspanError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN}) in {folder}")

@@ -117,11 +117,24 @@ class _Job:
         return self.compute < FP32
 
 
-def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, finetuning_type: str,
-             base_dtype_bytes: int, seq_len: int, batch: int, gradient_checkpointing: bool,
-             lora_rank: int = 8, lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
-             micro_batches_in_flight: int = 1, gradients_held: bool = False, num_layer_trainable: int = 3,
-             name_module_trainable: str = "mlp") -> ChipMemory:
+def estimate(
+    config: ModelConfig,
+    layers: range,
+    first: bool,
+    last: bool,
+    *,
+    finetuning_type: str,
+    base_dtype_bytes: int,
+    seq_len: int,
+    batch: int,
+    gradient_checkpointing: bool,
+    lora_rank: int = 8,
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    micro_batches_in_flight: int = 1,
+    gradients_held: bool = False,
+    num_layer_trainable: int = 3,
+    name_module_trainable: str = "mlp",
+) -> ChipMemory:
     """Peak bytes of one chip holding ``layers`` (and the embeddings if ``first``, the final norm,
     head and loss if ``last``; a chip both first and last holds the whole model).
 
@@ -169,13 +182,25 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
         trained_layers = range(max(layers.start, trainable.start), min(layers.stop, trainable.stop))
         trained, extra = per_layer * len(trained_layers), 0
         grad_path = range(max(layers.start, trainable.start), layers.stop)
-        trained_modules = frozenset(m for n in freeze_modules(name_module_trainable)
-                                    for m in (ATTENTION_MODULES if n == "self_attn" else MLP_MODULES))
+        trained_modules = frozenset(
+            m
+            for n in freeze_modules(name_module_trainable)
+            for m in (ATTENTION_MODULES if n == "self_attn" else MLP_MODULES)
+        )
         decay = trained
     trained_total = trained + extra
     full = finetuning_type == "full"
-    job = _Job(config, seq_len * batch, c, FP32 if (full or c == FP32) else c, lora_rank, adapted,
-               trained_modules, full, micro_batches_in_flight)
+    job = _Job(
+        config,
+        seq_len * batch,
+        c,
+        FP32 if (full or c == FP32) else c,
+        lora_rank,
+        adapted,
+        trained_modules,
+        full,
+        micro_batches_in_flight,
+    )
 
     weights = (params - trained) * c + trained_total * TRAINED_BYTES
     gradients, optimizer = trained_total * GRADIENT_BYTES, trained_total * ADAMW_BYTES
@@ -185,8 +210,10 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     if grad_path:
         # no gradient enters the first layer after a frozen embedding or frozen layers
         gradless = 0 if finetuning_type == "lora" else (-1 if full else max(trainable.start, 0))
-        saved = {(trained_here, input_grad): (count, _layer_saved_bytes(job, trained_here, input_grad=input_grad))
-                 for (trained_here, input_grad), count in _layer_kinds(grad_path, trained_layers, gradless).items()}
+        saved = {
+            (trained_here, input_grad): (count, _layer_saved_bytes(job, trained_here, input_grad=input_grad))
+            for (trained_here, input_grad), count in _layer_kinds(grad_path, trained_layers, gradless).items()
+        }
         if gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
             activations = len(grad_path) * job.in_flight * job.tokens * h * job.stream
             backward = max(each for _, each in saved.values())
@@ -195,8 +222,9 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
         activations += job.in_flight * _rope_bytes(job)
         backward += _layer_backward_bytes(job, trained=bool(trained_layers))
         # the chip's first layer, attention half: its MLP half and every other layer are done
-        backward_end = (_layer_saved_bytes(job, grad_path.start in trained_layers, "attention",
-                                           grad_path.start != gradless) + _attention_backward_bytes(job))
+        backward_end = _layer_saved_bytes(
+            job, grad_path.start in trained_layers, "attention", grad_path.start != gradless
+        ) + _attention_backward_bytes(job)
         forward = _adapter_forward_bytes(job)
     if len(grad_path) < len(layers):  # layers before the gradient path run forward before any saving
         forward = max(forward, _forward_bytes(job) - activations)
@@ -207,16 +235,28 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, *, fin
     held = gradients if gradients_held else 0
     moments = {
         "forward": states + held + activations + max(loss_saved + logits, forward),
-        "backward": max(states + held + activations + (0 if gradients_held else head_gradient) + backward,
-                        states + gradients + backward_end),
+        "backward": max(
+            states + held + activations + (0 if gradients_held else head_gradient) + backward,
+            states + gradients + backward_end,
+        ),
         "optimizer step": states + gradients + _adamw_step_bytes(decay),
     }
     peak_at = max(moments, key=moments.get)
-    workspace = {"forward": max(logits, forward), "backward": backward,
-                 "optimizer step": _adamw_step_bytes(decay)}[peak_at]
-    return ChipMemory(layers=layers, weights=weights, gradients=gradients, optimizer=optimizer,
-                      activations=activations + loss_saved, logits=logits, workspace=workspace,
-                      total=moments[peak_at], peak_at=peak_at, in_flight=micro_batches_in_flight)
+    workspace = {"forward": max(logits, forward), "backward": backward, "optimizer step": _adamw_step_bytes(decay)}[
+        peak_at
+    ]
+    return ChipMemory(
+        layers=layers,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations + loss_saved,
+        logits=logits,
+        workspace=workspace,
+        total=moments[peak_at],
+        peak_at=peak_at,
+        in_flight=micro_batches_in_flight,
+    )
 
 
 def _layer_kinds(grad_path: range, trained: range, gradless: int) -> dict[tuple[bool, bool], int]:
@@ -231,13 +271,16 @@ def _layer_kinds(grad_path: range, trained: range, gradless: int) -> dict[tuple[
     return {kind: count for kind, count in counts.items() if count}
 
 
-def split_estimates(config: ModelConfig, split: list[range], schedule: Schedule | None = None,
-                    **job) -> list[ChipMemory]:
+def split_estimates(
+    config: ModelConfig, split: list[range], schedule: Schedule | None = None, **job
+) -> list[ChipMemory]:
     """``estimate`` for each stage of ``split`` (contiguous layer slices, first to last); with a
     ``schedule``, each stage holds the micro-batches it keeps in flight."""
     last = config.num_hidden_layers
-    return [estimate(config, r, r.start == 0, r.stop == last, **_stage_job(job, schedule, i, len(split)))
-            for i, r in enumerate(split)]
+    return [
+        estimate(config, r, r.start == 0, r.stop == last, **_stage_job(job, schedule, i, len(split)))
+        for i, r in enumerate(split)
+    ]
 
 
 def _stage_job(job: dict, schedule: Schedule | None, stage: int, num_stages: int) -> dict:
@@ -273,8 +316,9 @@ def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1
     return slices
 
 
-def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0,
-              schedule: Schedule | None = None, **job) -> int:
+def min_chips(
+    config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, schedule: Schedule | None = None, **job
+) -> int:
     """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job. Without a
     schedule (or under GPipe) every chip holds the same micro-batches and the greedy packer finds
     it; under 1F1B the early stages hold more, so from the packer's count (one micro-batch each: a
@@ -294,11 +338,13 @@ def min_chips(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0
     failed, step = chips - 1, 1
     while chips > most or not fits(chips):
         if chips >= most:
-            raise ChipspanError(f"no split of the {config.num_hidden_layers} layers over up to {most} chips of "
-                                f"{budget / GIB:.2f} GiB usable holds this job under {schedule.name}: its first "
-                                f"stages keep up to {schedule.micro_batches} micro-batches' activations at once; "
-                                "run fewer micro-batches per step (--gradient_accumulation_steps, --micro_batches) "
-                                "or lower cutoff_len")
+            raise ChipspanError(
+                f"no split of the {config.num_hidden_layers} layers over up to {most} chips of "
+                f"{budget / GIB:.2f} GiB usable holds this job under {schedule.name}: its first "
+                f"stages keep up to {schedule.micro_batches} micro-batches' activations at once; "
+                "run fewer micro-batches per step (--gradient_accumulation_steps, --micro_batches) "
+                "or lower cutoff_len"
+            )
         failed, chips, step = chips, min(chips + step, most), 2 * step
     while chips - failed > 1:
         middle = (failed + chips) // 2
@@ -326,8 +372,10 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
     """
     num_layers = config.num_hidden_layers
     if not 1 <= num_chips <= num_layers:
-        raise ChipspanError(f"cannot span {num_layers} decoder layers over {num_chips} chips: use 1 to "
-                            f"{num_layers} chips (each holds at least one layer)")
+        raise ChipspanError(
+            f"cannot span {num_layers} decoder layers over {num_chips} chips: use 1 to "
+            f"{num_layers} chips (each holds at least one layer)"
+        )
 
     def total(chip: int, start: int, stop: int) -> int:
         chip_job = _stage_job(job, schedule, chip, num_chips)
@@ -342,8 +390,11 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
         return max(total(chip, r.start, r.stop) for chip, r in enumerate(split))
 
     def within(bound: int, longest: int = num_layers):
-        return _greedy_split(num_layers, num_chips, lambda chip, start, stop:
-                             stop - start <= longest and total(chip, start, stop) <= bound)
+        return _greedy_split(
+            num_layers,
+            num_chips,
+            lambda chip, start, stop: stop - start <= longest and total(chip, start, stop) <= bound,
+        )
 
     best = within(math.inf)  # the last chip takes all but one layer for each chip before it
     low, high = 0, fullest(best)  # the smallest largest total lies in (low, high]
@@ -385,6 +436,7 @@ def _greedy_split(num_layers: int, num_chips: int, fits) -> list[range] | None:
 # c the compute dtype's bytes, r the residual stream's bytes, V the vocabulary. Every count below
 # is a tensor chipspan's code keeps (docs/plan.md lists them with their shapes).
 
+
 def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad: bool = True) -> int:
     """Bytes one decoder layer on the gradient path saves for backward, per micro-batch.
 
@@ -406,8 +458,10 @@ def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad:
     h, i, q, k = config.hidden_size, config.intermediate_size, _q_width(config), _kv_width(config)
     norm = FP32 * n * h + FP32 * n + (job.stream * n * h if job.norms_trained else 0)
     shapes = _linear_shapes(config)
-    parts = {"attention": (ATTENTION_MODULES, c * n * (2 * q + 2 * k) + FP32 * n * config.num_attention_heads),
-             "mlp": (MLP_MODULES, 3 * c * n * i)}
+    parts = {
+        "attention": (ATTENTION_MODULES, c * n * (2 * q + 2 * k) + FP32 * n * config.num_attention_heads),
+        "mlp": (MLP_MODULES, 3 * c * n * i),
+    }
     total = 0
     for name in ("attention", "mlp"):
         modules, kept = parts[name]
@@ -415,8 +469,7 @@ def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad:
         adapted = [m for m in modules if m in job.adapted]
         if not input_grad and not (trained_here or adapted):
             continue  # nothing here needs a gradient
-        lora = sum(c * n * job.lora_rank + (c * job.lora_rank * sum(shapes[m]) if job.autocast else 0)
-                   for m in adapted)
+        lora = sum(c * n * job.lora_rank + (c * job.lora_rank * sum(shapes[m]) if job.autocast else 0) for m in adapted)
         copies = c * sum(shapes[m][0] * shapes[m][1] for m in trained_here) if job.autocast else 0
         part = (norm if input_grad else 0) + kept + _linear_inputs_saved(job, modules, trained_here) + lora + copies
         total += part if half in (name, "both") else 0
@@ -436,8 +489,12 @@ def _linear_inputs_saved(job: _Job, modules: tuple[str, ...], trained: frozenset
     """
     config, n, c = job.config, job.tokens, job.compute
     h, i, q = config.hidden_size, config.intermediate_size, _q_width(config)
-    inputs = [(("q_proj", "k_proj", "v_proj"), h, job.stream), (("o_proj",), q, c),
-              (("gate_proj", "up_proj"), h, job.stream), (("down_proj",), i, c)]
+    inputs = [
+        (("q_proj", "k_proj", "v_proj"), h, job.stream),
+        (("o_proj",), q, c),
+        (("gate_proj", "up_proj"), h, job.stream),
+        (("down_proj",), i, c),
+    ]
     total = 0
     for readers, width, dtype_bytes in inputs:
         readers = [m for m in readers if m in modules]
@@ -550,8 +607,15 @@ def _kv_width(config: ModelConfig) -> int:
 def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear layer of a decoder layer."""
     h, inter, q, kv = config.hidden_size, config.intermediate_size, _q_width(config), _kv_width(config)
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
 
 
 def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -559,8 +623,10 @@ def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, .
     names = LORA_MODULES if tuple(targets) == ("all",) else tuple(targets)
     unknown = [n for n in names if n not in LORA_MODULES]
     if unknown:
-        raise ChipspanError(f"lora target '{unknown[0]}' is not a linear layer of a {config.model_type} decoder; "
-                            f"choose from {', '.join(LORA_MODULES)} or all")
+        raise ChipspanError(
+            f"lora target '{unknown[0]}' is not a linear layer of a {config.model_type} decoder; "
+            f"choose from {', '.join(LORA_MODULES)} or all"
+        )
     return names
 
 
@@ -581,8 +647,9 @@ def _freeze_parameters_per_layer(config: ModelConfig, modules: str) -> int:
 def _too_small(config: ModelConfig, budget: int, chip: int, job: dict) -> str:
     """One line: which chip overflows, and the smallest usable memory that holds the job."""
     num_layers = config.num_hidden_layers
-    need = max(estimate(config, range(i, i + 1), i == 0, i == num_layers - 1, **job).total
-               for i in range(num_layers))
-    return (f"chip {chip} cannot fit one decoder layer in {budget / GIB:.2f} GiB usable: this job "
-            f"needs at least {need / GIB:.2f} GiB usable per chip (one layer per chip over {num_layers} chips); "
-            "use chips with more memory, LoRA, gradient checkpointing, or a smaller batch or cutoff_len")
+    need = max(estimate(config, range(i, i + 1), i == 0, i == num_layers - 1, **job).total for i in range(num_layers))
+    return (
+        f"chip {chip} cannot fit one decoder layer in {budget / GIB:.2f} GiB usable: this job "
+        f"needs at least {need / GIB:.2f} GiB usable per chip (one layer per chip over {num_layers} chips); "
+        "use chips with more memory, LoRA, gradient checkpointing, or a smaller batch or cutoff_len"
+    )

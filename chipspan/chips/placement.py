@@ -36,12 +36,14 @@ class Placement:
     def describe(self, config: ModelConfig) -> list[str]:
         """One line per chip: device, layers, what else it holds, parameters."""
         lines = []
-        for i, (device, layers, params) in enumerate(zip(self.devices, self.layers,
-                                                         self.parameters_per_chip(config))):
+        for i, (device, layers, params) in enumerate(zip(self.devices, self.layers, self.parameters_per_chip(config))):
             extras = (["embeddings"] if i == 0 else []) + (["norm+head+loss"] if i == self.num_chips - 1 else [])
             span = f"layers {layers.start}-{layers.stop - 1}" if len(layers) > 1 else f"layer {layers.start}"
-            lines.append(f"chip {i} ({device}): {span}" + (f" + {', '.join(extras)}" if extras else "")
-                         + f", {params / 1e6:.1f}M parameters")
+            lines.append(
+                f"chip {i} ({device}): {span}"
+                + (f" + {', '.join(extras)}" if extras else "")
+                + f", {params / 1e6:.1f}M parameters"
+            )
         return lines
 
 
@@ -51,8 +53,10 @@ def split_layers(num_layers: int, num_chips: int) -> tuple[range, ...]:
     if num_chips < 1:
         raise ChipspanError("at least one chip is needed")
     if num_chips > num_layers:
-        raise ChipspanError(f"cannot span {num_layers} decoder layers over {num_chips} chips: each chip needs "
-                            f"at least one layer; use at most {num_layers} chips")
+        raise ChipspanError(
+            f"cannot span {num_layers} decoder layers over {num_chips} chips: each chip needs "
+            f"at least one layer; use at most {num_layers} chips"
+        )
     base, extra = divmod(num_layers, num_chips)
     sizes = [base + (1 if i < extra else 0) for i in range(num_chips)]
     starts = [sum(sizes[:i]) for i in range(num_chips)]

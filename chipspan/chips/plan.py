@@ -17,13 +17,20 @@ import torch
 
 from chipspan import devices
 from chipspan.args import RunArguments
-from chipspan.chips.memory import (GIB, VIRTUAL_STAGES, ChipMemory, Schedule, balanced_split, chip_totals,
-                                   min_chips, split_estimates)
+from chipspan.chips.memory import (
+    GIB,
+    VIRTUAL_STAGES,
+    ChipMemory,
+    Schedule,
+    balanced_split,
+    chip_totals,
+    min_chips,
+    split_estimates,
+)
 from chipspan.chips.placement import split_layers
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
-
 
 # Devices whose chips finish each op before returning, so micro-batches in one process cannot
 # overlap: the CPU's "chips" are one CPU, emulated chips compute on it.
@@ -76,16 +83,23 @@ def job_of(run: RunArguments, micro_batches: int | None = None) -> dict:
     ft, train = run.finetuning, run.training
     batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
     if not 1 <= micro <= max(batch, 1):
-        raise ChipspanError(f"--micro_batches {micro} must be between 1 and per_device_train_batch_size ({batch}): "
-                            "each micro-batch needs at least one example")
+        raise ChipspanError(
+            f"--micro_batches {micro} must be between 1 and per_device_train_batch_size ({batch}): "
+            "each micro-batch needs at least one example"
+        )
     targets = tuple(t.strip() for t in (ft.lora_target or "q_proj,v_proj").split(",") if t.strip())
-    return dict(finetuning_type=ft.finetuning_type, base_dtype_bytes=2 if (train.fp16 or train.bf16) else 4,
-                seq_len=run.data.cutoff_len, batch=math.ceil(batch / micro),
-                gradient_checkpointing=not train.disable_gradient_checkpointing,
-                gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
-                lora_rank=ft.lora_rank,
-                lora_targets=targets, num_layer_trainable=ft.num_layer_trainable,
-                name_module_trainable=ft.name_module_trainable)
+    return dict(
+        finetuning_type=ft.finetuning_type,
+        base_dtype_bytes=2 if (train.fp16 or train.bf16) else 4,
+        seq_len=run.data.cutoff_len,
+        batch=math.ceil(batch / micro),
+        gradient_checkpointing=not train.disable_gradient_checkpointing,
+        gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
+        lora_rank=ft.lora_rank,
+        lora_targets=targets,
+        num_layer_trainable=ft.num_layer_trainable,
+        name_module_trainable=ft.name_module_trainable,
+    )
 
 
 def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
@@ -96,8 +110,7 @@ def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
     return Schedule(run.chips.pipeline_schedule, micro_batches * run.training.gradient_accumulation_steps)
 
 
-def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: int | None,
-                device_type: str) -> Span:
+def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: int | None, device_type: str) -> Span:
     """The layers of ``num_chips`` chips and the micro-batches per batch.
 
     --micro_batches, when given, is kept. Otherwise the plan takes the most micro-batches that
@@ -117,9 +130,11 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
         candidates = [m for m in range(batch, 0, -1) if batch % m == 0]
     candidates = [m for m in candidates if _whole_rounds(schedule_of(run, m), num_chips)]
     if not candidates:
-        raise ChipspanError(f"interleaved1f1b runs micro-batches in rounds of {num_chips}: make the micro-batches "
-                            "per step (--micro_batches x gradient_accumulation_steps) a multiple of "
-                            f"{num_chips}")
+        raise ChipspanError(
+            f"interleaved1f1b runs micro-batches in rounds of {num_chips}: make the micro-batches "
+            "per step (--micro_batches x gradient_accumulation_steps) a multiple of "
+            f"{num_chips}"
+        )
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
     spans = []
     for micro in candidates:
@@ -164,18 +179,22 @@ def make_plan(run: RunArguments) -> Plan:
         count = len(devices.parse_chip_ids(run.chips.chips)) // (run.chips.data_parallel if processes else 1)
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
     if count * virtual > config.num_hidden_layers:
-        raise ChipspanError(f"{count * virtual} pipeline stages asked for but the model has only "
-                            f"{config.num_hidden_layers} layers")
+        raise ChipspanError(
+            f"{count * virtual} pipeline stages asked for but the model has only {config.num_hidden_layers} layers"
+        )
     span = choose_span(run, config, count, chip_bytes, device_type)
     if chip_bytes is None:  # nothing to fit: still balance the predicted memory
-        span = Span(balanced_split(config, count * virtual, schedule=span.schedule, **span.job), span.micro_batches,
-                    span.schedule, span.job)
+        span = Span(
+            balanced_split(config, count * virtual, schedule=span.schedule, **span.job),
+            span.micro_batches,
+            span.schedule,
+            span.job,
+        )
     chips = split_estimates(config, span.layers, span.schedule, **span.job)
     return Plan(run.model.model_name_or_path, chip_bytes, fewest, chips, span.schedule, span.micro_batches, processes)
 
 
-def train_chips(run: RunArguments, config: ModelConfig, device_type: str
-                ) -> tuple[list[int], Span, int | None]:
+def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tuple[list[int], Span, int | None]:
     """Where `train` (one process) puts the model, before any weight loads: (chip ids, the span —
     each chip's decoder layers and the micro-batches per batch —, the bytes of one chip or None
     where unknown).
@@ -189,8 +208,10 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str
     auto = run.chips.chips == "auto"
     chip_ids = None if auto else devices.parse_chip_ids(run.chips.chips)
     if not auto and len(chip_ids) > config.num_hidden_layers:
-        raise ChipspanError(f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
-                            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}")
+        raise ChipspanError(
+            f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
+            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}"
+        )
     chip_bytes = _chip_memory(run, device_type, chip_ids[0] if chip_ids else 0)
     if chip_bytes is None:
         if auto:
@@ -224,8 +245,10 @@ def _auto_needs_memory(device_type: str) -> str:
     if device_type == "emu":
         return "--chips auto on emulated chips needs --chip_memory, the memory of one chip (e.g. 16GiB)"
     rehearse = ", or rehearse on emulated chips: --device emu --chip_memory 16GiB --chips auto"
-    return (f"--chips auto needs the memory of one chip, and device '{device_type}' reports none: name the chips "
-            f"(e.g. --chips 0-3){rehearse if device_type in devices.SINGLE_DEVICE_TYPES else ''}")
+    return (
+        f"--chips auto needs the memory of one chip, and device '{device_type}' reports none: name the chips "
+        f"(e.g. --chips 0-3){rehearse if device_type in devices.SINGLE_DEVICE_TYPES else ''}"
+    )
 
 
 def _chip_memory(run: RunArguments, device_type: str, chip_id: int) -> int | None:
@@ -233,8 +256,10 @@ def _chip_memory(run: RunArguments, device_type: str, chip_id: int) -> int | Non
     an accelerator, None where nothing says (the CPU)."""
     if run.chips.chip_memory is not None:
         if device_type != "emu":
-            raise ChipspanError("--chip_memory sets the memory of emulated chips (--device emu); "
-                                f"device '{device_type}' reports its own")
+            raise ChipspanError(
+                "--chip_memory sets the memory of emulated chips (--device emu); "
+                f"device '{device_type}' reports its own"
+            )
         return parse_size(run.chips.chip_memory)
     if device_type == "emu" or device_type in devices.SINGLE_DEVICE_TYPES:
         return None
@@ -258,8 +283,10 @@ def _check_chips_exist(device_type: str, needed: int, usable: int) -> None:
         return
     available = devices.device_count(device_type)
     if needed > available:
-        raise ChipspanError(f"--chips auto: this job needs {needed} chips of {_size(usable)} usable, but this "
-                            f"machine shows {available} '{device_type}' device(s)")
+        raise ChipspanError(
+            f"--chips auto: this job needs {needed} chips of {_size(usable)} usable, but this "
+            f"machine shows {available} '{device_type}' device(s)"
+        )
 
 
 def check_fits(config: ModelConfig, span: Span, usable: int, device_type: str, chip_ids: list[int]) -> None:
@@ -268,12 +295,16 @@ def check_fits(config: ModelConfig, span: Span, usable: int, device_type: str, c
     worst = max(range(len(totals)), key=totals.__getitem__)
     if totals[worst] <= usable:
         return
-    held = ", ".join(f"layers {r.start}-{r.stop - 1}" if len(r) > 1 else f"layer {r.start}"
-                     for r in span.layers[worst::len(totals)])
+    held = ", ".join(
+        f"layers {r.start}-{r.stop - 1}" if len(r) > 1 else f"layer {r.start}"
+        for r in span.layers[worst :: len(totals)]
+    )
     name = device_type if device_type in devices.SINGLE_DEVICE_TYPES else f"{device_type}:{chip_ids[worst]}"
-    raise ChipspanError(f"chip {chip_ids[worst]} ({name}) would run out of memory: the plan (docs/plan.md) predicts "
-                        f"a {_size(totals[worst])} peak for {held} against {_size(usable)} usable; "
-                        f"{_what_fits(config, span, len(totals), usable, chip_ids[0])}")
+    raise ChipspanError(
+        f"chip {chip_ids[worst]} ({name}) would run out of memory: the plan (docs/plan.md) predicts "
+        f"a {_size(totals[worst])} peak for {held} against {_size(usable)} usable; "
+        f"{_what_fits(config, span, len(totals), usable, chip_ids[0])}"
+    )
 
 
 def _what_fits(config: ModelConfig, span: Span, num_chips: int, usable: int, first_chip: int) -> str:
@@ -291,8 +322,10 @@ def _what_fits(config: ModelConfig, span: Span, num_chips: int, usable: int, fir
             hints.append("drop --disable_gradient_checkpointing")
     if not hints:
         lora = "" if job["finetuning_type"] == "lora" else "LoRA, "
-        return (f"lower per_device_train_batch_size or cutoff_len, or use {lora}chips with more memory "
-                "(`chipspan plan` shows each chip)")
+        return (
+            f"lower per_device_train_batch_size or cutoff_len, or use {lora}chips with more memory "
+            "(`chipspan plan` shows each chip)"
+        )
     return "it fits if you " + ", or ".join(hints)
 
 
@@ -308,43 +341,80 @@ def _size(num_bytes: int) -> str:
 def render(plan: Plan) -> str:
     """A table: one row per pipeline stage, GiB per kind of memory, and the verdict."""
     virtual = plan.schedule.virtual
-    header = f"{'chip':>4}  {'layers':>9}  {'m':>3}  {'weights':>8}  {'grads':>8}  {'optim':>8}  {'activ':>8}  " \
-             f"{'logits':>8}  {'work':>8}  {'peak':>8}  at"
+    header = (
+        f"{'chip':>4}  {'layers':>9}  {'m':>3}  {'weights':>8}  {'grads':>8}  {'optim':>8}  {'activ':>8}  "
+        f"{'logits':>8}  {'work':>8}  {'peak':>8}  at"
+    )
     rows = [_how_it_runs(plan), header]
     num_chips = len(plan.chips) // virtual
     for stage, chip in enumerate(plan.chips):
         span = f"{chip.layers.start}-{chip.layers.stop - 1}"
-        cells = [chip.weights, chip.gradients, chip.optimizer, chip.activations, chip.logits, chip.workspace,
-                 chip.total]
-        rows.append(f"{stage % num_chips:>4}  {span:>9}  {chip.in_flight:>3}  "
-                    + "  ".join(f"{c / GIB:8.2f}" for c in cells) + f"  {chip.peak_at}")
-    rows.append("(GiB; m: micro-batches in flight; peak: the predicted peak of a training step, at the moment "
-                "named — the largest of its moments, not the sum of the columns; see docs/plan.md)")
+        cells = [
+            chip.weights,
+            chip.gradients,
+            chip.optimizer,
+            chip.activations,
+            chip.logits,
+            chip.workspace,
+            chip.total,
+        ]
+        rows.append(
+            f"{stage % num_chips:>4}  {span:>9}  {chip.in_flight:>3}  "
+            + "  ".join(f"{c / GIB:8.2f}" for c in cells)
+            + f"  {chip.peak_at}"
+        )
+    rows.append(
+        "(GiB; m: micro-batches in flight; peak: the predicted peak of a training step, at the moment "
+        "named — the largest of its moments, not the sum of the columns; see docs/plan.md)"
+    )
     if virtual > 1:
-        rows.append("per chip, its stages together (a bound from above): "
-                    + ", ".join(f"{c}: {total / GIB:.2f}" for c, total in enumerate(plan.chip_totals)))
+        rows.append(
+            "per chip, its stages together (a bound from above): "
+            + ", ".join(f"{c}: {total / GIB:.2f}" for c, total in enumerate(plan.chip_totals))
+        )
     if plan.chip_bytes is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        rows.append(f"{num_chips} chip(s) of {plan.chip_bytes / GIB:.2f} GiB usable: {verdict}; "
-                    f"the fewest chips that hold this job: {plan.min_chips}")
+        rows.append(
+            f"{num_chips} chip(s) of {plan.chip_bytes / GIB:.2f} GiB usable: {verdict}; "
+            f"the fewest chips that hold this job: {plan.min_chips}"
+        )
     return "\n".join(rows)
 
 
 def _how_it_runs(plan: Plan) -> str:
     schedule = plan.schedule
     if not plan.processes:
-        return (f"one process, {len(plan.chips)} chip(s): each batch in {plan.micro_batches} micro-batch(es), "
-                "GPipe order")
-    return (f"one process per chip, {schedule.name}: each batch in {plan.micro_batches} micro-batch(es), "
-            f"{schedule.micro_batches} per optimizer step through the pipeline")
+        return (
+            f"one process, {len(plan.chips)} chip(s): each batch in {plan.micro_batches} micro-batch(es), GPipe order"
+        )
+    return (
+        f"one process per chip, {schedule.name}: each batch in {plan.micro_batches} micro-batch(es), "
+        f"{schedule.micro_batches} per optimizer step through the pipeline"
+    )
 
 
 def to_json(plan: Plan) -> str:
     num_chips = len(plan.chips) // plan.schedule.virtual
-    chips = [{**{k: v for k, v in asdict(chip).items() if k != "layers"}, "chip": stage % num_chips,
-              "layers": [chip.layers.start, chip.layers.stop - 1], "total": chip.total}
-             for stage, chip in enumerate(plan.chips)]
-    return json.dumps({"model": plan.model, "chip_bytes": plan.chip_bytes, "min_chips": plan.min_chips,
-                       "fits": plan.fits, "schedule": plan.schedule.name, "micro_batches": plan.micro_batches,
-                       "one_process_per_chip": plan.processes, "chip_totals": plan.chip_totals,
-                       "chips": chips}, indent=2)
+    chips = [
+        {
+            **{k: v for k, v in asdict(chip).items() if k != "layers"},
+            "chip": stage % num_chips,
+            "layers": [chip.layers.start, chip.layers.stop - 1],
+            "total": chip.total,
+        }
+        for stage, chip in enumerate(plan.chips)
+    ]
+    return json.dumps(
+        {
+            "model": plan.model,
+            "chip_bytes": plan.chip_bytes,
+            "min_chips": plan.min_chips,
+            "fits": plan.fits,
+            "schedule": plan.schedule.name,
+            "micro_batches": plan.micro_batches,
+            "one_process_per_chip": plan.processes,
+            "chip_totals": plan.chip_totals,
+            "chips": chips,
+        },
+        indent=2,
+    )

@@ -33,11 +33,13 @@ class SpannedModel(nn.Module):
         self.config = stages[0].config
 
     @classmethod
-    def load(cls, path: str | Path, placement: Placement, dtype: torch.dtype) -> "SpannedModel":
+    def load(cls, path: str | Path, placement: Placement, dtype: torch.dtype) -> SpannedModel:
         """Read each chip's slice of the checkpoint straight onto that chip."""
         last = placement.num_chips - 1
-        stages = [load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last)
-                  for i, (device, layers) in enumerate(zip(placement.devices, placement.layers))]
+        stages = [
+            load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last)
+            for i, (device, layers) in enumerate(zip(placement.devices, placement.layers))
+        ]
         return cls(stages, placement)
 
     @property
@@ -48,8 +50,9 @@ class SpannedModel(nn.Module):
     def last(self) -> CausalLM:
         return self.stages[-1]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean next-token loss (fp32 scalar, on the last chip) of input_ids/labels (b, s).
 
         ``attention_mask`` (b, s): 0 = padding, 1 = real token, or the segment ids of packed
@@ -62,19 +65,20 @@ class SpannedModel(nn.Module):
 
     # -- the pieces of a forward, for pipelining (chipspan.chips.pipeline) --
 
-    def place_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def place_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids (b, s), positions (b, s) and the attention mask (bool (b, 1, s, s), or None for
         plain causal), all on the first chip: what ``stage_forward(0, ...)`` takes."""
         b, s = input_ids.shape
         device = self.placement.devices[0]
         positions = default_position_ids(attention_mask, b, s, 0, device).to(device)  # from the host mask
-        mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None,
-                                    s, 0, device)
+        mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None, s, 0, device)
         return input_ids.to(device), positions, mask
 
-    def stage_forward(self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def stage_forward(
+        self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stage ``i`` on its chip: ``x`` is the token ids (b, s) for stage 0, which embeds them, else
         stage i - 1's hidden states (b, s, hidden). Inputs on another chip cross to this one first
         (the chip boundary). Returns (hidden states, positions, mask), all on stage i's chip."""
@@ -109,7 +113,9 @@ class SpannedModel(nn.Module):
         if copies and copies[0].requires_grad:
             embed, head = copies
             if head.grad is not None:
-                embed.grad = head.grad.to(embed.device) if embed.grad is None else embed.grad + head.grad.to(embed.device)
+                embed.grad = (
+                    head.grad.to(embed.device) if embed.grad is None else embed.grad + head.grad.to(embed.device)
+                )
         norm = clip_global_norm([p for p in self.unique_parameters() if p.grad is not None], max_norm)
         if copies and copies[0].requires_grad and copies[0].grad is not None:
             copies[1].grad = copies[0].grad.to(copies[1].device)

@@ -31,8 +31,11 @@ SPLITS = ("train", "eval")
 # The code that decides the examples: every file of the data package (its templates and built-in
 # registry too) and the tokenizer modules that render chat templates; an edit to any is a new key.
 _DATA = Path(__file__).parent
-_CODE = (*sorted(p for p in _DATA.iterdir() if p.suffix in (".py", ".json")),
-         _DATA.parent / "models" / "tokenizer.py", _DATA.parent / "models" / "chat_sandbox.py")
+_CODE = (
+    *sorted(p for p in _DATA.iterdir() if p.suffix in (".py", ".json")),
+    _DATA.parent / "models" / "tokenizer.py",
+    _DATA.parent / "models" / "chat_sandbox.py",
+)
 
 
 def cache_key(parts: dict) -> str:
@@ -65,8 +68,12 @@ def load(path: Path, vocab_size: int) -> tuple[dict[str, EncodedExamples], DataS
         if (stats.train, stats.eval) != (len(splits["train"]), len(splits["eval"])):
             raise ValueError("its statistics count other examples than it holds")
     except Exception as exc:  # any damage at all: the cache is derived, so it is rebuilt
-        log.warning("data cache %s is unreadable (%s: %s); encoding again", path, type(exc).__name__,
-                    " ".join(str(exc).split())[:200])
+        log.warning(
+            "data cache %s is unreadable (%s: %s); encoding again",
+            path,
+            type(exc).__name__,
+            " ".join(str(exc).split())[:200],
+        )
         return None
     stats.from_cache = True
     return splits, stats
@@ -75,11 +82,19 @@ def load(path: Path, vocab_size: int) -> tuple[dict[str, EncodedExamples], DataS
 def _check_split(name: str, examples: EncodedExamples, vocab_size: int) -> None:
     """ValueError unless the arrays are one valid set of examples with ids in the vocabulary."""
     ids, labels, offsets = examples.input_ids, examples.labels, examples.offsets
-    if (ids.dtype, labels.dtype, offsets.dtype) != (np.int32, np.int32, np.int64) or \
-            not ids.ndim == labels.ndim == offsets.ndim == 1:
+    if (ids.dtype, labels.dtype, offsets.dtype) != (
+        np.int32,
+        np.int32,
+        np.int64,
+    ) or not ids.ndim == labels.ndim == offsets.ndim == 1:
         raise ValueError(f"{name} arrays are not flat int32 ids and labels with int64 offsets")
-    if len(ids) != len(labels) or not len(offsets) or offsets[0] != 0 or offsets[-1] != len(ids) or \
-            np.any(np.diff(offsets) < 0):
+    if (
+        len(ids) != len(labels)
+        or not len(offsets)
+        or offsets[0] != 0
+        or offsets[-1] != len(ids)
+        or np.any(np.diff(offsets) < 0)
+    ):
         raise ValueError(f"{name} offsets do not fit its {len(ids)} tokens")
     if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab_size}")
@@ -95,10 +110,13 @@ def _stats(data: object) -> DataStats:
         raise ValueError("its statistics are not DataStats fields")
     counts = [data[k] for k, kind in kinds.items() if kind == "int"]
     reasons = data["dropped"], data["first_dropped"]
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) or \
-            not isinstance(data["from_cache"], bool) or not all(isinstance(r, dict) for r in reasons) or \
-            not all(isinstance(n, int) for n in reasons[0].values()) or \
-            not all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in reasons[1].values()):
+    if (
+        not all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+        or not isinstance(data["from_cache"], bool)
+        or not all(isinstance(r, dict) for r in reasons)
+        or not all(isinstance(n, int) for n in reasons[0].values())
+        or not all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in reasons[1].values())
+    ):
         raise ValueError("its statistics hold values of the wrong type")
     return DataStats.from_dict(data)
 

@@ -8,9 +8,7 @@ from chipspan.data.encode import IGNORE_INDEX, Example
 from chipspan.data.packing import PackedExample
 
 
-def collate(
-    examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = 8
-) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example, rounded up to a multiple of ``pad_to_multiple_of``.
 
     Returns int64 ``input_ids`` (padded with ``pad_id``), ``labels`` (padded with -100) and

@@ -54,17 +54,13 @@ def encode_supervised(
     last answer is trained, and when the conversation is too long the latest turns are kept.
     """
     if isinstance(template, ChatTemplate):
-        return _encode_with_chat_template(
-            conversations, template, tokenizer, cutoff_len, train_on_prompt, mask_history
-        )
+        return _encode_with_chat_template(conversations, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
     check_options(template, train_on_prompt, mask_history)
     eos = tokenizer.eos_token_id
     examples = []
     for start in range(0, len(conversations), CHUNK_ROWS):
         chunk = conversations[start : start + CHUNK_ROWS]
-        rendered = [
-            template.render(c.messages(), c.system, c.tools, mask_history=mask_history) for c in chunk
-        ]
+        rendered = [template.render(c.messages(), c.system, c.tools, mask_history=mask_history) for c in chunk]
         for messages in _tokenize(rendered, template, tokenizer):
             pairs = list(zip(messages[::2], messages[1::2]))
             if template.revision == "seed":

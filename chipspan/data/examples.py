@@ -37,8 +37,7 @@ class EncodedExamples(Sequence):
             return cls.build([])
         starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
-        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]),
-                   offsets)
+        return cls(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -25,9 +25,9 @@ conversation up to each answer, so there a row's answers times its characters ar
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 # Column names when an entry has no "columns"; with "columns", only the ones it names are read.
 ALPACA_DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
@@ -82,8 +82,12 @@ class Conversation:
 
     def chars(self) -> int:
         """Characters of text in the row: messages, answers, system prompt and tools."""
-        return sum(len(text) for _, text in self.prompt) + sum(map(len, self.response)) + len(self.system) + \
-            len(self.tools)
+        return (
+            sum(len(text) for _, text in self.prompt)
+            + sum(map(len, self.response))
+            + len(self.system)
+            + len(self.tools)
+        )
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,9 @@ class SharegptSpec:
     system_role: str | None
 
 
-def converter(formatting: str, columns: dict | None, tags: dict | None,
-              revision: str = "seed") -> Callable[[object], Conversation]:
+def converter(
+    formatting: str, columns: dict | None, tags: dict | None, revision: str = "seed"
+) -> Callable[[object], Conversation]:
     """The function that turns one row of a dataset with this ``formatting`` into a conversation,
     read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it, within the row limits."""
     if formatting == "sharegpt":
@@ -228,8 +233,11 @@ def _turn(message: dict, spec: SharegptSpec) -> tuple[str, str]:
     role_value = message.get(spec.role_key)
     role = spec.roles.get(role_value) if isinstance(role_value, str) else None
     if role is None:
-        raise BadRow("a message has an unknown role" if role_value != spec.system_role else
-                     "roles do not alternate user/assistant")
+        raise BadRow(
+            "a message has an unknown role"
+            if role_value != spec.system_role
+            else "roles do not alternate user/assistant"
+        )
     calls = _calls(message)
     if calls is not None and role in ("assistant", "function"):
         try:

@@ -37,8 +37,11 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = Non
     tokenizer = Tokenizer.from_folder(run.model.model_name_or_path)
     split = load_dataset_split(run.data, tokenizer, run.finetuning.stage, run.training.seed)
     lines = (
-        json.dumps({"split": name, "input_ids": ex.input_ids, "labels": ex.labels,
-                    "text": marked_text(ex, tokenizer)}, ensure_ascii=False) + "\n"
+        json.dumps(
+            {"split": name, "input_ids": ex.input_ids, "labels": ex.labels, "text": marked_text(ex, tokenizer)},
+            ensure_ascii=False,
+        )
+        + "\n"
         for name, examples in (("train", split.train), ("eval", split.eval))
         for ex in examples
     )
@@ -53,8 +56,7 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = Non
 
 def marked_text(example: Example, tokenizer: Tokenizer) -> str:
     """The example's text with each masked span wrapped in « »."""
-    return "".join(f"{MASK_OPEN}{text}{MASK_CLOSE}" if masked else text
-                   for masked, text in _spans(example, tokenizer))
+    return "".join(f"{MASK_OPEN}{text}{MASK_CLOSE}" if masked else text for masked, text in _spans(example, tokenizer))
 
 
 def _spans(example: Example, tokenizer: Tokenizer) -> Iterator[tuple[bool, str]]:
@@ -67,5 +69,5 @@ def _spans(example: Example, tokenizer: Tokenizer) -> Iterator[tuple[bool, str]]
     for masked, run in groupby(example.labels, key=lambda label: label == IGNORE_INDEX):
         end += len(list(run))
         text = tokenizer.decode(example.input_ids[:end], skip_special_tokens=False)
-        yield masked, text[len(before):]
+        yield masked, text[len(before) :]
         before = text

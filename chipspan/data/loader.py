@@ -105,16 +105,23 @@ def load_examples(
 
     ``max_samples`` keeps the first N rows of each dataset. See :func:`load_dataset_split`.
     """
-    data = DataArguments(dataset=dataset, dataset_dir=str(dataset_dir), template=template, cutoff_len=cutoff_len,
-                         max_samples=max_samples, template_revision=template_revision)
+    data = DataArguments(
+        dataset=dataset,
+        dataset_dir=str(dataset_dir),
+        template=template,
+        cutoff_len=cutoff_len,
+        max_samples=max_samples,
+        template_revision=template_revision,
+    )
     return list(load_dataset_split(data, tokenizer, stage, use_cache=False).train)
 
 
 # ---- checks -------------------------------------------------------------------------------------------
 
 
-def _check(data: DataArguments, stage: str, tokenizer: Tokenizer
-           ) -> tuple[list[registry.DatasetEntry], Template | ChatTemplate | None, list | None]:
+def _check(
+    data: DataArguments, stage: str, tokenizer: Tokenizer
+) -> tuple[list[registry.DatasetEntry], Template | ChatTemplate | None, list | None]:
     """The entries, template and interleave probabilities; every flag is checked first."""
     if stage not in STAGES:
         raise ChipspanError(f"stage '{stage}' is not supported yet: use one of {', '.join(STAGES)}")
@@ -132,8 +139,13 @@ def _check(data: DataArguments, stage: str, tokenizer: Tokenizer
         raise ChipspanError("supervised fine-tuning needs a template: pass --template, e.g. default")
     template = None
     if data.template is not None:
-        template = get_template(data.template, data.template_revision, tokenizer=tokenizer,
-                                default_system=data.default_system, tool_format=data.tool_format)
+        template = get_template(
+            data.template,
+            data.template_revision,
+            tokenizer=tokenizer,
+            default_system=data.default_system,
+            tool_format=data.tool_format,
+        )
         check_options(template, data.train_on_prompt, data.mask_history)
     probs = mixing.parse_probs(data.mix_strategy, data.interleave_probs, len(entries))
     return entries, template, probs
@@ -146,14 +158,16 @@ def _eval_rows(val_size: float, rows: int | None, streaming: bool) -> int:
     if val_size >= 1 and val_size != int(val_size):
         raise ChipspanError(f"val_size {val_size:g} is neither a whole count nor a fraction below 1")
     if streaming and 0 < val_size < 1:
-        raise ChipspanError(f"with --streaming the number of rows is unknown: give val_size as a count, "
-                            f"not the fraction {val_size:g}")
+        raise ChipspanError(
+            f"with --streaming the number of rows is unknown: give val_size as a count, not the fraction {val_size:g}"
+        )
     if rows is None or val_size == 0:
         return 0
     held = int(val_size) if val_size >= 1 else math.ceil(val_size * rows)
     if held >= rows:
-        raise ChipspanError(f"val_size {val_size:g} leaves no training rows: the data has {rows} usable "
-                            "rows; lower val_size")
+        raise ChipspanError(
+            f"val_size {val_size:g} leaves no training rows: the data has {rows} usable rows; lower val_size"
+        )
     return held
 
 
@@ -163,14 +177,16 @@ def _eval_rows(val_size: float, rows: int | None, streaming: bool) -> int:
 def _key(data, entries, files, tokenizer, template, stage, seed) -> str:
     flags = {k: v for k, v in dataclasses.asdict(data).items() if k not in _NOT_IN_KEY}
     backend = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()
-    return cache.cache_key({
-        "datasets": [[dataclasses.asdict(e), sources.fingerprint(f)] for e, f in zip(entries, files)],
-        "tokenizer": [backend, tokenizer.special_tokens, tokenizer.add_bos_token, tokenizer.add_eos_token],
-        "template": _template_key(template),
-        "stage": stage,
-        "seed": seed,
-        "flags": flags,
-    })
+    return cache.cache_key(
+        {
+            "datasets": [[dataclasses.asdict(e), sources.fingerprint(f)] for e, f in zip(entries, files)],
+            "tokenizer": [backend, tokenizer.special_tokens, tokenizer.add_bos_token, tokenizer.add_eos_token],
+            "template": _template_key(template),
+            "stage": stage,
+            "seed": seed,
+            "flags": flags,
+        }
+    )
 
 
 def _template_key(template: Template | ChatTemplate | None) -> str:
@@ -203,8 +219,11 @@ def _build(data, entries, files, tokenizer, template, stage, seed, probs):
         order = np.random.default_rng(seed).permutation(len(rows)) if held else range(len(rows))
         eval_rows, train_rows = [rows[i] for i in order[:held]], [rows[i] for i in order[held:]]
 
-    encode = _pretrain_encoder(tokenizer, data.cutoff_len) if stage == "pt" else \
-        _supervised_encoder(template, tokenizer, data, stats)
+    encode = (
+        _pretrain_encoder(tokenizer, data.cutoff_len)
+        if stage == "pt"
+        else _supervised_encoder(template, tokenizer, data, stats)
+    )
     splits = {"train": encode(train_rows), "eval": encode(eval_rows)}
     if not stats.rows_kept:
         raise ChipspanError(_nothing_usable(data, stats))
@@ -218,8 +237,7 @@ def _build(data, entries, files, tokenizer, template, stage, seed, probs):
     return splits, stats
 
 
-def _reader(entry, files, data, stats: DataStats, need_response: bool,
-            revision: str) -> Callable[[], Iterator[Row]]:
+def _reader(entry, files, data, stats: DataStats, need_response: bool, revision: str) -> Callable[[], Iterator[Row]]:
     """A function that reads ``entry``'s usable rows from the start; the first read counts them."""
     convert = converter(entry.formatting, entry.columns, entry.tags, revision)
     counted = [False]
@@ -250,8 +268,13 @@ def _reader(entry, files, data, stats: DataStats, need_response: bool,
                 stats.keep()
             yield f"{entry.name} {place}", conversation
         if counting and mine.dropped:
-            log.warning("dataset '%s': dropped %d of %d rows: %s", entry.name, mine.rows_dropped, mine.rows_read,
-                        mine.reasons(places=1))
+            log.warning(
+                "dataset '%s': dropped %d of %d rows: %s",
+                entry.name,
+                mine.rows_dropped,
+                mine.rows_read,
+                mine.reasons(places=1),
+            )
 
     return read
 
@@ -295,8 +318,9 @@ def _supervised_encoder(template, tokenizer, data: DataArguments, stats: DataSta
         parts = []
         for chunk in _chunks(rows, CHUNK_CHARS):
             conversations = [c for _, c in chunk]
-            part = EncodedExamples.build(encode_supervised(conversations, template, tokenizer, data.cutoff_len,
-                                                           **options))
+            part = EncodedExamples.build(
+                encode_supervised(conversations, template, tokenizer, data.cutoff_len, **options)
+            )
             stats.truncated += _truncated(part, conversations, template, tokenizer, data.cutoff_len, options)
             trained = part.trained()
             for i in np.flatnonzero(~trained):
@@ -307,8 +331,9 @@ def _supervised_encoder(template, tokenizer, data: DataArguments, stats: DataSta
     return encode
 
 
-def _truncated(part: EncodedExamples, conversations: list[Conversation], template, tokenizer, cutoff_len: int,
-               options: dict) -> int:
+def _truncated(
+    part: EncodedExamples, conversations: list[Conversation], template, tokenizer, cutoff_len: int, options: dict
+) -> int:
     """How many examples were cut to ``cutoff_len``: the ones near it are encoded again, whole."""
     near = np.flatnonzero(part.lengths >= cutoff_len - _MIN_CUT_LENGTH)
     if not len(near):
@@ -330,8 +355,12 @@ def _pretrain_encoder(tokenizer, cutoff_len: int):
 def _nothing_usable(data: DataArguments, stats: DataStats) -> str:
     if not stats.rows_read:
         return f"dataset {data.dataset} has no rows: the files are empty"
-    hint = f"--cutoff_len {data.cutoff_len} may leave no room for the answers (raise it), or " \
-        if NOTHING_TO_TRAIN in stats.dropped else ""
-    return (f"dataset {data.dataset} has no usable rows: all {stats.rows_read} were dropped: {stats.reasons()}; "
-            f"{hint}check the files and the columns/tags in dataset_info.json")
-
+    hint = (
+        f"--cutoff_len {data.cutoff_len} may leave no room for the answers (raise it), or "
+        if NOTHING_TO_TRAIN in stats.dropped
+        else ""
+    )
+    return (
+        f"dataset {data.dataset} has no usable rows: all {stats.rows_read} were dropped: {stats.reasons()}; "
+        f"{hint}check the files and the columns/tags in dataset_info.json"
+    )

@@ -31,18 +31,23 @@ def parse_probs(mix_strategy: str, interleave_probs: str | None, datasets: int) 
     if interleave_probs is None:
         return None
     if mix_strategy == "concat":
-        raise ChipspanError("interleave_probs needs --mix_strategy interleave_under, interleave_over "
-                            "or interleave_once (concat takes every row)")
+        raise ChipspanError(
+            "interleave_probs needs --mix_strategy interleave_under, interleave_over "
+            "or interleave_once (concat takes every row)"
+        )
     try:
         probs = [float(p) for p in str(interleave_probs).split(",")]
     except ValueError:
         raise ChipspanError(f"interleave_probs must be a comma list of numbers, not '{interleave_probs}'") from None
     if len(probs) != datasets:
-        raise ChipspanError(f"interleave_probs has {len(probs)} values for {datasets} datasets: give one per "
-                            "dataset, in --dataset order")
+        raise ChipspanError(
+            f"interleave_probs has {len(probs)} values for {datasets} datasets: give one per "
+            "dataset, in --dataset order"
+        )
     if any(not math.isfinite(p) or p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-        raise ChipspanError(f"interleave_probs must be non-negative and sum to 1, got {interleave_probs} "
-                            f"(sum {sum(probs):g})")
+        raise ChipspanError(
+            f"interleave_probs must be non-negative and sum to 1, got {interleave_probs} (sum {sum(probs):g})"
+        )
     return probs
 
 

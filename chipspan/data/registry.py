@@ -118,22 +118,36 @@ def _entry(name: str, info: object, builtin: bool, where: Path | str = REGISTRY_
     columns = _names(prefix, "columns", info.get("columns"), '{"prompt": "instruction"}')
     tags = _names(prefix, "tags", info.get("tags"), '{"role_tag": "role"}')
     hub = None if "file_name" in info else info["hf_hub_url"]
-    return DatasetEntry(name, info.get("file_name"), info.get("file_sha1"), columns, builtin, formatting, tags,
-                        hf_hub_url=hub, subset=info.get("subset"), split=info.get("split") or "train")
+    return DatasetEntry(
+        name,
+        info.get("file_name"),
+        info.get("file_sha1"),
+        columns,
+        builtin,
+        formatting,
+        tags,
+        hf_hub_url=hub,
+        subset=info.get("subset"),
+        split=info.get("split") or "train",
+    )
 
 
 def _check_file_name(prefix: str, file_name: str) -> None:
     """Refuse a file_name that is empty or names a place outside the dataset folder."""
     path = PurePath(file_name)
     if not file_name.strip() or path.is_absolute() or ".." in path.parts or path.parts in ((), (".",)):
-        raise ChipspanError(f"{prefix}: file_name '{file_name}' is not a file inside --dataset_dir; name the "
-                            "file by its path inside that folder (no absolute path, no '..')")
+        raise ChipspanError(
+            f"{prefix}: file_name '{file_name}' is not a file inside --dataset_dir; name the "
+            "file by its path inside that folder (no absolute path, no '..')"
+        )
 
 
 def _names(prefix: str, key: str, value: object, example: str) -> dict[str, str] | None:
     """An entry's ``columns`` or ``tags``: None, or an object whose values are text (or null)."""
-    if value is not None and not (isinstance(value, dict) and all(
-            v is None or isinstance(v, str) for v in value.values())):
-        raise ChipspanError(f"{prefix}: {key} must be a JSON object of names such as {example}, "
-                            f"not {json.dumps(value)[:60]}")
+    if value is not None and not (
+        isinstance(value, dict) and all(v is None or isinstance(v, str) for v in value.values())
+    ):
+        raise ChipspanError(
+            f"{prefix}: {key} must be a JSON object of names such as {example}, not {json.dumps(value)[:60]}"
+        )
     return value

@@ -44,18 +44,15 @@ _SEED_DATA = "LLaMA-Factory's data/ folder at commit b988ce0 (github.com/hiyouga
 DESCRIPTIONS = {
     "alpaca_data_en_52k.json": "Stanford Alpaca's 52,002 English instruction rows (CC BY-NC 4.0, "
     "github.com/tatsu-lab/stanford_alpaca)",
-    "alpaca_data_zh_51k.json": "about 51k Chinese Alpaca instruction rows "
-    "(github.com/ymcui/Chinese-LLaMA-Alpaca)",
+    "alpaca_data_zh_51k.json": "about 51k Chinese Alpaca instruction rows (github.com/ymcui/Chinese-LLaMA-Alpaca)",
     "alpaca_gpt4_data_en.json": "52,002 English Alpaca instructions answered by GPT-4 (CC BY-NC 4.0, "
     "the GPT-4-LLM project, github.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM)",
     "alpaca_gpt4_data_zh.json": "48,818 Chinese Alpaca instructions answered by GPT-4, 35 MB (CC BY-NC 4.0, "
     "the GPT-4-LLM project, github.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM)",
     "self_cognition.json": "LLaMA-Factory's self-identity rows with <NAME>/<AUTHOR> placeholders to fill in",
     "oaast_sft.json": "OpenAssistant oasst1 conversations as alpaca rows with history (Apache-2.0)",
-    "oaast_sft_zh.json": "689 Chinese OpenAssistant oasst1 conversations as alpaca rows with history "
-    "(Apache-2.0)",
-    "lima.json": "LIMA's 1,000 curated conversations as alpaca rows with history "
-    "(huggingface.co/datasets/GAIR/lima)",
+    "oaast_sft_zh.json": "689 Chinese OpenAssistant oasst1 conversations as alpaca rows with history (Apache-2.0)",
+    "lima.json": "LIMA's 1,000 curated conversations as alpaca rows with history (huggingface.co/datasets/GAIR/lima)",
     "c4_demo.json": "a small sample of C4 web text for pre-training demos (ODC-BY)",
     "wiki_demo.txt": "a small sample of Wikipedia text for pre-training demos",
 }
@@ -77,8 +74,11 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 NOT_UNICODE = Unreadable("text holds a lone surrogate escape (\\udXXX), not Unicode")
 # Byte-order marks, longest first (the UTF-32-LE mark begins with the UTF-16-LE one).
 _BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
 _HUB_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -97,9 +97,7 @@ def dataset_files(entry: DatasetEntry, dataset_dir: str | Path) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file())
         kinds = {_kind(p) for p in files}
         if len(kinds) != 1:
-            raise ChipspanError(
-                f"dataset '{entry.name}': {path} must hold files of one type ({', '.join(SUFFIXES)})"
-            )
+            raise ChipspanError(f"dataset '{entry.name}': {path} must hold files of one type ({', '.join(SUFFIXES)})")
     elif path.is_file():
         _kind(path)
         files = [path]
@@ -173,7 +171,9 @@ def _check_sha1(path: Path, expected: str) -> None:
     if digest.hexdigest() != expected:
         log.warning(
             "%s: SHA-1 %s does not match file_sha1 %s in dataset_info.json; using the file anyway",
-            path, digest.hexdigest(), expected,
+            path,
+            digest.hexdigest(),
+            expected,
         )
 
 
@@ -185,8 +185,9 @@ def _file_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, objec
     if kind == "parquet":
         yield from ((f"row {i}", row) for i, row in enumerate(_parquet_rows(path), 1))
     elif kind == "txt":
-        yield from _checked(path, ((f"line {n}", {"text": line} if isinstance(line, str) else line)
-                                   for n, line in _text_lines(path)))
+        yield from _checked(
+            path, ((f"line {n}", {"text": line} if isinstance(line, str) else line) for n, line in _text_lines(path))
+        )
     elif kind == "csv":
         yield from _checked(path, _csv_rows(path))
     elif _is_document(path):
@@ -205,8 +206,9 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
         for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
             yield from batch.to_pylist()
     except (pyarrow.ArrowException, OSError) as exc:
-        raise ChipspanError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}): "
-                            "re-save it") from exc
+        raise ChipspanError(
+            f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}): re-save it"
+        ) from exc
 
 
 def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
@@ -226,8 +228,12 @@ def _checked(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[s
         )
 
 
-_FORMATS = {"json": "JSON lines or a JSON list", "jsonl": "JSON lines (one object per line)",
-            "csv": "CSV with a header line", "txt": "text"}
+_FORMATS = {
+    "json": "JSON lines or a JSON list",
+    "jsonl": "JSON lines (one object per line)",
+    "csv": "CSV with a header line",
+    "txt": "text",
+}
 
 
 def _has_nul(path: Path) -> bool:
@@ -358,8 +364,10 @@ def _document_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, o
     where it breaks.
     """
     if streaming and path.stat().st_size > MAX_LINE_BYTES:
-        raise ChipspanError(f"{path} is one JSON document of {path.stat().st_size:,} bytes, which must be read "
-                            "whole: --streaming reads JSON lines, so write one row per line")
+        raise ChipspanError(
+            f"{path} is one JSON document of {path.stat().st_size:,} bytes, which must be read "
+            "whole: --streaming reads JSON lines, so write one row per line"
+        )
     data = path.read_bytes()
     encoding, bom = _sniff(data[:4])
     try:
@@ -374,8 +382,9 @@ def _document_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, o
             return
         if isinstance(exc, UnicodeDecodeError):
             line = data.count(b"\n", 0, exc.start) + 1
-            raise ChipspanError(f"{path} is not {encoding} text ({exc.reason} on line {line}): "
-                                "re-save it as UTF-8") from exc
+            raise ChipspanError(
+                f"{path} is not {encoding} text ({exc.reason} on line {line}): re-save it as UTF-8"
+            ) from exc
         raise ChipspanError(
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): fix it, "
             "or write one row per line (JSON lines), so that bad lines are skipped"

@@ -50,15 +50,18 @@ class DataStats:
     def reasons(self, places: int = FIRST_PLACES) -> str:
         """``"2 line is not valid JSON (first: toy line 3, toy line 7); ..."``, most frequent first."""
         ordered = sorted(self.dropped.items(), key=lambda item: -item[1])
-        return "; ".join(f"{n} {reason} (first: {', '.join(self.first_dropped[reason][:places])})"
-                         for reason, n in ordered)
+        return "; ".join(
+            f"{n} {reason} (first: {', '.join(self.first_dropped[reason][:places])})" for reason, n in ordered
+        )
 
     def summary(self) -> str:
         """One line (two with drops) for the log."""
         source = " (from the cache)" if self.from_cache else ""
-        line = (f"data{source}: {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
-                f"{self.rows_dropped:,} dropped; {self.train:,} train + {self.eval:,} eval examples, "
-                f"{self.tokens:,} tokens, {self.truncated:,} truncated to cutoff_len")
+        line = (
+            f"data{source}: {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
+            f"{self.rows_dropped:,} dropped; {self.train:,} train + {self.eval:,} eval examples, "
+            f"{self.tokens:,} tokens, {self.truncated:,} truncated to cutoff_len"
+        )
         return line + (f"\ndropped rows: {self.reasons()}" if self.dropped else "")
 
     def to_dict(self) -> dict:

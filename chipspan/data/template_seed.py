@@ -38,8 +38,7 @@ SEED_TEMPLATES = [
         user=("### Instruction:\n{{content}}\n\n### Response:\n",),
         separator=("\n\n",),
         default_system=(
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request."
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         ),
     ),
     _seed(
@@ -53,10 +52,8 @@ SEED_TEMPLATES = [
         stop_words=("</s>",),
         efficient_eos=True,
     ),
-    _seed("baichuan", user=(Token("<reserved_102>"), "{{content}}", Token("<reserved_103>")),
-          efficient_eos=True),
-    _seed("baichuan2", user=(Token("<reserved_106>"), "{{content}}", Token("<reserved_107>")),
-          efficient_eos=True),
+    _seed("baichuan", user=(Token("<reserved_102>"), "{{content}}", Token("<reserved_103>")), efficient_eos=True),
+    _seed("baichuan2", user=(Token("<reserved_106>"), "{{content}}", Token("<reserved_107>")), efficient_eos=True),
     _seed(
         "belle",
         user=("Human: {{content}}\n\nBelle: ",),
@@ -200,8 +197,7 @@ SEED_TEMPLATES = [
         stop_words=("<|End|>",),
     ),
     _seed("yi", user=CHATML_USER, separator=("\n",), stop_words=("<|im_end|>",), replace_eos=True),
-    _seed("yuan", user=("{{content}}", Token("<sep>")), separator=("\n",), stop_words=("<eod>",),
-          replace_eos=True),
+    _seed("yuan", user=("{{content}}", Token("<sep>")), separator=("\n",), stop_words=("<eod>",), replace_eos=True),
     _seed(
         "zephyr",
         user=("<|user|>\n{{content}}", EOS, "<|assistant|>"),

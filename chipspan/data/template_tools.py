@@ -10,8 +10,8 @@ text of one call ``{"name": ..., "arguments": ...}`` or a list of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 from chipspan.errors import ChipspanError
 
@@ -152,12 +152,19 @@ def _qwen_calls(calls: list[Call]) -> str:
 
 # The seed's only format, then LLaMA-Factory 0.9's.
 _TOOLS: dict[str, Callable[[list[dict]], str]] = {
-    "seed": _seed_tools, "default": _default_tools, "llama3": _llama3_tools,
-    "qwen": _qwen_tools, "mistral": _mistral_tools, "glm4": _glm4_tools,
+    "seed": _seed_tools,
+    "default": _default_tools,
+    "llama3": _llama3_tools,
+    "qwen": _qwen_tools,
+    "mistral": _mistral_tools,
+    "glm4": _glm4_tools,
 }
 _CALLS: dict[str, Callable[[list[Call]], str]] = {
-    "default": _default_calls, "llama3": _llama3_calls, "qwen": _qwen_calls,
-    "mistral": _mistral_calls, "glm4": _glm4_calls,
+    "default": _default_calls,
+    "llama3": _llama3_calls,
+    "qwen": _qwen_calls,
+    "mistral": _mistral_calls,
+    "glm4": _glm4_calls,
 }
 
 

@@ -307,12 +307,12 @@ def fix_tokenizer(tokenizer: Tokenizer, template: Template | ChatTemplate | None
         eos = "<|endoftext|>"
     added = [t for t in ([eos] if eos else []) + stop_words if tokenizer.token_to_id(t) is None]
     if added:
-        tokenizer.backend.add_special_tokens(
-            [tokenizers.AddedToken(t, special=True, normalized=False) for t in added]
-        )
+        tokenizer.backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in added])
         log.warning(
             "added %s to the tokenizer for template '%s': the model's embeddings must grow to %d rows",
-            ", ".join(added), template.name if template else "-", len(tokenizer),
+            ", ".join(added),
+            template.name if template else "-",
+            len(tokenizer),
         )
     if eos and tokenizer.eos_token != eos:
         tokenizer.special_tokens["eos"] = eos

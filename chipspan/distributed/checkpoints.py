@@ -43,9 +43,20 @@ from chipspan.train.checkpoints import KINDS
 from chipspan.train.reporting import TrainerState
 
 
-def save_checkpoint(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, output_dir: Path, step: int,
-                    tokenizer: Tokenizer, state: TrainerState, base_model: str, is_lora: bool, settings: dict,
-                    precision_state: dict | None = None) -> Path | None:
+def save_checkpoint(
+    pieces: list[CausalLM],
+    optimizer,
+    scheduler,
+    layout: Layout,
+    output_dir: Path,
+    step: int,
+    tokenizer: Tokenizer,
+    state: TrainerState,
+    base_model: str,
+    is_lora: bool,
+    settings: dict,
+    precision_state: dict | None = None,
+) -> Path | None:
     """``checkpoint-{step}`` of a run of ``settings`` (``checkpoints.run_settings``), every rank taking
     part (see the module's docstring); ``precision_state``: the fp16 loss scaler's (``scaler.pt``), the
     same on every rank. Returns the folder on rank 0, None elsewhere."""
@@ -66,8 +77,9 @@ def save_checkpoint(pieces: list[CausalLM], optimizer, scheduler, layout: Layout
     return checkpoints.finish_checkpoint(tmp, output_dir, step, settings, known)
 
 
-def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_model: str,
-                  is_lora: bool) -> dict[str, dict]:
+def write_weights(
+    pieces: list[CausalLM], layout: Layout, folder: Path, base_model: str, is_lora: bool
+) -> dict[str, dict]:
     """The trained weights into ``folder``, every rank taking part: the LoRA adapter (gathered, PEFT
     format) or the whole model (one safetensors shard per pipeline position + index + config.json).
     Returns, on rank 0, the manifest entries (``chipspan.manifest.file_entry``) of the stages' shards."""
@@ -79,8 +91,12 @@ def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_mod
     tensors = {}
     if layout.replica == 0:
         for piece in pieces:
-            tensors.update({k: v.detach().to("cpu").contiguous() for k, v in
-                            (adapter_state_dict(piece) if is_lora else model_state_dict(piece)).items()})
+            tensors.update(
+                {
+                    k: v.detach().to("cpu").contiguous()
+                    for k, v in (adapter_state_dict(piece) if is_lora else model_state_dict(piece)).items()
+                }
+            )
     if is_lora:
         parts = _on_rank_zero(tensors if layout.replica == 0 else None)
         if parts is not None:
@@ -92,14 +108,18 @@ def write_weights(pieces: list[CausalLM], layout: Layout, folder: Path, base_mod
         shard = f"model-{layout.stage_rank + 1:05d}-of-{layout.pipeline:05d}.safetensors"
         save_file(tensors, folder / shard, metadata={"format": "pt"})
         checkpoints.fsync(folder / shard)
-        mine = {"tensors": {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()},
-                "file": (shard, manifest.file_entry(folder / shard))}
+        mine = {
+            "tensors": {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()},
+            "file": (shard, manifest.file_entry(folder / shard)),
+        }
     parts = _on_rank_zero(mine)
     if parts is None:
         return {}
     where = {name: entry for part in parts for name, entry in part["tensors"].items()}
-    index = {"metadata": {"total_size": sum(size for _, size in where.values())},
-             "weight_map": {name: shard for name, (shard, _) in where.items()}}
+    index = {
+        "metadata": {"total_size": sum(size for _, size in where.values())},
+        "weight_map": {name: shard for name, (shard, _) in where.items()},
+    }
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     checkpoints.write_config(pieces[0], folder, next(iter(tensors.values())).dtype)
     return dict(part["file"] for part in parts)
@@ -158,7 +178,7 @@ def _resize_scheduler(schedule: dict | None, groups: int) -> dict | None:
 
 
 def _group_kind(pieces: list[CausalLM], group: dict) -> str:
-    """"no_decay" for a group of biases and norm weights (recipe's AdamW rule), else "decay"."""
+    """ "no_decay" for a group of biases and norm weights (recipe's AdamW rule), else "decay"."""
     name = _parameter_names(pieces)[id(group["params"][0])] if group["params"] else ""
     return "no_decay" if name.endswith("bias") or "norm" in name else "decay"
 

@@ -19,8 +19,9 @@ from chipspan.models.decoder import CausalLM
 
 def data_parallel(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
     """``module`` under DDP over ``group``, its gradients summed (not averaged) over the replicas."""
-    wrapped = DistributedDataParallel(module, device_ids=[device] if device.type != "cpu" else None,
-                                      process_group=group, broadcast_buffers=False)
+    wrapped = DistributedDataParallel(
+        module, device_ids=[device] if device.type != "cpu" else None, process_group=group, broadcast_buffers=False
+    )
     wrapped.register_comm_hook(group, _sum_gradients)
     return wrapped
 
@@ -36,8 +37,11 @@ def tied_copy(piece: CausalLM, num_stages: int) -> nn.Parameter | None:
     on the last), when it trains; None otherwise."""
     if not piece.config.tie_word_embeddings or num_stages == 1:
         return None
-    copy = piece.model.embed_tokens.weight if piece.model.embed_tokens is not None else (
-        piece.lm_head.weight if piece.lm_head is not None else None)
+    copy = (
+        piece.model.embed_tokens.weight
+        if piece.model.embed_tokens is not None
+        else (piece.lm_head.weight if piece.lm_head is not None else None)
+    )
     return copy if copy is not None and copy.requires_grad else None
 
 
@@ -52,8 +56,13 @@ def sum_tied_gradients(copies: list[nn.Parameter], group: dist.ProcessGroup | No
         p.grad = total if len(copies) == 1 else total.clone()
 
 
-def clip_global_norm(parameters: list[nn.Parameter], copies: list[nn.Parameter], max_norm: float,
-                     group: dist.ProcessGroup, device: torch.device) -> float:
+def clip_global_norm(
+    parameters: list[nn.Parameter],
+    copies: list[nn.Parameter],
+    max_norm: float,
+    group: dist.ProcessGroup,
+    device: torch.device,
+) -> float:
     """Scale gradients so the L2 norm over ``parameters`` of every rank in ``group`` is at most
     ``max_norm`` (0: only measure); returns the norm before scaling.
 

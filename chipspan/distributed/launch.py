@@ -1,8 +1,8 @@
 """Where a `chipspan train` runs: in this process, or one process per chip under torchrun.
 
-    WORLD_SIZE > 1 (started by torchrun)   -> chipspan.distributed (this rank's stages)
-    --launcher torchrun (not yet started)  -> re-run this command under torchrun, one process per chip
-    otherwise                              -> chipspan.train (every chip in this process)
+WORLD_SIZE > 1 (started by torchrun)   -> chipspan.distributed (this rank's stages)
+--launcher torchrun (not yet started)  -> re-run this command under torchrun, one process per chip
+otherwise                              -> chipspan.train (every chip in this process)
 """
 
 from __future__ import annotations
@@ -36,14 +36,24 @@ def relaunch_command(run: RunArguments, flags: list[str]) -> list[str]:
     """``python -m torch.distributed.run --nproc-per-node N -m chipspan train FLAGS``: one process per chip
     (N from --chips or SOPHGO_SPLIT)."""
     if run.chips.chips is None:
-        raise ChipspanError("--launcher torchrun starts one process per chip: name the chips with --chips 0-3 "
-                            "(or SOPHGO_SPLIT=4)")
+        raise ChipspanError(
+            "--launcher torchrun starts one process per chip: name the chips with --chips 0-3 (or SOPHGO_SPLIT=4)"
+        )
     chips = len(devices.parse_chip_ids(run.chips.chips))
     schedule = run.chips.pipeline_schedule
     check_schedule(schedule, run.training.micro_batches, run.training.per_device_train_batch_size)
     plan_layout(chips, 0, run.chips.data_parallel, VIRTUAL_STAGES[schedule])  # refuses what does not divide
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={chips}",
-            "-m", "chipspan", "train", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={chips}",
+        "-m",
+        "chipspan",
+        "train",
+        *flags,
+    ]
 
 
 def relaunch(run: RunArguments, flags: list[str]) -> int:

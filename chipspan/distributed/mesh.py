@@ -64,8 +64,9 @@ def backend_for(device_type: str) -> str:
     """gloo on CPU, nccl on CUDA, hccl on Ascend; otherwise the backend the vendor plugin registered."""
     backend = BACKENDS.get(device_type) or dist.Backend.default_device_backend_map.get(device_type)
     if backend is None:
-        raise ChipspanError(f"no torch.distributed backend is known for device '{device_type}'; "
-                            "its vendor plugin must register one")
+        raise ChipspanError(
+            f"no torch.distributed backend is known for device '{device_type}'; its vendor plugin must register one"
+        )
     return backend
 
 
@@ -81,8 +82,10 @@ def plan_layout(world: int, rank: int, data_parallel: int, virtual: int) -> Layo
     if data_parallel < 1:
         raise ChipspanError(f"--data_parallel must be at least 1, not {data_parallel}")
     if world % data_parallel:
-        raise ChipspanError(f"{world} processes cannot form pipelines × {data_parallel} data-parallel replicas: "
-                            f"start a multiple of {data_parallel} processes (stages × data_parallel)")
+        raise ChipspanError(
+            f"{world} processes cannot form pipelines × {data_parallel} data-parallel replicas: "
+            f"start a multiple of {data_parallel} processes (stages × data_parallel)"
+        )
     return Layout(pipeline=world // data_parallel, data=data_parallel, virtual=virtual, rank=rank)
 
 
@@ -90,8 +93,10 @@ def rank_device(device_type: str, chips: str | None, local_rank: int, local_worl
     """This process's chip: the ``local_rank``-th of ``--chips`` (default: chips 0 … local_world - 1)."""
     chip_ids = devices.parse_chip_ids(chips) if chips else list(range(local_world))
     if chips and len(chip_ids) != local_world:
-        raise ChipspanError(f"--chips {chips} names {len(chip_ids)} chip(s) but {local_world} processes run on "
-                            "this machine: one process per chip")
+        raise ChipspanError(
+            f"--chips {chips} names {len(chip_ids)} chip(s) but {local_world} processes run on "
+            "this machine: one process per chip"
+        )
     devices.prepare_device_type(device_type, chip_ids[-1] + 1)
     device = devices.chip_devices(device_type, [chip_ids[local_rank]])[0]
     if device.index is not None:

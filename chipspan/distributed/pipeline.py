@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B)
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from chipspan.chips.memory import VIRTUAL_STAGES
 from chipspan.errors import ChipspanError
@@ -26,8 +25,10 @@ def check_schedule(name: str, micro_batches: int | None, batch_size: int) -> Non
     if name not in SCHEDULES:
         raise ChipspanError(f"--pipeline_schedule {name} is not supported; choose one of: {', '.join(SCHEDULES)}")
     if micro_batches is not None and (micro_batches < 1 or batch_size % micro_batches):
-        raise ChipspanError(f"per_device_train_batch_size {batch_size} does not split into --micro_batches "
-                            f"{micro_batches}: use a batch size that is a multiple of it")
+        raise ChipspanError(
+            f"per_device_train_batch_size {batch_size} does not split into --micro_batches "
+            f"{micro_batches}: use a batch size that is a multiple of it"
+        )
 
 
 class PipelineRunner:
@@ -38,9 +39,18 @@ class PipelineRunner:
     parts); ``hidden_size``/``activation_dtype`` describe what crosses between stages.
     """
 
-    def __init__(self, modules: list[nn.Module], stage_ids: list[int], num_stages: int, schedule: str,
-                 micro_batches: int, device: torch.device, group: dist.ProcessGroup, hidden_size: int,
-                 activation_dtype: torch.dtype):
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        stage_ids: list[int],
+        num_stages: int,
+        schedule: str,
+        micro_batches: int,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        hidden_size: int,
+        activation_dtype: torch.dtype,
+    ):
         self.modules, self.stage_ids, self.num_stages = modules, stage_ids, num_stages
         self.schedule_class = SCHEDULES[schedule]
         self.micro_batches, self.device, self.group = micro_batches, device, group
@@ -72,8 +82,15 @@ class PipelineRunner:
             return None
         losses: list[torch.Tensor] = []
         labels = inputs["labels"]
-        self._schedule.step(*args, attention_mask=mask, labels=labels, loss_weight=inputs["loss_weight"],
-                            target=labels, losses=losses, return_outputs=False)
+        self._schedule.step(
+            *args,
+            attention_mask=mask,
+            labels=labels,
+            loss_weight=inputs["loss_weight"],
+            target=labels,
+            losses=losses,
+            return_outputs=False,
+        )
         return float(torch.stack(losses).sum()) / loss_scale
 
     @torch.no_grad()
@@ -101,18 +118,29 @@ class PipelineRunner:
 
     def _build(self, batch_size: int, seq_len: int):
         micro = batch_size // self.micro_batches
-        hidden = torch.empty(micro, seq_len, self.hidden_size, dtype=self.activation_dtype, device="meta",
-                             requires_grad=True)
+        hidden = torch.empty(
+            micro, seq_len, self.hidden_size, dtype=self.activation_dtype, device="meta", requires_grad=True
+        )
         stages = []
         for module, index in zip(self.modules, self.stage_ids):
             first, last = index == 0, index == self.num_stages - 1
             inputs = torch.empty(micro, seq_len, dtype=torch.long, device="meta") if first else hidden
             outputs = torch.empty((), dtype=torch.float32, device="meta") if last else hidden
-            stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
-                                        output_args=outputs, group=self.group))
+            stages.append(
+                PipelineStage(
+                    module,
+                    index,
+                    self.num_stages,
+                    self.device,
+                    input_args=inputs,
+                    output_args=outputs,
+                    group=self.group,
+                )
+            )
         single = self.schedule_class is not ScheduleInterleaved1F1B
-        return self.schedule_class(stages[0] if single else stages, self.micro_batches, loss_fn=self._scaled_loss,
-                                   scale_grads=False)
+        return self.schedule_class(
+            stages[0] if single else stages, self.micro_batches, loss_fn=self._scaled_loss, scale_grads=False
+        )
 
     def _scaled_loss(self, loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
         """The last stage already returns its weighted loss; only the loss scale is left to apply."""

@@ -50,8 +50,10 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     rank, world, local_rank, local_world = environment_world()
     layout = plan_layout(world, rank, run.chips.data_parallel, VIRTUAL_STAGES[run.chips.pipeline_schedule])
     if layout.num_stages > config.num_hidden_layers:
-        raise ChipspanError(f"{layout.num_stages} pipeline stages but the model has only {config.num_hidden_layers} "
-                            "decoder layers: use fewer processes or more --data_parallel")
+        raise ChipspanError(
+            f"{layout.num_stages} pipeline stages but the model has only {config.num_hidden_layers} "
+            "decoder layers: use fewer processes or more --data_parallel"
+        )
     device = rank_device(run.chips.device or devices.default_device_type(), run.chips.chips, local_rank, local_world)
     span = stage_span(run, config, layout.num_stages, device)  # refuses what the plan says will not fit
     run = replace(run, training=replace(train_args, micro_batches=span.micro_batches))
@@ -68,8 +70,10 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     say(data.stats.summary())
     examples, eval_examples = recipe.split_examples(run, data, say)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                            f"{config.vocab_size}; pick a template the tokenizer knows")
+        raise ChipspanError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; pick a template the tokenizer knows"
+        )
     precision, base_dtype = recipe.choose_precision(run, device.type, say)
     steps = total_steps(len(examples), global_arguments(train_args, layout.data))
     recipe.check_disk(run, config, base_dtype, tokenizer, steps, say)
@@ -82,16 +86,22 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     adapter = resume if (resume and ft_args.finetuning_type == "lora") else model_args.adapter_name_or_path
     trained_dtype = torch.bfloat16 if ft_args.pure_bf16 and base_dtype == torch.bfloat16 else torch.float32
     prepare_stages(pieces, config, ft_args, str(adapter) if adapter else None, trained_dtype)
-    say(f"{world} processes: {layout.pipeline} pipeline rank(s) x {layout.data} data-parallel replica(s), "
+    say(
+        f"{world} processes: {layout.pipeline} pipeline rank(s) x {layout.data} data-parallel replica(s), "
         f"{layout.num_stages} stages ({run.chips.pipeline_schedule}, {train_args.micro_batches} micro-batch(es) "
-        f"per batch)")
+        f"per batch)"
+    )
 
     rank_training = _rank_training(run, layout, device, mesh, pieces, base_dtype, steps)
     if precision.scaler is not None:  # fp16: one loss scale that every rank agrees on
         rank_training.scaler = LossScaler.like(precision.scaler)
-    state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
-                         logging_steps=train_args.logging_steps, save_steps=train_args.save_steps,
-                         train_batch_size=train_args.per_device_train_batch_size)
+    state = TrainerState(
+        max_steps=steps,
+        num_train_epochs=train_args.num_train_epochs,
+        logging_steps=train_args.logging_steps,
+        save_steps=train_args.save_steps,
+        train_batch_size=train_args.per_device_train_batch_size,
+    )
     if resume:
         state = _restore(resume, pieces, rank_training, state)
         say(f"resuming from {resume} at step {state.global_step}")
@@ -112,26 +122,50 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     def save(step: int) -> None:
         trained_weights_finite(f"checkpoint-{step}")
         scaler = rank_training.scaler
-        written = stage_checkpoints.save_checkpoint(pieces, rank_training.optimizer, rank_training.scheduler, layout,
-                                                    output_dir, step, tokenizer, state, base_model, is_lora, settings,
-                                                    scaler.state_dict() if scaler is not None else None)
+        written = stage_checkpoints.save_checkpoint(
+            pieces,
+            rank_training.optimizer,
+            rank_training.scheduler,
+            layout,
+            output_dir,
+            step,
+            tokenizer,
+            state,
+            base_model,
+            is_lora,
+            settings,
+            scaler.state_dict() if scaler is not None else None,
+        )
         if written is not None:
             checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit, written)
         dist.barrier()
 
-    say(f"training {len(examples)} examples for {steps} steps (batch {train_args.per_device_train_batch_size} "
-        f"x {layout.data} replica(s) x {train_args.gradient_accumulation_steps} accumulation)")
+    say(
+        f"training {len(examples)} examples for {steps} steps (batch {train_args.per_device_train_batch_size} "
+        f"x {layout.data} replica(s) x {train_args.gradient_accumulation_steps} accumulation)"
+    )
+
     def evaluate() -> float:
-        return pipeline_eval_loss(rank_training, eval_examples, tokenizer.pad_token_id,
-                                  train_args.per_device_eval_batch_size)
+        return pipeline_eval_loss(
+            rank_training, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size
+        )
 
     log = None
     if layout.writes_outputs:
         tensorboard = recipe.tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
         log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
     try:
-        metrics = train_pipeline(rank_training, examples, tokenizer.pad_token_id, train_args, state, log, save, say,
-                                 evaluate if train_args.eval_strategy != "no" else None)
+        metrics = train_pipeline(
+            rank_training,
+            examples,
+            tokenizer.pad_token_id,
+            train_args,
+            state,
+            log,
+            save,
+            say,
+            evaluate if train_args.eval_strategy != "no" else None,
+        )
     finally:
         if log is not None:
             log.close()
@@ -153,12 +187,15 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 def _check_supported(run: RunArguments) -> None:
     train_args = run.training
     if not train_args.do_train or train_args.do_predict:
-        raise ChipspanError("one process per chip trains (and evaluates while training): run --do_predict, or "
-                            "--do_eval alone, in one process")
+        raise ChipspanError(
+            "one process per chip trains (and evaluates while training): run --do_predict, or "
+            "--do_eval alone, in one process"
+        )
 
 
 def _load_data_rank_zero_first(run: RunArguments, tokenizer: Tokenizer, layout: Layout):
     """The encoded dataset; rank 0 encodes first and fills the cache, the other ranks then read it."""
+
     def load():
         return load_dataset_split(run.data, tokenizer, run.finetuning.stage, run.training.seed)
 
@@ -167,8 +204,9 @@ def _load_data_rank_zero_first(run: RunArguments, tokenizer: Tokenizer, layout: 
     return data if data is not None else load()
 
 
-def _rank_training(run: RunArguments, layout: Layout, device: torch.device, mesh, pieces, base_dtype,
-                   steps: int) -> RankTraining:
+def _rank_training(
+    run: RunArguments, layout: Layout, device: torch.device, mesh, pieces, base_dtype, steps: int
+) -> RankTraining:
     """The pipeline runner, DDP wrappers, optimizer and scheduler of this rank."""
     train_args = run.training
     data_group, pipeline_group = mesh.get_group("data"), mesh.get_group("pipeline")
@@ -176,22 +214,48 @@ def _rank_training(run: RunArguments, layout: Layout, device: torch.device, mesh
     modules = [PipelinePiece(piece, base_dtype) for piece in pieces]
     if layout.data > 1 and trains:
         modules = [data_parallel(module, data_group, device) for module in modules]
-    runner = PipelineRunner(modules, layout.stages, layout.num_stages, run.chips.pipeline_schedule,
-                            train_args.micro_batches * train_args.gradient_accumulation_steps, device,
-                            pipeline_group, pieces[0].config.hidden_size, base_dtype)
+    runner = PipelineRunner(
+        modules,
+        layout.stages,
+        layout.num_stages,
+        run.chips.pipeline_schedule,
+        train_args.micro_batches * train_args.gradient_accumulation_steps,
+        device,
+        pipeline_group,
+        pieces[0].config.hidden_size,
+        base_dtype,
+    )
     tied = [copy for piece in pieces if (copy := tied_copy(piece, layout.num_stages)) is not None]
     group = tied_group(layout) if pieces[0].config.tie_word_embeddings and layout.num_stages > 1 else None
-    head_copies = [copy for piece in pieces if piece.model.embed_tokens is None
-                   and (copy := tied_copy(piece, layout.num_stages)) is not None]  # counted once, as the embedding
+    head_copies = [
+        copy
+        for piece in pieces
+        if piece.model.embed_tokens is None and (copy := tied_copy(piece, layout.num_stages)) is not None
+    ]  # counted once, as the embedding
     skip = {id(copy) for copy in head_copies}
     unique = {id(p): p for piece in pieces for p in piece.parameters() if p.requires_grad and id(p) not in skip}
     optimizer = scheduler = None
     if trains:
         optimizer = recipe.build_optimizer(SimpleNamespace(stages=pieces), train_args)
-        scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
-                                    warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
-    return RankTraining(layout, device, runner, list(unique.values()), tied, head_copies, optimizer, scheduler,
-                        pipeline_group, data_group, group)
+        scheduler = build_scheduler(
+            optimizer,
+            train_args.lr_scheduler_type,
+            steps,
+            warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio),
+        )
+    return RankTraining(
+        layout,
+        device,
+        runner,
+        list(unique.values()),
+        tied,
+        head_copies,
+        optimizer,
+        scheduler,
+        pipeline_group,
+        data_group,
+        group,
+    )
 
 
 def _restore(folder: Path, pieces, rank_training: RankTraining, fresh: TrainerState) -> TrainerState:

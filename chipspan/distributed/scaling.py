@@ -17,8 +17,13 @@ import torch.distributed as dist
 
 
 class LossScaler:
-    def __init__(self, scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000):
+    def __init__(
+        self,
+        scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
         self.scale, self.growth_factor, self.backoff_factor = scale, growth_factor, backoff_factor
         self.growth_interval = growth_interval
         self.growth_tracker = 0  # clean steps in a row since the scale last changed
@@ -27,8 +32,9 @@ class LossScaler:
     @classmethod
     def like(cls, scaler: torch.amp.GradScaler) -> LossScaler:
         """A scaler with ``scaler``'s settings (what the single process would use)."""
-        return cls(scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
-                   scaler.get_growth_interval())
+        return cls(
+            scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()
+        )
 
     def unscale(self, grads: list[torch.Tensor], device: torch.device) -> bool:
         """Divide ``grads`` (this rank's) by the scale; True when any rank's gradients overflowed.
@@ -56,10 +62,16 @@ class LossScaler:
 
     def state_dict(self) -> dict:
         """``scaler.pt``: {"scaler": GradScaler.state_dict() format, "skipped_steps": n}."""
-        return {"scaler": {"scale": self.scale, "growth_factor": self.growth_factor,
-                           "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
-                           "_growth_tracker": self.growth_tracker},
-                "skipped_steps": self.skipped_steps}
+        return {
+            "scaler": {
+                "scale": self.scale,
+                "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval,
+                "_growth_tracker": self.growth_tracker,
+            },
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         scaler = saved.get("scaler")

@@ -32,8 +32,13 @@ class PipelinePiece(nn.Module):
         self.is_first = piece.model.embed_tokens is not None
         self.is_last = piece.lm_head is not None
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, s = attention_mask.shape
         positions = default_position_ids(attention_mask, b, s, 0, attention_mask.device)
         mask = build_attention_mask(attention_mask, s, 0, attention_mask.device)
@@ -46,10 +51,12 @@ class PipelinePiece(nn.Module):
         return hidden.to(self.activation_dtype)
 
 
-def load_stage(weights: str | Path, config: ModelConfig, split: list[range], stage: int, dtype: torch.dtype,
-               device: torch.device) -> CausalLM:
+def load_stage(
+    weights: str | Path, config: ModelConfig, split: list[range], stage: int, dtype: torch.dtype, device: torch.device
+) -> CausalLM:
     """Read only stage ``stage``'s slice of the checkpoint: its layers (``split[stage]``, the
     decoder layers of every stage in order), the embeddings on the first stage, the final norm
     and head on the last."""
-    return load_pretrained(weights, dtype=dtype, device=device, layers=split[stage],
-                           embed=stage == 0, head=stage == len(split) - 1)
+    return load_pretrained(
+        weights, dtype=dtype, device=device, layers=split[stage], embed=stage == 0, head=stage == len(split) - 1
+    )

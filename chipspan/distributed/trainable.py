@@ -19,8 +19,13 @@ from chipspan.models.decoder import CausalLM
 from chipspan.train.finetune import prepare_trainable
 
 
-def prepare_stages(pieces: list[CausalLM], config: ModelConfig, args: FinetuningArguments,
-                   adapter: str | None, trained_dtype: torch.dtype = torch.float32) -> None:
+def prepare_stages(
+    pieces: list[CausalLM],
+    config: ModelConfig,
+    args: FinetuningArguments,
+    adapter: str | None,
+    trained_dtype: torch.dtype = torch.float32,
+) -> None:
     """Mark what trains on ``pieces`` (this rank's stages, in order) as ``prepare_trainable`` does for
     the whole model; a new adapter gets the weights the whole model would get."""
     drawn = 0  # layers whose LoRA weights the CPU generator has drawn
@@ -29,8 +34,9 @@ def prepare_stages(pieces: list[CausalLM], config: ModelConfig, args: Finetuning
         if args.finetuning_type == "lora" and not adapter and layers:
             _draw_like_lora(config, range(drawn, layers[0]), args)
             drawn = layers[-1] + 1
-        prepare_trainable(SimpleNamespace(stages=[piece], config=config), args, adapter=adapter,
-                          trained_dtype=trained_dtype)
+        prepare_trainable(
+            SimpleNamespace(stages=[piece], config=config), args, adapter=adapter, trained_dtype=trained_dtype
+        )
 
 
 def _draw_like_lora(config: ModelConfig, layers: range, args: FinetuningArguments) -> None:
@@ -39,10 +45,17 @@ def _draw_like_lora(config: ModelConfig, layers: range, args: FinetuningArgument
         return
     with torch.device("meta"):
         skipped = CausalLM(config, layers=layers, embed=False, head=False)
-    wrapped = inject_lora(skipped, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
-                          dropout=args.lora_dropout, additional_target=args.additional_target)
+    wrapped = inject_lora(
+        skipped,
+        args.lora_target,
+        r=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        additional_target=args.additional_target,
+    )
     for name in wrapped:
         meta = skipped.get_submodule(name)
-        weightless = SimpleNamespace(in_features=meta.in_features, out_features=meta.out_features,
-                                     weight=torch.empty(0), bias=None)
+        weightless = SimpleNamespace(
+            in_features=meta.in_features, out_features=meta.out_features, weight=torch.empty(0), bias=None
+        )
         LoraLinear(weightless, args.lora_rank, 1.0)

@@ -50,8 +50,10 @@ def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None) 
         if _ext is None:
             owner = _privateuse1_owner()
             if owner is not None:
-                raise ChipspanError(f"cannot enable emu: this process already uses the `{owner}` "
-                                    "device plugin (one per process); run emu in its own process")
+                raise ChipspanError(
+                    f"cannot enable emu: this process already uses the `{owner}` "
+                    "device plugin (one per process); run emu in its own process"
+                )
             _register(_build.load())
         try:
             _ext.set_chip_count(num_chips)

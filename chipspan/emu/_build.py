@@ -49,15 +49,20 @@ def load():
     from torch.utils.cpp_extension import load as load_extension
 
     if not sources():
-        raise ChipspanError(f"the emu C++ sources are missing from this installation ({CSRC}); "
-                            "reinstall chipspan")
+        raise ChipspanError(f"the emu C++ sources are missing from this installation ({CSRC}); reinstall chipspan")
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     verbose = os.environ.get("CHIPSPAN_EMU_VERBOSE") == "1"
     try:
-        return load_extension(name="chipspan_emu", sources=[str(p) for p in sources()],
-                              build_directory=str(directory), extra_cflags=["-O2"], verbose=verbose)
+        return load_extension(
+            name="chipspan_emu",
+            sources=[str(p) for p in sources()],
+            build_directory=str(directory),
+            extra_cflags=["-O2"],
+            verbose=verbose,
+        )
     except Exception as e:  # compiler errors arrive as RuntimeError, CalledProcessError, OSError…
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ChipspanError(f"could not build the emu device in {directory}: {last} "
-                            "(CHIPSPAN_EMU_VERBOSE=1 shows the compiler output)") from e
+        raise ChipspanError(
+            f"could not build the emu device in {directory}: {last} (CHIPSPAN_EMU_VERBOSE=1 shows the compiler output)"
+        ) from e

@@ -24,6 +24,7 @@ def _index(device=None) -> int:
 
 # --- devices -------------------------------------------------------------------------
 
+
 def is_available() -> bool:
     return _C is not None
 
@@ -79,6 +80,7 @@ class device:
 
 # --- random numbers: one generator per chip ---------------------------------------------
 
+
 def default_generator(device=None) -> torch.Generator:
     return _C.default_generator(_index(device))
 
@@ -124,11 +126,13 @@ def set_rng_state_all(new_states) -> None:
 
 # --- autocast ---------------------------------------------------------------------------
 
+
 def get_amp_supported_dtype() -> list[torch.dtype]:
     return [torch.bfloat16, torch.float16]
 
 
 # --- memory -----------------------------------------------------------------------------
+
 
 def memory_allocated(device=None) -> int:
     return _C.memory(_index(device))[0]

@@ -21,20 +21,28 @@ from chipspan.models.tokenizer import Tokenizer
 
 
 class ChatSession:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, settings: SamplingSettings,
-                 stop_ids: set[int], system: str | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        settings: SamplingSettings,
+        stop_ids: set[int],
+        system: str | None = None,
+    ):
         self.model, self.tokenizer, self.settings, self.stop_ids = model, tokenizer, settings, stop_ids
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     @classmethod
-    def load(cls, args: argparse.Namespace) -> "ChatSession":
+    def load(cls, args: argparse.Namespace) -> ChatSession:
         """Config and tokenizer first (cheap, fail fast), then the weights, then the adapter."""
         folder = Path(args.model_name_or_path)
         config = ModelConfig.from_folder(folder)
         tokenizer = Tokenizer.from_folder(folder)
         if tokenizer.vocab_size > config.vocab_size:
-            raise ChipspanError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's "
-                                f"vocab_size is {config.vocab_size}: tokenizer and weights are from different models")
+            raise ChipspanError(
+                f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {config.vocab_size}: tokenizer and weights are from different models"
+            )
         if args.adapter_name_or_path:
             check_adapter(config, args.adapter_name_or_path)
         device_type, _, index = args.device.partition(":")
@@ -44,11 +52,18 @@ class ChatSession:
         model = load_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device)
         if args.adapter_name_or_path:
             load_adapter(model, args.adapter_name_or_path)
-        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        settings = SamplingSettings(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         if tokenizer.chat_template is None:
-            print("chipspan: note: the tokenizer has no chat template; prompts are continued as plain text",
-                  file=sys.stderr)
+            print(
+                "chipspan: note: the tokenizer has no chat template; prompts are continued as plain text",
+                file=sys.stderr,
+            )
         return cls(model, tokenizer, settings, stop_token_ids(folder, model, tokenizer), args.system)
 
     def prompt_ids(self) -> list[int]:
@@ -69,14 +84,14 @@ class ChatSession:
             new_ids.append(token)
             text = self.tokenizer.decode(new_ids)
             if stream is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                stream.write(text[len(printed):])
+                stream.write(text[len(printed) :])
                 stream.flush()
                 printed = text
 
         generate(self.model, self.prompt_ids(), self.stop_ids, self.settings, on_token=show)
         answer = self.tokenizer.decode(new_ids)
         if stream is not None:
-            stream.write(answer[len(printed):] + "\n")
+            stream.write(answer[len(printed) :] + "\n")
             stream.flush()
         self.messages.append({"role": "assistant", "content": answer})
         return answer

@@ -20,10 +20,15 @@ class SamplingSettings:
 
 
 @torch.no_grad()
-def generate(model: CausalLM, prompt_ids: list[int], stop_ids: Iterable[int],
-             settings: SamplingSettings = SamplingSettings(),
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+def generate(
+    model: CausalLM,
+    prompt_ids: list[int],
+    stop_ids: Iterable[int],
+    settings: SamplingSettings | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
     """Continue ``prompt_ids`` until a stop id or ``max_new_tokens``; returns the new ids (stop id excluded)."""
+    settings = settings or SamplingSettings()
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device

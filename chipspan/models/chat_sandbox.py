@@ -44,8 +44,12 @@ MAX_SECONDS = 5.0
 MAX_DEPTH = 64
 MAX_RANGE = 100_000
 MAX_INT_BITS = 10_000
-_FILE_TAGS = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
-              nodes.Extends: "extends"}
+_FILE_TAGS = {
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "from ... import",
+    nodes.Extends: "extends",
+}
 
 
 class TemplateRefused(Exception):
@@ -275,9 +279,15 @@ def _bytes_made(number, length=1, *_, **__):
 
 # Methods of str/bytes (and int) that can make a value much larger than their arguments.
 _METHOD_CHECKS = {
-    "center": _padded, "ljust": _padded, "rjust": _padded, "zfill": _padded,
-    "expandtabs": _tabs_expanded, "replace": _replaced, "join": _joined,
-    "translate": _translated, "to_bytes": _bytes_made,
+    "center": _padded,
+    "ljust": _padded,
+    "rjust": _padded,
+    "zfill": _padded,
+    "expandtabs": _tabs_expanded,
+    "replace": _replaced,
+    "join": _joined,
+    "translate": _translated,
+    "to_bytes": _bytes_made,
 }
 
 
@@ -319,11 +329,16 @@ def _count_limit(values, count=1, *_):
 # Filters that can make a value much larger than their arguments (others are checked after they run).
 _FILTER_CHECKS = {
     "center": lambda value, width=80: _padded(_text(value), width),
-    "indent": _indented, "wordwrap": _wrapped, "format": lambda value, *a, **k: _check_percent(value, a or k),
+    "indent": _indented,
+    "wordwrap": _wrapped,
+    "format": lambda value, *a, **k: _check_percent(value, a or k),
     "replace": lambda value, old, new, count=None: _replaced(_text(value), old, new, -1 if count is None else count),
-    "join": lambda value, d="", attribute=None: _joined(d, value), "sum": _summed,
-    "batch": _count_limit, "slice": _count_limit,
-    "tojson": _jsoned, "string": lambda value: _check_chars(_size(value)),
+    "join": lambda value, d="", attribute=None: _joined(d, value),
+    "sum": _summed,
+    "batch": _count_limit,
+    "slice": _count_limit,
+    "tojson": _jsoned,
+    "string": lambda value: _check_chars(_size(value)),
     "pprint": lambda value: _check_chars(_size(value, indent=1)),
     "list": lambda value: _check_items(len(value) if isinstance(value, (str, bytes)) else 0),
 }
@@ -367,8 +382,10 @@ class _Bound(NodeTransformer):
 
     def visit_Output(self, node: nodes.Output) -> nodes.Output:
         node = self.generic_visit(node)
-        node.nodes = [_bounded(_PIECE, nodes.Const(n.data, lineno=n.lineno) if isinstance(n, nodes.TemplateData)
-                               else n) for n in node.nodes]
+        node.nodes = [
+            _bounded(_PIECE, nodes.Const(n.data, lineno=n.lineno) if isinstance(n, nodes.TemplateData) else n)
+            for n in node.nodes
+        ]
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
@@ -410,8 +427,13 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.filters.update(filters or {})
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
-        self.filters.update({_ITER: jinja2.pass_context(lambda context, values: _bounded_iter(values)),
-                             _PIECE: _piece, _CONCAT: _concat})
+        self.filters.update(
+            {
+                _ITER: jinja2.pass_context(lambda context, values: _bounded_iter(values)),
+                _PIECE: _piece,
+                _CONCAT: _concat,
+            }
+        )
         self.globals.pop("lipsum", None)  # generates any amount of text; no chat template uses it
         self.globals["range"] = _bounded_range
 
@@ -424,8 +446,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         for kind, tag in _FILE_TAGS.items():
             found = next(tree.find_all(kind), None)
             if found is not None:
-                raise TemplateRefused(f"it uses {{% {tag} %}} on line {found.lineno}, and a chat template may "
-                                      "not read other files")
+                raise TemplateRefused(
+                    f"it uses {{% {tag} %}} on line {found.lineno}, and a chat template may not read other files"
+                )
         return self.from_string(_Bound().visit(tree))
 
     # Jinja's sandbox hooks.
@@ -480,4 +503,3 @@ def _bounded_range(*args) -> range:
     if too_many:
         raise TemplateRefused(f"it asks for a range of more than {MAX_RANGE:,} numbers")
     return numbers
-

@@ -28,8 +28,14 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    layers: Iterable[int] | None = None, embed: bool = True, head: bool = True) -> CausalLM:
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    layers: Iterable[int] | None = None,
+    embed: bool = True,
+    head: bool = True,
+) -> CausalLM:
     """Build a CausalLM (or the slice given by layers/embed/head) from an HF model folder."""
     config = ModelConfig.from_folder(path)
     with torch.device("meta"):
@@ -46,13 +52,16 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(index.get("weight_map", {}).values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
-                raise ChipspanError(f"{folder / index_name} lists {missing[0]}, which is not in {folder}; "
-                                    "download the missing shards")
+                raise ChipspanError(
+                    f"{folder / index_name} lists {missing[0]}, which is not in {folder}; download the missing shards"
+                )
             return [folder / n for n in names]
         if (folder / single).is_file():
             return [folder / single]
-    raise ChipspanError(f"no model weights in {folder}: expected model.safetensors, "
-                        f"{SAFETENSORS_INDEX} with its shards, or pytorch_model.bin")
+    raise ChipspanError(
+        f"no model weights in {folder}: expected model.safetensors, "
+        f"{SAFETENSORS_INDEX} with its shards, or pytorch_model.bin"
+    )
 
 
 def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str | torch.device) -> None:
@@ -83,25 +92,30 @@ def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str 
                     _set_parameter(model, name, tensor)
                 loaded.add(key)
     missing = [key for key in wanted if key not in loaded]
-    for problem, keys in (("shape mismatch", mismatched), ("unexpected keys", unexpected),
-                          ("missing keys", missing)):
+    for problem, keys in (("shape mismatch", mismatched), ("unexpected keys", unexpected), ("missing keys", missing)):
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise ChipspanError(f"checkpoint in {folder} does not fit a {model.config.model_type} model "
-                                f"of this config — {problem}: {', '.join(keys[:3])}{more}")
+            raise ChipspanError(
+                f"checkpoint in {folder} does not fit a {model.config.model_type} model "
+                f"of this config — {problem}: {', '.join(keys[:3])}{more}"
+            )
     model.tie_weights()
 
 
 def remove_weights(folder: Path, prefix: str = "model") -> None:
     """Delete the safetensors weights an earlier save left in ``folder`` (one file, or shards and their
     index), so that no loader mixes them with new ones: an old index wins over a new single file."""
-    for path in [folder / f"{prefix}.safetensors", folder / f"{prefix}.safetensors.index.json",
-                 *folder.glob(f"{prefix}-*-of-*.safetensors")]:
+    for path in [
+        folder / f"{prefix}.safetensors",
+        folder / f"{prefix}.safetensors.index.json",
+        *folder.glob(f"{prefix}-*-of-*.safetensors"),
+    ]:
         path.unlink(missing_ok=True)
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, max_shard_size: int | str = "5GB",
-                 prefix: str = "model") -> list[Path]:
+def save_weights(
+    state_dict: dict[str, torch.Tensor], folder: str | Path, max_shard_size: int | str = "5GB", prefix: str = "model"
+) -> list[Path]:
     """Write tensors as HF safetensors: ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``
     shards plus ``model.safetensors.index.json`` when they exceed ``max_shard_size`` (bytes or "5GB")."""
     folder = Path(folder)
@@ -122,8 +136,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: str | Path, max_sh
     else:
         names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file({k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, folder / name,
-                  metadata={"format": "pt"})
+        save_file(
+            {k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, folder / name, metadata={"format": "pt"}
+        )
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
@@ -155,6 +170,7 @@ def parse_size(size: int | str) -> int:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def _checkpoint_names(model: CausalLM) -> dict[str, list[str]]:
     """Map each checkpoint key this model needs to the parameter names it fills."""
     names: dict[str, list[str]] = {}
@@ -169,8 +185,11 @@ def _checkpoint_names(model: CausalLM) -> dict[str, list[str]]:
 def _full_model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         full = CausalLM(config)
-    return {name: tuple(p.shape) for name, p in full.named_parameters(remove_duplicate=False)
-            if not (name == "lm_head.weight" and config.tie_word_embeddings)}
+    return {
+        name: tuple(p.shape)
+        for name, p in full.named_parameters(remove_duplicate=False)
+        if not (name == "lm_head.weight" and config.tie_word_embeddings)
+    }
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -188,14 +207,17 @@ def _open_tensors(file: Path) -> Iterator[tuple[list[str], Callable[[str], torch
             with safe_open(file, framework="pt", device="cpu") as handle:
                 yield list(handle.keys()), handle.get_tensor
         except SafetensorError as exc:
-            raise ChipspanError(f"{file} is not a readable safetensors file ({exc}); "
-                                "it may be truncated — download it again") from None
+            raise ChipspanError(
+                f"{file} is not a readable safetensors file ({exc}); it may be truncated — download it again"
+            ) from None
         return
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle
-        raise ChipspanError(f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); download it again") from None
+        raise ChipspanError(
+            f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); download it again"
+        ) from None
     yield list(state.keys()), state.__getitem__
 
 
@@ -204,4 +226,3 @@ def _read_json(file: Path) -> dict:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ChipspanError(f"cannot read {file}: {exc}") from None
-

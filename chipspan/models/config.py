@@ -24,9 +24,17 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _ACTIVATIONS = ("silu", "swish")
 # The largest value of each size a config may give; published models are far below these. They keep
 # what a config makes chipspan do (build a meta model, price each layer) bounded.
-_SIZES = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22, "num_hidden_layers": 4096,
-          "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "head_dim": 1 << 14,
-          "max_position_embeddings": 1 << 30, "sliding_window": 1 << 30}
+_SIZES = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 30,
+    "sliding_window": 1 << 30,
+}
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MAX_CONFIG_BYTES = 16 << 20
 
@@ -87,13 +95,11 @@ class ModelConfig:
         return embed + self.num_hidden_layers * self.parameters_per_layer + self.hidden_size + head
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Validate an HF config dict; raise ChipspanError naming the first problem."""
         model_type = raw.get("model_type")
         if model_type is None:
-            raise ChipspanError(
-                f"{source} has no 'model_type'; add one of: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ChipspanError(f"{source} has no 'model_type'; add one of: {', '.join(SUPPORTED_MODEL_TYPES)}")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ChipspanError(
                 f"model_type '{model_type}' in {source} is not supported; "
@@ -110,11 +116,15 @@ class ModelConfig:
         head_dim = sizes["head_dim"] or _head_dim(hidden, heads, source)
         kv_heads = sizes["num_key_value_heads"] or heads
         if heads % kv_heads:
-            raise ChipspanError(f"num_key_value_heads {kv_heads} in {source} does not divide num_attention_heads "
-                                f"{heads}: each key/value head serves a whole group of query heads")
+            raise ChipspanError(
+                f"num_key_value_heads {kv_heads} in {source} does not divide num_attention_heads "
+                f"{heads}: each key/value head serves a whole group of query heads"
+            )
         if head_dim % 2:
-            raise ChipspanError(f"head_dim {head_dim} in {source} is odd: rotary embeddings rotate pairs of "
-                                "dimensions, so it must be even")
+            raise ChipspanError(
+                f"head_dim {head_dim} in {source} is odd: rotary embeddings rotate pairs of "
+                "dimensions, so it must be even"
+            )
 
         rope_scaling = _read_rope_scaling(raw, source)
         if model_type == "qwen2":
@@ -151,7 +161,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "ModelConfig":
+    def from_folder(cls, path: str | Path) -> ModelConfig:
         """Read ``config.json`` from a model folder (or a path to the file itself)."""
         path = Path(path)
         file = path if path.is_file() else path / "config.json"
@@ -160,8 +170,10 @@ class ModelConfig:
         if not file.is_file():
             raise ChipspanError(f"{path} holds no config.json; is it a Hugging Face model folder?")
         if file.stat().st_size > MAX_CONFIG_BYTES:
-            raise ChipspanError(f"{file} is {file.stat().st_size:,} bytes; a model's config.json is a few kB "
-                                f"(chipspan reads at most {MAX_CONFIG_BYTES:,}): is it the right file?")
+            raise ChipspanError(
+                f"{file} is {file.stat().st_size:,} bytes; a model's config.json is a few kB "
+                f"(chipspan reads at most {MAX_CONFIG_BYTES:,}): is it the right file?"
+            )
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -178,15 +190,18 @@ def _size(raw: dict[str, Any], key: str, source: str) -> int | None:
         return None
     limit = _SIZES[key]
     if not _is_int(value) or not 1 <= value <= limit:
-        raise ChipspanError(f"{key} in {source} must be a whole number from 1 to {limit:,}, not {_shown(value)}: "
-                            "fix the config")
+        raise ChipspanError(
+            f"{key} in {source} must be a whole number from 1 to {limit:,}, not {_shown(value)}: fix the config"
+        )
     return value
 
 
 def _head_dim(hidden: int, heads: int, source: str) -> int:
     if hidden % heads:
-        raise ChipspanError(f"num_attention_heads {heads} in {source} does not divide hidden_size {hidden}: "
-                            "fix one, or give head_dim explicitly")
+        raise ChipspanError(
+            f"num_attention_heads {heads} in {source} does not divide hidden_size {hidden}: "
+            "fix one, or give head_dim explicitly"
+        )
     return hidden // heads
 
 
@@ -219,7 +234,7 @@ def _token_ids(raw: dict[str, Any], key: str, source: str, several: bool) -> int
 def _text(raw: dict[str, Any], key: str, source: str) -> str | None:
     value = raw.get(key)
     if value is not None and not isinstance(value, str):
-        raise ChipspanError(f"{key} in {source} must be a string such as \"bfloat16\", not {_shown(value)}")
+        raise ChipspanError(f'{key} in {source} must be a string such as "bfloat16", not {_shown(value)}')
     return value
 
 
@@ -267,10 +282,12 @@ def _read_rope_scaling(raw: dict[str, Any], source: str) -> dict[str, Any] | Non
         low = _positive_number(scaling.get("low_freq_factor", 1.0), f"{key}.low_freq_factor", source)
         high = _positive_number(scaling.get("high_freq_factor", 4.0), f"{key}.high_freq_factor", source)
         if high <= low:
-            raise ChipspanError(f"{key} in {source}: high_freq_factor ({high:g}) must be above low_freq_factor "
-                                f"({low:g})")
+            raise ChipspanError(
+                f"{key} in {source}: high_freq_factor ({high:g}) must be above low_freq_factor ({low:g})"
+            )
         context = scaling.get("original_max_position_embeddings", 1)
         if not _is_int(context) or context < 1:
-            raise ChipspanError(f"{key}.original_max_position_embeddings in {source} must be a whole number >= 1, "
-                                f"not {_shown(context)}")
+            raise ChipspanError(
+                f"{key}.original_max_position_embeddings in {source} must be a whole number >= 1, not {_shown(context)}"
+            )
     return dict(scaling)

@@ -43,6 +43,7 @@ class RMSNorm(nn.Module):
 
 # --- rotary position embeddings ------------------------------------------------------------------
 
+
 def rope_inverse_frequencies(config: ModelConfig, seq_len: int) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) in fp32, after the config's ``rope_scaling``.
 
@@ -90,6 +91,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- attention -----------------------------------------------------------------------------------
 
+
 class KVCache:
     """Keys and values of past positions, per layer: (b, kv_heads, past, head_dim) each."""
 
@@ -132,7 +134,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(self.layer_index, k, v)
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             is_causal=mask is None and s > 1,
             enable_gqa=self.kv_heads != self.heads,
@@ -169,6 +173,7 @@ class DecoderLayer(nn.Module):
 
 # --- the model -----------------------------------------------------------------------------------
 
+
 class Body(nn.Module):
     """HF's ``model.*``: embeddings, the decoder layers held here (keyed by global index), final norm."""
 
@@ -195,8 +200,7 @@ class CausalLM(nn.Module):
         head: hold the final norm and the LM head (the last stage).
     """
 
-    def __init__(self, config: ModelConfig, layers: Iterable[int] | None = None,
-                 embed: bool = True, head: bool = True):
+    def __init__(self, config: ModelConfig, layers: Iterable[int] | None = None, embed: bool = True, head: bool = True):
         super().__init__()
         self.config = config
         layers = range(config.num_hidden_layers) if layers is None else layers
@@ -228,8 +232,13 @@ class CausalLM(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                   mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Run the layers held here, in order, on hidden (b, s, hidden).
 
         ``mask`` is None for plain causal attention, or bool (b, 1, s, past + s), True = attend
@@ -254,9 +263,15 @@ class CausalLM(nn.Module):
 
     # -- the whole model in one call --
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_logits: bool = True) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
         """input_ids/labels (b, s); attention_mask (b, past + s): 0 = padding, 1 = real token, or
         segment ids 1, 2, 3, … for packed examples (see ``build_attention_mask``)."""
         b, s = input_ids.shape
@@ -270,8 +285,9 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
-                         device: torch.device | str = "cpu") -> torch.Tensor | None:
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """A bool (b, 1, q_len, past + q_len) mask, True = attend, or None when plain causal suffices.
 
     ``attention_mask`` (b, past + q_len) marks real tokens with 1 and padding with 0; padding keys
@@ -295,8 +311,9 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: 
     return mask & attention_mask.bool()[:, None, None, :] | (k_pos == q_pos)
 
 
-def default_position_ids(attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Positions (b, q_len) of the new tokens: past, past + 1, …, restarting at 0 at the first
     token of each packed example when ``attention_mask`` (b, past + q_len) holds segment ids.
 

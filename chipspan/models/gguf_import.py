@@ -56,8 +56,15 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 # Files of a Hugging Face tokenizer folder, copied as they are when ``tokenizer_dir`` is given.
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _PASS_TOKENIZER_DIR = "pass tokenizer_dir (a Hugging Face folder with the model's tokenizer.json)"
 
@@ -133,9 +140,7 @@ def hf_config(reader: gguf.GGUFReader, dtype: str) -> dict:
     if arch != "llama":
         raise ChipspanError(f"GGUF architecture {arch!r} is not supported; chipspan converts: llama")
     if int(_field(reader, "split.count", 1)) > 1:
-        raise ChipspanError(
-            "GGUF file is one part of a split model; merge the parts first (llama-gguf-split --merge)"
-        )
+        raise ChipspanError("GGUF file is one part of a split model; merge the parts first (llama-gguf-split --merge)")
     hidden = int(_field(reader, "llama.embedding_length"))
     n_head = int(_field(reader, "llama.attention.head_count"))
     n_kv = _field(reader, "llama.attention.head_count_kv", n_head)
@@ -236,7 +241,9 @@ def build_tokenizer(meta: dict, model_max_length: int) -> dict[str, str]:
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and "bos_token" in special
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
     tokenizer.post_processor = _post_processor(
-        tokenizer, special["bos_token"] if add_bos else None, special["eos_token"] if add_eos else None,
+        tokenizer,
+        special["bos_token"] if add_bos else None,
+        special["eos_token"] if add_eos else None,
         byte_level=kind == "gpt2",
     )
     tokenizer_config = {
@@ -294,51 +301,66 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], vocab: d
     unk = tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     return tokenizer
 
 
 def _split_merge(merge: str) -> tuple[str, str]:
     """``"a b"`` -> ``("a", "b")``: the first space after the first character separates (as in llama.cpp)."""
     cut = merge.index(" ", 1)
-    return merge[:cut], merge[cut + 1:]
+    return merge[:cut], merge[cut + 1 :]
 
 
 def _byte_level_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     """The HF pre-tokenizer matching llama.cpp's ``tokenizer.ggml.pre`` name; whether it is Llama 3's."""
     if pre in ("smollm", "starcoder", "refact"):  # digits one by one, then GPT-2's split
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]), False
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        ), False
     if pre == "gpt-2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
     if pre in ("llama-bpe", "llama3", "llama-v3"):
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]), True
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ), True
     raise ChipspanError(
         f"GGUF pre-tokenizer {pre!r} is not known to chipspan (known: smollm, starcoder, refact, gpt-2, "
         f"llama-bpe); {_PASS_TOKENIZER_DIR}"
     )
 
 
-def _post_processor(tokenizer: Tokenizer, bos: str | None, eos: str | None,
-                    byte_level: bool) -> processors.PostProcessor | None:
+def _post_processor(
+    tokenizer: Tokenizer, bos: str | None, eos: str | None, byte_level: bool
+) -> processors.PostProcessor | None:
     """BOS/EOS around each sequence when the GGUF asks to add them, after byte-level offsets when
     ``byte_level``; None when there is nothing to do."""
     steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
     if bos is not None or eos is not None:
+
         def template(seq: str, type_id: int) -> list[str]:
             return [f"{t}:{type_id}" for t in (bos, f"${seq}", eos) if t is not None]
 
         specials = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(t for t in (bos, eos) if t is not None)]
-        steps.append(processors.TemplateProcessing(
-            single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=specials,
-        ))
+        steps.append(
+            processors.TemplateProcessing(
+                single=template("A", 0),
+                pair=template("A", 0) + template("B", 1),
+                special_tokens=specials,
+            )
+        )
     return steps[0] if len(steps) == 1 else processors.Sequence(steps) if steps else None
 
 
@@ -403,11 +425,18 @@ def _tensor_plan(reader, config: dict) -> list[tuple[str, object, int | None]]:
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     q_rows, kv_rows = n_head * config["head_dim"], n_kv * config["head_dim"]
     shapes = {
-        "model.embed_tokens": (vocab, hidden), "model.norm": (hidden,), "lm_head": (vocab, hidden),
-        "self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
-        "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
-        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
-        "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+        "model.embed_tokens": (vocab, hidden),
+        "model.norm": (hidden,),
+        "lm_head": (vocab, hidden),
+        "self_attn.q_proj": (q_rows, hidden),
+        "self_attn.k_proj": (kv_rows, hidden),
+        "self_attn.v_proj": (kv_rows, hidden),
+        "self_attn.o_proj": (hidden, q_rows),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
     }
     heads = {"self_attn.q_proj": n_head, "self_attn.k_proj": n_kv}
     plan = []
@@ -478,7 +507,7 @@ def _write_safetensors(path: Path, plan: list, dtype: torch.dtype) -> None:
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
-        for name, t, n_heads in plan:
+        for _name, t, n_heads in plan:
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
             if n_heads is not None:
                 w = unpermute_rope_rows(w, n_heads)
@@ -514,12 +543,16 @@ def _check_out_dir(out_dir: Path, gguf_path: Path, overwrite: bool) -> None:
         raise ChipspanError(f"GGUF file {gguf_path} lies inside the output folder; choose another folder")
     earlier = manifest.read(out_dir, CONVERTED)
     if earlier is None:
-        raise ChipspanError(f"output folder {out_dir} was not written by chipspan convert, and overwrite replaces "
-                            "only a folder it wrote; choose another output folder, or empty this one")
+        raise ChipspanError(
+            f"output folder {out_dir} was not written by chipspan convert, and overwrite replaces "
+            "only a folder it wrote; choose another output folder, or empty this one"
+        )
     others = manifest.unlisted(out_dir, earlier)
     if others:
-        raise ChipspanError(f"output folder {out_dir} holds {others[0]}, which chipspan convert did not write; "
-                            "move it out, or choose another output folder")
+        raise ChipspanError(
+            f"output folder {out_dir} holds {others[0]}, which chipspan convert did not write; "
+            "move it out, or choose another output folder"
+        )
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

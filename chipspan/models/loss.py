@@ -42,8 +42,13 @@ def scored_tokens(labels: torch.Tensor) -> ScoredTokens:
     return ScoredTokens(positions, targets[positions], positions.numel())
 
 
-def causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor | ScoredTokens,
-                   reduction: str = "mean", chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> torch.Tensor:
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor | ScoredTokens,
+    reduction: str = "mean",
+    chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """Next-token cross-entropy, fp32 scalar.
 
     Args:
@@ -76,8 +81,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
         for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens]
-            t = targets[start:start + chunk_tokens]
+            h = hidden[start : start + chunk_tokens]
+            t = targets[start : start + chunk_tokens]
             logits = (h @ weight.T).float()  # (chunk, vocab)
             log_normalizer = torch.logsumexp(logits, dim=-1)
             total += (log_normalizer - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
@@ -87,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 d_logits = d_logits.to(weight.dtype)
                 if need_hidden_grad:
-                    grad_hidden[start:start + chunk_tokens] = d_logits @ weight
+                    grad_hidden[start : start + chunk_tokens] = d_logits @ weight
                 if need_weight_grad:
                     grad_weight += (d_logits.T @ h).float()
         ctx.weight_dtype = weight.dtype

@@ -80,8 +80,8 @@ class Tokenizer:
             )
             convert = f"AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')"
             raise ChipspanError(
-                f"no tokenizer.json in {folder}: {hint}make one with `python -c \"from transformers import "
-                f"AutoTokenizer; {convert}\"` (needs transformers and sentencepiece)"
+                f'no tokenizer.json in {folder}: {hint}make one with `python -c "from transformers import '
+                f'AutoTokenizer; {convert}"` (needs transformers and sentencepiece)'
             )
         try:
             backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -97,7 +97,8 @@ class Tokenizer:
         for name in SPECIAL_NAMES:  # tokenizer_config.json wins; special_tokens_map.json fills gaps
             key = f"{name}_token"
             special[name] = _token(config_file, key, config.get(key)) or _token(
-                folder / "special_tokens_map.json", key, token_map.get(key))
+                folder / "special_tokens_map.json", key, token_map.get(key)
+            )
         flags = {key: _flag(config_file, key, config.get(key)) for key in ("add_bos_token", "add_eos_token")}
 
         template, files = _config_templates(config_file, config.get("chat_template"))
@@ -106,8 +107,9 @@ class Tokenizer:
             try:
                 text = jinja_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ChipspanError(f"{jinja_file} cannot be read as UTF-8 text ({_one_line(exc)}): "
-                                    "re-save it or remove it") from exc
+                raise ChipspanError(
+                    f"{jinja_file} cannot be read as UTF-8 text ({_one_line(exc)}): re-save it or remove it"
+                ) from exc
             template = {**template, "default": text} if isinstance(template, dict) else text
             files["default"] = jinja_file
 
@@ -256,11 +258,14 @@ class Tokenizer:
         try:
             return render(_compile(source), variables)
         except TemplateRefused as exc:
-            raise ChipspanError(f"{where} was stopped: {exc}; chipspan bounds what an untrusted template may do, "
-                                "so use a template you trust (or a named --template)") from exc
+            raise ChipspanError(
+                f"{where} was stopped: {exc}; chipspan bounds what an untrusted template may do, "
+                "so use a template you trust (or a named --template)"
+            ) from exc
         except jinja2.exceptions.TemplateSyntaxError as exc:
-            raise ChipspanError(f"{where} does not parse: {_one_line(exc)} (line {exc.lineno}); fix the "
-                                "template") from exc
+            raise ChipspanError(
+                f"{where} does not parse: {_one_line(exc)} (line {exc.lineno}); fix the template"
+            ) from exc
         except jinja2.exceptions.SecurityError as exc:
             raise ChipspanError(
                 f"{where} was stopped doing something unsafe ({_one_line(exc)}): use a template you trust"
@@ -268,8 +273,10 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as exc:
             raise ChipspanError(f"{where} rejected the conversation: {_one_line(exc)}") from exc
         except Exception as exc:  # the template is untrusted code: whatever it raises is its failure
-            raise ChipspanError(f"{where} failed ({type(exc).__name__}: {_one_line(exc)[:200]}): fix the "
-                                "template or use a named --template") from exc
+            raise ChipspanError(
+                f"{where} failed ({type(exc).__name__}: {_one_line(exc)[:200]}): fix the "
+                "template or use a named --template"
+            ) from exc
 
     def _template_place(self, name: str) -> str:
         """``chat template in FILE`` (or ``chat template 'NAME'`` when it was not read from a file)."""
@@ -320,9 +327,7 @@ def _raise_exception(message: str):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     """``tojson`` as chat templates expect it: plain JSON, no HTML escaping."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -335,7 +340,9 @@ def _strftime_now(fmt: str) -> str:
 def _environment() -> BoundedEnvironment:
     env = BoundedEnvironment(
         filters={"tojson": _tojson},
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation],
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _Generation],
     )
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env
@@ -364,7 +371,7 @@ def _token(file: Path, key: str, value: object) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
         if not isinstance(value, str):
-            raise ChipspanError(f"{file}: {key} is an object without a text \"content\": fix the file")
+            raise ChipspanError(f'{file}: {key} is an object without a text "content": fix the file')
     if value is not None and not isinstance(value, str):
         raise ChipspanError(f"{file}: {key} must be a token string, not {json.dumps(value)[:60]}: fix the file")
     return value
@@ -384,12 +391,14 @@ def _config_templates(file: Path, value: object) -> tuple[str | dict[str, str] |
     if isinstance(value, str):
         return value, {"default": file}
     if isinstance(value, list) and all(
-            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-            for t in value):
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
+    ):
         templates = {t["name"]: t["template"] for t in value}
         return templates, dict.fromkeys(templates, file)
-    raise ChipspanError(f"{file}: chat_template must be Jinja text or a list of {{\"name\": ..., \"template\": "
-                        f"...}} objects, not {json.dumps(value)[:60]}: fix the file")
+    raise ChipspanError(
+        f'{file}: chat_template must be Jinja text or a list of {{"name": ..., "template": '
+        f"...}} objects, not {json.dumps(value)[:60]}: fix the file"
+    )
 
 
 def _one_line(exc: Exception) -> str:

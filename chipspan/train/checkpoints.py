@@ -61,10 +61,27 @@ KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_op
 SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF Trainer names it)
 # What a run writes directly in output_dir besides its checkpoints (the tokenizer's files as
 # Tokenizer.save names them; "runs": TensorBoard's default folder).
-RUN_OUTPUTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.json", "model.safetensors", SAFETENSORS_INDEX,
-               "model-*-of-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               LOG_FILE, STATE_FILE, "train_results.json", "eval_results.json", "predict_results.json",
-               "all_results.json", "training_loss.png", "training_eval_loss.png", PREDICTIONS_FILE, "runs")
+RUN_OUTPUTS = (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    "config.json",
+    "model.safetensors",
+    SAFETENSORS_INDEX,
+    "model-*-of-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    LOG_FILE,
+    STATE_FILE,
+    "train_results.json",
+    "eval_results.json",
+    "predict_results.json",
+    "all_results.json",
+    "training_loss.png",
+    "training_eval_loss.png",
+    PREDICTIONS_FILE,
+    "runs",
+)
 # The settings a checkpoint is continued with only if this run asks for the same (see run_settings).
 CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target")
 
@@ -77,8 +94,9 @@ def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_
     write_trained_weights(tensors, model.first, folder, base_model, is_lora)
 
 
-def write_trained_weights(tensors: dict[str, torch.Tensor], first_stage: CausalLM, folder: Path,
-                          base_model: str, is_lora: bool) -> None:
+def write_trained_weights(
+    tensors: dict[str, torch.Tensor], first_stage: CausalLM, folder: Path, base_model: str, is_lora: bool
+) -> None:
     """``tensors`` (every trained tensor, HF names) as a PEFT adapter, or as the whole model
     (safetensors + config.json); ``first_stage`` supplies the config and the adapter's settings."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,9 +117,19 @@ def write_config(first_stage: CausalLM, folder: Path, dtype: torch.dtype) -> Non
     (folder / "config.json").write_text(_json(raw))
 
 
-def save_checkpoint(output_dir: Path, step: int, model: SpannedModel, tokenizer: Tokenizer,
-                    optimizer: torch.optim.Optimizer, scheduler, state: TrainerState,
-                    base_model: str, is_lora: bool, settings: dict, precision_state: dict | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: SpannedModel,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainerState,
+    base_model: str,
+    is_lora: bool,
+    settings: dict,
+    precision_state: dict | None = None,
+) -> Path:
     """``checkpoint-{step}`` of a run of ``settings`` (:func:`run_settings`); returns its folder."""
     tmp = start_checkpoint(output_dir, step)
     save_trained_weights(model, tmp, base_model, is_lora)
@@ -125,14 +153,17 @@ def temporary_folder(output_dir: Path, step: int) -> Path:
     return output_dir / f".{PREFIX}{step}.tmp"
 
 
-def finish_checkpoint(tmp: Path, output_dir: Path, step: int, settings: dict,
-                      known: dict[str, dict] | None = None) -> Path:
+def finish_checkpoint(
+    tmp: Path, output_dir: Path, step: int, settings: dict, known: dict[str, dict] | None = None
+) -> Path:
     """Flush ``tmp`` to the disk, seal it with its manifest (``known``: entries of files whose writers
     hashed them), then rename it to ``checkpoint-{step}``; returns that folder."""
     final = output_dir / f"{PREFIX}{step}"
     if final.exists() and manifest.read(final, CHECKPOINT) is None:
-        raise ChipspanError(f"{final} is not a checkpoint chipspan wrote, and this run would save its step {step} "
-                            "there: move that folder out of output_dir")
+        raise ChipspanError(
+            f"{final} is not a checkpoint chipspan wrote, and this run would save its step {step} "
+            "there: move that folder out of output_dir"
+        )
     _fsync_tree(tmp)
     manifest.seal(tmp, CHECKPOINT, settings, known)
     fsync(tmp)
@@ -171,8 +202,15 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_limit: int | None,
-                     checkpoint_bytes: int, final_bytes: int, report) -> None:
+def check_disk_space(
+    output_dir: Path,
+    steps: int,
+    save_steps: int,
+    save_total_limit: int | None,
+    checkpoint_bytes: int,
+    final_bytes: int,
+    report,
+) -> None:
     """Refuse a run whose checkpoints cannot fit on the disk of ``output_dir``; warn when nearly so.
 
     ``checkpoint_bytes``: one checkpoint (:func:`checkpoint_size`); ``final_bytes``: the final outputs.
@@ -183,15 +221,19 @@ def check_disk_space(output_dir: Path, steps: int, save_steps: int, save_total_l
     needed = kept * checkpoint_bytes + final_bytes
     existing = next(p for p in (output_dir, *output_dir.resolve().parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    summary = (f"{kept} checkpoint(s) of {checkpoint_bytes / 1e9:.2f} GB + the final {final_bytes / 1e9:.2f} GB "
-               f"= {needed / 1e9:.1f} GB, with {free / 1e9:.1f} GB free on the disk of {output_dir}")
+    summary = (
+        f"{kept} checkpoint(s) of {checkpoint_bytes / 1e9:.2f} GB + the final {final_bytes / 1e9:.2f} GB "
+        f"= {needed / 1e9:.1f} GB, with {free / 1e9:.1f} GB free on the disk of {output_dir}"
+    )
     if needed > free:
         fit = int((free - final_bytes) // checkpoint_bytes) - 1 if checkpoint_bytes else 0
         if fit >= 1:
             advice = f"pass --save_total_limit {fit} (or fewer) or a larger --save_steps"
         elif final_bytes <= free:
-            advice = ("no rotation of checkpoints fits beside the final outputs: pass --save_steps 0 (no "
-                      "checkpoints), or free space or choose an output_dir on another disk")
+            advice = (
+                "no rotation of checkpoints fits beside the final outputs: pass --save_steps 0 (no "
+                "checkpoints), or free space or choose an output_dir on another disk"
+            )
         else:
             advice = "even the final outputs do not fit: free space or choose an output_dir on another disk"
         raise ChipspanError(f"the run would not fit on disk: {summary}; {advice}")
@@ -210,8 +252,9 @@ def checkpoint_size(weights: int, moments: int, trained_tensors: int, tokenizer_
     """Bytes one checkpoint holds: ``weights`` (the saved weights), ``moments`` (AdamW's, 8 per trained
     element), then what comes with them: per-tensor records for ``trained_tensors`` tensors, the
     tokenizer's files, a trainer state of ``logs`` log entries, and the small files."""
-    return (weights + moments + trained_tensors * _BYTES_PER_TENSOR + tokenizer_bytes + logs * _BYTES_PER_LOG
-            + _FIXED_BYTES)
+    return (
+        weights + moments + trained_tensors * _BYTES_PER_TENSOR + tokenizer_bytes + logs * _BYTES_PER_LOG + _FIXED_BYTES
+    )
 
 
 def tokenizer_size(tokenizer: Tokenizer) -> int:
@@ -228,7 +271,7 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
 
 
 def checkpoint_step(folder: Path) -> int:
-    return int(folder.name[len(PREFIX):])
+    return int(folder.name[len(PREFIX) :])
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -244,8 +287,8 @@ def remove_old_checkpoints(output_dir: Path, keep: int | None, newest: Path) -> 
         return
     step = checkpoint_step(newest)
     others = [p for p in checkpoints_in(output_dir) if p != newest]
-    oldest_first = ([p for p in others if checkpoint_step(p) > step] + [p for p in others if checkpoint_step(p) < step])
-    for old in oldest_first[:max(len(others) - (keep - 1), 0)]:
+    oldest_first = [p for p in others if checkpoint_step(p) > step] + [p for p in others if checkpoint_step(p) < step]
+    for old in oldest_first[: max(len(others) - (keep - 1), 0)]:
         manifest.remove_sealed(old, CHECKPOINT)
 
 
@@ -256,11 +299,14 @@ def check_checkpoint_names(output_dir: Path, steps: int, save_steps: int) -> Non
     for folder in checkpoint_folders(output_dir):
         step = checkpoint_step(folder)
         if step < steps and step % save_steps == 0 and manifest.read(folder, CHECKPOINT) is None:
-            raise ChipspanError(f"output_dir {output_dir} holds {folder.name}, which chipspan did not write, and this "
-                                f"run would save its step {step} there: move that folder, or choose another output_dir")
+            raise ChipspanError(
+                f"output_dir {output_dir} holds {folder.name}, which chipspan did not write, and this "
+                f"run would save its step {step} there: move that folder, or choose another output_dir"
+            )
 
 
 # --- resume: which checkpoint, and whether it continues this run ---------------------------------
+
 
 def damage(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (missing, truncated or changed files, no manifest), or None."""
@@ -275,27 +321,39 @@ def last_valid(folders: list[Path], report: Callable[[str], None]) -> Path:
         wrong = damage(folder)
         if wrong is None:
             if skipped:
-                report(f"notice: not resuming from {'; '.join(skipped)}; resuming from {folder.name}, the last "
-                       "intact checkpoint")
+                report(
+                    f"notice: not resuming from {'; '.join(skipped)}; resuming from {folder.name}, the last "
+                    "intact checkpoint"
+                )
             return folder
         skipped.append(f"{folder.name} ({wrong})")
     more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-    raise ChipspanError(f"no checkpoint in {folders[0].parent} can be resumed from: {'; '.join(skipped[:3])}{more}; "
-                        "pass --overwrite_output_dir to start afresh, or choose another output_dir")
+    raise ChipspanError(
+        f"no checkpoint in {folders[0].parent} can be resumed from: {'; '.join(skipped[:3])}{more}; "
+        "pass --overwrite_output_dir to start afresh, or choose another output_dir"
+    )
 
 
 def run_settings(run: RunArguments, config: ModelConfig) -> dict:
     """What a checkpoint records of the run that wrote it, for a later run to continue it only alike:
     the CONTINUED_SETTINGS, the model's path and its config (shape and numerics, as ModelConfig reads it)."""
     ft = run.finetuning
-    settings = {"finetuning_type": ft.finetuning_type,
-                "model_name_or_path": str(Path(run.model.model_name_or_path).resolve()),
-                "model_config": json.loads(json.dumps({f.name: getattr(config, f.name) for f in fields(config)
-                                                       if f.name not in ("raw", "torch_dtype")}))}
+    settings = {
+        "finetuning_type": ft.finetuning_type,
+        "model_name_or_path": str(Path(run.model.model_name_or_path).resolve()),
+        "model_config": json.loads(
+            json.dumps(
+                {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("raw", "torch_dtype")}
+            )
+        ),
+    }
     if ft.finetuning_type == "lora":
         targets = sorted({name.strip() for name in (ft.lora_target or "").split(",") if name.strip()})
-        settings.update(lora_rank=ft.lora_rank, lora_target=",".join(targets),
-                        lora_alpha=float(ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_rank))
+        settings.update(
+            lora_rank=ft.lora_rank,
+            lora_target=",".join(targets),
+            lora_alpha=float(ft.lora_alpha if ft.lora_alpha is not None else 2 * ft.lora_rank),
+        )
     return settings
 
 
@@ -306,19 +364,25 @@ def check_continues(folder: Path, settings: dict, report: Callable[[str], None])
     afresh = "or start afresh in another output_dir (or with --overwrite_output_dir)"
     for key in CONTINUED_SETTINGS:
         if saved.get(key) != settings.get(key):
-            raise ChipspanError(f"{folder.name} was trained with {key} {_shown(saved.get(key))}, this run asks for "
-                                f"{_shown(settings.get(key))}: pass --{key} {_shown(saved.get(key))} to continue it, "
-                                f"{afresh}")
+            raise ChipspanError(
+                f"{folder.name} was trained with {key} {_shown(saved.get(key))}, this run asks for "
+                f"{_shown(settings.get(key))}: pass --{key} {_shown(saved.get(key))} to continue it, "
+                f"{afresh}"
+            )
     ours, theirs = settings["model_config"], saved.get("model_config", {})
     differs = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
     if differs:
         key = differs[0]
-        raise ChipspanError(f"{folder.name} was trained on a model with {key} {_shown(theirs.get(key))} "
-                            f"({saved.get('model_name_or_path')}), this run's model has {_shown(ours.get(key))} "
-                            f"({settings['model_name_or_path']}): pass the model it was trained on, {afresh}")
+        raise ChipspanError(
+            f"{folder.name} was trained on a model with {key} {_shown(theirs.get(key))} "
+            f"({saved.get('model_name_or_path')}), this run's model has {_shown(ours.get(key))} "
+            f"({settings['model_name_or_path']}): pass the model it was trained on, {afresh}"
+        )
     if saved.get("model_name_or_path") != settings["model_name_or_path"]:
-        report(f"notice: {folder.name} was trained from {saved.get('model_name_or_path')}; continuing it on "
-               f"{settings['model_name_or_path']}, whose config is the same")
+        report(
+            f"notice: {folder.name} was trained from {saved.get('model_name_or_path')}; continuing it on "
+            f"{settings['model_name_or_path']}, whose config is the same"
+        )
 
 
 def _shown(value) -> str:
@@ -334,9 +398,11 @@ def read_saved(file: Path, mmap: bool = False):
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
-        raise ChipspanError(f"{file} holds objects other than tensors and plain values, which chipspan never "
-                            "loads (they could run code): it is not a checkpoint chipspan wrote; resume from "
-                            "another checkpoint, or start afresh") from None
+        raise ChipspanError(
+            f"{file} holds objects other than tensors and plain values, which chipspan never "
+            "loads (they could run code): it is not a checkpoint chipspan wrote; resume from "
+            "another checkpoint, or start afresh"
+        ) from None
     except (OSError, RuntimeError, ValueError, EOFError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ChipspanError(f"{file} cannot be read as a chipspan checkpoint file: {reason}") from None
@@ -357,11 +423,14 @@ def restoring(folder: Path) -> Iterator[None]:
     except torch.OutOfMemoryError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise ChipspanError(f"{folder} does not hold the training state chipspan saves ({type(exc).__name__}: "
-                            f"{str(exc)[:200]}); resume from another checkpoint, or start afresh") from None
+        raise ChipspanError(
+            f"{folder} does not hold the training state chipspan saves ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); resume from another checkpoint, or start afresh"
+        ) from None
 
 
 # --- output_dir: what chipspan wrote there -------------------------------------------------------
+
 
 def owned_outputs(output_dir: Path) -> list[Path]:
     """The entries of ``output_dir`` a chipspan run wrote (RUN_OUTPUTS, in a folder chipspan marked)."""
@@ -378,8 +447,10 @@ def check_outputs_free(output_dir: Path) -> None:
     owned = set(owned_outputs(output_dir))
     theirs = sorted({p.name for pattern in RUN_OUTPUTS for p in output_dir.glob(pattern)} - {p.name for p in owned})
     if theirs:
-        raise ChipspanError(f"output_dir {output_dir} holds {theirs[0]}, which chipspan did not write and this run "
-                            "would overwrite: move it, or choose another output_dir")
+        raise ChipspanError(
+            f"output_dir {output_dir} holds {theirs[0]}, which chipspan did not write and this run "
+            "would overwrite: move it, or choose another output_dir"
+        )
 
 
 def prepare_output_dir(output_dir: Path, remove_earlier_run: bool) -> None:
@@ -402,10 +473,16 @@ def prepare_output_dir(output_dir: Path, remove_earlier_run: bool) -> None:
 def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name, on the CPU: independent of how the model is placed."""
     names = _parameter_names(model)
-    state = {names[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-             for group in optimizer.param_groups for p in group["params"] if p in optimizer.state}
-    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                             for g in optimizer.param_groups]}
+    state = {
+        names[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p in optimizer.state
+    }
+    return {
+        "state": state,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+    }
 
 
 def read_optimizer_state(folder: Path) -> dict:
@@ -417,8 +494,10 @@ def read_optimizer_state(folder: Path) -> dict:
     files = sorted(folder.glob("optimizer-stage*-of-*.pt"))
     expected = int(files[0].stem.rpartition("-of-")[2]) if files else 0
     if not files or len(files) != expected:
-        raise ChipspanError(f"{folder} holds no complete optimizer state: expected {OPTIMIZER_FILE} or every "
-                            f"optimizer-stage*-of-*.pt file (found {len(files)} of {expected or '?'})")
+        raise ChipspanError(
+            f"{folder} holds no complete optimizer state: expected {OPTIMIZER_FILE} or every "
+            f"optimizer-stage*-of-*.pt file (found {len(files)} of {expected or '?'})"
+        )
     state, groups = {}, {}
     for file in files:
         part = read_saved(file, mmap=True)
@@ -436,8 +515,9 @@ def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, 
         load_group_state(optimizer, group, saved_group, saved["state"], names)
 
 
-def load_group_state(optimizer: torch.optim.Optimizer, group: dict, saved_group: dict, saved_state: dict,
-                     names: dict[int, str]) -> None:
+def load_group_state(
+    optimizer: torch.optim.Optimizer, group: dict, saved_group: dict, saved_state: dict, names: dict[int, str]
+) -> None:
     """One parameter group's settings and its parameters' saved state (found by name, moved to their chip)."""
     group.update(saved_group)
     for p in group["params"]:
@@ -459,10 +539,17 @@ def rng_state() -> dict:
     lists and numbers only, so that ``rng_state.pth`` loads with ``weights_only``."""
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "cpu": torch.get_rng_state()}
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "cpu": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -471,8 +558,15 @@ def rng_state() -> dict:
 def restore_rng_state(saved: dict) -> None:
     python, numpy = saved["python"], saved["numpy"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(saved["cpu"])
     if "cuda" in saved and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(saved["cuda"])

@@ -16,8 +16,9 @@ from chipspan.train.loop import Precision
 
 
 @torch.no_grad()
-def eval_loss(model: SpannedModel, examples: Sequence[Example], pad_id: int, batch_size: int,
-              precision: Precision) -> float:
+def eval_loss(
+    model: SpannedModel, examples: Sequence[Example], pad_id: int, batch_size: int, precision: Precision
+) -> float:
     """Mean over examples of their batch's mean token loss, in order, ``batch_size`` at a time.
 
     This is the Trainer's ``eval_loss``: each batch's loss (mean over its trained tokens) counts
@@ -44,17 +45,28 @@ def last_answer(example: Example) -> tuple[list[int], list[int]]:
     end = start = trained[-1]
     while start > 0 and example.labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    return list(example.input_ids[:start]), list(example.input_ids[start:end + 1])
+    return list(example.input_ids[:start]), list(example.input_ids[start : end + 1])
 
 
 def sampling_settings(args: GeneratingArguments, seed: int) -> SamplingSettings:
     """The generation flags as sampler settings (greedy without --do_sample)."""
-    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
-                            top_k=args.top_k, top_p=args.top_p, seed=seed)
+    return SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature if args.do_sample else 0.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=seed,
+    )
 
 
-def predictions(model: SpannedModel, examples: Sequence[Example], tokenizer: Tokenizer, settings: SamplingSettings,
-                stop_ids: set[int], progress: Callable[[int], None] = lambda done: None) -> list[dict[str, str]]:
+def predictions(
+    model: SpannedModel,
+    examples: Sequence[Example],
+    tokenizer: Tokenizer,
+    settings: SamplingSettings,
+    stop_ids: set[int],
+    progress: Callable[[int], None] = lambda done: None,
+) -> list[dict[str, str]]:
     """One ``{"prompt", "predict", "label"}`` per example: the model's answer to the prompt of its
     last turn, beside the answer in the data (texts without special tokens)."""
     decoder = SpannedDecoder(model)
@@ -62,7 +74,12 @@ def predictions(model: SpannedModel, examples: Sequence[Example], tokenizer: Tok
     for done, example in enumerate(examples, 1):
         prompt, answer = last_answer(example)
         predicted = generate(decoder, prompt, stop_ids, settings)
-        rows.append({"prompt": tokenizer.decode(prompt), "predict": tokenizer.decode(predicted),
-                     "label": tokenizer.decode(answer)})
+        rows.append(
+            {
+                "prompt": tokenizer.decode(prompt),
+                "predict": tokenizer.decode(predicted),
+                "label": tokenizer.decode(answer),
+            }
+        )
         progress(done)
     return rows

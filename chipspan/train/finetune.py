@@ -28,8 +28,9 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, a
     """
     num_layers = config.num_hidden_layers
     if args.finetuning_type not in FINETUNING_TYPES:
-        raise ChipspanError(f"finetuning_type '{args.finetuning_type}' is not supported; "
-                            f"choose one of: {', '.join(FINETUNING_TYPES)}")
+        raise ChipspanError(
+            f"finetuning_type '{args.finetuning_type}' is not supported; choose one of: {', '.join(FINETUNING_TYPES)}"
+        )
     if args.finetuning_type == "lora" and adapter:
         check_adapter(config, adapter)
         return
@@ -37,15 +38,25 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, a
         raise ChipspanError("LoRA needs --lora_target: the layers to adapt, e.g. q_proj,v_proj (or all)")
     if args.finetuning_type == "lora":
         with torch.device("meta"):
-            inject_lora(CausalLM(config), args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
-                        dropout=args.lora_dropout, additional_target=args.additional_target)
+            inject_lora(
+                CausalLM(config),
+                args.lora_target,
+                r=args.lora_rank,
+                alpha=args.lora_alpha,
+                dropout=args.lora_dropout,
+                additional_target=args.additional_target,
+            )
     if args.finetuning_type == "freeze":
         freeze_modules(args.name_module_trainable)
         freeze_layers(num_layers, args.num_layer_trainable)
 
 
-def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: str | None = None,
-                      trained_dtype: torch.dtype = torch.float32) -> None:
+def prepare_trainable(
+    model: SpannedModel,
+    args: FinetuningArguments,
+    adapter: str | None = None,
+    trained_dtype: torch.dtype = torch.float32,
+) -> None:
     """Mark what trains on every chip and make it ``trained_dtype`` (fp32 unless --pure_bf16).
 
     LoRA: a new adapter, or ``adapter`` (a PEFT folder) to train further. New LoRA weights are drawn
@@ -56,8 +67,14 @@ def prepare_trainable(model: SpannedModel, args: FinetuningArguments, adapter: s
             if adapter:
                 load_adapter(stage, adapter)
             else:
-                inject_lora(stage, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
-                            dropout=args.lora_dropout, additional_target=args.additional_target)
+                inject_lora(
+                    stage,
+                    args.lora_target,
+                    r=args.lora_rank,
+                    alpha=args.lora_alpha,
+                    dropout=args.lora_dropout,
+                    additional_target=args.additional_target,
+                )
         trainable: list[str] | None = None
     else:
         trainable = _freeze_selection(args, model.config.num_hidden_layers)
@@ -73,15 +90,20 @@ def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] |
     """Parameter-name prefixes that train under "freeze"; None (everything) under "full"."""
     if args.finetuning_type == "full":
         return None
-    return [f"model.layers.{i}.{module}." for i in freeze_layers(num_layers, args.num_layer_trainable)
-            for module in freeze_modules(args.name_module_trainable)]
+    return [
+        f"model.layers.{i}.{module}."
+        for i in freeze_layers(num_layers, args.num_layer_trainable)
+        for module in freeze_modules(args.name_module_trainable)
+    ]
 
 
 def freeze_layers(num_layers: int, count: int) -> range:
     """Layers "freeze" trains: the last ``count``, or the first ``-count`` when negative."""
     if count == 0 or abs(count) > num_layers:
-        raise ChipspanError(f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
-                            f"for the first layers), not {count}")
+        raise ChipspanError(
+            f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
+            f"for the first layers), not {count}"
+        )
     return range(num_layers - count, num_layers) if count > 0 else range(-count)
 
 
@@ -91,8 +113,10 @@ def freeze_modules(names: str) -> list[str]:
     modules = list(FREEZE_MODULES) if modules == ["all"] else modules
     unknown = [m for m in modules if m not in FREEZE_MODULES] or ([] if modules else [names])
     if unknown:
-        raise ChipspanError(f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
-                            f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all")
+        raise ChipspanError(
+            f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
+            f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all"
+        )
     return modules
 
 

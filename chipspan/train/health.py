@@ -45,9 +45,12 @@ class NonFiniteGuard:
             raise ChipspanError(
                 f"training diverged: steps {step - self.limit + 1}-{step} all had a non-finite {numbers}, and "
                 f"none was applied; lower --learning_rate (now {self.learning_rate:g}), keep --max_grad_norm "
-                "on, or check the data; nothing was saved for these steps, earlier checkpoints are intact")
-        report(f"warning: step {step} has a non-finite {numbers}; it is not applied "
-               f"({self.in_a_row} in a row; {self.limit} stop the run)")
+                "on, or check the data; nothing was saved for these steps, earlier checkpoints are intact"
+            )
+        report(
+            f"warning: step {step} has a non-finite {numbers}; it is not applied "
+            f"({self.in_a_row} in a row; {self.limit} stop the run)"
+        )
         if self.scaled:
             return True  # the loss scaler finds the NaN gradients and skips the step itself
         self.skipped_steps += 1
@@ -65,6 +68,7 @@ def nonfinite_weight(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> st
 def refuse_nonfinite_weights(name: str | None, where: str) -> None:
     """Stop before writing ``where`` when trained tensor ``name`` holds inf/NaN (None: all finite)."""
     if name is not None:
-        raise ChipspanError(f"the trained weight {name} holds inf/NaN, so {where} was not written; lower "
-                            "--learning_rate or check the data, and resume from an earlier checkpoint")
-
+        raise ChipspanError(
+            f"the trained weight {name} holds inf/NaN, so {where} was not written; lower "
+            "--learning_rate or check the data, and resume from an earlier checkpoint"
+        )

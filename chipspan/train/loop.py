@@ -82,24 +82,34 @@ def total_steps(num_examples: int, args: TrainingArguments) -> int:
     return math.ceil(args.num_train_epochs * steps_per_epoch(num_examples, args))
 
 
-def micro_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int,
-                  skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def micro_batches(
+    examples: list[Example], batch_size: int, seed: int, pad_id: int, skip: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless padded micro-batches, epoch after epoch, starting after the first ``skip``."""
     per_epoch = math.ceil(len(examples) / batch_size)
     epoch, index = divmod(skip, per_epoch)
     while True:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for start in range(index * batch_size, len(examples), batch_size):
-            yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         epoch, index = epoch + 1, 0
 
 
-def train(model: SpannedModel, examples: list[Example], pad_id: int, args: TrainingArguments,
-          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          precision: Precision, state: TrainerState, log: TrainLog,
-          save: Callable[[int], None], report: Callable[[str], None],
-          evaluate: Callable[[], float] | None = None,
-          memory: Callable[[], dict[str, int]] = dict) -> dict[str, float]:
+def train(
+    model: SpannedModel,
+    examples: list[Example],
+    pad_id: int,
+    args: TrainingArguments,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    state: TrainerState,
+    log: TrainLog,
+    save: Callable[[int], None],
+    report: Callable[[str], None],
+    evaluate: Callable[[], float] | None = None,
+    memory: Callable[[], dict[str, int]] = dict,
+) -> dict[str, float]:
     """Run from ``state.global_step`` to ``state.max_steps``; returns the train metrics.
 
     ``evaluate`` (the eval loss) runs every ``eval_steps`` under ``eval_strategy steps`` and at the end
@@ -110,8 +120,9 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
     """
     accumulation = args.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(examples), args)
-    batches = micro_batches(examples, args.per_device_train_batch_size, args.seed, pad_id,
-                            skip=state.global_step * accumulation)
+    batches = micro_batches(
+        examples, args.per_device_train_batch_size, args.seed, pad_id, skip=state.global_step * accumulation
+    )
     first_step, started = state.global_step, time.time()
     losses_since_log: list[float] = []
     total_loss, tokens = 0.0, 0
@@ -142,15 +153,25 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             progress.update(1)
         if state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps:
-            entry = {"loss": round(sum(losses_since_log) / len(losses_since_log), 4),
-                     "learning_rate": scheduler.get_last_lr()[0], "epoch": round(state.epoch, 4),
-                     "grad_norm": grad_norm, "step": state.global_step}
+            entry = {
+                "loss": round(sum(losses_since_log) / len(losses_since_log), 4),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "epoch": round(state.epoch, 4),
+                "grad_norm": grad_norm,
+                "step": state.global_step,
+            }
             if precision.scaler:
                 entry["skipped_steps"] = precision.skipped_steps
             state.log_history.append(entry)
-            record = log.write(state.global_step, entry["epoch"], entry["loss"], entry["learning_rate"],
-                               tokens_per_second=round(tokens_per_second, 1),
-                               **{k: v for k, v in entry.items() if k == "skipped_steps"}, **memory())
+            record = log.write(
+                state.global_step,
+                entry["epoch"],
+                entry["loss"],
+                entry["learning_rate"],
+                tokens_per_second=round(tokens_per_second, 1),
+                **{k: v for k, v in entry.items() if k == "skipped_steps"},
+                **memory(),
+            )
             if progress is None:
                 report(_plain_line(record))
             losses_since_log = []
@@ -160,8 +181,14 @@ def train(model: SpannedModel, examples: list[Example], pad_id: int, args: Train
             save(state.global_step)
     if progress is not None:
         progress.close()
-    return train_metrics(state.epoch, total_loss, state.global_step - first_step, time.time() - started,
-                         accumulation * args.per_device_train_batch_size, tokens)
+    return train_metrics(
+        state.epoch,
+        total_loss,
+        state.global_step - first_step,
+        time.time() - started,
+        accumulation * args.per_device_train_batch_size,
+        tokens,
+    )
 
 
 def evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:
@@ -181,7 +208,9 @@ def _progress_bar(total: int, done: int):
 
 
 def _plain_line(record: dict) -> str:
-    return (f"step {record['current_steps']}/{record['total_steps']}  loss {record['loss']:.4f}  "
-            f"lr {record['learning_rate']:.3e}  epoch {record['epoch']:.2f}  "
-            f"{record['tokens_per_second']:.0f} tok/s  elapsed {record['elapsed_time']}  "
-            f"remaining {record['remaining_time']}")
+    return (
+        f"step {record['current_steps']}/{record['total_steps']}  loss {record['loss']:.4f}  "
+        f"lr {record['learning_rate']:.3e}  epoch {record['epoch']:.2f}  "
+        f"{record['tokens_per_second']:.0f} tok/s  elapsed {record['elapsed_time']}  "
+        f"remaining {record['remaining_time']}"
+    )

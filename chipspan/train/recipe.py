@@ -27,17 +27,25 @@ from chipspan.chips.span import SpannedModel
 from chipspan.data.loader import STAGES, DataSplit, load_dataset_split
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
+from chipspan.infer.chat import stop_token_ids
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.paths import check_output, run_inputs
 from chipspan.train import checkpoints
-from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
-from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
-from chipspan.infer.chat import stop_token_ids
 from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
+from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
+from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.loop import EVAL_STRATEGIES, Precision, total_steps, train
-from chipspan.train.reporting import (LOG_FILE, PREDICTIONS_FILE, TrainerState, TrainLog, plot_metric,
-                                      tensorboard_wanted, truncate_log, write_results)
+from chipspan.train.reporting import (
+    LOG_FILE,
+    PREDICTIONS_FILE,
+    TrainerState,
+    TrainLog,
+    plot_metric,
+    tensorboard_wanted,
+    truncate_log,
+    write_results,
+)
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 
@@ -57,9 +65,11 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     report(data.stats.summary())
     examples, eval_examples = split_examples(run, data, report)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ChipspanError(f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
-                            f"may have added some) but the model's vocab_size is {config.vocab_size}; "
-                            "resizing embeddings is not supported yet: pick a template the tokenizer knows")
+        raise ChipspanError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens (template '{data_args.template}' "
+            f"may have added some) but the model's vocab_size is {config.vocab_size}; "
+            "resizing embeddings is not supported yet: pick a template the tokenizer knows"
+        )
     precision, base_dtype = choose_precision(run, placement.devices[0].type, report)
     steps = total_steps(len(examples), train_args) if train_args.do_train else 0
     if train_args.do_train:
@@ -77,13 +87,23 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     checkpoints.prepare_output_dir(output_dir, train_args.do_train and train_args.overwrite_output_dir and not resume)
 
     def evaluate() -> float:
-        return eval_loss(model, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size,
-                         precision)
+        return eval_loss(model, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size, precision)
 
     metrics: dict[str, float] = {}
     if train_args.do_train:
-        metrics = _train(run, model, tokenizer, examples, steps, precision, resume, output_dir, settings,
-                         evaluate if train_args.eval_strategy != "no" else None, report)
+        metrics = _train(
+            run,
+            model,
+            tokenizer,
+            examples,
+            steps,
+            precision,
+            resume,
+            output_dir,
+            settings,
+            evaluate if train_args.eval_strategy != "no" else None,
+            report,
+        )
     if train_args.do_eval:
         final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)
     if train_args.do_predict:
@@ -91,18 +111,36 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     return output_dir
 
 
-def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, steps: int,
-           precision: Precision, resume: Path | None, output_dir: Path, settings: dict, evaluate,
-           report) -> dict[str, float]:
+def _train(
+    run: RunArguments,
+    model: SpannedModel,
+    tokenizer: Tokenizer,
+    examples,
+    steps: int,
+    precision: Precision,
+    resume: Path | None,
+    output_dir: Path,
+    settings: dict,
+    evaluate,
+    report,
+) -> dict[str, float]:
     """The training loop and what it leaves in ``output_dir``; returns the train metrics.
     ``settings``: what the checkpoints record of this run (checkpoints.run_settings)."""
     model_args, ft_args, train_args = run.model, run.finetuning, run.training
     optimizer = build_optimizer(model, train_args)
-    scheduler = build_scheduler(optimizer, train_args.lr_scheduler_type, steps,
-                                warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio))
-    state = TrainerState(max_steps=steps, num_train_epochs=train_args.num_train_epochs,
-                         logging_steps=train_args.logging_steps, save_steps=train_args.save_steps,
-                         train_batch_size=train_args.per_device_train_batch_size)
+    scheduler = build_scheduler(
+        optimizer,
+        train_args.lr_scheduler_type,
+        steps,
+        warmup_steps_for(steps, train_args.warmup_steps, train_args.warmup_ratio),
+    )
+    state = TrainerState(
+        max_steps=steps,
+        num_train_epochs=train_args.num_train_epochs,
+        logging_steps=train_args.logging_steps,
+        save_steps=train_args.save_steps,
+        train_batch_size=train_args.per_device_train_batch_size,
+    )
     if resume:
         state = _restore(resume, model, optimizer, scheduler, precision, state)
         report(f"resuming from {resume} at step {state.global_step}")
@@ -112,23 +150,47 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
     is_lora = ft_args.finetuning_type == "lora"
 
     def trained_weights_finite(where: str) -> None:
-        refuse_nonfinite_weights(nonfinite_weight(p for stage in model.stages for p in stage.named_parameters()),
-                                 where)
+        refuse_nonfinite_weights(nonfinite_weight(p for stage in model.stages for p in stage.named_parameters()), where)
 
     def save(step: int) -> None:
         trained_weights_finite(f"checkpoint-{step}")
-        written = checkpoints.save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state,
-                                              base_model, is_lora, settings, precision.state_dict())
+        written = checkpoints.save_checkpoint(
+            output_dir,
+            step,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            state,
+            base_model,
+            is_lora,
+            settings,
+            precision.state_dict(),
+        )
         checkpoints.remove_old_checkpoints(output_dir, train_args.save_total_limit, written)
 
-    report(f"training {len(examples)} examples for {steps} steps "
-           f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)")
+    report(
+        f"training {len(examples)} examples for {steps} steps "
+        f"(batch {train_args.per_device_train_batch_size} x {train_args.gradient_accumulation_steps} accumulation)"
+    )
     tensorboard = tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
     log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
     try:
-        metrics = train(model, examples, tokenizer.pad_token_id, train_args, optimizer, scheduler, precision,
-                        state, log, save, report, evaluate=evaluate,
-                        memory=lambda: _chip_memory(model.placement))
+        metrics = train(
+            model,
+            examples,
+            tokenizer.pad_token_id,
+            train_args,
+            optimizer,
+            scheduler,
+            precision,
+            state,
+            log,
+            save,
+            report,
+            evaluate=evaluate,
+            memory=lambda: _chip_memory(model.placement),
+        )
     finally:
         log.close()
 
@@ -139,8 +201,15 @@ def _train(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, example
     return metrics
 
 
-def write_run_outputs(output_dir: Path, tokenizer: Tokenizer, state: TrainerState, metrics: dict[str, float],
-                      plot_loss: bool, is_lora: bool, report: Callable[[str], None]) -> None:
+def write_run_outputs(
+    output_dir: Path,
+    tokenizer: Tokenizer,
+    state: TrainerState,
+    metrics: dict[str, float],
+    plot_loss: bool,
+    is_lora: bool,
+    report: Callable[[str], None],
+) -> None:
     """What a finished run leaves beside its weights: tokenizer, trainer state, results, plots."""
     tokenizer.save(output_dir)
     state.log_history.append({**metrics, "step": state.global_step})
@@ -159,16 +228,19 @@ def final_evaluation(evaluate, num_examples: int, epoch: float | None, output_di
     started = time.time()
     loss = evaluate()
     runtime = time.time() - started
-    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_runtime": round(runtime, 4),
-               "eval_samples_per_second": round(num_examples / runtime, 3) if runtime else 0.0}
+    metrics = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "eval_runtime": round(runtime, 4),
+        "eval_samples_per_second": round(num_examples / runtime, 3) if runtime else 0.0,
+    }
     if epoch is not None:
         metrics["epoch"] = epoch
     write_results(output_dir, metrics, split="eval")
     report(f"eval_loss {loss:.4f} over {num_examples} examples (perplexity {metrics['perplexity']:.2f})")
 
 
-def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, output_dir: Path,
-             report) -> None:
+def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examples, output_dir: Path, report) -> None:
     """``generated_predictions.jsonl`` (prompt, predict, label per eval example) and ``predict_results.json``."""
     settings = sampling_settings(run.generating, run.training.seed)
     stop_ids = stop_token_ids(Path(run.model.model_name_or_path), model.last, tokenizer)
@@ -177,13 +249,19 @@ def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examp
     runtime = time.time() - started
     with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_results(output_dir, {"predict_runtime": round(runtime, 4),
-                               "predict_samples_per_second": round(len(rows) / runtime, 3) if runtime else 0.0},
-                  split="predict")
+    write_results(
+        output_dir,
+        {
+            "predict_runtime": round(runtime, 4),
+            "predict_samples_per_second": round(len(rows) / runtime, 3) if runtime else 0.0,
+        },
+        split="predict",
+    )
     report(f"{len(rows)} predictions written to {output_dir / PREDICTIONS_FILE}")
 
 
 # --- checks, before anything loads ---------------------------------------------------------------
+
 
 def check_arguments(run: RunArguments) -> ModelConfig:
     ft, train_args = run.finetuning, run.training
@@ -193,8 +271,11 @@ def check_arguments(run: RunArguments) -> ModelConfig:
         raise ChipspanError("nothing to do: add --do_train, --do_eval or --do_predict")
     _check_evaluation(run)
     tensorboard_wanted(train_args.report_to)
-    for flag, value in (("model_name_or_path", run.model.model_name_or_path), ("dataset", run.data.dataset),
-                        ("output_dir", train_args.output_dir)):
+    for flag, value in (
+        ("model_name_or_path", run.model.model_name_or_path),
+        ("dataset", run.data.dataset),
+        ("output_dir", train_args.output_dir),
+    ):
         if not value:
             raise ChipspanError(f"--{flag} is required")
     if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
@@ -202,9 +283,11 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
     if not one_process_per_chip(run) and (run.chips.data_parallel != 1 or run.chips.pipeline_schedule != "1f1b"):
-        raise ChipspanError("--data_parallel and --pipeline_schedule set how one process per chip runs: add "
-                            "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
-                            "this process")
+        raise ChipspanError(
+            "--data_parallel and --pipeline_schedule set how one process per chip runs: add "
+            "--launcher torchrun (or start under torchrun), or drop them to span the chips in "
+            "this process"
+        )
     config = ModelConfig.from_folder(run.model.model_name_or_path)
     inputs = run_inputs(run)
     check_output(train_args.output_dir, "--output_dir", inputs)
@@ -219,15 +302,20 @@ def _check_evaluation(run: RunArguments) -> None:
     train_args, generating = run.training, run.generating
     if train_args.eval_strategy not in EVAL_STRATEGIES:
         raise ChipspanError(f"--eval_strategy {train_args.eval_strategy} is not one of {', '.join(EVAL_STRATEGIES)}")
-    if train_args.do_train and run.data.val_size == 0 and (
-            train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict):
-        raise ChipspanError("evaluating while training needs held-out rows: pass --val_size (a count or a "
-                            "fraction, e.g. 0.1)")
+    if (
+        train_args.do_train
+        and run.data.val_size == 0
+        and (train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict)
+    ):
+        raise ChipspanError(
+            "evaluating while training needs held-out rows: pass --val_size (a count or a fraction, e.g. 0.1)"
+        )
     if train_args.do_predict and run.finetuning.stage != "sft":
         raise ChipspanError("--do_predict answers prompts: it needs --stage sft")
     if generating.num_beams != 1 or generating.repetition_penalty != 1.0:
-        raise ChipspanError("beam search and repetition penalties are not supported: use --num_beams 1 "
-                            "--repetition_penalty 1.0")
+        raise ChipspanError(
+            "beam search and repetition penalties are not supported: use --num_beams 1 --repetition_penalty 1.0"
+        )
 
 
 def _placement(run: RunArguments, config: ModelConfig) -> tuple[Placement, int]:
@@ -235,13 +323,20 @@ def _placement(run: RunArguments, config: ModelConfig) -> tuple[Placement, int]:
     (chipspan.chips.plan.train_chips)."""
     device_type = run.chips.device or devices.default_device_type()
     chip_ids, span, chip_bytes = train_chips(run, config, device_type)
-    devices.prepare_device_type(device_type, chip_ids[-1] + 1,
-                                emu_memory_limit=chip_bytes if device_type == "emu" else None)
+    devices.prepare_device_type(
+        device_type, chip_ids[-1] + 1, emu_memory_limit=chip_bytes if device_type == "emu" else None
+    )
     return Placement(tuple(devices.chip_devices(device_type, chip_ids)), tuple(span.layers)), span.micro_batches
 
 
-def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, tokenizer: Tokenizer, steps: int,
-               report: Callable[[str], None]) -> None:
+def check_disk(
+    run: RunArguments,
+    config: ModelConfig,
+    base_dtype: torch.dtype,
+    tokenizer: Tokenizer,
+    steps: int,
+    report: Callable[[str], None],
+) -> None:
     """Where the checkpoints go: their names free of the user's folders, and their size (from a
     meta-device count of what trains, everything a checkpoint holds) against the free disk."""
     train_args = run.training
@@ -256,8 +351,9 @@ def check_disk(run: RunArguments, config: ModelConfig, base_dtype: torch.dtype, 
     logs = steps // max(train_args.logging_steps, 1) + 1 + (steps if train_args.eval_strategy != "no" else 0)
     one = checkpoints.checkpoint_size(weights, trainable * 8, trained_tensors, tokenizer_bytes, logs)
     final = checkpoints.checkpoint_size(weights, 0, trained_tensors, tokenizer_bytes, logs)
-    checkpoints.check_disk_space(output_dir, steps, train_args.save_steps, train_args.save_total_limit, one, final,
-                                 report)
+    checkpoints.check_disk_space(
+        output_dir, steps, train_args.save_steps, train_args.save_total_limit, one, final, report
+    )
 
 
 def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None]) -> Path | None:
@@ -279,15 +375,18 @@ def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None
             chosen = Path(asked)
             wrong = checkpoints.damage(chosen) if chosen.is_dir() else "no such folder"
             if wrong:
-                raise ChipspanError(f"--resume_from_checkpoint {asked} is not a checkpoint folder chipspan can "
-                                    f"resume from: {wrong}")
+                raise ChipspanError(
+                    f"--resume_from_checkpoint {asked} is not a checkpoint folder chipspan can resume from: {wrong}"
+                )
     elif run.training.overwrite_output_dir or not output_dir.exists() or not any(output_dir.iterdir()):
         return None
     elif found:
         chosen = checkpoints.last_valid(found, report)
     else:
-        raise ChipspanError(f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
-                            "pass --overwrite_output_dir to write over it, or choose an empty folder")
+        raise ChipspanError(
+            f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
+            "pass --overwrite_output_dir to write over it, or choose an empty folder"
+        )
     checkpoints.check_continues(chosen, settings, report)
     checkpoints.check_loadable(chosen)
     return chosen
@@ -304,8 +403,10 @@ def choose_precision(run: RunArguments, device_type: str, report: Callable[[str]
         return Precision(device_type), torch.float32
     if not devices.supports_half_compute(device_type):
         flag = "fp16" if train_args.fp16 else "pure_bf16" if ft.pure_bf16 else "bf16"
-        report(f"note: --{flag} is ignored on {device_type}, which has no fast "
-               "half-precision arithmetic: computing in fp32")
+        report(
+            f"note: --{flag} is ignored on {device_type}, which has no fast "
+            "half-precision arithmetic: computing in fp32"
+        )
         return Precision(device_type), torch.float32
     if ft.pure_bf16:
         return Precision(device_type), torch.bfloat16
@@ -315,6 +416,7 @@ def choose_precision(run: RunArguments, device_type: str, report: Callable[[str]
 
 
 # --- pieces --------------------------------------------------------------------------------------
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -335,12 +437,17 @@ def build_optimizer(model: SpannedModel, args) -> torch.optim.AdamW:
     if not decay and not no_decay:
         raise ChipspanError("nothing is trainable; check --finetuning_type and its module settings")
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
 
 
-def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision: Precision,
-             fresh: TrainerState) -> TrainerState:
+def _restore(
+    folder: Path, model: SpannedModel, optimizer, scheduler, precision: Precision, fresh: TrainerState
+) -> TrainerState:
     with checkpoints.restoring(folder):
         checkpoints.load_optimizer_state(model, optimizer, folder)
         scheduler.load_state_dict(checkpoints.read_saved(folder / checkpoints.SCHEDULER_FILE))
@@ -352,8 +459,9 @@ def _restore(folder: Path, model: SpannedModel, optimizer, scheduler, precision:
     return state
 
 
-def _report_placement(model: SpannedModel, placement: Placement, micro_batches: int,
-                      report: Callable[[str], None]) -> None:
+def _report_placement(
+    model: SpannedModel, placement: Placement, micro_batches: int, report: Callable[[str], None]
+) -> None:
     trainable = sum(p.numel() for p in model.unique_parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.unique_parameters())
     pipelined = f", each batch in {micro_batches} micro-batches (GPipe)" if micro_batches > 1 else ""

@@ -61,15 +61,19 @@ class TrainerState:
         (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> "TrainerState":
+    def load(cls, folder: Path) -> TrainerState:
         """The state saved in ``folder``; a ChipspanError when the file is not a trainer state."""
         file = folder / STATE_FILE
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ChipspanError(f"cannot read {file}: {exc}") from None
-        if not (isinstance(data, dict) and isinstance(data.get("global_step"), int) and data["global_step"] >= 0
-                and isinstance(data.get("log_history", []), list)):
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("global_step"), int)
+            and data["global_step"] >= 0
+            and isinstance(data.get("log_history", []), list)
+        ):
             raise ChipspanError(f"{file} is not a trainer state (no non-negative global_step or no log_history list)")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
@@ -84,8 +88,9 @@ def tensorboard_wanted(report_to: str) -> bool:
         raise ChipspanError(f"--report_to {report_to} is not supported: use {' or '.join(REPORT_TO)}")
     installed = importlib.util.find_spec("tensorboard") is not None
     if report_to == "tensorboard" and not installed:
-        raise ChipspanError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
-                            "(or pass --report_to none)")
+        raise ChipspanError(
+            "--report_to tensorboard needs the tensorboard package: pip install tensorboard (or pass --report_to none)"
+        )
     return report_to != "none" and installed
 
 
@@ -95,8 +100,7 @@ class TrainLog:
     With ``tensorboard_dir``, the numbers of every line also go to TensorBoard event files there.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0,
-                 tensorboard_dir: Path | None = None):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, tensorboard_dir: Path | None = None):
         self.file = output_dir / LOG_FILE
         self.total_steps = total_steps
         self.start_step = start_step
@@ -112,11 +116,17 @@ class TrainLog:
         elapsed = time.time() - self.start_time
         done = step - self.start_step
         per_step = elapsed / done if done > 0 else 0.0
-        return (str(timedelta(seconds=int(elapsed))),
-                str(timedelta(seconds=int((self.total_steps - step) * per_step))))
+        return (str(timedelta(seconds=int(elapsed))), str(timedelta(seconds=int((self.total_steps - step) * per_step))))
 
-    def write(self, step: int, epoch: float, loss: float | None = None, learning_rate: float | None = None,
-              eval_loss: float | None = None, **extra: Any) -> dict[str, Any]:
+    def write(
+        self,
+        step: int,
+        epoch: float,
+        loss: float | None = None,
+        learning_rate: float | None = None,
+        eval_loss: float | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         elapsed, remaining = self.timing(step)
         record = {
             "current_steps": step,
@@ -178,9 +188,11 @@ def _logged_step(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def train_metrics(epoch: float, total_loss: float, steps: int, runtime: float, examples_per_step: int,
-                  tokens: int) -> dict[str, float]:
+def train_metrics(
+    epoch: float, total_loss: float, steps: int, runtime: float, examples_per_step: int, tokens: int
+) -> dict[str, float]:
     """The HF Trainer's ``train_results.json`` numbers for ``steps`` steps run in ``runtime`` seconds."""
+
     def per_second(amount: float, digits: int) -> float:
         return round(amount / runtime, digits) if runtime else 0.0
 

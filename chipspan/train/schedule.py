@@ -32,8 +32,8 @@ def lr_factor(kind: str, step: int, total_steps: int, warmup_steps: int) -> floa
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
-                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     lr_factor(kind, 0, total_steps, warmup_steps)  # validates the name before training starts
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(kind, step, total_steps, warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(kind, step, total_steps, warmup_steps))
