@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv test lint format demo clean
 
 $(BIN)/chipspan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(VENV)/.test-deps: $(BIN)/chipspan
 
 venv: $(BIN)/chipspan
 
-test: $(VENV)/.test-deps
+test: lint
 	$(BIN)/python -m pytest
+
+# The tree is formatted by ruff (settings in pyproject.toml); `make format` rewrites it.
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+format: $(VENV)/.test-deps
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 demo: $(BIN)/chipspan
 	$(BIN)/chipspan demo
