@@ -5,7 +5,7 @@
     python bench/memory_check.py emu --layers 4 --hidden 256 --finetuning full --split 2,2
 
 Both modes run chipspan's own code — ``SpannedModel`` over one device per chip, the recipe's
-AdamW, ``loop.Precision`` (autocast and, for fp16, a GradScaler) — for ``--steps`` optimizer
+AdamW, ``chipspan.precision.Precision`` (autocast and, for fp16, a loss scaler) — for ``--steps`` optimizer
 steps (default 2: the second has AdamW's moments alive during backward, as every later step does)
 and report each chip's peak next to ``chipspan.chips.memory.estimate`` for the same slice.
 
@@ -42,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chipspan.args import FinetuningArguments, TrainingArguments  # noqa: E402
 from chipspan.chips.memory import GIB, estimate  # noqa: E402
 from chipspan.chips.placement import Placement  # noqa: E402
+from chipspan.chips.runner import ChipsRunner  # noqa: E402
 from chipspan.chips.span import SpannedModel  # noqa: E402
 from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
+from chipspan.precision import Precision, PrecisionChoice  # noqa: E402
 from chipspan.train.finetune import prepare_trainable  # noqa: E402
-from chipspan.train.loop import Precision  # noqa: E402
-from chipspan.train.recipe import build_optimizer  # noqa: E402
+from chipspan.train.optim import build_optimizer  # noqa: E402
 
 aten = torch.ops.aten
 PHASES = ("forward", "backward", "step")
@@ -190,9 +191,17 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     and its AdamW and Precision (random weights; under FakeTensorMode, fake ones)."""
     starts = [sum(split[:i]) for i in range(len(split))]
     layers = tuple(range(a, a + n) for a, n in zip(starts, split))
+    device_type = devices[0].type
     half = job.half and job.finetuning_type != "full"
+    precision = PrecisionChoice(
+        device_type,
+        torch.float16 if job.half else None,
+        job.half,
+        torch.float16 if half else torch.float32,
+        torch.float32,
+    )
     stages, default = [], torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16 if half else torch.float32)  # built in the load dtype, as loaded
+    torch.set_default_dtype(precision.base_dtype)  # built in the load dtype, as loaded
     try:
         for i, (device, r) in enumerate(zip(devices, layers)):
             with torch.device(device):
@@ -209,26 +218,23 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
         num_layer_trainable=job.num_layer_trainable,
         name_module_trainable=job.name_module_trainable,
     )
-    prepare_trainable(model, ft)
-    optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4, weight_decay=0.01))
+    prepare_trainable(stages, ft, trained_dtype=precision.trained_dtype)
+    optimizer, _ = build_optimizer(stages, TrainingArguments(learning_rate=1e-4, weight_decay=0.01), steps=1)
     if isinstance(next(model.parameters()), FakeTensor):
         # torch picks AdamW's foreach path for Parameters on an accelerator (emu included) but
         # not for fake ones; take the path the real chips take.
         for group in optimizer.param_groups:
             group["foreach"] = True
-    device_type = devices[0].type
-    precision = Precision(device_type)
-    if job.half:
-        precision = Precision(device_type, torch.float16, torch.amp.GradScaler(device_type))
-    return model, optimizer, precision
+    return model, optimizer, Precision(precision)
 
 
 def train_step(
     model: SpannedModel, optimizer, precision: Precision, job: Job, tracker: Tracker | None, use_scaler: bool
 ) -> None:
-    """One optimizer step as ``chipspan.train.loop.train`` runs it, with ``micro_batches_in_flight``
-    forwards kept alive before a single backward (m = 1: the loop exactly)."""
-    scaler = precision.scaler if use_scaler else None
+    """One optimizer step as ``chipspan.train.step.TrainStep`` runs it, with ``micro_batches_in_flight``
+    forwards kept alive before a single backward (m = 1: the step exactly)."""
+    scaled = use_scaler and precision.scaler is not None
+    runner = ChipsRunner(model, micro_batches=1, autocast=precision.autocast)
     device = model.placement.devices[0]
 
     def phase(name):
@@ -245,17 +251,15 @@ def train_step(
     loss = sum(losses[1:], losses[0])
     del losses
     phase("backward")
-    (scaler.scale(loss) if scaler else loss).backward()
+    (loss * precision.loss_scale if scaled else loss).backward()
     del loss
     phase("step")
-    if scaler:
-        scaler.unscale_(optimizer)
-    model.clip_gradients(1.0)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
+    overflowed = scaled and precision.unscale(runner.gradients(), runner.any_rank)
+    runner.clip_gradients(1.0)
+    if not overflowed:
         optimizer.step()
+    if scaled:
+        precision.update(overflowed)
     optimizer.zero_grad(set_to_none=True)
     phase("idle")
 

@@ -77,14 +77,15 @@ def worker(out: Path) -> None:
     from chipspan.chips.memory import Schedule, split_estimates
     from chipspan.chips.placement import split_layers
     from chipspan.chips.plan import job_of
-    from chipspan.distributed.gradients import clip_global_norm
-    from chipspan.distributed.loop import replica_rows
     from chipspan.distributed.mesh import plan_layout, start
     from chipspan.distributed.pipeline import VIRTUAL_STAGES
-    from chipspan.distributed.recipe import _rank_training
+    from chipspan.distributed.runner import RankRunner
     from chipspan.distributed.trainable import prepare_stages
     from chipspan.models.config import ModelConfig
     from chipspan.models.decoder import CausalLM
+    from chipspan.precision import Precision, choose_precision
+    from chipspan.train.optim import build_optimizer
+    from chipspan.train.step import TrainStep
 
     torch.set_num_threads(1)
     rank, device = int(os.environ["RANK"]), torch.device("cpu")
@@ -128,26 +129,19 @@ def worker(out: Path) -> None:
                 CausalLM(config, layers=split[s], embed=s == 0, head=s == layout.num_stages - 1) for s in layout.stages
             ]
             prepare_stages(pieces, config, run.finetuning, None)
-            training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=100)
-            for group in training.optimizer.param_groups:
+            precision = Precision(choose_precision(run, device.type))
+            runner = RankRunner(layout, device, mesh, pieces, schedule, micro, micro, 0, torch.float32, precision)
+            optimizer, scheduler = build_optimizer(pieces, run.training, steps=100)
+            for group in optimizer.param_groups:
                 group["foreach"] = True  # what torch picks on an accelerator, and what the plan prices
+            step = TrainStep(runner, optimizer, scheduler, precision, 1.0, run.training.learning_rate)
             ids = torch.randint(0, config.vocab_size, (micro, job["seq"]), generator=torch.Generator().manual_seed(1))
-            rows = replica_rows(
-                [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
-                layout,
-                micro,
-                0,
-                training.data_group,
-                device,
-            )
-            for step in range(2):
-                if step == 1:
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for number in (1, 2):
+                if number == 2:
                     tracker.reset_peaks()
                 tracker.phase = "step"
-                training.runner.step(rows)
-                clip_global_norm(training.trained, training.head_copies, 1.0, training.pipeline_group, device)
-                training.optimizer.step()
-                training.optimizer.zero_grad(set_to_none=True)
+                step(number, [batch], print)
             measured = tracker.peak(device)
         knobs = job_of(run)
         stages = split_estimates(config, split, Schedule(schedule, micro), **knobs)
@@ -163,7 +157,7 @@ def worker(out: Path) -> None:
                     }
                 )
             )
-        del pieces, training
+        del pieces, runner, optimizer, scheduler, step
         dist.barrier()
     dist.destroy_process_group()
 

@@ -12,6 +12,8 @@ On a device without fast 16-bit arithmetic (the CPU) the flags are ignored, with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +63,101 @@ def choose_precision(run: RunArguments, device_type: str) -> PrecisionChoice:
     half = torch.float16 if fp16 else torch.bfloat16
     base = torch.float32 if run.finetuning.finetuning_type == "full" else half
     return PrecisionChoice(device_type, half, fp16, base, torch.float32)
+
+
+class LossScaler:
+    """fp16 dynamic loss scaling, by ``torch.amp.GradScaler``'s rules, for any placement.
+
+    The loss is multiplied by ``scale`` before backward, the gradients divided by it before clipping.
+    Gradients holding inf/NaN skip the step and multiply the scale by ``backoff_factor``;
+    ``growth_interval`` clean steps in a row multiply it by ``growth_factor``. Where gradients live in
+    several processes, whether they overflowed is agreed by all of them (``unscale``'s ``any_rank``),
+    so every process skips the same steps. The state has GradScaler's format (``scaler.pt``), so a
+    checkpoint moves between one process and many.
+    """
+
+    def __init__(
+        self,
+        scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ):
+        self.scale, self.growth_factor, self.backoff_factor = scale, growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.growth_tracker = 0  # clean steps in a row since the scale last changed
+        self.skipped_steps = 0
+
+    def unscale(self, grads: list[torch.Tensor], any_rank: Callable[[bool], bool]) -> bool:
+        """Divide ``grads`` by the scale; True when they (or any rank's, by ``any_rank``) overflowed."""
+        inverse = 1.0 / self.scale
+        found = []
+        for grad in grads:
+            grad.mul_(inverse)
+            found.append((~torch.isfinite(grad)).any().to(grads[0].device))
+        return any_rank(bool(torch.stack(found).any()) if found else False)
+
+    def update(self, overflowed: bool) -> None:
+        """After the step (taken or skipped): back off on overflow, grow after enough clean steps."""
+        if overflowed:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            self.skipped_steps += 1
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        """``scaler.pt``: {"scaler": GradScaler.state_dict() format, "skipped_steps": n}."""
+        scaler = {
+            "scale": self.scale,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": self.growth_tracker,
+        }
+        return {"scaler": scaler, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, saved: dict) -> None:
+        scaler = saved.get("scaler")
+        if scaler:
+            self.scale, self.growth_factor = float(scaler["scale"]), float(scaler["growth_factor"])
+            self.backoff_factor, self.growth_interval = float(scaler["backoff_factor"]), int(scaler["growth_interval"])
+            self.growth_tracker = int(scaler["_growth_tracker"])
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+
+
+class Precision:
+    """A run's arithmetic while it trains: autocast as ``choice`` says, and its loss scaler (fp16)."""
+
+    def __init__(self, choice: PrecisionChoice):
+        self.choice = choice
+        self.scaler = LossScaler() if choice.loss_scaling else None
+
+    def autocast(self):
+        """The context every forward (training and evaluation) runs in."""
+        if self.choice.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.choice.device_type, dtype=self.choice.autocast_dtype)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler else 1.0
+
+    def unscale(self, grads: list[torch.Tensor], any_rank: Callable[[bool], bool]) -> bool:
+        """Bring ``grads`` back to their true size; True when the step must be skipped (fp16 overflow)."""
+        return self.scaler.unscale(grads, any_rank) if self.scaler else False
+
+    def update(self, overflowed: bool) -> None:
+        if self.scaler:
+            self.scaler.update(overflowed)
+
+    def state_dict(self) -> dict | None:
+        """What ``scaler.pt`` holds; None without a loss scale (no file)."""
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_state_dict(self, saved: dict) -> None:
+        if self.scaler:
+            self.scaler.load_state_dict(saved)

@@ -16,7 +16,7 @@ from test_model_config import TOY
 from chipspan.args import known_flags, parse_run_arguments
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
-from chipspan.train.recipe import check_arguments
+from chipspan.train.preflight import check_arguments
 
 # FUZZ_EXAMPLES=2000 for a longer hunt; the suite's 60 take seconds
 FUZZ = settings(

@@ -6,22 +6,22 @@ import tiny_run
 import torch
 from safetensors.torch import load_file
 
+from chipspan.chips import runner
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
-from chipspan.train import loop
 from chipspan.train.health import NONFINITE_STEP_LIMIT, NonFiniteGuard
 
 
 def nan_from_call(monkeypatch, first_bad: int) -> None:
     """Make every training loss from the ``first_bad``-th micro-batch on (1-based) NaN."""
-    real, calls = loop.pipelined_loss, []
+    real, calls = runner.pipelined_loss, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) >= first_bad else value
 
-    monkeypatch.setattr(loop, "pipelined_loss", loss)
+    monkeypatch.setattr(runner, "pipelined_loss", loss)
 
 
 def test_nonfinite_steps_are_not_applied_and_three_in_a_row_stop_the_run(tiny_workspace, tmp_path, monkeypatch):
@@ -40,14 +40,14 @@ def test_nonfinite_steps_are_not_applied_and_three_in_a_row_stop_the_run(tiny_wo
 
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_workspace, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real, calls = loop.pipelined_loss, []
+    real, calls = runner.pipelined_loss, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(loop, "pipelined_loss", loss)
+    monkeypatch.setattr(runner, "pipelined_loss", loss)
     tiny_run.run(tiny_run.command(tiny_workspace, out, "lora"))
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())

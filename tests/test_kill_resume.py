@@ -21,7 +21,7 @@ KILLER = """
 import os, signal, sys
 import torch
 from chipspan.cli import main
-from chipspan.train import loop
+from chipspan.chips import runner
 
 torch.set_num_threads(1)
 kind, at = sys.argv[1].split(":")
@@ -31,13 +31,13 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if kind == "step":
-    forward, calls = loop.pipelined_loss, [0]
+    forward, calls = runner.pipelined_loss, [0]
     def counting_forward(*args, **kwargs):
         calls[0] += 1
         if calls[0] == at:
             die()
         return forward(*args, **kwargs)
-    loop.pipelined_loss = counting_forward
+    runner.pipelined_loss = counting_forward
 else:
     save = torch.save
     def dying_save(obj, f, *args, **kwargs):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tiny_run import command, run
 
 from chipspan import emu
-from chipspan.train import loop
+from chipspan.chips import runner
 
 pytestmark = pytest.mark.skipif(not emu.is_available(), reason="the emulated chips cannot be built here")
 
@@ -25,14 +25,14 @@ def log_lines(out):
 
 
 def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny_workspace, tmp_path, monkeypatch):
-    forward, calls = loop.pipelined_loss, [0]
+    forward, calls = runner.pipelined_loss, [0]
 
     def overflowing_forward(*args, **kwargs):
         calls[0] += 1
         loss = forward(*args, **kwargs)
         return loss * float("inf") if calls[0] == 2 else loss  # step 2's gradients overflow
 
-    monkeypatch.setattr(loop, "pipelined_loss", overflowing_forward)
+    monkeypatch.setattr(runner, "pipelined_loss", overflowing_forward)
     out = tmp_path / "fp16"
     run(emu_command(tiny_workspace, out, "--fp16"))
 

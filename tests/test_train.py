@@ -146,7 +146,8 @@ def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
     )
     model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
     prepare_trainable(
-        model, parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning
+        list(model.stages),
+        parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning,
     )
     for chip, stage in enumerate(model.stages):
         assert {p.device for p in stage.parameters()} == {torch.device("emu", chip)}
@@ -316,7 +317,7 @@ def test_lora_spanned_stages_hold_their_own_layers(seed_workspace):
     run = parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "unused"))
     placement = even_placement(ModelConfig.from_folder(seed_workspace / "model"), [torch.device("cpu")] * 4)
     model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
-    prepare_trainable(model, run.finetuning)
+    prepare_trainable(list(model.stages), run.finetuning)
     keys = [set(adapter_state_dict(stage)) for stage in model.stages]
     assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
 

@@ -18,7 +18,8 @@ from chipspan.chips import span
 from chipspan.cli import main
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
-from chipspan.train import checkpoints, recipe
+from chipspan.precision import choose_precision
+from chipspan.train import checkpoints, preflight
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +113,10 @@ def test_rng_state_round_trips_through_weights_only_files(tmp_path):
 
     import numpy as np
 
-    recipe.seed_everything(3)
+    preflight.seed_everything(3)
     torch.save(checkpoints.rng_state(), tmp_path / "rng_state.pth")
     expected = (random.random(), np.random.rand(), torch.rand(1))
-    recipe.seed_everything(0)
+    preflight.seed_everything(0)
     checkpoints.restore_rng_state(checkpoints.read_saved(tmp_path / "rng_state.pth"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
@@ -324,10 +325,10 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
     asked = {}
     monkeypatch.setattr(checkpoints, "check_disk_space", lambda *args: asked.update(checkpoint=args[4], final=args[5]))
     arguments = parse_run_arguments(argv[1:], {})
-    recipe.check_disk(
+    preflight.check_disk(
         arguments,
         ModelConfig.from_folder(tiny_workspace / "model"),
-        torch.float32,
+        choose_precision(arguments, "cpu"),
         Tokenizer.from_folder(tiny_workspace / "model"),
         STEPS,
         print,

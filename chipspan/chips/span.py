@@ -7,9 +7,7 @@ boundaries. ``place_inputs``, ``stage_forward`` and ``loss`` are the pieces of t
 ``chipspan.chips.pipeline`` interleaves over micro-batches.
 
 Tied embeddings spanned over several chips live twice — the embedding matrix on the first chip,
-its copy as the head on the last. Their gradients are summed into both before the optimizer step,
-and the global gradient norm counts the matrix once, so both copies stay equal and the update is
-the one a single device would make.
+its copy as the head on the last (``chipspan.chips.gradients`` keeps the two equal).
 """
 
 from __future__ import annotations
@@ -95,49 +93,8 @@ class SpannedModel(nn.Module):
         the last chip."""
         return self.last.loss(hidden, labels.to(hidden.device), reduction=reduction)
 
-    def tied_copies(self) -> tuple[nn.Parameter, nn.Parameter] | None:
-        """(embedding, head copy) when tied embeddings live on two different stages."""
-        if not self.config.tie_word_embeddings or len(self.stages) == 1:
-            return None
-        return self.first.model.embed_tokens.weight, self.last.lm_head.weight
-
     def unique_parameters(self) -> list[nn.Parameter]:
-        """Every parameter once: the head copy of tied embeddings left out."""
-        copies = self.tied_copies()
-        skip = {id(copies[1])} if copies else set()
+        """Every parameter once: the head copy of embeddings tied across chips left out."""
+        spanned_tie = self.config.tie_word_embeddings and len(self.stages) > 1
+        skip = {id(self.last.lm_head.weight)} if spanned_tie else set()
         return [p for p in self.parameters() if id(p) not in skip]
-
-    def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """Sum tied gradients, clip the global gradient norm over all chips, return the norm before clipping."""
-        copies = self.tied_copies()
-        if copies and copies[0].requires_grad:
-            embed, head = copies
-            if head.grad is not None:
-                embed.grad = (
-                    head.grad.to(embed.device) if embed.grad is None else embed.grad + head.grad.to(embed.device)
-                )
-        norm = clip_global_norm([p for p in self.unique_parameters() if p.grad is not None], max_norm)
-        if copies and copies[0].requires_grad and copies[0].grad is not None:
-            copies[1].grad = copies[0].grad.to(copies[1].device)
-        return norm
-
-
-def clip_global_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients in place so their global L2 norm is at most ``max_norm`` (0: only measure);
-    returns the norm before scaling, an fp32 scalar.
-
-    The norm is the same however the parameters are spread over chips: one fp32 norm per
-    parameter, on its own chip, then gathered in parameter order on the first chip. (Summing per
-    device first, as ``torch.nn.utils.clip_grad_norm_`` does, rounds differently for each placement.)
-    """
-    grads = [p.grad for p in parameters]
-    if not grads:
-        return torch.zeros(())
-    first = grads[0].device
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(first) for g in grads])
-    total = torch.linalg.vector_norm(norms)
-    if max_norm > 0:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.device, g.dtype))
-    return total

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,6 @@ from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, remo
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
-from chipspan.train.checkpoints import KINDS
 from chipspan.train.reporting import TrainerState
 
 
@@ -125,38 +123,25 @@ def write_weights(
     return dict(part["file"] for part in parts)
 
 
-def load_stage_optimizer(pieces: list[CausalLM], optimizer, scheduler, folder: Path) -> None:
-    """This rank's share of a checkpoint's optimizer state and its scheduler (written by any placement)."""
-    saved = checkpoints.read_optimizer_state(folder)
-    names = _parameter_names(pieces)
-    by_kind = dict(zip(KINDS, saved["param_groups"])) if len(saved["param_groups"]) == len(KINDS) else None
-    for group in optimizer.param_groups:
-        saved_group = by_kind[_group_kind(pieces, group)] if by_kind else saved["param_groups"][0]
-        checkpoints.load_group_state(optimizer, group, saved_group, saved["state"], names)
-    schedule = checkpoints.read_saved(folder / checkpoints.SCHEDULER_FILE)
-    scheduler.load_state_dict(_resize_scheduler(schedule, len(optimizer.param_groups)))
-
-
 def _write_optimizer_share(pieces: list[CausalLM], optimizer, scheduler, layout: Layout, folder: Path) -> dict:
     """``optimizer-stage{k}-of-{n}.pt`` (empty where nothing trains, so the set is complete); returns
     what rank 0 needs for scheduler.pt and the manifest: the group kinds, the scheduler's state and
     the file's manifest entry."""
-    saved, kinds, schedule = {"state": {}, "param_groups": []}, [], None
+    saved, schedule = {"state": {}, "param_groups": [], "kinds": []}, None
     if optimizer is not None:
-        saved = checkpoints.optimizer_state_by_name(SimpleNamespace(stages=pieces), optimizer)
-        kinds = [_group_kind(pieces, group) for group in optimizer.param_groups]
+        saved = checkpoints.optimizer_state_by_name(pieces, optimizer)
         schedule = scheduler.state_dict()
     file = folder / f"optimizer-stage{layout.stage_rank}-of-{layout.pipeline}.pt"
-    torch.save({**saved, "kinds": kinds}, file)
+    torch.save(saved, file)
     checkpoints.fsync(file)
-    return {"kinds": kinds, "scheduler": schedule, "files": {file.name: manifest.file_entry(file)}}
+    return {"kinds": saved["kinds"], "scheduler": schedule, "files": {file.name: manifest.file_entry(file)}}
 
 
 def _scheduler_state(shares: list[dict]) -> dict | None:
     """scheduler.pt of the whole model: any stage's (they step alike), one entry per group kind present."""
     kinds = {kind for share in shares for kind in share["kinds"]}
     schedule = next((share["scheduler"] for share in shares if share["scheduler"] is not None), None)
-    return _resize_scheduler(schedule, len(kinds))
+    return checkpoints.resize_scheduler(schedule, len(kinds))
 
 
 def _on_rank_zero(mine) -> list | None:
@@ -166,26 +151,49 @@ def _on_rank_zero(mine) -> list | None:
     return [g for g in gathered if g is not None] if gathered is not None else None
 
 
-def _resize_scheduler(schedule: dict | None, groups: int) -> dict | None:
-    """A LambdaLR state for ``groups`` parameter groups (every group has the same learning rate)."""
-    if schedule is None:
-        return None
-    resized = dict(schedule)
-    for key in ("base_lrs", "_last_lr"):
-        if resized.get(key):
-            resized[key] = [resized[key][0]] * groups
-    return resized
+class RankWriter:
+    """How a torchrun rank's stages reach the disk (``chipspan.train.training``'s writer): every
+    rank writes its share of a checkpoint, rank 0 the logs, results and the rest."""
 
+    def __init__(
+        self,
+        pieces: list[CausalLM],
+        layout: Layout,
+        device: torch.device,
+        output_dir: Path,
+        tokenizer: Tokenizer,
+        base_model: str,
+        is_lora: bool,
+        settings: dict,
+    ):
+        self.pieces, self.layout, self.device, self.output_dir = pieces, layout, device, output_dir
+        self.tokenizer, self.base_model, self.is_lora, self.settings = tokenizer, base_model, is_lora, settings
+        self.writes_outputs = layout.writes_outputs
 
-def _group_kind(pieces: list[CausalLM], group: dict) -> str:
-    """ "no_decay" for a group of biases and norm weights (recipe's AdamW rule), else "decay"."""
-    name = _parameter_names(pieces)[id(group["params"][0])] if group["params"] else ""
-    return "no_decay" if name.endswith("bias") or "norm" in name else "decay"
+    def agree_nonfinite(self, name: str | None) -> str | None:
+        """Every rank agrees: one rank's inf/NaN weight stops them all before anything is written."""
+        flag = torch.tensor(float(name is not None), device=self.device)
+        dist.all_reduce(flag)
+        return name or ("of another stage" if float(flag) else None)
 
+    def checkpoint(self, step: int, optimizer, scheduler, state: TrainerState, precision_state: dict | None):
+        return save_checkpoint(
+            self.pieces,
+            optimizer,
+            scheduler,
+            self.layout,
+            self.output_dir,
+            step,
+            self.tokenizer,
+            state,
+            self.base_model,
+            self.is_lora,
+            self.settings,
+            precision_state,
+        )
 
-def _parameter_names(pieces: list[CausalLM]) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for piece in pieces:
-        for name, param in piece.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), name)
-    return names
+    def final_weights(self) -> None:
+        write_weights(self.pieces, self.layout, self.output_dir, self.base_model, self.is_lora)
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -4,7 +4,7 @@
     middle stage: forward(hidden (b, s, h), attention_mask)                 -> hidden (b, s, h)
     last stage:   forward(hidden, attention_mask, labels (b, s), loss_weight (b,)) -> loss, fp32 scalar
 
-Only the hidden states travel between ranks; every stage rebuilds the positions and the attention
+The forward runs under the run's autocast, as one process runs it. Only the hidden states travel between ranks; every stage rebuilds the positions and the attention
 mask from ``attention_mask`` (the schedule hands every stage its micro-batch of it). The last stage
 returns the micro-batch's *sum* of token losses times its ``loss_weight`` (the same for every row of
 a micro-batch: 1 / (trained tokens of the whole global batch × gradient accumulation steps)), so the
@@ -14,6 +14,8 @@ scaling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -25,9 +27,10 @@ from chipspan.models.decoder import CausalLM, build_attention_mask, default_posi
 
 
 class PipelinePiece(nn.Module):
-    def __init__(self, piece: CausalLM, activation_dtype: torch.dtype):
+    def __init__(self, piece: CausalLM, activation_dtype: torch.dtype, autocast: Callable[[], AbstractContextManager]):
         super().__init__()
         self.piece = piece
+        self.autocast = autocast  # the run's precision (chipspan.precision.Precision.autocast)
         self.activation_dtype = activation_dtype  # what crosses to the next stage
         self.is_first = piece.model.embed_tokens is not None
         self.is_last = piece.lm_head is not None
@@ -39,6 +42,10 @@ class PipelinePiece(nn.Module):
         labels: torch.Tensor | None = None,
         loss_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        with self.autocast():
+            return self._forward(inputs, attention_mask, labels, loss_weight)
+
+    def _forward(self, inputs, attention_mask, labels, loss_weight) -> torch.Tensor:
         b, s = attention_mask.shape
         positions = default_position_ids(attention_mask, b, s, 0, attention_mask.device)
         mask = build_attention_mask(attention_mask, s, 0, attention_mask.device)

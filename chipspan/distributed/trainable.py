@@ -34,9 +34,7 @@ def prepare_stages(
         if args.finetuning_type == "lora" and not adapter and layers:
             _draw_like_lora(config, range(drawn, layers[0]), args)
             drawn = layers[-1] + 1
-        prepare_trainable(
-            SimpleNamespace(stages=[piece], config=config), args, adapter=adapter, trained_dtype=trained_dtype
-        )
+        prepare_trainable([piece], args, adapter=adapter, trained_dtype=trained_dtype)
 
 
 def _draw_like_lora(config: ModelConfig, layers: range, args: FinetuningArguments) -> None:

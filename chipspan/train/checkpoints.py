@@ -44,12 +44,13 @@ import torch
 from chipspan import manifest
 from chipspan.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, save_adapter
 from chipspan.args import RunArguments
-from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, save_weights
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.precision import Precision
+from chipspan.train.optim import KINDS, group_kind, parameter_names
 from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState
 
 PREFIX = "checkpoint-"
@@ -57,7 +58,6 @@ CHECKPOINT, OUTPUT_DIR = "checkpoint", "output_dir"  # the kinds of folder chips
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pth"
-KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
 SCALER_FILE = "scaler.pt"  # fp16 loss scale and skipped-step count (as the HF Trainer names it)
 # What a run writes directly in output_dir besides its checkpoints (the tokenizer's files as
 # Tokenizer.save names them; "runs": TensorBoard's default folder).
@@ -86,12 +86,12 @@ RUN_OUTPUTS = (
 CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target")
 
 
-def save_trained_weights(model: SpannedModel, folder: Path, base_model: str, is_lora: bool) -> None:
-    """The adapter (LoRA) or the whole model (full, freeze) gathered from every chip, in HF formats."""
+def save_trained_weights(stages: list[CausalLM], folder: Path, base_model: str, is_lora: bool) -> None:
+    """The adapter (LoRA) or the whole model (full, freeze) gathered from every stage, in HF formats."""
     tensors: dict[str, torch.Tensor] = {}
-    for stage in model.stages:
+    for stage in stages:
         tensors.update(adapter_state_dict(stage) if is_lora else model_state_dict(stage))
-    write_trained_weights(tensors, model.first, folder, base_model, is_lora)
+    write_trained_weights(tensors, stages[0], folder, base_model, is_lora)
 
 
 def write_trained_weights(
@@ -120,7 +120,7 @@ def write_config(first_stage: CausalLM, folder: Path, dtype: torch.dtype) -> Non
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model: SpannedModel,
+    stages: list[CausalLM],
     tokenizer: Tokenizer,
     optimizer: torch.optim.Optimizer,
     scheduler,
@@ -132,9 +132,9 @@ def save_checkpoint(
 ) -> Path:
     """``checkpoint-{step}`` of a run of ``settings`` (:func:`run_settings`); returns its folder."""
     tmp = start_checkpoint(output_dir, step)
-    save_trained_weights(model, tmp, base_model, is_lora)
+    save_trained_weights(stages, tmp, base_model, is_lora)
     tokenizer.save(tmp)
-    torch.save(optimizer_state_by_name(model, optimizer), tmp / OPTIMIZER_FILE)
+    torch.save(optimizer_state_by_name(stages, optimizer), tmp / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     torch.save(rng_state(), tmp / RNG_FILE)
     if precision_state is not None:
@@ -470,9 +470,10 @@ def prepare_output_dir(output_dir: Path, remove_earlier_run: bool) -> None:
     manifest.mark(output_dir, OUTPUT_DIR)
 
 
-def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimizer) -> dict:
-    """AdamW state keyed by parameter name, on the CPU: independent of how the model is placed."""
-    names = _parameter_names(model)
+def optimizer_state_by_name(stages: list[CausalLM], optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW state keyed by parameter name, on the CPU, and the kind of each group (``optim.KINDS``):
+    independent of how the model is placed."""
+    names = parameter_names(stages)
     state = {
         names[id(p)]: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
         for group in optimizer.param_groups
@@ -482,15 +483,16 @@ def optimizer_state_by_name(model: SpannedModel, optimizer: torch.optim.Optimize
     return {
         "state": state,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "kinds": [group_kind(g, names) for g in optimizer.param_groups],
     }
 
 
 def read_optimizer_state(folder: Path) -> dict:
-    """A checkpoint's AdamW state keyed by parameter name, groups as ``KINDS`` orders those present:
+    """A checkpoint's AdamW state keyed by parameter name, and its groups by kind (``optim.KINDS``):
     ``optimizer.pt``, or the ``optimizer-stage{k}-of-{n}.pt`` files of its stages merged.
     Memory-mapped: a stage that loads a share reads only that share's tensors."""
     if (folder / OPTIMIZER_FILE).is_file():
-        return read_saved(folder / OPTIMIZER_FILE, mmap=True)
+        return _groups_by_kind(read_saved(folder / OPTIMIZER_FILE, mmap=True))
     files = sorted(folder.glob("optimizer-stage*-of-*.pt"))
     expected = int(files[0].stem.rpartition("-of-")[2]) if files else 0
     if not files or len(files) != expected:
@@ -500,30 +502,62 @@ def read_optimizer_state(folder: Path) -> dict:
         )
     state, groups = {}, {}
     for file in files:
-        part = read_saved(file, mmap=True)
+        part = _groups_by_kind(read_saved(file, mmap=True))
         state.update(part["state"])
-        for kind, group in zip(part["kinds"], part["param_groups"]):
+        for kind, group in part["groups"].items():
             groups.setdefault(kind, group)
-    return {"state": state, "param_groups": [groups[kind] for kind in KINDS if kind in groups]}
+    return {"state": state, "groups": groups}
 
 
-def load_optimizer_state(model: SpannedModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """The optimizer state of a checkpoint written by any placement (see read_optimizer_state)."""
+def _groups_by_kind(saved: dict) -> dict:
+    """{"state", "groups": {kind: group settings}} of a saved optimizer state (one written before the
+    kinds were recorded lists its groups in ``KINDS`` order)."""
+    kinds = saved.get("kinds") or list(KINDS[: len(saved["param_groups"])])
+    return {"state": saved["state"], "groups": dict(zip(kinds, saved["param_groups"]))}
+
+
+def load_optimizer_state(stages: list[CausalLM], optimizer: torch.optim.Optimizer, scheduler, folder: Path) -> None:
+    """The optimizer and scheduler state of a checkpoint written by any placement, for the
+    parameters of ``stages`` (all of the model's, or one rank's): each group's settings by kind,
+    each parameter's moments by name, moved to its chip."""
     saved = read_optimizer_state(folder)
-    names = _parameter_names(model)
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        load_group_state(optimizer, group, saved_group, saved["state"], names)
+    names = parameter_names(stages)
+    for group in optimizer.param_groups:
+        group.update(saved["groups"].get(group_kind(group, names), {}))
+        for p in group["params"]:
+            entry = saved["state"].get(names[id(p)])
+            if entry is not None:
+                optimizer.state[p] = {k: _own_copy(v, p.device) for k, v in entry.items()}
+    schedule = read_saved(folder / SCHEDULER_FILE)
+    scheduler.load_state_dict(resize_scheduler(schedule, len(optimizer.param_groups)))
 
 
-def load_group_state(
-    optimizer: torch.optim.Optimizer, group: dict, saved_group: dict, saved_state: dict, names: dict[int, str]
-) -> None:
-    """One parameter group's settings and its parameters' saved state (found by name, moved to their chip)."""
-    group.update(saved_group)
-    for p in group["params"]:
-        entry = saved_state.get(names[id(p)])
-        if entry is not None:
-            optimizer.state[p] = {k: _own_copy(v, p.device) for k, v in entry.items()}
+def resize_scheduler(schedule: dict | None, groups: int) -> dict | None:
+    """A LambdaLR state for ``groups`` parameter groups (every group has the same learning rate)."""
+    if schedule is None:
+        return None
+    resized = dict(schedule)
+    for key in ("base_lrs", "_last_lr"):
+        if resized.get(key):
+            resized[key] = [resized[key][0]] * groups
+    return resized
+
+
+def restore_training(
+    folder: Path, stages: list[CausalLM], optimizer, scheduler, precision: Precision, fresh: TrainerState
+) -> TrainerState:
+    """Where a run continues from checkpoint ``folder``: the optimizer and schedule of ``stages``
+    (none on a rank that trains nothing), the loss scale, the random generators, the trainer state
+    (its ``max_steps`` this run's)."""
+    with restoring(folder):
+        if optimizer is not None:
+            load_optimizer_state(stages, optimizer, scheduler, folder)
+        if (folder / SCALER_FILE).is_file():
+            precision.load_state_dict(read_saved(folder / SCALER_FILE))
+        restore_rng_state(read_saved(folder / RNG_FILE))
+    state = TrainerState.load(folder)
+    state.max_steps = fresh.max_steps
+    return state
 
 
 def _own_copy(value, device: torch.device):
@@ -570,14 +604,6 @@ def restore_rng_state(saved: dict) -> None:
     torch.set_rng_state(saved["cpu"])
     if "cuda" in saved and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-def _parameter_names(model: SpannedModel) -> dict[int, str]:
-    names = {}
-    for stage in model.stages:
-        for name, param in stage.named_parameters(remove_duplicate=False):
-            names.setdefault(id(param), name)
-    return names
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,40 +1,16 @@
-"""Held-out examples: ``eval_loss`` as the Hugging Face Trainer computes it, and generated answers."""
+"""Held-out examples answered: the prompts of the eval set, generated answers beside the data's.
+(Their ``eval_loss`` is ``chipspan.train.step.eval_loss``.)"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from chipspan.args import GeneratingArguments
 from chipspan.chips.span import SpannedModel
-from chipspan.data import IGNORE_INDEX, Example, collate
+from chipspan.data import IGNORE_INDEX, Example
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.infer.spanned import SpannedDecoder
 from chipspan.models.tokenizer import Tokenizer
-from chipspan.train.loop import Precision
-
-
-@torch.no_grad()
-def eval_loss(
-    model: SpannedModel, examples: Sequence[Example], pad_id: int, batch_size: int, precision: Precision
-) -> float:
-    """Mean over examples of their batch's mean token loss, in order, ``batch_size`` at a time.
-
-    This is the Trainer's ``eval_loss``: each batch's loss (mean over its trained tokens) counts
-    once per example in the batch.
-    """
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        batch = collate(chunk, pad_id)
-        with precision.autocast():
-            loss = model(batch["input_ids"], batch["labels"], batch["attention_mask"])
-        total += float(loss) * len(chunk)
-    model.train(was_training)
-    return total / len(examples)
 
 
 def last_answer(example: Example) -> tuple[list[int], list[int]]:

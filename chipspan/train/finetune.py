@@ -11,8 +11,6 @@ import torch
 from chipspan.adapters.lora import inject_lora
 from chipspan.adapters.peft_io import check_adapter, load_adapter
 from chipspan.args import FinetuningArguments
-from chipspan.chips.placement import Placement
-from chipspan.chips.span import SpannedModel
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
@@ -52,18 +50,19 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, a
 
 
 def prepare_trainable(
-    model: SpannedModel,
+    stages: list[CausalLM],
     args: FinetuningArguments,
     adapter: str | None = None,
     trained_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Mark what trains on every chip and make it ``trained_dtype`` (fp32 unless --pure_bf16).
+    """Mark what trains on ``stages`` (all of the model's, or one rank's) and make it
+    ``trained_dtype`` (fp32 unless --pure_bf16).
 
     LoRA: a new adapter, or ``adapter`` (a PEFT folder) to train further. New LoRA weights are drawn
     in layer order on the CPU generator, so a seed gives the same adapter however the model is spanned.
     """
     if args.finetuning_type == "lora":
-        for stage in model.stages:
+        for stage in stages:
             if adapter:
                 load_adapter(stage, adapter)
             else:
@@ -77,8 +76,8 @@ def prepare_trainable(
                 )
         trainable: list[str] | None = None
     else:
-        trainable = _freeze_selection(args, model.config.num_hidden_layers)
-    for stage in model.stages:
+        trainable = _freeze_selection(args, stages[0].config.num_hidden_layers)
+    for stage in stages:
         for name, param in stage.named_parameters():
             if args.finetuning_type != "lora":
                 param.requires_grad_(trainable is None or any(name.startswith(prefix) for prefix in trainable))
@@ -125,8 +124,7 @@ def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int
     meta-device model: nothing is allocated."""
     with torch.device("meta"):
         whole = CausalLM(config)
-    model = SpannedModel([whole], Placement((torch.device("meta"),), (range(config.num_hidden_layers),)))
-    prepare_trainable(model, args)
-    parameters = model.unique_parameters()
+    prepare_trainable([whole], args)
+    parameters = list(whole.parameters())
     trained = [p for p in parameters if p.requires_grad]
     return sum(p.numel() for p in trained), sum(p.numel() for p in parameters), len(trained)

@@ -1,91 +1,45 @@
-"""The training loop: micro-batches -> loss -> backward over the chips -> clip -> AdamW -> log/save.
+"""The training loop, the same for every placement: steps -> log -> evaluate -> save.
 
-Every optimizer step consumes ``gradient_accumulation_steps`` micro-batches from one stream that
-runs across epochs; each epoch visits the examples in an order drawn from ``seed + epoch``. So step
-N always sees the same batches, which is what makes a resumed run continue exactly.
+Every optimizer step consumes ``gradient_accumulation_steps`` batches from one stream that runs
+across epochs; each epoch visits the examples in an order drawn from ``seed + epoch``. So step N
+always sees the same batches, which is what makes a resumed run continue exactly. Under torchrun
+every rank draws the same global batches (per_device_train_batch_size × data-parallel replicas
+examples each) and the runner takes its replica's rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from chipspan.args import TrainingArguments
-from chipspan.chips.pipeline import pipelined_loss
-from chipspan.chips.span import SpannedModel
 from chipspan.data import Example, collate
-from chipspan.train.health import NonFiniteGuard
 from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
+from chipspan.train.step import TrainStep
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
-@dataclass
-class Precision:
-    """How arithmetic runs: autocast to ``autocast_dtype`` on ``device_type`` (None: plain), and a
-    dynamic loss scaler for fp16, which skips the steps whose gradients overflow (``skipped_steps``)."""
-
-    device_type: str
-    autocast_dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    skipped_steps: int = 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Bring the gradients back to their true size (before clipping)."""
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Apply the gradients; False when the scaler found inf/NaN in them and skipped the step."""
-        if not self.scaler:
-            optimizer.step()
-            return True
-        scale = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        stepped = self.scaler.get_scale() >= scale  # the scale only drops after an overflow
-        self.skipped_steps += not stepped
-        return stepped
-
-    def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict() if self.scaler else None, "skipped_steps": self.skipped_steps}
-
-    def load_state_dict(self, saved: dict) -> None:
-        if self.scaler and saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        self.skipped_steps = saved.get("skipped_steps", 0)
+def steps_per_epoch(num_examples: int, args: TrainingArguments, replicas: int = 1) -> int:
+    """Optimizer steps in one pass over the data (at least 1), ``replicas`` batches side by side."""
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * replicas))
+    return max(batches // args.gradient_accumulation_steps, 1)
 
 
-def steps_per_epoch(num_examples: int, args: TrainingArguments) -> int:
-    """Optimizer steps in one pass over the data (at least 1)."""
-    micro = math.ceil(num_examples / args.per_device_train_batch_size)
-    return max(micro // args.gradient_accumulation_steps, 1)
-
-
-def total_steps(num_examples: int, args: TrainingArguments) -> int:
+def total_steps(num_examples: int, args: TrainingArguments, replicas: int = 1) -> int:
     if args.max_steps > 0:
         return args.max_steps
-    return math.ceil(args.num_train_epochs * steps_per_epoch(num_examples, args))
+    return math.ceil(args.num_train_epochs * steps_per_epoch(num_examples, args, replicas))
 
 
-def micro_batches(
+def batch_stream(
     examples: list[Example], batch_size: int, seed: int, pad_id: int, skip: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless padded micro-batches, epoch after epoch, starting after the first ``skip``."""
+    """Endless padded batches of ``batch_size`` examples, epoch after epoch, starting after the first ``skip``."""
     per_epoch = math.ceil(len(examples) / batch_size)
     epoch, index = divmod(skip, per_epoch)
     while True:
@@ -96,53 +50,40 @@ def micro_batches(
 
 
 def train(
-    model: SpannedModel,
+    step: TrainStep,
     examples: list[Example],
     pad_id: int,
     args: TrainingArguments,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: Precision,
     state: TrainerState,
-    log: TrainLog,
+    log: TrainLog | None,
     save: Callable[[int], None],
     report: Callable[[str], None],
     evaluate: Callable[[], float] | None = None,
     memory: Callable[[], dict[str, int]] = dict,
+    replicas: int = 1,
 ) -> dict[str, float]:
     """Run from ``state.global_step`` to ``state.max_steps``; returns the train metrics.
 
-    ``evaluate`` (the eval loss) runs every ``eval_steps`` under ``eval_strategy steps`` and at the end
-    of each epoch under ``eval_strategy epoch``; ``memory`` gives the per-chip numbers of each log line.
-    A step the fp16 loss scaler skips (gradients overflowed) leaves the weights and the learning
-    rate as they were; the log counts such steps in ``skipped_steps``. So does a step whose loss or
-    gradient norm is inf/NaN (:class:`NonFiniteGuard`, which stops a run that keeps producing them).
+    ``log``: None on a torchrun rank that writes no outputs (it still takes part in every step,
+    evaluation and save). ``evaluate`` (the eval loss) runs every ``eval_steps`` under
+    ``eval_strategy steps`` and at the end of each epoch under ``eval_strategy epoch``; ``memory``
+    gives the per-chip numbers of each log line; ``replicas``: data-parallel replicas, each taking
+    per_device_train_batch_size rows of every batch.
     """
     accumulation = args.gradient_accumulation_steps
-    per_epoch = steps_per_epoch(len(examples), args)
-    batches = micro_batches(
-        examples, args.per_device_train_batch_size, args.seed, pad_id, skip=state.global_step * accumulation
-    )
+    batch_size = args.per_device_train_batch_size * replicas
+    per_epoch = steps_per_epoch(len(examples), args, replicas)
+    batches = batch_stream(examples, batch_size, args.seed, pad_id, skip=state.global_step * accumulation)
     first_step, started = state.global_step, time.time()
     losses_since_log: list[float] = []
     total_loss, tokens = 0.0, 0
-    progress = _progress_bar(state.max_steps, first_step)
-    guard = NonFiniteGuard(args.learning_rate, scaled=precision.scaler is not None)
-    model.train()
+    progress = _progress_bar(state.max_steps, first_step) if log is not None else None
+    scaled = step.precision.scaler is not None
+    step.set_training(True)
     while state.global_step < state.max_steps:
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(accumulation):
-            batch = next(batches)
-            with precision.autocast():
-                loss = pipelined_loss(model, batch, args.micro_batches) / accumulation
-            precision.backward(loss)
-            step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].count_nonzero())  # segment ids when packed
-        precision.unscale(optimizer)
-        grad_norm = float(model.clip_gradients(args.max_grad_norm))
-        if guard.allows(state.global_step + 1, step_loss, grad_norm, report) and precision.step(optimizer):
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_batches = [next(batches) for _ in range(accumulation)]
+        step_tokens = sum(int(b["attention_mask"].count_nonzero()) for b in step_batches)  # segment ids when packed
+        step_loss, grad_norm = step(state.global_step + 1, step_batches, report)
         state.finish_step(per_epoch, step_tokens)
         tokens += step_tokens
         losses_since_log.append(step_loss)
@@ -155,28 +96,31 @@ def train(
         if state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps:
             entry = {
                 "loss": round(sum(losses_since_log) / len(losses_since_log), 4),
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": step.learning_rate(),
                 "epoch": round(state.epoch, 4),
                 "grad_norm": grad_norm,
                 "step": state.global_step,
             }
-            if precision.scaler:
-                entry["skipped_steps"] = precision.skipped_steps
+            if scaled:
+                entry["skipped_steps"] = step.precision.scaler.skipped_steps
             state.log_history.append(entry)
-            record = log.write(
-                state.global_step,
-                entry["epoch"],
-                entry["loss"],
-                entry["learning_rate"],
-                tokens_per_second=round(tokens_per_second, 1),
-                **{k: v for k, v in entry.items() if k == "skipped_steps"},
-                **memory(),
-            )
-            if progress is None:
-                report(_plain_line(record))
+            if log is not None:
+                record = log.write(
+                    state.global_step,
+                    entry["epoch"],
+                    entry["loss"],
+                    entry["learning_rate"],
+                    tokens_per_second=round(tokens_per_second, 1),
+                    **{k: v for k, v in entry.items() if k == "skipped_steps"},
+                    **memory(),
+                )
+                if progress is None:
+                    report(_plain_line(record))
             losses_since_log = []
         if evaluate is not None and evaluation_due(state.global_step, per_epoch, args):
-            record_evaluation(state, log, evaluate(), report)
+            loss = evaluate()
+            if log is not None:
+                record_evaluation(state, log, loss, report)
         if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
             save(state.global_step)
     if progress is not None:
@@ -186,7 +130,7 @@ def train(
         total_loss,
         state.global_step - first_step,
         time.time() - started,
-        accumulation * args.per_device_train_batch_size,
+        accumulation * batch_size,
         tokens,
     )
 
