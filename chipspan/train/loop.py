@@ -23,8 +23,6 @@ from chipspan.data import Example, collate
 from chipspan.train.health import NonFiniteGuard
 from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 
-EVAL_STRATEGIES = ("no", "steps", "epoch")
-
 
 @dataclass
 class Precision:

@@ -24,7 +24,7 @@ from chipspan.args import RunArguments
 from chipspan.chips.placement import Placement
 from chipspan.chips.plan import one_process_per_chip, train_chips
 from chipspan.chips.span import SpannedModel
-from chipspan.data.loader import STAGES, DataSplit, load_dataset_split
+from chipspan.data.loader import DataSplit, load_dataset_split
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.infer.chat import stop_token_ids
@@ -35,7 +35,7 @@ from chipspan.train import checkpoints
 from chipspan.train.evaluate import eval_loss, predictions, sampling_settings
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable, prepare_trainable
 from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
-from chipspan.train.loop import EVAL_STRATEGIES, Precision, total_steps, train
+from chipspan.train.loop import Precision, total_steps, train
 from chipspan.train.reporting import (
     LOG_FILE,
     PREDICTIONS_FILE,
@@ -265,8 +265,6 @@ def _predict(run: RunArguments, model: SpannedModel, tokenizer: Tokenizer, examp
 
 def check_arguments(run: RunArguments) -> ModelConfig:
     ft, train_args = run.finetuning, run.training
-    if ft.stage not in STAGES:
-        raise ChipspanError(f"--stage {ft.stage} is not supported yet; chipspan trains: {', '.join(STAGES)}")
     if not (train_args.do_train or train_args.do_eval or train_args.do_predict):
         raise ChipspanError("nothing to do: add --do_train, --do_eval or --do_predict")
     _check_evaluation(run)
@@ -300,8 +298,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
 def _check_evaluation(run: RunArguments) -> None:
     """Evaluation settings: an eval set to use, and generation settings chipspan supports."""
     train_args, generating = run.training, run.generating
-    if train_args.eval_strategy not in EVAL_STRATEGIES:
-        raise ChipspanError(f"--eval_strategy {train_args.eval_strategy} is not one of {', '.join(EVAL_STRATEGIES)}")
     if (
         train_args.do_train
         and run.data.val_size == 0
