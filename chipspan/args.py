@@ -75,6 +75,35 @@ BATCH = Range(1, MAX_BATCH)
 SEEDS = Range(0, 2**32 - 1, example="42")  # what numpy's generator takes
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The words a text flag may take (declared as its field's ``choices`` metadata).
+
+    One of ``words``; with ``comma_list``, one or more of them comma-separated, or ``all`` alone.
+    """
+
+    words: tuple[str, ...]
+    comma_list: bool = False
+
+    def describe(self) -> str:
+        """The choices in words, e.g. "one of no, steps, epoch"."""
+        return f"one of {', '.join(self.words)}" + (" (a comma list of them, or all)" if self.comma_list else "")
+
+
+# The words each fixed-choice flag takes; the modules that act on them import these.
+STAGES = Choices(("sft", "pt"))
+FINETUNING_TYPES = Choices(("lora", "full", "freeze"))
+FREEZE_MODULES = Choices(("mlp", "self_attn"), comma_list=True)
+LR_SCHEDULER_TYPES = Choices(("linear", "cosine", "constant", "constant_with_warmup"))
+EVAL_STRATEGIES = Choices(("no", "steps", "epoch"))
+REPORT_TO = Choices(("none", "tensorboard", "all"))
+TEMPLATE_REVISIONS = Choices(("seed", "lf-0.9"))
+TOOL_FORMATS = Choices(("default", "llama3", "qwen", "mistral", "glm4"))
+MIX_STRATEGIES = Choices(("concat", "interleave_under", "interleave_over", "interleave_once"))
+PIPELINE_SCHEDULES = Choices(("gpipe", "1f1b", "interleaved1f1b"))
+LAUNCHERS = Choices(("torchrun",))
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hugging Face model folder"})
@@ -86,7 +115,7 @@ class DataArguments:
     dataset: str | None = field(default=None, metadata={"help": "comma-separated dataset names"})
     dataset_dir: str = field(default="data", metadata={"help": "folder with dataset_info.json and files"})
     template: str = field(default="default", metadata={"help": "prompt template"})
-    template_revision: str = field(default="seed", metadata={"help": "seed | lf-0.9"})
+    template_revision: str = field(default="seed", metadata={"help": "template tables", "choices": TEMPLATE_REVISIONS})
     cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example", "range": AT_LEAST_1})
     max_samples: int | None = field(
         default=None, metadata={"help": "first N rows of each dataset", "range": Range(1, example="1000")}
@@ -99,7 +128,9 @@ class DataArguments:
     train_on_prompt: bool = field(default=False, metadata={"help": "train on prompt tokens too"})
     mask_history: bool = field(default=False, metadata={"help": "train only the last assistant turn"})
     default_system: str | None = field(default=None, metadata={"help": "replace the template's system prompt"})
-    tool_format: str | None = field(default=None, metadata={"help": "how tool calls are written (lf-0.9)"})
+    tool_format: str | None = field(
+        default=None, metadata={"help": "how tool calls are written (lf-0.9)", "choices": TOOL_FORMATS}
+    )
     packing: bool | None = field(
         default=None, metadata={"help": "pack SFT examples into cutoff_len blocks, each kept apart in attention"}
     )
@@ -107,7 +138,9 @@ class DataArguments:
     neat_packing: bool = field(
         default=False, metadata={"help": "accepted from LLaMA-Factory; chipspan's packing always keeps examples apart"}
     )
-    mix_strategy: str = field(default="concat", metadata={"help": "concat | interleave_under | interleave_over"})
+    mix_strategy: str = field(
+        default="concat", metadata={"help": "how several datasets make one", "choices": MIX_STRATEGIES}
+    )
     interleave_probs: str | None = field(
         default=None, metadata={"help": "comma list of sampling probabilities, one per dataset (interleave)"}
     )
@@ -121,8 +154,8 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: str = field(default="sft", metadata={"help": "sft | pt"})
-    finetuning_type: str = field(default="lora", metadata={"help": "lora | full | freeze"})
+    stage: str = field(default="sft", metadata={"help": "what training does", "choices": STAGES})
+    finetuning_type: str = field(default="lora", metadata={"help": "what trains", "choices": FINETUNING_TYPES})
     lora_target: str | None = field(default=None, metadata={"help": "comma list of module names, or all"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank", "range": AT_LEAST_1})
     lora_alpha: float | None = field(
@@ -134,7 +167,9 @@ class FinetuningArguments:
     )
     additional_target: str | None = field(default=None, metadata={"help": "modules trained in full beside LoRA"})
     num_layer_trainable: int = field(default=3, metadata={"help": "freeze: layers trained (<0: the first)"})
-    name_module_trainable: str = field(default="mlp", metadata={"help": "freeze: mlp | self_attn | all"})
+    name_module_trainable: str = field(
+        default="mlp", metadata={"help": "freeze: modules trained", "choices": FREEZE_MODULES}
+    )
     plot_loss: bool = field(default=False, metadata={"help": "write training_loss.png"})
     pure_bf16: bool = field(default=False, metadata={"help": "everything in bf16, trained weights too, no autocast"})
 
@@ -150,7 +185,9 @@ class TrainingArguments:
     do_predict: bool = field(
         default=False, metadata={"help": "answer the eval rows and write generated_predictions.jsonl"}
     )
-    eval_strategy: str = field(default="no", metadata={"help": "no | steps | epoch: evaluate while training"})
+    eval_strategy: str = field(
+        default="no", metadata={"help": "when to evaluate while training", "choices": EVAL_STRATEGIES}
+    )
     eval_steps: int | None = field(
         default=None,
         metadata={"help": "evaluate every N steps (default logging_steps)", "range": Range(1, example="100")},
@@ -184,7 +221,7 @@ class TrainingArguments:
         metadata={"help": "optimizer steps; overrides num_train_epochs (-1: off)", "range": Range(-1, example="1000")},
     )
     lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "linear | cosine | constant | constant_with_warmup"}
+        default="linear", metadata={"help": "learning-rate schedule", "choices": LR_SCHEDULER_TYPES}
     )
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps", "range": AT_LEAST_0})
     warmup_ratio: float = field(
@@ -202,7 +239,9 @@ class TrainingArguments:
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard | all (tensorboard if installed)"})
+    report_to: str = field(
+        default="none", metadata={"help": "where logs go (all: tensorboard if installed)", "choices": REPORT_TO}
+    )
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/runs)"})
 
 
@@ -225,10 +264,15 @@ class ChipArguments:
         },
     )
     launcher: str | None = field(
-        default=None, metadata={"help": "torchrun: one process per chip (re-runs this command under torchrun)"}
+        default=None,
+        metadata={"help": "one process per chip (re-runs this command under it)", "choices": LAUNCHERS},
     )
     pipeline_schedule: str = field(
-        default="1f1b", metadata={"help": "one process per chip: gpipe | 1f1b | interleaved1f1b (2 stages per process)"}
+        default="1f1b",
+        metadata={
+            "help": "one process per chip: how micro-batches flow (interleaved1f1b: 2 stages per process)",
+            "choices": PIPELINE_SCHEDULES,
+        },
     )
     data_parallel: int = field(
         default=1,
@@ -315,17 +359,36 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
 
 
 def check_values(run: RunArguments) -> None:
-    """ChipspanError for the first setting outside its field's range (NaN and infinity never are),
-    or a --chip_memory that is not a positive size."""
+    """ChipspanError for the first setting outside its field's range (NaN and infinity never are) or
+    choices, or a --chip_memory that is not a positive size."""
     for group, cls in _GROUPS:
         settings = getattr(run, group)
         for f in dataclasses.fields(cls):
             value = getattr(settings, f.name)
-            if value is None or isinstance(value, (bool, str)):
-                if f.metadata.get("size") and value is not None:
+            if value is None or isinstance(value, bool):
+                continue
+            if isinstance(value, str):
+                if f.metadata.get("size"):
                     _check_size(f.name, value)
+                if "choices" in f.metadata:
+                    check_choice(f.name, value, f.metadata["choices"])
                 continue
             check_range(f.name, value, f.metadata.get("range", Range()), f.default)
+
+
+def check_choice(name: str, value: str, allowed: Choices) -> None:
+    """ChipspanError unless ``allowed`` holds flag ``name``'s ``value`` (each item of a comma list),
+    e.g. "--eval_strategy step is not one of no, steps, epoch; did you mean 'steps'?"."""
+    items = [item.strip() for item in value.split(",") if item.strip()] if allowed.comma_list else [value]
+    if allowed.comma_list and items == ["all"]:
+        return
+    wrong = next((item for item in items if item not in allowed.words), None if items else value)
+    if wrong is None:
+        return
+    close = difflib.get_close_matches(wrong, allowed.words, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    shown_value = shown(value) if wrong == value else f"{shown(value)}: '{shown(wrong)}'"
+    raise ChipspanError(f"--{name} {shown_value} is not {allowed.describe()}{hint}")
 
 
 def check_range(name: str, value: float, allowed: Range, default: float | None = None) -> None:
@@ -469,7 +532,7 @@ def flags_help() -> str:
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):
-            allowed = f.metadata.get("range")
+            allowed = f.metadata.get("range") or f.metadata.get("choices")
             limits = f"; {allowed.describe()}" if allowed else ""
             lines.append(f"  --{f.name:<34} {f.metadata.get('help', '')} (default: {f.default}{limits})")
     return "\n".join(lines)

@@ -1,8 +1,20 @@
 """Run settings: the seed's flags, YAML files with overrides, and the seed's chip variables."""
 
+import math
+
 import pytest
 
-from chipspan.args import known_flags, parse_run_arguments
+from chipspan.args import (
+    LR_SCHEDULER_TYPES,
+    MIX_STRATEGIES,
+    PIPELINE_SCHEDULES,
+    TEMPLATE_REVISIONS,
+    TOOL_FORMATS,
+    flags_help,
+    known_flags,
+    parse_run_arguments,
+)
+from chipspan.cli import main
 from chipspan.devices import parse_chip_ids
 from chipspan.errors import ChipspanError
 
@@ -132,3 +144,104 @@ def test_values_at_the_ends_of_their_ranges_are_accepted():
         {},
     )
     assert (run.training.warmup_ratio, run.data.val_size, run.generating.top_p) == (1.0, 3.0, 1.0)
+
+
+# ---- fixed choices ------------------------------------------------------------------------------
+
+CHOICE_FLAGS = {name: f.metadata["choices"] for name, (_, f, _) in known_flags().items() if "choices" in f.metadata}
+
+
+def test_every_fixed_choice_flag_declares_its_choices():
+    assert sorted(CHOICE_FLAGS) == sorted(
+        [
+            "stage",
+            "finetuning_type",
+            "name_module_trainable",
+            "lr_scheduler_type",
+            "eval_strategy",
+            "report_to",
+            "template_revision",
+            "tool_format",
+            "mix_strategy",
+            "pipeline_schedule",
+            "launcher",
+        ]
+    )
+
+
+def _refusal(argv: list[str]) -> str:
+    with pytest.raises(ChipspanError) as error:
+        parse_run_arguments(argv, {})
+    return str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_FLAGS))
+def test_a_bad_choice_is_one_line_with_the_valid_values(name, tmp_path):
+    choices = CHOICE_FLAGS[name]
+    message = f"--{name} zzz is not {choices.describe()}"
+    assert _refusal([f"--{name}", "zzz"]) == message
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"{name}: zzz\n")
+    assert _refusal([str(run_file)]) == message  # YAML refused the same way
+    assert all(word in message for word in choices.words)
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_FLAGS))
+def test_a_near_miss_says_the_closest_choice(name):
+    word = CHOICE_FLAGS[name].words[-1]
+    typo = word[:-1] if len(word) > 2 else word + "x"
+    assert _refusal([f"--{name}", typo]).endswith(f"; did you mean '{word}'?")
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_FLAGS))
+def test_every_valid_choice_is_accepted(name):
+    group, _, _ = known_flags()[name]
+    for word in CHOICE_FLAGS[name].words:
+        assert getattr(getattr(parse_run_arguments([f"--{name}", word], {}), group), name) == word
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_FLAGS))
+def test_help_lists_the_choices(name):
+    (line,) = [line for line in flags_help().splitlines() if line.strip().startswith(f"--{name} ")]
+    assert CHOICE_FLAGS[name].describe() in line
+
+
+def test_comma_list_choices_are_checked_one_by_one():
+    for value in ("mlp,self_attn", " self_attn , mlp ", "all"):
+        assert parse_run_arguments(["--name_module_trainable", value], {}).finetuning.name_module_trainable == value
+    assert _refusal(["--name_module_trainable", "mlp,self_atn"]) == (
+        "--name_module_trainable mlp,self_atn: 'self_atn' is not one of mlp, self_attn "
+        "(a comma list of them, or all); did you mean 'self_attn'?"
+    )
+    assert _refusal(["--name_module_trainable", "mlp,all"]).startswith("--name_module_trainable mlp,all: 'all' is not")
+    assert _refusal(["--name_module_trainable", ","]).startswith("--name_module_trainable , is not one of mlp")
+
+
+def test_optional_choices_take_none():
+    run = parse_run_arguments(["--launcher", "none", "--tool_format", "null"], {})
+    assert run.chips.launcher is None and run.data.tool_format is None
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "data"])
+def test_every_command_refuses_a_bad_choice_first(command, capsys):
+    assert main([command, "--launcher", "foo", "--model_name_or_path", "/no/such/model"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["chipspan: error: --launcher foo is not one of torchrun"]
+
+
+def test_every_choice_has_an_implementation():
+    """Each word the arguments accept reaches code that acts on it (no KeyError after the check)."""
+    from chipspan.chips.memory import VIRTUAL_STAGES
+    from chipspan.data import template_tools
+    from chipspan.data.mixing import mix
+    from chipspan.data.templates import TEMPLATES
+    from chipspan.distributed.pipeline import SCHEDULES
+    from chipspan.train.schedule import lr_factor
+
+    assert tuple(SCHEDULES) == tuple(VIRTUAL_STAGES) == PIPELINE_SCHEDULES.words
+    assert tuple(TEMPLATES) == TEMPLATE_REVISIONS.words
+    assert set(template_tools._TOOLS) - {"seed"} == set(template_tools._CALLS) == set(TOOL_FORMATS.words)
+    for kind in LR_SCHEDULER_TYPES.words:
+        factors = [lr_factor(kind, step, 10, 2) for step in range(10)]
+        assert all(0 <= f <= 1 and math.isfinite(f) for f in factors)
+    for strategy in MIX_STRATEGIES.words:
+        assert set(mix([lambda: "ab", lambda: "c"], strategy)) <= {"a", "b", "c"}

@@ -356,11 +356,6 @@ def test_seed_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, ca
     assert example.labels == ([M] * len(prompt("q1")) + answer("a1") + [M] * len(newline + prompt("q2")) + answer("a2"))
 
 
-def test_stage_must_be_sft_or_pt(tmp_path, tok):
-    with pytest.raises(ChipspanError, match="stage 'rm' is not supported yet"):
-        encode_rows(tmp_path, tok, [{"instruction": "hi", "output": "x"}], stage="rm")
-
-
 # ---- pre-training ----------------------------------------------------------------------------------
 
 

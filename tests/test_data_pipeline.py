@@ -338,7 +338,6 @@ def test_interleaving_datasets(tmp_path, tok):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        ({"mix_strategy": "interleave"}, "unknown mix_strategy 'interleave': use one of concat, interleave_under"),
         ({"interleave_probs": "0.5,0.5"}, "interleave_probs needs --mix_strategy interleave_under"),
         ({"mix_strategy": "interleave_under", "interleave_probs": "1"}, "has 1 values for 2 datasets"),
         ({"mix_strategy": "interleave_under", "interleave_probs": "0.5,0.6"}, r"sum to 1, got 0.5,0.6 \(sum 1.1\)"),

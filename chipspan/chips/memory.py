@@ -25,10 +25,11 @@ import math
 from dataclasses import dataclass
 from functools import cache
 
+from chipspan.args import FINETUNING_TYPES
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.loss import LOGITS_CHUNK_ELEMENTS
-from chipspan.train.finetune import FINETUNING_TYPES, freeze_layers, freeze_modules
+from chipspan.train.finetune import freeze_layers, freeze_modules
 
 TRAINED_BYTES = 4  # trained parameters are fp32
 GRADIENT_BYTES = 4  # fp32 gradient per trained parameter
@@ -149,8 +150,10 @@ def estimate(
     With ``gradients_held`` the gradients of earlier micro-batches are alive in the first two
     moments too: gradient accumulation, or a 1F1B stage that runs forwards after backwards.
     """
-    if finetuning_type not in FINETUNING_TYPES:
-        raise ChipspanError(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not '{finetuning_type}'")
+    if finetuning_type not in FINETUNING_TYPES.words:
+        raise ChipspanError(
+            f"finetuning_type must be one of {', '.join(FINETUNING_TYPES.words)}, not '{finetuning_type}'"
+        )
     if base_dtype_bytes not in (2, 4):
         raise ChipspanError(f"base_dtype_bytes must be 2 (fp16/bf16) or 4 (fp32), not {base_dtype_bytes}")
     if min(seq_len, batch, micro_batches_in_flight) < 1:

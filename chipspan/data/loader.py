@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "pt")
 NOTHING_TO_TRAIN = "has no tokens to train on"
 # A seed-rule cut keeps at least this many answer tokens, so a cut example is at most this much
 # shorter than cutoff_len: only those are re-encoded whole to count truncations.
@@ -123,8 +122,6 @@ def _check(
     data: DataArguments, stage: str, tokenizer: Tokenizer
 ) -> tuple[list[registry.DatasetEntry], Template | ChatTemplate | None, list | None]:
     """The entries, template and interleave probabilities; every flag is checked first."""
-    if stage not in STAGES:
-        raise ChipspanError(f"stage '{stage}' is not supported yet: use one of {', '.join(STAGES)}")
     if data.cutoff_len < 1:
         raise ChipspanError(f"cutoff_len must be at least 1, got {data.cutoff_len}")
     if data.max_samples is not None and data.max_samples < 1:

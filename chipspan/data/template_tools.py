@@ -15,8 +15,6 @@ from datetime import datetime
 
 from chipspan.errors import ChipspanError
 
-TOOL_FORMATS = ("seed", "default", "llama3", "qwen", "mistral", "glm4")
-
 _SEED_PROMPT = (
     "You have access to the following tools:\n{tool_text}"
     "Use the following format to answer the question:\n"

@@ -18,8 +18,6 @@ from chipspan.distributed.mesh import plan_layout
 from chipspan.distributed.pipeline import VIRTUAL_STAGES, check_schedule
 from chipspan.errors import ChipspanError
 
-LAUNCHERS = ("torchrun",)
-
 
 def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
     return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
@@ -27,8 +25,6 @@ def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
 
 def wants_processes(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process is one rank of a torchrun job that should train as a pipeline."""
-    if run.chips.launcher not in (None, *LAUNCHERS):
-        raise ChipspanError(f"--launcher {run.chips.launcher} is not supported; use --launcher torchrun")
     return under_torchrun(environ) and (int(environ.get("WORLD_SIZE", "1")) > 1 or run.chips.launcher is not None)
 
 

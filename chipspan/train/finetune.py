@@ -10,13 +10,10 @@ import torch
 
 from chipspan.adapters.lora import inject_lora
 from chipspan.adapters.peft_io import check_adapter, load_adapter
-from chipspan.args import FinetuningArguments
+from chipspan.args import FREEZE_MODULES, FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
-
-FINETUNING_TYPES = ("lora", "full", "freeze")
-FREEZE_MODULES = ("mlp", "self_attn")
 
 
 def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, adapter: str | None = None) -> None:
@@ -25,10 +22,6 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, a
     LoRA from an ``adapter`` folder: its config and weights are checked instead of the LoRA flags.
     """
     num_layers = config.num_hidden_layers
-    if args.finetuning_type not in FINETUNING_TYPES:
-        raise ChipspanError(
-            f"finetuning_type '{args.finetuning_type}' is not supported; choose one of: {', '.join(FINETUNING_TYPES)}"
-        )
     if args.finetuning_type == "lora" and adapter:
         check_adapter(config, adapter)
         return
@@ -109,12 +102,12 @@ def freeze_layers(num_layers: int, count: int) -> range:
 def freeze_modules(names: str) -> list[str]:
     """The decoder-layer modules "freeze" trains, from ``name_module_trainable`` (comma list, or all)."""
     modules = [n.strip() for n in names.split(",") if n.strip()]
-    modules = list(FREEZE_MODULES) if modules == ["all"] else modules
-    unknown = [m for m in modules if m not in FREEZE_MODULES] or ([] if modules else [names])
+    modules = list(FREEZE_MODULES.words) if modules == ["all"] else modules
+    unknown = [m for m in modules if m not in FREEZE_MODULES.words] or ([] if modules else [names])
     if unknown:
         raise ChipspanError(
             f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
-            f"choose from: {', '.join(FREEZE_MODULES)} (comma-separated), or all"
+            f"choose from: {', '.join(FREEZE_MODULES.words)} (comma-separated), or all"
         )
     return modules
 

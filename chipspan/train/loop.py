@@ -21,8 +21,6 @@ from chipspan.data import Example, collate
 from chipspan.train.reporting import TrainerState, TrainLog, record_evaluation, train_metrics
 from chipspan.train.step import TrainStep
 
-EVAL_STRATEGIES = ("no", "steps", "epoch")
-
 
 def steps_per_epoch(num_examples: int, args: TrainingArguments, replicas: int = 1) -> int:
     """Optimizer steps in one pass over the data (at least 1), ``replicas`` batches side by side."""

@@ -12,7 +12,7 @@ import torch
 
 from chipspan.args import RunArguments
 from chipspan.chips.plan import one_process_per_chip
-from chipspan.data.loader import STAGES, DataSplit
+from chipspan.data.loader import DataSplit
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -21,14 +21,11 @@ from chipspan.paths import check_output, run_inputs
 from chipspan.precision import PrecisionChoice
 from chipspan.train import checkpoints
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable
-from chipspan.train.loop import EVAL_STRATEGIES
 from chipspan.train.reporting import tensorboard_wanted
 
 
 def check_arguments(run: RunArguments) -> ModelConfig:
     ft, train_args = run.finetuning, run.training
-    if ft.stage not in STAGES:
-        raise ChipspanError(f"--stage {ft.stage} is not supported yet; chipspan trains: {', '.join(STAGES)}")
     if not (train_args.do_train or train_args.do_eval or train_args.do_predict):
         raise ChipspanError("nothing to do: add --do_train, --do_eval or --do_predict")
     _check_evaluation(run)
@@ -62,8 +59,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
 def _check_evaluation(run: RunArguments) -> None:
     """Evaluation settings: an eval set to use, and generation settings chipspan supports."""
     train_args, generating = run.training, run.generating
-    if train_args.eval_strategy not in EVAL_STRATEGIES:
-        raise ChipspanError(f"--eval_strategy {train_args.eval_strategy} is not one of {', '.join(EVAL_STRATEGIES)}")
     if (
         train_args.do_train
         and run.data.val_size == 0
