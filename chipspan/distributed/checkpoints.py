@@ -36,43 +36,38 @@ from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.distributed.mesh import Layout
 from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, remove_weights
 from chipspan.models.decoder import CausalLM
-from chipspan.models.tokenizer import Tokenizer
 from chipspan.train import checkpoints
 from chipspan.train.reporting import TrainerState
 
 
 def save_checkpoint(
+    files: checkpoints.RunFiles,
+    step: int,
     pieces: list[CausalLM],
+    layout: Layout,
     optimizer,
     scheduler,
-    layout: Layout,
-    output_dir: Path,
-    step: int,
-    tokenizer: Tokenizer,
     state: TrainerState,
-    base_model: str,
-    is_lora: bool,
-    settings: dict,
     precision_state: dict | None = None,
 ) -> Path | None:
-    """``checkpoint-{step}`` of a run of ``settings`` (``checkpoints.run_settings``), every rank taking
-    part (see the module's docstring); ``precision_state``: the fp16 loss scaler's (``scaler.pt``), the
-    same on every rank. Returns the folder on rank 0, None elsewhere."""
-    first = layout.rank == 0
+    """``checkpoint-{step}`` in ``files.output_dir``, every rank taking part (see the module's
+    docstring); ``precision_state``: the fp16 loss scaler's (``scaler.pt``), the same on every rank.
+    Returns the folder on rank 0, None elsewhere."""
+    first, output_dir = layout.rank == 0, files.output_dir
     tmp = checkpoints.start_checkpoint(output_dir, step) if first else checkpoints.temporary_folder(output_dir, step)
-    hashed = write_weights(pieces, layout, tmp, base_model, is_lora)  # its barrier orders the cleanup first
+    hashed = write_weights(pieces, layout, tmp, files.base_model, files.is_lora)  # its barrier orders the cleanup first
     mine = _write_optimizer_share(pieces, optimizer, scheduler, layout, tmp) if layout.replica == 0 else None
     shares = _on_rank_zero(mine)  # also: every stage's files are written
     if not first:
         return None
-    tokenizer.save(tmp)
+    files.tokenizer.save(tmp)
     torch.save(_scheduler_state(shares), tmp / checkpoints.SCHEDULER_FILE)
     torch.save(checkpoints.rng_state(), tmp / checkpoints.RNG_FILE)
     state.save(tmp)
     if precision_state is not None:
         torch.save(precision_state, tmp / checkpoints.SCALER_FILE)
     known = {**hashed, **{name: entry for share in shares for name, entry in share["files"].items()}}
-    return checkpoints.finish_checkpoint(tmp, output_dir, step, settings, known)
+    return checkpoints.finish_checkpoint(tmp, output_dir, step, files.settings, known)
 
 
 def write_weights(
@@ -155,19 +150,8 @@ class RankWriter:
     """How a torchrun rank's stages reach the disk (``chipspan.train.training``'s writer): every
     rank writes its share of a checkpoint, rank 0 the logs, results and the rest."""
 
-    def __init__(
-        self,
-        pieces: list[CausalLM],
-        layout: Layout,
-        device: torch.device,
-        output_dir: Path,
-        tokenizer: Tokenizer,
-        base_model: str,
-        is_lora: bool,
-        settings: dict,
-    ):
-        self.pieces, self.layout, self.device, self.output_dir = pieces, layout, device, output_dir
-        self.tokenizer, self.base_model, self.is_lora, self.settings = tokenizer, base_model, is_lora, settings
+    def __init__(self, stages: list[CausalLM], layout: Layout, device: torch.device, files: checkpoints.RunFiles):
+        self.stages, self.layout, self.device, self.files = stages, layout, device, files
         self.writes_outputs = layout.writes_outputs
 
     def agree_nonfinite(self, name: str | None) -> str | None:
@@ -177,23 +161,11 @@ class RankWriter:
         return name or ("of another stage" if float(flag) else None)
 
     def checkpoint(self, step: int, optimizer, scheduler, state: TrainerState, precision_state: dict | None):
-        return save_checkpoint(
-            self.pieces,
-            optimizer,
-            scheduler,
-            self.layout,
-            self.output_dir,
-            step,
-            self.tokenizer,
-            state,
-            self.base_model,
-            self.is_lora,
-            self.settings,
-            precision_state,
-        )
+        return save_checkpoint(self.files, step, self.stages, self.layout, optimizer, scheduler, state, precision_state)
 
     def final_weights(self) -> None:
-        write_weights(self.pieces, self.layout, self.output_dir, self.base_model, self.is_lora)
+        files = self.files
+        write_weights(self.stages, self.layout, files.output_dir, files.base_model, files.is_lora)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -106,20 +106,10 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     def evaluate() -> float:
         return eval_loss(runner, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size)
 
-    writer = RankWriter(pieces, layout, device, output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+    files = checkpoints.RunFiles(output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+    writer = RankWriter(pieces, layout, device, files)
     metrics = train_and_save(
-        run,
-        pieces,
-        runner,
-        writer,
-        precision,
-        tokenizer,
-        examples,
-        steps,
-        resume,
-        evaluate if train_args.eval_strategy != "no" else None,
-        say,
-        replicas=layout.data,
+        run, runner, writer, precision, examples, steps, resume, evaluate, say, replicas=layout.data
     )
     if train_args.do_eval:  # every rank runs the pipeline; rank 0 writes eval_results.json
         if layout.writes_outputs:

@@ -35,7 +35,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -117,30 +117,38 @@ def write_config(first_stage: CausalLM, folder: Path, dtype: torch.dtype) -> Non
     (folder / "config.json").write_text(_json(raw))
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run's checkpoints and final outputs are written with, by every placement."""
+
+    output_dir: Path
+    tokenizer: Tokenizer
+    base_model: str  # the model folder the run started from (its config; LoRA's base)
+    is_lora: bool  # the trained weights are an adapter
+    settings: dict  # run_settings: what a resume must match
+
+
 def save_checkpoint(
-    output_dir: Path,
+    files: RunFiles,
     step: int,
     stages: list[CausalLM],
-    tokenizer: Tokenizer,
     optimizer: torch.optim.Optimizer,
     scheduler,
     state: TrainerState,
-    base_model: str,
-    is_lora: bool,
-    settings: dict,
     precision_state: dict | None = None,
 ) -> Path:
-    """``checkpoint-{step}`` of a run of ``settings`` (:func:`run_settings`); returns its folder."""
-    tmp = start_checkpoint(output_dir, step)
-    save_trained_weights(stages, tmp, base_model, is_lora)
-    tokenizer.save(tmp)
+    """``checkpoint-{step}`` in ``files.output_dir``; returns its folder. ``precision_state``: the
+    fp16 loss scaler's (``scaler.pt``)."""
+    tmp = start_checkpoint(files.output_dir, step)
+    save_trained_weights(stages, tmp, files.base_model, files.is_lora)
+    files.tokenizer.save(tmp)
     torch.save(optimizer_state_by_name(stages, optimizer), tmp / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     torch.save(rng_state(), tmp / RNG_FILE)
     if precision_state is not None:
         torch.save(precision_state, tmp / SCALER_FILE)
     state.save(tmp)
-    return finish_checkpoint(tmp, output_dir, step, settings)
+    return finish_checkpoint(tmp, files.output_dir, step, files.settings)
 
 
 def start_checkpoint(output_dir: Path, step: int) -> Path:

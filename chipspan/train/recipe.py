@@ -82,22 +82,11 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
 
     metrics: dict[str, float] = {}
     if train_args.do_train:
-        stages = list(model.stages)
-        writer = LocalWriter(stages, output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+        files = checkpoints.RunFiles(output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+        writer = LocalWriter(list(model.stages), files)
+        memory, peaks = (lambda: _chip_memory(placement)), (lambda: _peak_memory(placement, report))
         metrics = train_and_save(
-            run,
-            stages,
-            runner,
-            writer,
-            precision,
-            tokenizer,
-            examples,
-            steps,
-            resume,
-            evaluate if train_args.eval_strategy != "no" else None,
-            report,
-            memory=lambda: _chip_memory(placement),
-            peaks=lambda: _peak_memory(placement, report),
+            run, runner, writer, precision, examples, steps, resume, evaluate, report, memory, peaks
         )
     if train_args.do_eval:
         final_evaluation(evaluate, len(eval_examples), metrics.get("epoch"), output_dir, report)

@@ -39,38 +39,18 @@ class LocalWriter:
 
     writes_outputs = True
 
-    def __init__(
-        self,
-        stages: list[CausalLM],
-        output_dir: Path,
-        tokenizer: Tokenizer,
-        base_model: str,
-        is_lora: bool,
-        settings: dict,
-    ):
-        self.stages, self.output_dir, self.tokenizer = stages, output_dir, tokenizer
-        self.base_model, self.is_lora, self.settings = base_model, is_lora, settings
+    def __init__(self, stages: list[CausalLM], files: checkpoints.RunFiles):
+        self.stages, self.files = stages, files
 
     def agree_nonfinite(self, name: str | None) -> str | None:
         return name
 
     def checkpoint(self, step: int, optimizer, scheduler, state: TrainerState, precision_state: dict | None) -> Path:
-        return checkpoints.save_checkpoint(
-            self.output_dir,
-            step,
-            self.stages,
-            self.tokenizer,
-            optimizer,
-            scheduler,
-            state,
-            self.base_model,
-            self.is_lora,
-            self.settings,
-            precision_state,
-        )
+        return checkpoints.save_checkpoint(self.files, step, self.stages, optimizer, scheduler, state, precision_state)
 
     def final_weights(self) -> None:
-        checkpoints.save_trained_weights(self.stages, self.output_dir, self.base_model, self.is_lora)
+        files = self.files
+        checkpoints.save_trained_weights(self.stages, files.output_dir, files.base_model, files.is_lora)
 
     def barrier(self) -> None:
         pass
@@ -78,25 +58,24 @@ class LocalWriter:
 
 def train_and_save(
     run: RunArguments,
-    stages: list[CausalLM],
     runner,
     writer,
     precision: Precision,
-    tokenizer: Tokenizer,
     examples: list,
     steps: int,
     resume: Path | None,
-    evaluate: Callable[[], float] | None,
+    evaluate: Callable[[], float],
     report: Callable[[str], None],
     memory: Callable[[], dict[str, int]] = dict,
     peaks: Callable[[], dict[str, int]] = dict,
     replicas: int = 1,
 ) -> dict[str, float]:
-    """Train this process's ``stages`` (run by ``runner``: ``chipspan.train.step``) for ``steps``
+    """Train the writer's stages (run by ``runner``: ``chipspan.train.step``) for ``steps``
     optimizer steps, from ``resume`` when given, and write what a run leaves; returns the train
-    metrics. ``memory``: the per-chip numbers of each log line; ``peaks``: those of the results."""
-    train_args, output_dir = run.training, Path(run.training.output_dir)
-    is_lora = run.finetuning.finetuning_type == "lora"
+    metrics. ``evaluate``: the eval loss, run as --eval_strategy says; ``memory``: the per-chip
+    numbers of each log line; ``peaks``: those of the results."""
+    train_args, stages, files = run.training, writer.stages, writer.files
+    output_dir, tokenizer, is_lora = files.output_dir, files.tokenizer, files.is_lora
     optimizer, scheduler = build_optimizer(stages, train_args, steps)
     step = TrainStep(runner, optimizer, scheduler, precision, train_args.max_grad_norm, train_args.learning_rate)
     state = TrainerState(
@@ -136,7 +115,8 @@ def train_and_save(
         log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
     try:
         pad_id = tokenizer.pad_token_id
-        metrics = train(step, examples, pad_id, train_args, state, log, save, report, evaluate, memory, replicas)
+        during = evaluate if train_args.eval_strategy != "no" else None
+        metrics = train(step, examples, pad_id, train_args, state, log, save, report, during, memory, replicas)
     finally:
         if log is not None:
             log.close()
