@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import torch
 
-from chipspan.adapters.lora import LoraLinear, inject_lora
+from chipspan.adapters.lora import LoraLinear
 from chipspan.args import FinetuningArguments
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
-from chipspan.train.finetune import prepare_trainable
+from chipspan.train.finetune import add_new_lora, prepare_trainable
 
 
 def prepare_stages(
@@ -43,15 +43,7 @@ def _draw_like_lora(config: ModelConfig, layers: range, args: FinetuningArgument
         return
     with torch.device("meta"):
         skipped = CausalLM(config, layers=layers, embed=False, head=False)
-    wrapped = inject_lora(
-        skipped,
-        args.lora_target,
-        r=args.lora_rank,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        additional_target=args.additional_target,
-    )
-    for name in wrapped:
+    for name in add_new_lora(skipped, args):
         meta = skipped.get_submodule(name)
         weightless = SimpleNamespace(
             in_features=meta.in_features, out_features=meta.out_features, weight=torch.empty(0), bias=None

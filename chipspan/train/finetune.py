@@ -59,14 +59,7 @@ def prepare_trainable(
             if adapter:
                 load_adapter(stage, adapter)
             else:
-                inject_lora(
-                    stage,
-                    args.lora_target,
-                    r=args.lora_rank,
-                    alpha=args.lora_alpha,
-                    dropout=args.lora_dropout,
-                    additional_target=args.additional_target,
-                )
+                add_new_lora(stage, args)
         trainable: list[str] | None = None
     else:
         trainable = _freeze_selection(args, stages[0].config.num_hidden_layers)
@@ -76,6 +69,18 @@ def prepare_trainable(
                 param.requires_grad_(trainable is None or any(name.startswith(prefix) for prefix in trainable))
             if param.requires_grad:
                 param.data = param.data.to(trained_dtype)
+
+
+def add_new_lora(model: torch.nn.Module, args: FinetuningArguments) -> list[str]:
+    """Wrap ``args.lora_target`` of ``model`` in new LoRA layers as the flags say; the wrapped names."""
+    return inject_lora(
+        model,
+        args.lora_target,
+        r=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        additional_target=args.additional_target,
+    )
 
 
 def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] | None:
