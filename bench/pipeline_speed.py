@@ -32,6 +32,9 @@ import torch
 from chipspan.models.checkpoint import save_weights
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+from chipspan.precision import Precision, PrecisionChoice
+from chipspan.train.optim import build_optimizer
+from chipspan.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = {
@@ -46,6 +49,7 @@ SHAPE = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
+PRECISION = Precision(PrecisionChoice("cpu", None, False, torch.float32, torch.float32))
 
 
 def make_model(folder: Path) -> None:
@@ -60,6 +64,14 @@ def batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def training_step(runner, stages: list[CausalLM]) -> TrainStep:
+    """chipspan's own step (forward, backward, clip, AdamW) over ``runner``, fp32, learning rate 1e-5."""
+    from chipspan.args import TrainingArguments
+
+    optimizer, scheduler = build_optimizer(stages, TrainingArguments(learning_rate=1e-5), steps=100)
+    return TrainStep(runner, optimizer, scheduler, PRECISION, 1.0, 1e-5)
+
+
 def time_steps(step, steps: int) -> float:
     """Seconds per step, after one warm-up step."""
     step()
@@ -71,21 +83,15 @@ def time_steps(step, steps: int) -> float:
 
 def single(folder: Path, args) -> dict:
     from chipspan.chips.placement import even_placement
+    from chipspan.chips.runner import ChipsRunner
     from chipspan.chips.span import SpannedModel
 
     model = SpannedModel.load(
         folder, even_placement(ModelConfig.from_folder(folder), [torch.device("cpu")]), torch.float32
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    data = batch(args.batch, args.seq)
-
-    def step():
-        model(data["input_ids"], data["labels"], data["attention_mask"]).backward()
-        model.clip_gradients(1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return {"seconds_per_step": time_steps(step, args.steps)}
+    step = training_step(ChipsRunner(model, 1, PRECISION.autocast), list(model.stages))
+    data = [batch(args.batch, args.seq)]
+    return {"seconds_per_step": time_steps(lambda: step(1, data, print), args.steps)}
 
 
 def pipelined(folder: Path, args) -> dict:
@@ -94,10 +100,8 @@ def pipelined(folder: Path, args) -> dict:
 
     from chipspan.args import parse_run_arguments
     from chipspan.chips.placement import split_layers
-    from chipspan.distributed.gradients import clip_global_norm
-    from chipspan.distributed.loop import replica_rows
     from chipspan.distributed.mesh import plan_layout, start
-    from chipspan.distributed.recipe import _rank_training
+    from chipspan.distributed.runner import RankRunner
     from chipspan.distributed.stage import load_stage
     from chipspan.distributed.trainable import prepare_stages
 
@@ -145,14 +149,12 @@ def pipelined(folder: Path, args) -> dict:
     split = split_layers(config.num_hidden_layers, layout.num_stages)
     pieces = [load_stage(folder, config, split, s, torch.float32, device) for s in layout.stages]
     prepare_stages(pieces, config, run.finetuning, None)
-    training = _rank_training(run, layout, device, mesh, pieces, torch.float32, steps=100)
-    rows = replica_rows([batch(args.batch, args.seq)], layout, args.batch, 0, training.data_group, device)
+    micro = run.training.micro_batches
+    runner = RankRunner(layout, device, mesh, pieces, args.schedule, micro, args.batch, 0, torch.float32, PRECISION)
+    train_step, data = training_step(runner, pieces), [batch(args.batch, args.seq)]
 
     def step():
-        training.runner.step(rows)
-        clip_global_norm(training.trained, training.head_copies, 1.0, training.pipeline_group, device)
-        training.optimizer.step()
-        training.optimizer.zero_grad(set_to_none=True)
+        train_step(1, data, print)
         dist.barrier()
 
     step()  # warm-up

@@ -3,7 +3,7 @@
     python bench/train_speed.py [--steps 20] [--rounds 2] [--cutoff 512] [--chips 1]
 
 The same SmolLM2-135M-Instruct (fetched and converted as the demo does), the same examples
-(alpaca_zh_demo from ../shared/data, `default` template, batch 1), LoRA q_proj,v_proj r8, AdamW,
+(alpaca_zh_demo from LLaMA-Factory's demo data, fetched as the tests fetch it; `default` template, batch 1), LoRA q_proj,v_proj r8, AdamW,
 no gradient checkpointing. The two loops take turns, ``--steps`` optimizer steps each per round,
 so machine noise hits both alike; it prints tokens/s for each round and the ratio of the totals.
 Needs transformers and peft (the test extras).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,14 +21,15 @@ from pathlib import Path
 import torch
 
 from chipspan.adapters.lora import inject_lora
-from chipspan.assets import demo_model_dir
+from chipspan.assets import demo_model_dir, fetch_demo_datasets
 from chipspan.chips.placement import even_placement
+from chipspan.chips.runner import ChipsRunner
 from chipspan.chips.span import SpannedModel
 from chipspan.data import load_examples
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from chipspan.precision import Precision, PrecisionChoice
+from chipspan.train.step import TrainStep
 
 
 def chipspan_step_fn(folder: Path, chips: int):
@@ -35,16 +37,18 @@ def chipspan_step_fn(folder: Path, chips: int):
     model = SpannedModel.load(folder, placement, torch.float32)
     for stage in model.stages:
         inject_lora(stage, "q_proj,v_proj", r=8)
-    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    precision = Precision(PrecisionChoice("cpu", None, False, torch.float32, torch.float32))
+    train_step = TrainStep(ChipsRunner(model, 1, precision.autocast), optimizer, schedule, precision, 1.0, 1e-4)
+    train_step.set_training(True)
+    number = [0]
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
-        loss = model(ids, labels)
-        loss.backward()
-        model.clip_gradients(1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        """chipspan's own training step (chipspan.train.step), as `chipspan train` runs it."""
+        number[0] += 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        return train_step(number[0], [batch], print)[0]
 
     return step
 
@@ -92,7 +96,8 @@ def main() -> None:
     folder = demo_model_dir()
     tokenizer = Tokenizer.from_folder(folder)
     with tempfile.TemporaryDirectory() as registry:
-        entry = {"alpaca_zh_demo": {"file_name": str(SHARED_DATA / "alpaca_zh_demo.json")}}
+        shutil.copy(fetch_demo_datasets() / "alpaca_zh_demo.json", registry)
+        entry = {"alpaca_zh_demo": {"file_name": "alpaca_zh_demo.json"}}
         (Path(registry) / "dataset_info.json").write_text(json.dumps(entry))
         examples = load_examples(
             "alpaca_zh_demo",
