@@ -66,3 +66,38 @@ def test_pure_bf16_is_ignored_on_the_cpu(tiny_workspace, tmp_path):
     messages = []
     run(command(tiny_workspace, tmp_path / "cpu", "lora") + ["--pure_bf16"], report=messages.append)
     assert any("--pure_bf16 is ignored on cpu" in m for m in messages)
+
+
+def test_the_loss_scaler_follows_torchs_grad_scaler():
+    """LossScaler (both placements' fp16 scaling) against torch.amp.GradScaler over the same
+    steps, two of them overflowing: the same scale, the same skipped steps, the same weights, and
+    a state GradScaler loads."""
+    from chipspan.precision import LossScaler
+
+    torch.manual_seed(0)
+    start = torch.randn(8)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    our_optimizer, their_optimizer = torch.optim.SGD([ours], lr=0.1), torch.optim.SGD([theirs], lr=0.1)
+    scaler, reference = (
+        LossScaler(scale=2.0**4, growth_interval=3),
+        torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=3),
+    )
+    for poisoned in (False, True, False, False, False, False, True, False, False, False):
+        ((ours * ours).sum() * scaler.scale).backward()
+        reference.scale((theirs * theirs).sum()).backward()
+        if poisoned:
+            ours.grad[0] = theirs.grad[0] = float("inf")
+        overflowed = scaler.unscale([ours.grad], lambda flag: flag)
+        if not overflowed:
+            our_optimizer.step()
+        scaler.update(overflowed)
+        reference.step(their_optimizer)
+        reference.update()
+        assert overflowed is poisoned
+        assert scaler.scale == reference.get_scale()
+        assert torch.equal(ours, theirs)
+        our_optimizer.zero_grad(), their_optimizer.zero_grad()
+    assert scaler.skipped_steps == 2
+    loaded = torch.amp.GradScaler("cpu")
+    loaded.load_state_dict(scaler.state_dict()["scaler"])
+    assert loaded.state_dict() == reference.state_dict()
