@@ -74,9 +74,9 @@ def worker(out: Path) -> None:
     from memory_check import Tracker
 
     from chipspan.args import parse_run_arguments
+    from chipspan.chips.job import job_of
     from chipspan.chips.memory import Schedule, split_estimates
     from chipspan.chips.placement import split_layers
-    from chipspan.chips.plan import job_of
     from chipspan.distributed.gradients import clip_global_norm
     from chipspan.distributed.loop import replica_rows
     from chipspan.distributed.mesh import plan_layout, start
@@ -85,6 +85,7 @@ def worker(out: Path) -> None:
     from chipspan.distributed.trainable import prepare_stages
     from chipspan.models.config import ModelConfig
     from chipspan.models.decoder import CausalLM
+    from chipspan.precision import choose_precision
 
     torch.set_num_threads(1)
     rank, device = int(os.environ["RANK"]), torch.device("cpu")
@@ -149,8 +150,7 @@ def worker(out: Path) -> None:
                 training.optimizer.step()
                 training.optimizer.zero_grad(set_to_none=True)
             measured = tracker.peak(device)
-        knobs = job_of(run)
-        stages = split_estimates(config, split, Schedule(schedule, micro), **knobs)
+        stages = split_estimates(config, split, job_of(run, choose_precision(run, "cpu")), Schedule(schedule, micro))
         for s in layout.stages:
             (out / f"job{index}-stage{s}.json").write_text(
                 json.dumps(
