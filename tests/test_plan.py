@@ -608,3 +608,144 @@ def test_estimate_matches_each_stage_process_peak(tmp_path):
     for job, stages in zip(jobs, results):
         for stage in stages:
             assert 0.9 < stage["predicted"] / stage["measured"] < 1.1, (job, stage)
+
+
+# --- `plan` and `train` choose alike: the split, the micro-batches, the path -----------------------
+
+
+def _grid():
+    """finetuning type x chips x --micro_batches x (one process | torchrun with each schedule) x device."""
+    paths = [(None, "1f1b"), ("torchrun", "gpipe"), ("torchrun", "1f1b"), ("torchrun", "interleaved1f1b")]
+    for finetuning, chips, micro, (launcher, schedule), device in itertools.product(
+        ("lora", "full", "freeze"), (2, 4), (None, 2), paths, ("cpu", "emu")
+    ):
+        flags = ["--finetuning_type", finetuning, "--chips", f"0-{chips - 1}", "--device", device]
+        flags += ["--per_device_train_batch_size", "4", "--lora_target", "all"]
+        flags += ["--micro_batches", str(micro)] if micro else []
+        flags += ["--launcher", launcher, "--pipeline_schedule", schedule] if launcher else []
+        flags += ["--chip_memory", "300MiB"] if device == "emu" else []  # a known memory: the plan checks the fit
+        yield pytest.param(flags, id="-".join(f for f in flags[1::2] if f != "all"))
+
+
+def _what_train_runs(run, config):
+    """(layers per stage, micro-batches per batch, one process per chip) as `train` chooses them,
+    through the functions train calls (one process: recipe._placement; a torchrun rank: its layout
+    and stage_span), without loading a weight."""
+    from chipspan.chips.job import one_process_per_chip
+    from chipspan.chips.plan import stage_span
+    from chipspan.distributed.mesh import plan_layout
+    from chipspan.distributed.pipeline import VIRTUAL_STAGES
+
+    if not one_process_per_chip(run):
+        placement, micro = _placement(run, config)
+        return [list(r) for r in placement.layers], micro, False
+    world = int(run.chips.chips.split("-")[1]) + 1
+    layout = plan_layout(world, 0, run.chips.data_parallel, VIRTUAL_STAGES[run.chips.pipeline_schedule])
+    device = torch.device(run.chips.device, 0) if run.chips.device == "emu" else torch.device("cpu")
+    span_ = stage_span(run, config, layout.num_stages, device)
+    return [list(r) for r in span_.layers], span_.micro_batches, True
+
+
+@pytest.mark.parametrize("flags", list(_grid()))
+def test_plan_shows_the_split_micro_batches_and_path_train_uses(flags, tmp_path, capsys, monkeypatch):
+    from chipspan.cli import main
+
+    if "emu" in flags and not emu.is_available():
+        pytest.skip("the emu device cannot be built here (no C++ compiler?)")
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    folder = _model_folder(tmp_path, **HEAVY_HEAD)
+    run = _train_run(folder, *flags)
+    assert main(["plan", "--model_name_or_path", str(folder), "--cutoff_len", "256", *flags, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    try:
+        trained = _what_train_runs(run, ModelConfig.from_folder(folder))
+    finally:
+        if emu._ext is not None:
+            emu.set_memory_limit(None)
+    layers = [list(range(c["layers"][0], c["layers"][1] + 1)) for c in plan["chips"]]
+    assert (layers, plan["micro_batches"], plan["one_process_per_chip"]) == trained
+    assert plan["fits"] is (True if "emu" in flags else None)
+
+
+def test_without_a_chips_memory_train_balances_the_layers_as_the_plan_does(tmp_path):
+    folder = _model_folder(tmp_path, **HEAVY_HEAD)
+    placement, _ = _placement(
+        _train_run(folder, "--finetuning_type", "full", "--device", "cpu", "--chips", "0-1"),
+        ModelConfig.from_folder(folder),
+    )
+    assert [len(r) for r in placement.layers] == [7, 1]  # the head's chip is the fullest: not 4 + 4
+
+
+@pytest.mark.parametrize(
+    "launcher, environ, path",
+    [
+        (None, {}, "one process"),
+        ("torchrun", {}, "relaunch"),
+        ("torchrun", {"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "rank"),
+        (None, {"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, "rank"),
+        (None, {"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "one process"),  # torchrun of one process, no --launcher
+        (None, {"WORLD_SIZE": "2"}, "one process"),  # a stray WORLD_SIZE is not torchrun
+    ],
+)
+def test_one_rule_picks_the_path_for_plan_train_and_the_cli(launcher, environ, path, tmp_path, monkeypatch, capsys):
+    from chipspan import cli
+    from chipspan.chips.job import one_process_per_chip
+    from chipspan.distributed import launch, recipe
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    taken = []
+    monkeypatch.setattr(recipe, "run_distributed_train", lambda run: taken.append("rank"))
+    monkeypatch.setattr(launch, "relaunch", lambda run, flags: taken.append("relaunch") or 0)
+    monkeypatch.setattr("chipspan.train.recipe.run_train", lambda run: taken.append("one process"))
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    flags = ["--chips", "0-1", *(["--launcher", launcher] if launcher else [])]
+    assert cli.main(["train", "--model_name_or_path", str(folder), *flags]) == 0
+    assert taken == [path]
+    assert cli.main(["plan", "--model_name_or_path", str(folder), *flags, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["one_process_per_chip"]
+    assert shown == one_process_per_chip(_train_run(folder, *flags)) == (path != "one process")
+
+
+def test_an_unknown_launcher_is_refused_by_plan_and_train(tmp_path):
+    from chipspan.chips.plan import make_plan
+
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    with pytest.raises(ChipspanError, match="^--launcher mpirun is not supported; use --launcher torchrun$"):
+        make_plan(_train_run(folder, "--launcher", "mpirun"))
+
+
+# --- planning touches no device, and chips/ does not import train/ ---------------------------------
+
+
+def _python(code: str) -> str:
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_planning_imports_no_plugin_and_starts_no_emulated_chip(tmp_path):
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    code = f"""
+import sys
+from chipspan.args import parse_run_arguments
+from chipspan.chips.plan import make_plan
+for device in ("emu", "tpu", "npu"):
+    for extra in ([], ["--launcher", "torchrun"]):
+        flags = ["--model_name_or_path", {str(folder)!r}, "--device", device, "--chips", "0-1", "--fp16", *extra]
+        make_plan(parse_run_arguments([*flags, "--chip_memory", "1GiB"], {{}}))
+        make_plan(parse_run_arguments(flags, {{}}))
+emu = sys.modules.get("chipspan.emu")
+print(sorted(m for m in ("torch_tpu", "torch_npu") if m in sys.modules), emu is not None and emu._ext is not None)
+"""
+    assert _python(code) == "[] False"
+
+
+def test_the_plan_imports_nothing_from_train():
+    code = "import sys, chipspan.chips.plan; print(sorted(m for m in sys.modules if m.startswith('chipspan.train')))"
+    assert _python(code) == "[]"

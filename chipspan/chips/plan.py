@@ -26,7 +26,6 @@ from chipspan.chips.memory import (
     min_chips,
     split_estimates,
 )
-from chipspan.chips.placement import split_layers
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
@@ -80,13 +79,14 @@ def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
 def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: int | None, device_type: str) -> Span:
     """The layers of ``num_chips`` chips and the micro-batches per batch.
 
-    Priced in the precision the run computes in on ``device_type``. --micro_batches, when given,
-    is kept. Otherwise the plan takes the most micro-batches that divide the batch and fit (the
-    smaller the micro-batch, the smaller the pipeline's idle bubble and, under 1F1B, the
-    activations in flight), or one micro-batch where the chips cannot overlap (a single chip; one
-    process on the CPU or emulated chips). With ``usable`` (bytes per chip) the layers balance
-    predicted memory; without it they split evenly. A split that does not fit is returned as it
-    is: ``check_fits`` says so.
+    The one choice `plan` shows and `train` runs (in one process or one process per chip), priced
+    in the precision the run computes in on ``device_type``. --micro_batches, when given, is kept.
+    Otherwise the plan takes the most micro-batches that divide the batch and fit in ``usable``
+    bytes per chip (the smaller the micro-batch, the smaller the pipeline's idle bubble and, under
+    1F1B, the activations in flight) — the most, where the chip's memory is unknown (None) — or
+    one micro-batch where the chips cannot overlap (a single chip; one process on the CPU or
+    emulated chips). The layers balance the predicted memory. A split that does not fit is
+    returned as it is: ``check_fits`` says so.
     """
     processes = one_process_per_chip(run)
     batch = run.training.per_device_train_batch_size
@@ -108,10 +108,8 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
     spans = []
     for micro in candidates:
         job, schedule = job_of(run, precision, micro), schedule_of(run, micro)
-        if usable is None:
-            return Span(list(split_layers(config.num_hidden_layers, num_chips * virtual)), micro, schedule, job)
         spans.append(Span(balanced_split(config, job, num_chips * virtual, schedule), micro, schedule, job))
-        if max(_chip_peaks(config, spans[-1])) <= usable:
+        if usable is None or max(_chip_peaks(config, spans[-1])) <= usable:
             return spans[-1]
     return spans[0]
 
@@ -152,8 +150,6 @@ def make_plan(run: RunArguments) -> Plan:
             f"{count * virtual} pipeline stages asked for but the model has only {config.num_hidden_layers} layers"
         )
     span = choose_span(run, config, count, chip_bytes, device_type)
-    if chip_bytes is None:  # nothing to fit: still balance the predicted memory
-        span = replace(span, layers=balanced_split(config, span.job, count * virtual, span.schedule))
     chips = split_estimates(config, span.layers, span.job, span.schedule)
     return Plan(run.model.model_name_or_path, chip_bytes, fewest, chips, span.schedule, span.micro_batches, processes)
 
@@ -164,10 +160,9 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
     where unknown).
 
     A chip's memory is --chip_memory on emulated chips, else what the first chip reports (taken
-    for all); the plan may use ``usable_fraction`` of it. Known, the layers follow
-    ``balanced_split``, a split the plan says will overflow is refused, and ``--chips auto`` takes
-    the fewest chips that hold the job. Unknown (the CPU), the layers are split evenly and
-    ``--chips auto`` is refused.
+    for all); the plan may use ``usable_fraction`` of it. Known, a split the plan says will
+    overflow is refused, and ``--chips auto`` takes the fewest chips that hold the job. Unknown
+    (the CPU), ``--chips auto`` is refused. The split is ``choose_span``'s, as `chipspan plan` shows.
     """
     auto = run.chips.chips == "auto"
     chip_ids = None if auto else devices.parse_chip_ids(run.chips.chips)
@@ -194,10 +189,11 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
 def stage_span(run: RunArguments, config: ModelConfig, num_stages: int, device: torch.device) -> Span:
     """The layers of each pipeline stage and the micro-batches per batch for one process per chip
     (``num_stages`` = pipeline ranks × stages per rank), refused before any weight loads when the
-    plan says the fullest chip overflows. The chip's memory is what this rank's device reports
-    (none on the CPU: the layers then split evenly)."""
+    plan says the fullest chip overflows. The chip's memory is found as in one process
+    (``_chip_memory``): --chip_memory on emulated chips, what this rank's device reports, or none
+    (the CPU)."""
     pipeline_ranks = num_stages // VIRTUAL_STAGES[run.chips.pipeline_schedule]
-    chip_bytes = None if device.type in devices.SINGLE_DEVICE_TYPES else _reported_memory(device)
+    chip_bytes = _chip_memory(run, device.type, device.index or 0)
     usable = None if chip_bytes is None else int(chip_bytes * run.chips.usable_fraction)
     span = choose_span(run, config, pipeline_ranks, usable, device.type)
     if usable is not None:
