@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -39,14 +40,16 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chipspan.args import FinetuningArguments, TrainingArguments  # noqa: E402
+from chipspan.args import FinetuningArguments, TrainingArguments, parse_run_arguments  # noqa: E402
+from chipspan.chips.job import Job as PlanJob  # noqa: E402
+from chipspan.chips.job import job_of  # noqa: E402
 from chipspan.chips.memory import GIB, estimate  # noqa: E402
 from chipspan.chips.placement import Placement  # noqa: E402
 from chipspan.chips.runner import ChipsRunner  # noqa: E402
 from chipspan.chips.span import SpannedModel  # noqa: E402
 from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
-from chipspan.precision import Precision, PrecisionChoice  # noqa: E402
+from chipspan.precision import Precision, PrecisionChoice, choose_precision  # noqa: E402
 from chipspan.train.finetune import prepare_trainable  # noqa: E402
 from chipspan.train.optim import build_optimizer  # noqa: E402
 
@@ -60,6 +63,7 @@ class Job:
 
     finetuning_type: str = "lora"
     half: bool = False  # --fp16: autocast to fp16 (frozen fp16 base for lora/freeze), GradScaler
+    pure_bf16: bool = False  # --pure_bf16: every weight bf16, trained ones too, no autocast
     seq_len: int = 1024
     batch: int = 1
     gradient_checkpointing: bool = False
@@ -69,20 +73,27 @@ class Job:
     num_layer_trainable: int = 3
     name_module_trainable: str = "mlp"
 
-    def knobs(self) -> dict:
-        """``estimate``'s keyword arguments."""
-        return dict(
-            finetuning_type=self.finetuning_type,
-            base_dtype_bytes=2 if self.half else 4,
-            seq_len=self.seq_len,
-            batch=self.batch,
-            gradient_checkpointing=self.gradient_checkpointing,
-            lora_rank=self.lora_rank,
-            lora_targets=self.lora_targets,
-            micro_batches_in_flight=self.micro_batches_in_flight,
-            num_layer_trainable=self.num_layer_trainable,
-            name_module_trainable=self.name_module_trainable,
+    def run_arguments(self):
+        """The `train` flags of this job (one micro-batch per batch)."""
+        precision = ["--fp16"] if self.half else ["--pure_bf16"] if self.pure_bf16 else []
+        flags = [
+            *("--finetuning_type", self.finetuning_type, "--lora_target", ",".join(self.lora_targets)),
+            *("--lora_rank", str(self.lora_rank), "--cutoff_len", str(self.seq_len)),
+            *("--per_device_train_batch_size", str(self.batch), "--num_layer_trainable", str(self.num_layer_trainable)),
+            *("--name_module_trainable", self.name_module_trainable, *precision),
+        ]
+        return parse_run_arguments(
+            flags if self.gradient_checkpointing else [*flags, "--disable_gradient_checkpointing"], {}
         )
+
+    def precision(self) -> PrecisionChoice:
+        """What the flags come to on a chip (emu, which honours them)."""
+        return choose_precision(self.run_arguments(), "emu")
+
+    def plan_job(self) -> PlanJob:
+        """What ``estimate`` prices: the plan's job of these flags, with this many micro-batches in flight."""
+        job = job_of(self.run_arguments(), self.precision())
+        return dataclasses.replace(job, micro_batches_in_flight=self.micro_batches_in_flight)
 
 
 # --- the tracker ---------------------------------------------------------------------------------
@@ -191,15 +202,7 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     and its AdamW and Precision (random weights; under FakeTensorMode, fake ones)."""
     starts = [sum(split[:i]) for i in range(len(split))]
     layers = tuple(range(a, a + n) for a, n in zip(starts, split))
-    device_type = devices[0].type
-    half = job.half and job.finetuning_type != "full"
-    precision = PrecisionChoice(
-        device_type,
-        torch.float16 if job.half else None,
-        job.half,
-        torch.float16 if half else torch.float32,
-        torch.float32,
-    )
+    precision = job.precision()
     stages, default = [], torch.get_default_dtype()
     torch.set_default_dtype(precision.base_dtype)  # built in the load dtype, as loaded
     try:
@@ -314,7 +317,7 @@ def measure(
         layers = model.placement.layers
         for i, device in enumerate(devices):
             first, last = i == 0, i == len(split) - 1
-            predicted = estimate(config, layers[i], first, last, **job.knobs()).total
+            predicted = estimate(config, layers[i], first, last, job.plan_job()).total
             tracked = tracker.peak(device) if tracker is not None else 0
             measured = emu.peak_memory(i) if mode == "emu" else tracked
             phases = dict(tracker.peaks.get(str(device), {})) if tracker is not None else {}
@@ -330,7 +333,7 @@ class _ShortMemo(dict):
 def predict(config: ModelConfig, split: list[int], job: Job) -> list[int]:
     starts = [sum(split[:i]) for i in range(len(split))]
     return [
-        estimate(config, range(a, a + n), i == 0, i == len(split) - 1, **job.knobs()).total
+        estimate(config, range(a, a + n), i == 0, i == len(split) - 1, job.plan_job()).total
         for i, (a, n) in enumerate(zip(starts, split))
     ]
 
@@ -377,6 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--finetuning", default="lora", choices=("lora", "full", "freeze"))
     parser.add_argument("--lora_target", default="q_proj,v_proj")
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--pure_bf16", action="store_true")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--checkpointing", action="store_true")
@@ -395,6 +399,7 @@ def main(argv=None) -> int:
     job = Job(
         finetuning_type=args.finetuning,
         half=args.fp16,
+        pure_bf16=args.pure_bf16,
         seq_len=args.seq,
         batch=args.batch,
         gradient_checkpointing=args.checkpointing,
@@ -405,7 +410,7 @@ def main(argv=None) -> int:
     )
     results = measure(config, split, job, args.mode, steps=args.steps)
     print(
-        f"{args.mode}: {args.finetuning}{' fp16' if args.fp16 else ' fp32'}, seq {args.seq}, batch {args.batch}"
+        f"{args.mode}: {args.finetuning}{' fp16' if args.fp16 else ' pure bf16' if args.pure_bf16 else ' fp32'}, seq {args.seq}, batch {args.batch}"
         f"{', checkpointing' if args.checkpointing else ''}{f', {args.in_flight} in flight' if args.in_flight > 1 else ''},"
         f" h={config.hidden_size}, split {split}"
     )
@@ -415,8 +420,6 @@ def main(argv=None) -> int:
 
 def _truncated(config: ModelConfig, layers: int) -> ModelConfig:
     """The same model shape with only its first ``layers`` decoder layers."""
-    import dataclasses
-
     return dataclasses.replace(config, num_hidden_layers=layers)
 
 

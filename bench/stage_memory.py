@@ -74,9 +74,9 @@ def worker(out: Path) -> None:
     from memory_check import Tracker
 
     from chipspan.args import parse_run_arguments
+    from chipspan.chips.job import job_of
     from chipspan.chips.memory import Schedule, split_estimates
     from chipspan.chips.placement import split_layers
-    from chipspan.chips.plan import job_of
     from chipspan.distributed.mesh import plan_layout, start
     from chipspan.distributed.pipeline import VIRTUAL_STAGES
     from chipspan.distributed.runner import RankRunner
@@ -143,8 +143,7 @@ def worker(out: Path) -> None:
                 tracker.phase = "step"
                 step(number, [batch], print)
             measured = tracker.peak(device)
-        knobs = job_of(run)
-        stages = split_estimates(config, split, Schedule(schedule, micro), **knobs)
+        stages = split_estimates(config, split, job_of(run, choose_precision(run, "cpu")), Schedule(schedule, micro))
         for s in layout.stages:
             (out / f"job{index}-stage{s}.json").write_text(
                 json.dumps(

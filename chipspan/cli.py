@@ -139,13 +139,14 @@ def _run_train(args: argparse.Namespace) -> None:
     if _help_asked(args.flags):
         return
     run = parse_run_arguments(args.flags)
+    from chipspan.chips.job import one_process_per_chip
     from chipspan.distributed import launch
 
     if launch.wants_processes(run):
         from chipspan.distributed.recipe import run_distributed_train
 
         run_distributed_train(run)
-    elif run.chips.launcher is not None:
+    elif one_process_per_chip(run):  # --launcher torchrun, not yet under torchrun
         code = launch.relaunch(run, args.flags)
         if code:
             raise SystemExit(code)

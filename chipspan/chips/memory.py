@@ -6,35 +6,25 @@ last); ``pack_layers`` / ``min_chips`` find how few chips of a given size hold a
 ``balanced_split`` spreads a job over a given number of chips so the fullest chip is as empty as
 possible. The formulas, their sources and what they leave out are in docs/plan.md.
 
-The job's knobs (``estimate``'s keyword arguments) are:
-
-- ``finetuning_type``: "lora", "full" or "freeze".
-- ``base_dtype_bytes``: bytes per element of the compute dtype: 2 under --fp16/--bf16 (a frozen
-  fp16/bf16 base, 16-bit activations), 4 in fp32. Trained parameters are fp32 whatever it is.
-- ``seq_len``, ``batch``: tokens per example (cutoff_len) and examples per micro-batch.
-- ``gradient_checkpointing``: keep only each layer's input and recompute the rest in backward.
-- ``lora_rank``, ``lora_targets``: the adapters ("all": every linear layer).
-- ``micro_batches_in_flight``: micro-batches whose activations a chip holds at once. The split
-  functions take a ``Schedule`` instead, which gives each pipeline stage its own count.
-- ``num_layer_trainable``, ``name_module_trainable``: what "freeze" trains, as in ``train``.
+The job (``chipspan.chips.job.Job``: the finetuning type, the bytes of each dtype, tokens per
+micro-batch, recomputation, what trains) is built once from the run's arguments and its precision
+(``job_of``); the split functions take a ``Schedule`` besides, which gives each pipeline stage its
+own micro-batches in flight.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
-from chipspan.args import FINETUNING_TYPES
+from chipspan.adapters.freeze import freeze_layers, freeze_modules
+from chipspan.chips.job import Job
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.loss import LOGITS_CHUNK_ELEMENTS
-from chipspan.train.finetune import freeze_layers, freeze_modules
 
-TRAINED_BYTES = 4  # trained parameters are fp32
-GRADIENT_BYTES = 4  # fp32 gradient per trained parameter
-ADAMW_BYTES = 8  # AdamW's two fp32 moments per trained parameter
-FP32 = 4
+FP32 = 4  # what the norms, attention's log-sum-exp and the loss compute in, whatever the job's dtypes
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = LORA_MODULES[:4]
 MLP_MODULES = LORA_MODULES[4:]
@@ -88,9 +78,9 @@ class ChipMemory:
     """
 
     layers: range  # decoder layers on this chip
-    weights: int  # frozen parameters in their dtype, trained ones in fp32
-    gradients: int  # fp32 gradients of trained parameters
-    optimizer: int  # AdamW's two fp32 moments
+    weights: int  # frozen parameters in the base dtype, trained ones in theirs
+    gradients: int  # gradients of trained parameters
+    optimizer: int  # AdamW's two moments
     activations: int  # saved for backward at the end of the forward pass, all micro-batches in flight
     logits: int  # last chip: the loss's working set (final norm output, one chunk of logits)
     workspace: int  # the transient at the peak moment: a layer's backward, or AdamW's temporaries
@@ -99,43 +89,7 @@ class ChipMemory:
     in_flight: int = 1  # micro-batches whose activations it holds at once
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What one training step computes, in the terms the byte counts need."""
-
-    config: ModelConfig
-    tokens: int  # N = seq_len * batch, per micro-batch
-    compute: int  # c: bytes of the compute dtype (2 under autocast, 4 in fp32)
-    stream: int  # bytes of the residual stream: fp32 when the base is fp32 (full, or no autocast)
-    lora_rank: int
-    adapted: frozenset  # linear layers with a LoRA adapter
-    trained: frozenset  # linear layers whose own weight trains, in a trained layer
-    norms_trained: bool  # full: the RMSNorm weights and the head train too
-    in_flight: int  # m
-
-    @property
-    def autocast(self) -> bool:
-        return self.compute < FP32
-
-
-def estimate(
-    config: ModelConfig,
-    layers: range,
-    first: bool,
-    last: bool,
-    *,
-    finetuning_type: str,
-    base_dtype_bytes: int,
-    seq_len: int,
-    batch: int,
-    gradient_checkpointing: bool,
-    lora_rank: int = 8,
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    micro_batches_in_flight: int = 1,
-    gradients_held: bool = False,
-    num_layer_trainable: int = 3,
-    name_module_trainable: str = "mlp",
-) -> ChipMemory:
+def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: Job) -> ChipMemory:
     """Peak bytes of one chip holding ``layers`` (and the embeddings if ``first``, the final norm,
     head and loss if ``last``; a chip both first and last holds the whole model).
 
@@ -147,66 +101,40 @@ def estimate(
     - backward, last layer out: every gradient, one layer's activations and working set;
     - optimizer step: every gradient, plus AdamW's foreach temporaries.
 
-    With ``gradients_held`` the gradients of earlier micro-batches are alive in the first two
+    With ``job.gradients_held`` the gradients of earlier micro-batches are alive in the first two
     moments too: gradient accumulation, or a 1F1B stage that runs forwards after backwards.
     """
-    if finetuning_type not in FINETUNING_TYPES.words:
-        raise ChipspanError(
-            f"finetuning_type must be one of {', '.join(FINETUNING_TYPES.words)}, not '{finetuning_type}'"
-        )
-    if base_dtype_bytes not in (2, 4):
-        raise ChipspanError(f"base_dtype_bytes must be 2 (fp16/bf16) or 4 (fp32), not {base_dtype_bytes}")
-    if min(seq_len, batch, micro_batches_in_flight) < 1:
-        raise ChipspanError("seq_len, batch and micro_batches_in_flight must be at least 1")
     num_layers = config.num_hidden_layers
     if not layers or layers.start < 0 or layers.stop > num_layers or layers.step != 1:
         raise ChipspanError(f"a chip must hold a contiguous, non-empty run of layers 0-{num_layers - 1}, not {layers}")
 
-    h, c = config.hidden_size, base_dtype_bytes
+    h, finetuning_type = config.hidden_size, job.finetuning_type
     embed = config.vocab_size * h
     params = len(layers) * config.parameters_per_layer
     params += embed if first else 0
     head_here = last and (not config.tie_word_embeddings or not first)
     params += (h + (embed if head_here else 0)) if last else 0
 
-    adapted = frozenset(_lora_targets(config, lora_targets)) if finetuning_type == "lora" else frozenset()
     if finetuning_type == "full":
         trained, extra = params, 0
         trained_layers, grad_path = layers, layers
-        trained_modules = frozenset(LORA_MODULES)
         decay = trained - len(layers) * 2 * h - (h if last else 0)  # norm weights take no weight decay
     elif finetuning_type == "lora":
-        trained, extra = 0, len(layers) * _lora_parameters_per_layer(config, lora_rank, lora_targets)
-        trained_layers, grad_path, trained_modules = range(0), layers, frozenset()
+        trained, extra = 0, len(layers) * _lora_parameters_per_layer(config, job.lora_rank, job.lora_targets)
+        trained_layers, grad_path = range(0), layers
         decay = extra
     else:
-        trainable = freeze_layers(num_layers, num_layer_trainable)
-        per_layer = _freeze_parameters_per_layer(config, name_module_trainable)
+        trainable = freeze_layers(num_layers, job.num_layer_trainable)
+        per_layer = _freeze_parameters_per_layer(config, job.name_module_trainable)
         trained_layers = range(max(layers.start, trainable.start), min(layers.stop, trainable.stop))
         trained, extra = per_layer * len(trained_layers), 0
         grad_path = range(max(layers.start, trainable.start), layers.stop)
-        trained_modules = frozenset(
-            m
-            for n in freeze_modules(name_module_trainable)
-            for m in (ATTENTION_MODULES if n == "self_attn" else MLP_MODULES)
-        )
         decay = trained
     trained_total = trained + extra
-    full = finetuning_type == "full"
-    job = _Job(
-        config,
-        seq_len * batch,
-        c,
-        FP32 if (full or c == FP32) else c,
-        lora_rank,
-        adapted,
-        trained_modules,
-        full,
-        micro_batches_in_flight,
-    )
+    full, in_flight = finetuning_type == "full", job.micro_batches_in_flight
 
-    weights = (params - trained) * c + trained_total * TRAINED_BYTES
-    gradients, optimizer = trained_total * GRADIENT_BYTES, trained_total * ADAMW_BYTES
+    weights = (params - trained) * job.base_bytes + trained_total * job.trained_bytes
+    gradients, optimizer = trained_total * job.gradient_bytes, trained_total * 2 * job.moment_bytes
     states = weights + optimizer  # alive all step long
 
     activations, backward, backward_end, forward = 0, 0, 0, 0
@@ -214,40 +142,42 @@ def estimate(
         # no gradient enters the first layer after a frozen embedding or frozen layers
         gradless = 0 if finetuning_type == "lora" else (-1 if full else max(trainable.start, 0))
         saved = {
-            (trained_here, input_grad): (count, _layer_saved_bytes(job, trained_here, input_grad=input_grad))
+            (trained_here, input_grad): (count, _layer_saved_bytes(config, job, trained_here, input_grad=input_grad))
             for (trained_here, input_grad), count in _layer_kinds(grad_path, trained_layers, gradless).items()
         }
-        if gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
-            activations = len(grad_path) * job.in_flight * job.tokens * h * job.stream
+        if job.gradient_checkpointing:  # each layer keeps its input; backward recomputes one at a time
+            activations = len(grad_path) * in_flight * job.tokens * h * job.base_bytes
             backward = max(each for _, each in saved.values())
         else:
-            activations = job.in_flight * sum(count * each for count, each in saved.values())
-        activations += job.in_flight * _rope_bytes(job)
-        backward += _layer_backward_bytes(job, trained=bool(trained_layers))
+            activations = in_flight * sum(count * each for count, each in saved.values())
+        activations += in_flight * _rope_bytes(config, job)
+        backward += _layer_backward_bytes(config, job, trained=bool(trained_layers))
         # the chip's first layer, attention half: its MLP half and every other layer are done
         backward_end = _layer_saved_bytes(
-            job, grad_path.start in trained_layers, "attention", grad_path.start != gradless
-        ) + _attention_backward_bytes(job)
-        forward = _adapter_forward_bytes(job)
+            config, job, grad_path.start in trained_layers, "attention", grad_path.start != gradless
+        ) + _attention_backward_bytes(config, job)
+        forward = _adapter_forward_bytes(config, job)
     if len(grad_path) < len(layers):  # layers before the gradient path run forward before any saving
-        forward = max(forward, _forward_bytes(job) - activations)
-    loss_saved = job.in_flight * _loss_saved_bytes(job) if last else 0
-    logits = _loss_working_bytes(job) if last else 0
-    head_gradient = embed * GRADIENT_BYTES if (last and full and head_here) else 0
+        forward = max(forward, _forward_bytes(config, job) - activations)
+    loss_saved = in_flight * _loss_saved_bytes(config, job) if last else 0
+    logits = _loss_working_bytes(config, job) if last else 0
+    head_gradient = embed * job.gradient_bytes if (last and full and head_here) else 0
 
-    held = gradients if gradients_held else 0
+    held = gradients if job.gradients_held else 0
     moments = {
         "forward": states + held + activations + max(loss_saved + logits, forward),
         "backward": max(
-            states + held + activations + (0 if gradients_held else head_gradient) + backward,
+            states + held + activations + (0 if job.gradients_held else head_gradient) + backward,
             states + gradients + backward_end,
         ),
-        "optimizer step": states + gradients + _adamw_step_bytes(decay),
+        "optimizer step": states + gradients + _adamw_step_bytes(job, decay),
     }
     peak_at = max(moments, key=moments.get)
-    workspace = {"forward": max(logits, forward), "backward": backward, "optimizer step": _adamw_step_bytes(decay)}[
-        peak_at
-    ]
+    workspace = {
+        "forward": max(logits, forward),
+        "backward": backward,
+        "optimizer step": _adamw_step_bytes(job, decay),
+    }[peak_at]
     return ChipMemory(
         layers=layers,
         weights=weights,
@@ -258,7 +188,7 @@ def estimate(
         workspace=workspace,
         total=moments[peak_at],
         peak_at=peak_at,
-        in_flight=micro_batches_in_flight,
+        in_flight=in_flight,
     )
 
 
@@ -275,36 +205,36 @@ def _layer_kinds(grad_path: range, trained: range, gradless: int) -> dict[tuple[
 
 
 def split_estimates(
-    config: ModelConfig, split: list[range], schedule: Schedule | None = None, **job
+    config: ModelConfig, split: list[range], job: Job, schedule: Schedule | None = None
 ) -> list[ChipMemory]:
     """``estimate`` for each stage of ``split`` (contiguous layer slices, first to last); with a
     ``schedule``, each stage holds the micro-batches it keeps in flight."""
     last = config.num_hidden_layers
     return [
-        estimate(config, r, r.start == 0, r.stop == last, **_stage_job(job, schedule, i, len(split)))
+        estimate(config, r, r.start == 0, r.stop == last, _stage_job(job, schedule, i, len(split)))
         for i, r in enumerate(split)
     ]
 
 
-def _stage_job(job: dict, schedule: Schedule | None, stage: int, num_stages: int) -> dict:
+def _stage_job(job: Job, schedule: Schedule | None, stage: int, num_stages: int) -> Job:
     """``job`` for one stage: the micro-batches it holds, and whether gradients are alive while
     it holds them (it runs more micro-batches than it holds at once)."""
     if schedule is None:
         return job
     flight = schedule.in_flight(stage, num_stages)
-    held = job.get("gradients_held", False) or (schedule.name != "gpipe" and flight < schedule.micro_batches)
-    return {**job, "micro_batches_in_flight": flight, "gradients_held": held}
+    held = job.gradients_held or (schedule.name != "gpipe" and flight < schedule.micro_batches)
+    return replace(job, micro_batches_in_flight=flight, gradients_held=held)
 
 
-def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, **job) -> list[range]:
+def pack_layers(config: ModelConfig, job: Job, chip_bytes: int, usable_fraction: float = 1.0) -> list[range]:
     """The in-order greedy packer: each chip, from the first, takes as many layers as fit in
     ``chip_bytes * usable_fraction``; the last chip must also fit the norm, head and loss.
-    Under this memory model it uses the fewest chips possible. ``job``: ``estimate``'s knobs."""
+    Under this memory model it uses the fewest chips possible."""
     budget = int(chip_bytes * usable_fraction)
     num_layers = config.num_hidden_layers
 
     def fits(start: int, stop: int) -> bool:
-        return estimate(config, range(start, stop), start == 0, stop == num_layers, **job).total <= budget
+        return estimate(config, range(start, stop), start == 0, stop == num_layers, job).total <= budget
 
     slices, start = [], 0
     while not fits(start, num_layers):
@@ -320,7 +250,7 @@ def pack_layers(config: ModelConfig, chip_bytes: int, usable_fraction: float = 1
 
 
 def min_chips(
-    config: ModelConfig, chip_bytes: int, usable_fraction: float = 1.0, schedule: Schedule | None = None, **job
+    config: ModelConfig, job: Job, chip_bytes: int, usable_fraction: float = 1.0, schedule: Schedule | None = None
 ) -> int:
     """The fewest chips of ``chip_bytes`` (times ``usable_fraction``) that hold the job. Without a
     schedule (or under GPipe) every chip holds the same micro-batches and the greedy packer finds
@@ -328,16 +258,16 @@ def min_chips(
     lower bound) splits of more chips are tried, in growing steps until ``balanced_split``'s fits,
     then bisected (taking it that once some chips hold the job, more do too)."""
     if schedule is None or schedule.name == "gpipe":
-        flight = {} if schedule is None else {"micro_batches_in_flight": schedule.micro_batches}
-        return len(pack_layers(config, chip_bytes, usable_fraction, **job, **flight))
+        flight = job if schedule is None else replace(job, micro_batches_in_flight=schedule.micro_batches)
+        return len(pack_layers(config, flight, chip_bytes, usable_fraction))
     budget = int(chip_bytes * usable_fraction)
     most = config.num_hidden_layers // schedule.virtual
 
     def fits(chips: int) -> bool:
-        split = balanced_split(config, chips * schedule.virtual, schedule=schedule, **job)
-        return max(chip_totals(split_estimates(config, split, schedule, **job), schedule)) <= budget
+        split = balanced_split(config, job, chips * schedule.virtual, schedule)
+        return max(chip_totals(split_estimates(config, split, job, schedule), schedule)) <= budget
 
-    chips = len(pack_layers(config, chip_bytes, usable_fraction, **job))
+    chips = len(pack_layers(config, job, chip_bytes, usable_fraction))
     failed, step = chips - 1, 1
     while chips > most or not fits(chips):
         if chips >= most:
@@ -363,7 +293,7 @@ def chip_totals(stages: list[ChipMemory], schedule: Schedule | None = None) -> l
     return [sum(stages[c + k * chips].total for k in range(virtual)) for c in range(chips)]
 
 
-def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | None = None, **job) -> list[range]:
+def balanced_split(config: ModelConfig, job: Job, num_chips: int, schedule: Schedule | None = None) -> list[range]:
     """Contiguous layer slices over ``num_chips`` chips (pipeline stages) that minimize the largest
     predicted per-chip total; among those, the one with the fewest layers on its busiest chip. With
     a ``schedule``, each stage holds the micro-batches it keeps in flight.
@@ -381,13 +311,11 @@ def balanced_split(config: ModelConfig, num_chips: int, schedule: Schedule | Non
         )
 
     def total(chip: int, start: int, stop: int) -> int:
-        chip_job = _stage_job(job, schedule, chip, num_chips)
-        return _total(start, stop, chip_job.get("micro_batches_in_flight", 1), chip_job.get("gradients_held", False))
+        return _total(start, stop, _stage_job(job, schedule, chip, num_chips))
 
     @cache  # stages that hold as much share their estimates
-    def _total(start: int, stop: int, in_flight: int, gradients_held: bool) -> int:
-        knobs = {**job, "micro_batches_in_flight": in_flight, "gradients_held": gradients_held}
-        return estimate(config, range(start, stop), start == 0, stop == num_layers, **knobs).total
+    def _total(start: int, stop: int, stage_job: Job) -> int:
+        return estimate(config, range(start, stop), start == 0, stop == num_layers, stage_job).total
 
     def fullest(split: list[range]) -> int:
         return max(total(chip, r.start, r.stop) for chip, r in enumerate(split))
@@ -440,7 +368,9 @@ def _greedy_split(num_layers: int, num_chips: int, fits) -> list[range] | None:
 # is a tensor chipspan's code keeps (docs/plan.md lists them with their shapes).
 
 
-def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad: bool = True) -> int:
+def _layer_saved_bytes(
+    config: ModelConfig, job: Job, trained: bool, half: str = "both", input_grad: bool = True
+) -> int:
     """Bytes one decoder layer on the gradient path saves for backward, per micro-batch.
 
     ``half``: "attention" (the first norm, q/k/v/o and attention), "mlp" (the second norm and the
@@ -457,10 +387,10 @@ def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad:
     - per LoRA adapter, its rank-wide middle (c·N·rank) and, under autocast, the 16-bit copies of
       A and B; under autocast, the 16-bit copy of each trained weight matrix (autocast's cache).
     """
-    config, n, c = job.config, job.tokens, job.compute
+    n, c = job.tokens, job.compute_bytes
     h, i, q, k = config.hidden_size, config.intermediate_size, _q_width(config), _kv_width(config)
-    norm = FP32 * n * h + FP32 * n + (job.stream * n * h if job.norms_trained else 0)
-    shapes = _linear_shapes(config)
+    norm = FP32 * n * h + FP32 * n + (job.base_bytes * n * h if job.finetuning_type == "full" else 0)
+    shapes, trained_modules, adapted_modules = _linear_shapes(config), _trained_modules(job), _adapted(config, job)
     parts = {
         "attention": (ATTENTION_MODULES, c * n * (2 * q + 2 * k) + FP32 * n * config.num_attention_heads),
         "mlp": (MLP_MODULES, 3 * c * n * i),
@@ -468,19 +398,25 @@ def _layer_saved_bytes(job: _Job, trained: bool, half: str = "both", input_grad:
     total = 0
     for name in ("attention", "mlp"):
         modules, kept = parts[name]
-        trained_here = frozenset(m for m in modules if trained and m in job.trained)
-        adapted = [m for m in modules if m in job.adapted]
+        trained_here = frozenset(m for m in modules if trained and m in trained_modules)
+        adapted = [m for m in modules if m in adapted_modules]
         if not input_grad and not (trained_here or adapted):
             continue  # nothing here needs a gradient
         lora = sum(c * n * job.lora_rank + (c * job.lora_rank * sum(shapes[m]) if job.autocast else 0) for m in adapted)
         copies = c * sum(shapes[m][0] * shapes[m][1] for m in trained_here) if job.autocast else 0
-        part = (norm if input_grad else 0) + kept + _linear_inputs_saved(job, modules, trained_here) + lora + copies
+        part = (
+            (norm if input_grad else 0)
+            + kept
+            + _linear_inputs_saved(config, job, modules, trained_here)
+            + lora
+            + copies
+        )
         total += part if half in (name, "both") else 0
         input_grad = True  # the residual stream now carries a gradient
     return total
 
 
-def _linear_inputs_saved(job: _Job, modules: tuple[str, ...], trained: frozenset) -> int:
+def _linear_inputs_saved(config: ModelConfig, job: Job, modules: tuple[str, ...], trained: frozenset) -> int:
     """Inputs of ``modules`` (linear layers) kept for their weight or adapter gradients, in bytes.
 
     The seven linear layers read four tensors: the first norm's output (q, k, v), the attention
@@ -490,18 +426,19 @@ def _linear_inputs_saved(job: _Job, modules: tuple[str, ...], trained: frozenset
     copy autocast makes of its input (the input itself when it is already 16-bit, shared), and a
     LoRA adapter, which first takes its input to fp32, keeps a fresh 16-bit copy of its own.
     """
-    config, n, c = job.config, job.tokens, job.compute
+    n, c = job.tokens, job.compute_bytes
     h, i, q = config.hidden_size, config.intermediate_size, _q_width(config)
+    adapted = _adapted(config, job)
     inputs = [
-        (("q_proj", "k_proj", "v_proj"), h, job.stream),
+        (("q_proj", "k_proj", "v_proj"), h, job.base_bytes),
         (("o_proj",), q, c),
-        (("gate_proj", "up_proj"), h, job.stream),
+        (("gate_proj", "up_proj"), h, job.base_bytes),
         (("down_proj",), i, c),
     ]
     total = 0
     for readers, width, dtype_bytes in inputs:
         readers = [m for m in readers if m in modules]
-        own, lora = [m for m in readers if m in trained], [m for m in readers if m in job.adapted]
+        own, lora = [m for m in readers if m in trained], [m for m in readers if m in adapted]
         if readers == ["o_proj"]:  # the attention output, which attention already keeps
             own, lora = [], lora if job.autocast else []
         if not job.autocast:
@@ -513,90 +450,95 @@ def _linear_inputs_saved(job: _Job, modules: tuple[str, ...], trained: frozenset
     return total
 
 
-def _rope_bytes(job: _Job) -> int:
+def _rope_bytes(config: ModelConfig, job: Job) -> int:
     """The rotary cos and sin tables (N, head_dim) each, in the stream's dtype, saved once per chip
     and micro-batch: every layer's q·cos and rotate(q)·sin keep the same two tensors."""
-    return 2 * job.stream * job.tokens * job.config.head_dim
+    return 2 * job.base_bytes * job.tokens * config.head_dim
 
 
-def _layer_backward_bytes(job: _Job, trained: bool) -> int:
+def _layer_backward_bytes(config: ModelConfig, job: Job, trained: bool) -> int:
     """Transient bytes while a decoder layer starts its backward with its saved tensors held: the
     gradient arriving from above (r·N·h) and, in the MLP's product backward, the gradients of the
     product and of both its factors (3·c·N·i) — less the product itself (c·N·i) when the down
     projection kept it, since its backward, which runs first, has freed it by then. A trained down
-    projection adds its weight gradient: fp32 (4 bytes per weight, kept as its ``.grad``), and
-    under autocast first 16-bit (c more) beside the product's gradient."""
-    config, n, c = job.config, job.tokens, job.compute
+    projection adds its weight gradient (in the trained dtype, kept as its ``.grad``), under
+    autocast first 16-bit (c more) beside the product's gradient."""
+    n, c = job.tokens, job.compute_bytes
     h, i = config.hidden_size, config.intermediate_size
-    down_trained = trained and "down_proj" in job.trained
+    down_trained = trained and "down_proj" in _trained_modules(job)
     work = 3 * c * n * i
-    if down_trained or "down_proj" in job.adapted:
+    if down_trained or "down_proj" in _adapted(config, job):
         work = 2 * c * n * i
     if down_trained:
         weight = h * i
-        work = FP32 * weight + max(work, c * n * i + (c * weight if job.autocast else 0))
-    return job.stream * n * h + work
+        work = job.gradient_bytes * weight + max(work, c * n * i + (c * weight if job.autocast else 0))
+    return job.base_bytes * n * h + work
 
 
-def _attention_backward_bytes(job: _Job) -> int:
+def _attention_backward_bytes(config: ModelConfig, job: Job) -> int:
     """Transient bytes of a layer's attention backward: the gradients arriving and leaving (2·r·N·h)
     and those of q, k and v (c·N·(q + 2k))."""
-    config, n = job.config, job.tokens
-    return 2 * job.stream * n * config.hidden_size + job.compute * n * (_q_width(config) + 2 * _kv_width(config))
+    n = job.tokens
+    return 2 * job.base_bytes * n * config.hidden_size + job.compute_bytes * n * (
+        _q_width(config) + 2 * _kv_width(config)
+    )
 
 
-def _adapter_forward_bytes(job: _Job) -> int:
+def _adapter_forward_bytes(config: ModelConfig, job: Job) -> int:
     """Transient bytes of a layer's forward on the gradient path, beyond what it saves: under
-    autocast a LoRA adapter first takes its input to fp32 (4·N·in; the widest, down_proj's, beside
-    the SwiGLU product c·N·i it reads), with the layer's input and residual (2·r·N·h)."""
-    config, n, c = job.config, job.tokens, job.compute
+    autocast a LoRA adapter first takes its input to its own dtype, fp32 (4·N·in; the widest,
+    down_proj's, beside the SwiGLU product c·N·i it reads), with the layer's input and residual
+    (2·r·N·h)."""
+    n, c = job.tokens, job.compute_bytes
     h, i = config.hidden_size, config.intermediate_size
-    widest = max((_linear_shapes(config)[m][0] for m in job.adapted), default=0) if job.autocast else 0
-    return 2 * job.stream * n * h + c * n * i + FP32 * n * widest
+    widest = max((_linear_shapes(config)[m][0] for m in _adapted(config, job)), default=0) if job.autocast else 0
+    return 2 * job.base_bytes * n * h + c * n * i + job.trained_bytes * n * widest
 
 
-def _forward_bytes(job: _Job) -> int:
+def _forward_bytes(config: ModelConfig, job: Job) -> int:
     """Transient bytes of one decoder layer's forward that keeps nothing (off the gradient path):
     its input and the attention's output (2·r·N·h) and the MLP's gate, SiLU, up and product
     (4·c·N·i)."""
-    config, n, c = job.config, job.tokens, job.compute
-    return 2 * job.stream * n * config.hidden_size + 4 * c * n * config.intermediate_size
+    n, c = job.tokens, job.compute_bytes
+    return 2 * job.base_bytes * n * config.hidden_size + 4 * c * n * config.intermediate_size
 
 
-def _loss_saved_bytes(job: _Job) -> int:
+def _loss_saved_bytes(config: ModelConfig, job: Job) -> int:
     """What the last chip's final norm and fused loss keep until backward, per micro-batch: the
     norm's fp32 input and inverse RMS (plus its normalized input when its weight trains), the
     hidden-state gradient the loss computes in its forward (r·N·h), and, when the head trains, the
     head's fp32 gradient (4·V·h)."""
-    config, n = job.config, job.tokens
+    n = job.tokens
     h, vocab = config.hidden_size, config.vocab_size
-    norm = FP32 * n * h + FP32 * n + (job.stream * n * h if job.norms_trained else 0)
-    head = FP32 * vocab * h if job.norms_trained else 0
-    return norm + job.stream * n * h + head
+    norm = FP32 * n * h + FP32 * n + (job.base_bytes * n * h if job.finetuning_type == "full" else 0)
+    head = FP32 * vocab * h if job.finetuning_type == "full" else 0
+    return norm + job.base_bytes * n * h + head
 
 
-def _loss_working_bytes(job: _Job) -> int:
+def _loss_working_bytes(config: ModelConfig, job: Job) -> int:
     """The fused loss's transient working set (chipspan.models.loss), once: the final norm's output
     and its scored rows (2·r·N·h), and one chunk of logits at its fullest: fp32 logits plus the
     same again inside ``logsumexp`` (8 bytes per logit), or later the fp32 logits, their gradient in
     the head's dtype and, when the head trains, the head-gradient product (c·V·h, plus its fp32
-    copy under autocast) — and under autocast, a trained head's 16-bit copy."""
-    config, n = job.config, job.tokens
+    copy when c is 16-bit) — and under autocast, a trained head's 16-bit copy."""
+    n = job.tokens
     h, vocab = config.hidden_size, config.vocab_size
     chunk = min(n, max(1, LOGITS_CHUNK_ELEMENTS // vocab)) * vocab
-    head_bytes = FP32 if job.norms_trained else job.compute  # the head weight's dtype
+    head_trained = job.finetuning_type == "full"
+    head_bytes = job.trained_bytes if head_trained else job.base_bytes  # the head weight's dtype
     gradient_phase = chunk * (FP32 + (head_bytes if head_bytes < FP32 else 0))
     head_copy = 0
-    if job.norms_trained:
-        gradient_phase += vocab * h * (job.compute + (FP32 if job.autocast else 0))
-        head_copy = job.compute * vocab * h if job.autocast else 0  # autocast's 16-bit head
-    return 2 * job.stream * n * h + head_copy + max(2 * FP32 * chunk, gradient_phase)
+    if head_trained:
+        gradient_phase += vocab * h * (job.compute_bytes + (FP32 if job.compute_bytes < FP32 else 0))
+        head_copy = job.compute_bytes * vocab * h if job.autocast else 0  # autocast's 16-bit head
+    return 2 * job.base_bytes * n * h + head_copy + max(2 * FP32 * chunk, gradient_phase)
 
 
-def _adamw_step_bytes(decay_parameters: int) -> int:
+def _adamw_step_bytes(job: Job, decay_parameters: int) -> int:
     """AdamW's foreach step (torch's default on accelerators) allocates sqrt(v) for every parameter
-    of a group at once: 4 bytes per parameter of the largest group, the weight-decay group."""
-    return FP32 * decay_parameters
+    of a group at once, in the moments' dtype: for each parameter of the largest group, the
+    weight-decay group."""
+    return job.moment_bytes * decay_parameters
 
 
 def _q_width(config: ModelConfig) -> int:
@@ -619,6 +561,22 @@ def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (h, inter),
         "down_proj": (inter, h),
     }
+
+
+def _adapted(config: ModelConfig, job: Job) -> frozenset[str]:
+    """The linear layers of a decoder layer that carry a LoRA adapter."""
+    return frozenset(_lora_targets(config, job.lora_targets)) if job.finetuning_type == "lora" else frozenset()
+
+
+def _trained_modules(job: Job) -> frozenset[str]:
+    """The linear layers whose own weight trains, in a layer that trains."""
+    if job.finetuning_type != "freeze":
+        return frozenset(LORA_MODULES) if job.finetuning_type == "full" else frozenset()
+    return frozenset(
+        m
+        for n in freeze_modules(job.name_module_trainable)
+        for m in (ATTENTION_MODULES if n == "self_attn" else MLP_MODULES)
+    )
 
 
 def _lora_targets(config: ModelConfig, targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -647,10 +605,10 @@ def _freeze_parameters_per_layer(config: ModelConfig, modules: str) -> int:
     return sum(sizes[n] for n in freeze_modules(modules))
 
 
-def _too_small(config: ModelConfig, budget: int, chip: int, job: dict) -> str:
+def _too_small(config: ModelConfig, budget: int, chip: int, job: Job) -> str:
     """One line: which chip overflows, and the smallest usable memory that holds the job."""
     num_layers = config.num_hidden_layers
-    need = max(estimate(config, range(i, i + 1), i == 0, i == num_layers - 1, **job).total for i in range(num_layers))
+    need = max(estimate(config, range(i, i + 1), i == 0, i == num_layers - 1, job).total for i in range(num_layers))
     return (
         f"chip {chip} cannot fit one decoder layer in {budget / GIB:.2f} GiB usable: this job "
         f"needs at least {need / GIB:.2f} GiB usable per chip (one layer per chip over {num_layers} chips); "

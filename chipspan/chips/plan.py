@@ -9,14 +9,13 @@ config.
 from __future__ import annotations
 
 import json
-import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from chipspan import devices
 from chipspan.args import RunArguments
+from chipspan.chips.job import Job, job_of, one_process_per_chip
 from chipspan.chips.memory import (
     GIB,
     VIRTUAL_STAGES,
@@ -27,10 +26,10 @@ from chipspan.chips.memory import (
     min_chips,
     split_estimates,
 )
-from chipspan.chips.placement import split_layers
 from chipspan.errors import ChipspanError
 from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
+from chipspan.precision import choose_precision
 
 # Devices whose chips finish each op before returning, so micro-batches in one process cannot
 # overlap: the CPU's "chips" are one CPU, emulated chips compute on it.
@@ -66,40 +65,7 @@ class Span:
     layers: list[range]  # decoder layers per pipeline stage
     micro_batches: int
     schedule: Schedule
-    job: dict  # the memory model's knobs (``job_of``)
-
-
-def one_process_per_chip(run: RunArguments) -> bool:
-    """Whether `train` runs as one process per chip (under torchrun, or --launcher torchrun)."""
-    return run.chips.launcher is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def job_of(run: RunArguments, micro_batches: int | None = None) -> dict:
-    """The memory model's knobs for a run's settings, each batch cut into ``micro_batches``
-    (default --micro_batches, else 1) of ceil(batch / M) examples; ChipspanError when M does not
-    fit the batch. The micro-batches in flight come from ``schedule_of``; one process holds the
-    gradients of earlier accumulation steps while it runs the next (one process per chip runs a
-    step's accumulation steps as micro-batches of one schedule)."""
-    ft, train = run.finetuning, run.training
-    batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
-    if not 1 <= micro <= max(batch, 1):
-        raise ChipspanError(
-            f"--micro_batches {micro} must be between 1 and per_device_train_batch_size ({batch}): "
-            "each micro-batch needs at least one example"
-        )
-    targets = tuple(t.strip() for t in (ft.lora_target or "q_proj,v_proj").split(",") if t.strip())
-    return dict(
-        finetuning_type=ft.finetuning_type,
-        base_dtype_bytes=2 if (train.fp16 or train.bf16) else 4,
-        seq_len=run.data.cutoff_len,
-        batch=math.ceil(batch / micro),
-        gradient_checkpointing=not train.disable_gradient_checkpointing,
-        gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
-        lora_rank=ft.lora_rank,
-        lora_targets=targets,
-        num_layer_trainable=ft.num_layer_trainable,
-        name_module_trainable=ft.name_module_trainable,
-    )
+    job: Job  # what the memory model prices (``job_of``)
 
 
 def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
@@ -113,12 +79,14 @@ def schedule_of(run: RunArguments, micro_batches: int) -> Schedule:
 def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: int | None, device_type: str) -> Span:
     """The layers of ``num_chips`` chips and the micro-batches per batch.
 
-    --micro_batches, when given, is kept. Otherwise the plan takes the most micro-batches that
-    divide the batch and fit (the smaller the micro-batch, the smaller the pipeline's idle bubble
-    and, under 1F1B, the activations in flight), or one micro-batch where the chips cannot overlap
-    (a single chip; one process on the CPU or emulated chips). With ``usable`` (bytes per chip)
-    the layers balance predicted memory; without it they split evenly. A split that does not fit
-    is returned as it is: ``check_fits`` says so.
+    The one choice `plan` shows and `train` runs (in one process or one process per chip), priced
+    in the precision the run computes in on ``device_type``. --micro_batches, when given, is kept.
+    Otherwise the plan takes the most micro-batches that divide the batch and fit in ``usable``
+    bytes per chip (the smaller the micro-batch, the smaller the pipeline's idle bubble and, under
+    1F1B, the activations in flight) — the most, where the chip's memory is unknown (None) — or
+    one micro-batch where the chips cannot overlap (a single chip; one process on the CPU or
+    emulated chips). The layers balance the predicted memory. A split that does not fit is
+    returned as it is: ``check_fits`` says so.
     """
     processes = one_process_per_chip(run)
     batch = run.training.per_device_train_batch_size
@@ -136,13 +104,12 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
             f"{num_chips}"
         )
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
+    precision = choose_precision(run, device_type)
     spans = []
     for micro in candidates:
-        job, schedule = job_of(run, micro), schedule_of(run, micro)
-        if usable is None:
-            return Span(list(split_layers(config.num_hidden_layers, num_chips * virtual)), micro, schedule, job)
-        spans.append(Span(balanced_split(config, num_chips * virtual, schedule=schedule, **job), micro, schedule, job))
-        if max(_chip_peaks(config, spans[-1])) <= usable:
+        job, schedule = job_of(run, precision, micro), schedule_of(run, micro)
+        spans.append(Span(balanced_split(config, job, num_chips * virtual, schedule), micro, schedule, job))
+        if usable is None or max(_chip_peaks(config, spans[-1])) <= usable:
             return spans[-1]
     return spans[0]
 
@@ -170,7 +137,7 @@ def make_plan(run: RunArguments) -> Plan:
     fewest = None
     if chip_bytes is not None:
         chosen = choose_span(run, config, 1, chip_bytes, device_type)
-        fewest = min_chips(config, chip_bytes, schedule=chosen.schedule, **chosen.job)
+        fewest = min_chips(config, chosen.job, chip_bytes, schedule=chosen.schedule)
     if run.chips.chips == "auto":
         if fewest is None:
             raise ChipspanError("--chips auto needs --chip_memory, the memory of one chip (e.g. 16GiB)")
@@ -183,14 +150,7 @@ def make_plan(run: RunArguments) -> Plan:
             f"{count * virtual} pipeline stages asked for but the model has only {config.num_hidden_layers} layers"
         )
     span = choose_span(run, config, count, chip_bytes, device_type)
-    if chip_bytes is None:  # nothing to fit: still balance the predicted memory
-        span = Span(
-            balanced_split(config, count * virtual, schedule=span.schedule, **span.job),
-            span.micro_batches,
-            span.schedule,
-            span.job,
-        )
-    chips = split_estimates(config, span.layers, span.schedule, **span.job)
+    chips = split_estimates(config, span.layers, span.job, span.schedule)
     return Plan(run.model.model_name_or_path, chip_bytes, fewest, chips, span.schedule, span.micro_batches, processes)
 
 
@@ -200,10 +160,9 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
     where unknown).
 
     A chip's memory is --chip_memory on emulated chips, else what the first chip reports (taken
-    for all); the plan may use ``usable_fraction`` of it. Known, the layers follow
-    ``balanced_split``, a split the plan says will overflow is refused, and ``--chips auto`` takes
-    the fewest chips that hold the job. Unknown (the CPU), the layers are split evenly and
-    ``--chips auto`` is refused.
+    for all); the plan may use ``usable_fraction`` of it. Known, a split the plan says will
+    overflow is refused, and ``--chips auto`` takes the fewest chips that hold the job. Unknown
+    (the CPU), ``--chips auto`` is refused. The split is ``choose_span``'s, as `chipspan plan` shows.
     """
     auto = run.chips.chips == "auto"
     chip_ids = None if auto else devices.parse_chip_ids(run.chips.chips)
@@ -220,7 +179,7 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
     usable = int(chip_bytes * run.chips.usable_fraction)
     if auto:
         single = choose_span(run, config, 1, usable, device_type)
-        chip_ids = list(range(min_chips(config, usable, schedule=single.schedule, **single.job)))
+        chip_ids = list(range(min_chips(config, single.job, usable, schedule=single.schedule)))
         _check_chips_exist(device_type, len(chip_ids), usable)
     span = choose_span(run, config, len(chip_ids), usable, device_type)
     check_fits(config, span, usable, device_type, chip_ids)
@@ -230,10 +189,11 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
 def stage_span(run: RunArguments, config: ModelConfig, num_stages: int, device: torch.device) -> Span:
     """The layers of each pipeline stage and the micro-batches per batch for one process per chip
     (``num_stages`` = pipeline ranks × stages per rank), refused before any weight loads when the
-    plan says the fullest chip overflows. The chip's memory is what this rank's device reports
-    (none on the CPU: the layers then split evenly)."""
+    plan says the fullest chip overflows. The chip's memory is found as in one process
+    (``_chip_memory``): --chip_memory on emulated chips, what this rank's device reports, or none
+    (the CPU)."""
     pipeline_ranks = num_stages // VIRTUAL_STAGES[run.chips.pipeline_schedule]
-    chip_bytes = None if device.type in devices.SINGLE_DEVICE_TYPES else _reported_memory(device)
+    chip_bytes = _chip_memory(run, device.type, device.index or 0)
     usable = None if chip_bytes is None else int(chip_bytes * run.chips.usable_fraction)
     span = choose_span(run, config, pipeline_ranks, usable, device.type)
     if usable is not None:
@@ -311,17 +271,17 @@ def _what_fits(config: ModelConfig, span: Span, num_chips: int, usable: int, fir
     """What would hold the job on chips of ``usable`` bytes: more chips, or recomputation."""
     hints, job = [], span.job
     try:
-        fewest = min_chips(config, usable, schedule=span.schedule, **job)
+        fewest = min_chips(config, job, usable, schedule=span.schedule)
         hints.append(f"span {fewest} chips (--chips {first_chip}-{first_chip + fewest - 1})")
     except ChipspanError:
         pass  # not even one layer per chip fits
-    if not job["gradient_checkpointing"]:
-        recompute = dict(job, gradient_checkpointing=True)
-        stages = balanced_split(config, len(span.layers), schedule=span.schedule, **recompute)
+    if not job.gradient_checkpointing:
+        recompute = replace(job, gradient_checkpointing=True)
+        stages = balanced_split(config, recompute, len(span.layers), span.schedule)
         if max(_chip_peaks(config, Span(stages, span.micro_batches, span.schedule, recompute))) <= usable:
             hints.append("drop --disable_gradient_checkpointing")
     if not hints:
-        lora = "" if job["finetuning_type"] == "lora" else "LoRA, "
+        lora = "" if job.finetuning_type == "lora" else "LoRA, "
         return (
             f"lower per_device_train_batch_size or cutoff_len, or use {lora}chips with more memory "
             "(`chipspan plan` shows each chip)"
@@ -331,7 +291,7 @@ def _what_fits(config: ModelConfig, span: Span, num_chips: int, usable: int, fir
 
 def _chip_peaks(config: ModelConfig, span: Span) -> list[int]:
     """Each chip's predicted peak bytes."""
-    return chip_totals(split_estimates(config, span.layers, span.schedule, **span.job), span.schedule)
+    return chip_totals(split_estimates(config, span.layers, span.job, span.schedule), span.schedule)
 
 
 def _size(num_bytes: int) -> str:

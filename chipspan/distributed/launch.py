@@ -1,8 +1,10 @@
 """Where a `chipspan train` runs: in this process, or one process per chip under torchrun.
 
-WORLD_SIZE > 1 (started by torchrun)   -> chipspan.distributed (this rank's stages)
---launcher torchrun (not yet started)  -> re-run this command under torchrun, one process per chip
-otherwise                              -> chipspan.train (every chip in this process)
+The path is ``chipspan.chips.job.one_process_per_chip`` (the rule `chipspan plan` shows too):
+
+one process per chip, started by torchrun   -> chipspan.distributed (this rank's stages)
+one process per chip, not yet started       -> re-run this command under torchrun (--launcher torchrun)
+otherwise                                   -> chipspan.train (every chip in this process)
 """
 
 from __future__ import annotations
@@ -14,18 +16,15 @@ from collections.abc import Mapping
 
 from chipspan import devices
 from chipspan.args import RunArguments
+from chipspan.chips.job import one_process_per_chip, under_torchrun
 from chipspan.distributed.mesh import plan_layout
 from chipspan.distributed.pipeline import VIRTUAL_STAGES, check_schedule
 from chipspan.errors import ChipspanError
 
 
-def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
-    return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
-
-
 def wants_processes(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process is one rank of a torchrun job that should train as a pipeline."""
-    return under_torchrun(environ) and (int(environ.get("WORLD_SIZE", "1")) > 1 or run.chips.launcher is not None)
+    return one_process_per_chip(run, environ) and under_torchrun(environ)
 
 
 def relaunch_command(run: RunArguments, flags: list[str]) -> list[str]:

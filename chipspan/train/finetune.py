@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from chipspan.adapters.freeze import freeze_layers, freeze_modules
 from chipspan.adapters.lora import inject_lora
 from chipspan.adapters.peft_io import check_adapter, load_adapter
-from chipspan.args import FREEZE_MODULES, FinetuningArguments
+from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
@@ -92,29 +93,6 @@ def _freeze_selection(args: FinetuningArguments, num_layers: int) -> list[str] |
         for i in freeze_layers(num_layers, args.num_layer_trainable)
         for module in freeze_modules(args.name_module_trainable)
     ]
-
-
-def freeze_layers(num_layers: int, count: int) -> range:
-    """Layers "freeze" trains: the last ``count``, or the first ``-count`` when negative."""
-    if count == 0 or abs(count) > num_layers:
-        raise ChipspanError(
-            f"num_layer_trainable must be between 1 and {num_layers} (or -1 to -{num_layers} "
-            f"for the first layers), not {count}"
-        )
-    return range(num_layers - count, num_layers) if count > 0 else range(-count)
-
-
-def freeze_modules(names: str) -> list[str]:
-    """The decoder-layer modules "freeze" trains, from ``name_module_trainable`` (comma list, or all)."""
-    modules = [n.strip() for n in names.split(",") if n.strip()]
-    modules = list(FREEZE_MODULES.words) if modules == ["all"] else modules
-    unknown = [m for m in modules if m not in FREEZE_MODULES.words] or ([] if modules else [names])
-    if unknown:
-        raise ChipspanError(
-            f"name_module_trainable '{unknown[0]}' is not a module of a decoder layer; "
-            f"choose from: {', '.join(FREEZE_MODULES.words)} (comma-separated), or all"
-        )
-    return modules
 
 
 def count_trainable(config: ModelConfig, args: FinetuningArguments) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from chipspan.args import RunArguments
-from chipspan.chips.plan import one_process_per_chip
+from chipspan.chips.job import one_process_per_chip
 from chipspan.data.loader import DataSplit
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError

@@ -1,0 +1,104 @@
+"""The training job in the memory model's terms (``Job``), built once from a run's arguments and
+the precision it runs in (``job_of``); and which path a `train` takes (``one_process_per_chip``).
+
+The plan prices a ``Job`` and ``train`` places the model from the same one, so both see the same
+bytes per weight, the same micro-batches and the same path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from chipspan.args import RunArguments
+from chipspan.errors import ChipspanError
+from chipspan.precision import PrecisionChoice
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one training step computes and keeps, in the terms the byte counts need.
+
+    Bytes per element: ``base_bytes`` the frozen weights and the residual stream between layers;
+    ``compute_bytes`` the activations inside a layer (autocast's dtype, else the base's);
+    ``trained_bytes``, ``gradient_bytes``, ``moment_bytes`` a trained weight, its gradient and each
+    of AdamW's two moments. The defaults are fp32 throughout.
+    """
+
+    finetuning_type: str  # "lora", "full" or "freeze" (validated with the run's arguments)
+    seq_len: int  # tokens per example (cutoff_len)
+    batch: int  # examples per micro-batch
+    gradient_checkpointing: bool = False  # keep each layer's input, recompute the rest in backward
+    base_bytes: int = 4
+    compute_bytes: int = 4
+    autocast: bool = False  # the forward runs under autocast (16-bit copies of fp32 weights)
+    trained_bytes: int = 4
+    gradient_bytes: int = 4
+    moment_bytes: int = 4
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # ("all",): every linear layer
+    num_layer_trainable: int = 3  # freeze: the last N layers train (the first -N when negative)
+    name_module_trainable: str = "mlp"  # freeze: mlp, self_attn or all
+    micro_batches_in_flight: int = 1  # micro-batches whose activations a chip holds at once
+    gradients_held: bool = False  # gradients of earlier micro-batches alive while a chip runs the next
+
+    def __post_init__(self):
+        sizes = (self.base_bytes, self.compute_bytes, self.trained_bytes, self.gradient_bytes, self.moment_bytes)
+        if any(size not in (2, 4) for size in sizes):
+            raise ChipspanError(f"bytes per element must be 2 (fp16/bf16) or 4 (fp32), not {sizes}")
+        if min(self.seq_len, self.batch, self.micro_batches_in_flight) < 1:
+            raise ChipspanError("seq_len, batch and micro_batches_in_flight must be at least 1")
+
+    @property
+    def tokens(self) -> int:
+        """N: tokens per micro-batch."""
+        return self.seq_len * self.batch
+
+
+def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | None = None) -> Job:
+    """The job of ``run`` computed as ``precision`` says, each batch cut into ``micro_batches``
+    (default --micro_batches, else 1) of ceil(batch / M) examples; ChipspanError when M does not
+    fit the batch. The micro-batches in flight come from the schedule (``Schedule``); one process
+    holds the gradients of earlier accumulation steps while it runs the next (one process per chip
+    runs a step's accumulation steps as micro-batches of one schedule)."""
+    ft, train = run.finetuning, run.training
+    batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
+    if not 1 <= micro <= max(batch, 1):
+        raise ChipspanError(
+            f"--micro_batches {micro} must be between 1 and per_device_train_batch_size ({batch}): "
+            "each micro-batch needs at least one example"
+        )
+    targets = tuple(t.strip() for t in (ft.lora_target or "q_proj,v_proj").split(",") if t.strip())
+    trained = precision.trained_dtype.itemsize  # gradients and AdamW moments take the weight's dtype
+    return Job(
+        finetuning_type=ft.finetuning_type,
+        seq_len=run.data.cutoff_len,
+        batch=math.ceil(batch / micro),
+        gradient_checkpointing=not train.disable_gradient_checkpointing,
+        base_bytes=precision.base_dtype.itemsize,
+        compute_bytes=precision.compute_dtype.itemsize,
+        autocast=precision.autocast_dtype is not None,
+        trained_bytes=trained,
+        gradient_bytes=trained,
+        moment_bytes=trained,
+        lora_rank=ft.lora_rank,
+        lora_targets=targets,
+        num_layer_trainable=ft.num_layer_trainable,
+        name_module_trainable=ft.name_module_trainable,
+        gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
+    )
+
+
+def one_process_per_chip(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `train` runs as one process per chip: --launcher torchrun (this process starts the
+    torchrun job, or is one of its ranks), or a rank of a torchrun job of several processes.
+    Otherwise one process drives every chip. The one rule the plan, `train` and the CLI follow
+    (--launcher is one of ``args.LAUNCHERS``, checked when the arguments are built)."""
+    return run.chips.launcher is not None or (under_torchrun(environ) and int(environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process was started by torchrun (rather than having to start it)."""
+    return "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
