@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from chipspan.models.checkpoint import save_weights
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+from chipspan.models.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = {
@@ -90,12 +90,12 @@ def single(folder: Path, args) -> dict:
 
 def pipelined(folder: Path, args) -> dict:
     import torch.distributed as dist
+    from chipspan.distributed.gradients import clip_global_norm
+    from chipspan.distributed.loop import replica_rows
     from torch.distributed.pipelining import PipelineStage
 
     from chipspan.args import parse_run_arguments
     from chipspan.chips.placement import split_layers
-    from chipspan.distributed.gradients import clip_global_norm
-    from chipspan.distributed.loop import replica_rows
     from chipspan.distributed.mesh import plan_layout, start
     from chipspan.distributed.recipe import _rank_training
     from chipspan.distributed.stage import load_stage

@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import KVCache
+from chipspan.models.weights import load_pretrained
 
 TINY = dict(
     vocab_size=131,

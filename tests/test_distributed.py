@@ -299,7 +299,7 @@ def weights(folder):
     """Every tensor of an HF model folder, single-file or sharded."""
     from safetensors.torch import load_file
 
-    from chipspan.models.checkpoint import weight_files
+    from chipspan.models.weights import weight_files
 
     return {k: v for file in weight_files(folder) for k, v in load_file(file).items()}
 

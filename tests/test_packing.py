@@ -14,8 +14,8 @@ from chipspan.chips.placement import Placement
 from chipspan.chips.span import SpannedModel
 from chipspan.data import IGNORE_INDEX, Example, collate
 from chipspan.data.packing import PackedExample, pack_examples
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import build_attention_mask, segment_positions
+from chipspan.models.weights import load_pretrained
 from chipspan.train.recipe import run_train
 
 CUTOFF = 32

@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from chipspan.infer.generate import SamplingSettings, generate
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.models.weights import load_pretrained
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

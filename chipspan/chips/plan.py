@@ -29,8 +29,8 @@ from chipspan.chips.memory import (
 )
 from chipspan.chips.placement import split_layers
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
+from chipspan.models.weights import parse_size
 
 # Devices whose chips finish each op before returning, so micro-batches in one process cannot
 # overlap: the CPU's "chips" are one CPU, emulated chips compute on it.
