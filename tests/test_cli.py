@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
-from test_decoder_parity import make_reference
+from helpers import LLAMA2_TOKENIZER, make_reference, tiny_model, write_gguf
 
 
 def chipspan(*args, cwd=None):
@@ -90,8 +89,6 @@ def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
 
 
 def test_gguf_of_another_architecture(tmp_path):
-    from test_gguf import tiny_model, write_gguf
-
     write_gguf(tmp_path / "m.gguf", tiny_model(), arch="qwen2")
     result = chipspan("convert", tmp_path / "m.gguf", tmp_path / "out")
     assert_one_error_line(result, "GGUF architecture 'qwen2' is not supported; chipspan converts: llama")

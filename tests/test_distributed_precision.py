@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import losses, one_process, torchrun, train_flags  # noqa: E402
+from helpers import log_lines, losses, one_process, torchrun, train_flags  # noqa: E402
 
 # torchrun worker: argv = OUT POISON_STEP MODE chipspan-arguments...; MODE "scaler": fp32 arithmetic
 # with a loss scaler, rank 0's gradients poisoned in step POISON_STEP (0: never), each rank's
@@ -66,10 +66,6 @@ def recording_step(self, *args, **kwargs):
 TrainStep.__call__ = recording_step
 sys.exit(main(sys.argv[4:]))
 """
-
-
-def log_lines(out):
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
 
 
 def scales(folder, rank):

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import command, run
 from safetensors.torch import load_file
-from tiny_run import command, run
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
 #   step:N  inside the N-th batch's forward pass (mid-step)

@@ -6,8 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command
+from helpers import SEED_LORA, make_reference, seed_command
 
 from chipspan.args import parse_run_arguments
 from chipspan.chips.placement import Placement

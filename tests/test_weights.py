@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 import transformers
+from helpers import batch, make_reference
 from safetensors.torch import load_file, save_file
-from test_decoder_parity import batch, make_reference
 
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
