@@ -211,10 +211,12 @@ def run_layouts(tmp_path, layouts, processes):
             torch.testing.assert_close(held[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
+@pytest.mark.multiprocess
 def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_path):
     run_layouts(tmp_path, LAYOUTS, processes=2)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(
     PROCESSES < 4,
     reason="the 2 x 2 mesh needs 4 processes: set CHIPSPAN_TEST_PROCESSES=4 on a machine with the cores for it",
@@ -240,6 +242,8 @@ def assert_same_weights(ours, theirs):
     assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -303,6 +307,7 @@ if __name__ == "__main__":
     worker(Path(sys.argv[1]), MESH_LAYOUTS if sys.argv[2] == "mesh" else LAYOUTS)
 
 
+@pytest.mark.multiprocess
 def test_a_diverging_run_stops_on_every_rank_and_writes_no_final_weights(tiny_workspace, tmp_path):
     """The one-process NonFiniteGuard under torchrun: the ranks agree on the step's loss and stop together."""
     out = tmp_path / "out"

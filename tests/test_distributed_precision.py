@@ -98,6 +98,8 @@ def record_single_process_steps(monkeypatch, folder):
     monkeypatch.setattr(TrainStep, "__call__", recording_step)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tmp_path, monkeypatch):
     from chipspan import precision
     from chipspan.chips.runner import ChipsRunner
@@ -147,6 +149,8 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
     assert [line["skipped_steps"] for line in log_lines(staged)] == [0, 1, 1, 1]  # steps 1-2 kept from before
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_half_precision_autocasts_under_torchrun_as_in_one_process(
@@ -183,6 +187,8 @@ def test_half_precision_autocasts_under_torchrun_as_in_one_process(
     assert max(abs(a - b) / b for a, b in zip(norms, plain_norms)) > 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_eval_loss_through_the_pipeline_is_the_single_process_one(tiny_workspace, tmp_path):
     """--val_size, --eval_strategy steps and --do_eval under torchrun: the forward-only pipeline gives
     the single process's eval_loss (each batch's token mean counted once per example); 2 data-parallel

@@ -276,6 +276,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smollm2_dir, smollm2_gguf):
     assert ours.encode("2024").ids == [ours.token_to_id(d) for d in "2024"]  # digits one by one
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_gguf(smollm2_dir, smollm2_gguf):
     """transformers dequantizes and un-permutes the GGUF by its own code: an independent check."""
     ours = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()

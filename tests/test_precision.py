@@ -1,7 +1,6 @@
 """fp16 loss scaling on the emulated chips (an overflow is skipped, counted and survived), pure bf16,
 and per-chip memory in every log line."""
 
-
 import pytest
 import torch
 from helpers import command, log_lines, run
@@ -19,6 +18,7 @@ def emu_command(tiny_workspace, out, *extra):
     return argv + ["--lr_scheduler_type", "linear", "--save_steps", "3", *extra]
 
 
+@pytest.mark.slow
 def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny_workspace, tmp_path, monkeypatch):
     forward, calls = runner.pipelined_loss, [0]
 

@@ -21,6 +21,7 @@ def models(smollm2_dir):
     return ours, theirs, Tokenizer.from_folder(smollm2_dir)
 
 
+@pytest.mark.multiprocess
 def test_cli_convert_writes_a_folder_transformers_loads(smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2"
     result = subprocess.run(

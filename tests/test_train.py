@@ -86,6 +86,7 @@ def train_losses(seed_workspace, out, chips, *extra, steps=6):
     return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, finetuning):
     extra = ["--finetuning_type", "full"] if finetuning == "full" else []
@@ -103,6 +104,7 @@ def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, fin
 needs_emu = pytest.mark.skipif(not emu.is_available(), reason="the emu device cannot be built here (no C++ compiler?)")
 
 
+@pytest.mark.slow
 @needs_emu
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path, finetuning):
@@ -208,6 +210,7 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     assert all(torch.allclose(results[3][k], results[1][k], atol=1e-6) for k in results[1])
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path):
     straight = train_losses(seed_workspace, tmp_path / "straight", 2)
     out = tmp_path / "resumed"

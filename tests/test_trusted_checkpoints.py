@@ -340,6 +340,8 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
 # --- per-stage checkpoints (torchrun) ---------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
     out = tmp_path / "staged"
     torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--micro_batches", "2"))
