@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from chipspan.models.checkpoint import save_weights
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+from chipspan.models.weights import save_weights
 from chipspan.precision import Precision, PrecisionChoice
 from chipspan.train.optim import build_optimizer
 from chipspan.train.step import TrainStep

@@ -403,7 +403,7 @@ def check_range(name: str, value: float, allowed: Range, default: float | None =
 
 
 def _check_size(name: str, value: str) -> None:
-    from chipspan.models.checkpoint import parse_size
+    from chipspan.models.weights import parse_size
 
     try:
         size = parse_size(value)

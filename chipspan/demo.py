@@ -16,8 +16,8 @@ from chipspan.args import parse_run_arguments
 from chipspan.assets import demo_model_dir
 from chipspan.infer.chat import ChatSession, stop_token_ids
 from chipspan.infer.generate import SamplingSettings
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.models.weights import load_pretrained
 from chipspan.train.recipe import run_train
 
 DEMO_DATA = Path(__file__).parent / "demo_data"

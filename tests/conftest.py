@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 Real files (SmolLM2, the Llama-2 and Llama-3 tokenizers, LLaMA-Factory's demo datasets) come from
-the package registry through ``chipspan.assets`` and are cached (tests/fetched_assets.py); a test
+the package registry through ``chipspan.assets`` and are cached (tests/helpers.py); a test
 never skips for a missing file: without the registry and an empty cache it fails, saying why.
 """
 
@@ -54,8 +54,7 @@ def llama2_vocab_dir():
 def make_workspace(root, num_layers: int):
     """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
     ``root/model``, and the seed's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
-    from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
-    from test_decoder_parity import make_reference
+    from helpers import DEMO_DATA, LLAMA2_TOKENIZER, make_reference
 
     make_reference(
         root / "model",
@@ -76,7 +75,7 @@ def make_workspace(root, num_layers: int):
 
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory):
-    """4 layers; see tests/tiny_run.py for the command that trains it."""
+    """4 layers; see tests/helpers.py's ``command`` for the command that trains it."""
     return make_workspace(tmp_path_factory.mktemp("tiny"), 4)
 
 

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
-from test_decoder_parity import make_reference
+from helpers import LLAMA2_TOKENIZER, make_reference, tiny_model, write_gguf
 
 
 def chipspan(*args, cwd=None):
@@ -32,11 +31,13 @@ def model_folder(tmp_path):
     return folder
 
 
+@pytest.mark.multiprocess
 def test_missing_model_folder(tmp_path):
     result = chipspan("chat", "--model_name_or_path", tmp_path / "no-such-model", "--prompt", "hi")
     assert_one_error_line(result, "no-such-model", "does not exist")
 
 
+@pytest.mark.multiprocess
 def test_config_without_model_type(model_folder):
     config = json.loads((model_folder / "config.json").read_text())
     del config["model_type"]
@@ -45,6 +46,7 @@ def test_config_without_model_type(model_folder):
     assert_one_error_line(result, "no 'model_type'", "llama, mistral, qwen2")
 
 
+@pytest.mark.multiprocess
 def test_truncated_safetensors_and_debug_traceback(model_folder):
     weights = model_folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
@@ -54,12 +56,14 @@ def test_truncated_safetensors_and_debug_traceback(model_folder):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.multiprocess
 def test_chat_answers_a_prompt(model_folder):
     result = chipspan("chat", "--model_name_or_path", model_folder, "--prompt", "hello", "--max_new_tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
 
+@pytest.mark.multiprocess
 def test_tokenizer_larger_than_the_model_vocabulary(model_folder):
     config = json.loads((model_folder / "config.json").read_text())
     config["vocab_size"] = 1000
@@ -68,6 +72,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(model_folder):
     assert_one_error_line(result, "32000 tokens", "vocab_size is 1000")
 
 
+@pytest.mark.multiprocess
 def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -89,9 +94,8 @@ def test_adapter_naming_a_module_that_does_not_exist(model_folder, tmp_path):
     assert_one_error_line(result, "'qproj' matches no module", "q_proj", "v_proj")
 
 
+@pytest.mark.multiprocess
 def test_gguf_of_another_architecture(tmp_path):
-    from test_gguf import tiny_model, write_gguf
-
     write_gguf(tmp_path / "m.gguf", tiny_model(), arch="qwen2")
     result = chipspan("convert", tmp_path / "m.gguf", tmp_path / "out")
     assert_one_error_line(result, "GGUF architecture 'qwen2' is not supported; chipspan converts: llama")

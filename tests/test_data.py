@@ -14,7 +14,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
-from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
+from helpers import DEMO_DATA, LLAMA2_TOKENIZER
 
 from chipspan.data import IGNORE_INDEX, Example, collate, load_examples
 from chipspan.data.templates import get_template

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
+from helpers import DEMO_DATA, LLAMA2_TOKENIZER
 
 from chipspan.data import IGNORE_INDEX, load_examples
 from chipspan.data.formats import BadRow, converter

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 

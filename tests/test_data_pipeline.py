@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 
 from chipspan import cli
 from chipspan.args import DataArguments

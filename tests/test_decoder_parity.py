@@ -2,75 +2,10 @@
 
 import pytest
 import torch
-import transformers
+from helpers import VARIANTS, batch, make_reference
 
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import KVCache
-
-TINY = dict(
-    vocab_size=131,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-)
-
-VARIANTS = {
-    "llama2-mha": ("LlamaConfig", {}),
-    "llama3-gqa-rope-llama3": (
-        "LlamaConfig",
-        dict(
-            num_key_value_heads=2,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=16,
-            ),
-        ),
-    ),
-    "llama-rope-linear": (
-        "LlamaConfig",
-        dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
-    ),
-    "llama-rope-dynamic-beyond-max": (
-        "LlamaConfig",
-        dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)),
-    ),
-    "llama-attention-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
-    "llama-head-dim-given": ("LlamaConfig", dict(head_dim=24, num_key_value_heads=2)),
-    "smollm-tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4096)),
-    "qwen2-qkv-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-}
-
-
-def make_reference(tmp_path, variant, seed=0, **changes):
-    """A random transformers model of ``variant`` (config ``changes`` applied), saved to tmp_path.
-
-    Returns (model, folder)."""
-    class_name, overrides = VARIANTS[variant]
-    config = getattr(transformers, class_name)(**{**TINY, **overrides, **changes})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # biases start at zero: make them count
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path)
-    return model, tmp_path
-
-
-def batch(vocab, b=2, s=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s), generator=g)
-    labels = ids.clone()
-    labels[:, :7] = -100  # a prompt that is not trained on
-    return ids, labels
+from chipspan.models.weights import load_pretrained
 
 
 def relative_error(ours, ref):

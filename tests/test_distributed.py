@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, losses, make_reference, one_process, torchrun, train_flags
 
 from chipspan.args import parse_run_arguments
 from chipspan.chips.placement import even_placement, split_layers
@@ -30,7 +31,6 @@ from chipspan.train.finetune import prepare_trainable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH, ACCUMULATION, MICRO_BATCHES, VOCAB = 4, 2, 2, 512
 MAX_NORM = 0.1  # small enough that every layout clips
 # (name, schedule, finetuning, data_parallel, model): each runs on 2 processes, or on 4 (PP x DP 2 x 2)
@@ -158,27 +158,6 @@ def worker(out: Path, layouts: list) -> None:
 # --- the tests ----------------------------------------------------------------------------------------
 
 
-def torchrun(*args, timeout=120, processes=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={processes}",
-            *map(str, args),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def reference(folder, finetuning):
     """One process, one chip: loss, norm before clipping and clipped gradients of the step."""
     run = parse_run_arguments(flags(folder, finetuning), {})
@@ -199,8 +178,6 @@ def reference(folder, finetuning):
 
 def run_layouts(tmp_path, layouts, processes):
     """Run ``layouts`` on ``processes`` ranks and compare each with one process."""
-    from test_decoder_parity import make_reference
-
     shape = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -234,10 +211,12 @@ def run_layouts(tmp_path, layouts, processes):
             torch.testing.assert_close(held[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
+@pytest.mark.multiprocess
 def test_every_schedule_and_data_parallel_give_the_gradients_of_one_process(tmp_path):
     run_layouts(tmp_path, LAYOUTS, processes=2)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(
     PROCESSES < 4,
     reason="the 2 x 2 mesh needs 4 processes: set CHIPSPAN_TEST_PROCESSES=4 on a machine with the cores for it",
@@ -249,57 +228,11 @@ def test_pipeline_by_data_mesh_gives_the_gradients_of_one_process(tmp_path):
 # end to end: `chipspan train` under torchrun, checkpoints across the two ways of running
 
 
-def train_flags(tiny_workspace, out, *extra):
-    return [
-        "--stage",
-        "sft",
-        "--do_train",
-        "--model_name_or_path",
-        tiny_workspace / "model",
-        "--dataset",
-        "alpaca_gpt4_zh",
-        "--dataset_dir",
-        tiny_workspace / "data",
-        "--template",
-        "default",
-        "--finetuning_type",
-        "full",
-        "--output_dir",
-        out,
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "2",
-        "--max_samples",
-        "24",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "1",
-        "--disable_gradient_checkpointing",
-        *extra,
-    ]
-
-
-def one_process(argv):
-    from chipspan.train.recipe import run_train
-
-    run_train(parse_run_arguments([str(a) for a in argv], {}), report=lambda _: None)
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
 def weights(folder):
     """Every tensor of an HF model folder, single-file or sharded."""
     from safetensors.torch import load_file
 
-    from chipspan.models.checkpoint import weight_files
+    from chipspan.models.weights import weight_files
 
     return {k: v for file in weight_files(folder) for k, v in load_file(file).items()}
 
@@ -309,6 +242,8 @@ def assert_same_weights(ours, theirs):
     assert all(torch.allclose(ours[k], theirs[k], atol=2e-5, rtol=0) for k in theirs)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -372,6 +307,7 @@ if __name__ == "__main__":
     worker(Path(sys.argv[1]), MESH_LAYOUTS if sys.argv[2] == "mesh" else LAYOUTS)
 
 
+@pytest.mark.multiprocess
 def test_a_diverging_run_stops_on_every_rank_and_writes_no_final_weights(tiny_workspace, tmp_path):
     """The one-process NonFiniteGuard under torchrun: the ranks agree on the step's loss and stop together."""
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import losses, one_process, torchrun, train_flags  # noqa: E402
+from helpers import log_lines, losses, one_process, torchrun, train_flags  # noqa: E402
 
 # torchrun worker: argv = OUT POISON_STEP MODE chipspan-arguments...; MODE "scaler": fp32 arithmetic
 # with a loss scaler, rank 0's gradients poisoned in step POISON_STEP (0: never), each rank's
@@ -68,10 +68,6 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-def log_lines(out):
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
 def scales(folder, rank):
     return [tuple(json.loads(line)) for line in (folder / f"scales-rank{rank}.jsonl").read_text().splitlines()]
 
@@ -102,6 +98,8 @@ def record_single_process_steps(monkeypatch, folder):
     monkeypatch.setattr(TrainStep, "__call__", recording_step)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tmp_path, monkeypatch):
     from chipspan import precision
     from chipspan.chips.runner import ChipsRunner
@@ -151,6 +149,8 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
     assert [line["skipped_steps"] for line in log_lines(staged)] == [0, 1, 1, 1]  # steps 1-2 kept from before
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_half_precision_autocasts_under_torchrun_as_in_one_process(
@@ -187,6 +187,8 @@ def test_half_precision_autocasts_under_torchrun_as_in_one_process(
     assert max(abs(a - b) / b for a, b in zip(norms, plain_norms)) > 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_eval_loss_through_the_pipeline_is_the_single_process_one(tiny_workspace, tmp_path):
     """--val_size, --eval_strategy steps and --do_eval under torchrun: the forward-only pipeline gives
     the single process's eval_loss (each batch's token mean counted once per example); 2 data-parallel

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_run import command, run
+from helpers import command, run
 
 from chipspan.args import parse_run_arguments
 from chipspan.data import collate

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import transformers
+from helpers import command, run
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_run import command, run
 
 H, INTERMEDIATE, LAYERS = 32, 64, 4  # the tiny_workspace model: hidden, intermediate size, decoder layers
 MLP, ATTENTION = 3 * H * INTERMEDIATE, 4 * H * H  # parameters of one layer's mlp and self_attn (no biases)

@@ -9,9 +9,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from helpers import TOY
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_model_config import TOY
 
 from chipspan.args import known_flags, parse_run_arguments
 from chipspan.cli import main

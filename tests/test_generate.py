@@ -1,10 +1,10 @@
 """Generation with the KV cache against transformers' greedy decoding and a cache-free loop."""
 
 import torch
-from test_decoder_parity import make_reference
+from helpers import make_reference
 
 from chipspan.infer.generate import SamplingSettings, generate
-from chipspan.models.checkpoint import load_pretrained
+from chipspan.models.weights import load_pretrained
 
 
 def test_greedy_generation_equals_transformers(tmp_path):

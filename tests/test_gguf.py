@@ -8,41 +8,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import CHATML, TOKENS, Q, tiny_model, write_gguf
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from chipspan import assets
 from chipspan.errors import ChipspanError
 from chipspan.models import gguf_import
 from chipspan.models.gguf_import import build_tokenizer, convert_gguf, llama3_rope_scaling
-
-Q = gguf.GGMLQuantizationType
-
-# Every matrix has 256 columns, so K-quant blocks (256 values) fit; head_dim 64.
-SHAPE = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-LAYER = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-# gguf has no K-quant writer: such tensors get random blocks, with these bytes set to sane f16 scales.
-SCALE_BYTES = {Q.Q4_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
-
-# A small byte-level BPE vocabulary laid out like SmolLM2's: control tokens first.
-CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ w", "o r", "Ġw or"]
-TOKENS = CONTROL + sorted(pre_tokenizers.ByteLevel.alphabet()) + [m.replace(" ", "") for m in MERGES]
-TOKENS += ["<think>"]
-TYPES = [3] * len(CONTROL) + [1] * (len(TOKENS) - len(CONTROL) - 1) + [4]  # control, normal, user-defined
-CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
 TEXTS = [
     "Hello, world! How are you?",
@@ -52,105 +26,6 @@ TEXTS = [
     "  leading, trailing  and   runs of spaces  ",
     "emoji 🙂🚀 and accents: café, naïve, Ångström",
 ]
-
-
-def tiny_model(tied=True, rope_scaling=None, seed=0) -> LlamaForCausalLM:
-    """A Llama with random weights (norms too, so a swapped norm shows) over the vocabulary above."""
-    config = LlamaConfig(
-        vocab_size=len(TOKENS),
-        **SHAPE,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=512,
-        tie_word_embeddings=tied,
-        rope_scaling=rope_scaling,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter: HF rows [head, half, j] -> GGUF rows [head, j, half] (rows of bytes work too)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def stored(w: np.ndarray, qtype, rng) -> np.ndarray:
-    """``w`` as GGUF stores it in ``qtype``: quantized by gguf, or random blocks where gguf cannot write it."""
-    if qtype == Q.F32:
-        return w
-    try:
-        return gguf.quants.quantize(w, qtype)
-    except NotImplementedError:
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
-        if qtype in SCALE_BYTES:
-            cut = SCALE_BYTES[qtype]
-            scales = rng.uniform(1e-3, 1e-2, (*raw.shape[:2], (cut.stop - cut.start) // 2)).astype(np.float16)
-            raw[..., cut] = scales.view(np.uint8)
-        return raw.reshape(w.shape[0], -1)
-
-
-def write_gguf(
-    path, model, qtype=Q.F32, *, odd_types=None, arch="llama", tokenizer=("gpt2", "smollm"), rope_freqs=None
-) -> dict:
-    """Write ``model`` as llama.cpp would (q/k rows permuted, norms in F32, matrices in ``qtype`` or
-    ``odd_types[hf_name]``); return the weights a correct reader gets back (HF names and order)."""
-    cfg, rng, expected = model.config, np.random.default_rng(0), {}
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    if tokenizer:
-        writer.add_tokenizer_model(tokenizer[0])
-        writer.add_tokenizer_pre(tokenizer[1])
-        writer.add_token_list(TOKENS)
-        writer.add_token_types(TYPES)
-        writer.add_token_merges(MERGES)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_pad_token_id(2)
-        writer.add_add_bos_token(False)
-        writer.add_chat_template(CHATML)
-    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        parts = name.removesuffix(".weight").split(".", 3)  # model.layers.N.kind or model.kind / lm_head
-        if parts[:2] == ["model", "layers"]:
-            kind, gguf_name = parts[3], f"blk.{parts[2]}.{LAYER[parts[3]]}.weight"
-        else:
-            kind = ".".join(parts)
-            gguf_name = f"{GLOBAL[kind]}.weight"
-        w = tensor.numpy()
-        t = Q.F32 if w.ndim == 1 else (odd_types or {}).get(name, qtype)
-        data = stored(w, t, rng)
-        try:
-            expected[name] = torch.from_numpy(np.array(gguf.quants.dequantize(data, t), dtype=np.float32))
-        except NotImplementedError:  # e.g. Q8_K, which a reader must refuse
-            pass
-        if kind in heads:
-            data = llama_cpp_permute(data, heads[kind])
-        writer.add_tensor(gguf_name, data, raw_dtype=None if t in (Q.F32, Q.F16) else t)
-    if rope_freqs is not None:
-        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return expected
 
 
 def reference(model, weights) -> LlamaForCausalLM:
@@ -401,6 +276,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smollm2_dir, smollm2_gguf):
     assert ours.encode("2024").ids == [ours.token_to_id(d) for d in "2024"]  # digits one by one
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_gguf(smollm2_dir, smollm2_gguf):
     """transformers dequantizes and un-permutes the GGUF by its own code: an independent check."""
     ours = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()

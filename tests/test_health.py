@@ -2,8 +2,8 @@
 no weights with inf/NaN are written, and data with nothing to train on is refused before loading."""
 
 import pytest
-import tiny_run
 import torch
+from helpers import command, run
 from safetensors.torch import load_file
 
 from chipspan.chips import runner
@@ -29,7 +29,7 @@ def test_nonfinite_steps_are_not_applied_and_three_in_a_row_stop_the_run(tiny_wo
     nan_from_call(monkeypatch, first_bad=3)  # steps 1-2 train, 3-5 are NaN
     lines = []
     with pytest.raises(ChipspanError, match=r"training diverged: steps 3-5 all had a non-finite loss nan"):
-        tiny_run.run(tiny_run.command(tiny_workspace, out, "lora"), report=lines.append)
+        run(command(tiny_workspace, out, "lora"), report=lines.append)
     assert sum("is not applied" in line for line in lines) == NONFINITE_STEP_LIMIT - 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     before, during = (load_file(out / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (2, 4))
@@ -48,7 +48,7 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_workspace, tmp_
         return value * float("nan") if len(calls) == 2 else value
 
     monkeypatch.setattr(runner, "pipelined_loss", loss)
-    tiny_run.run(tiny_run.command(tiny_workspace, out, "lora"))
+    run(command(tiny_workspace, out, "lora"))
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)  # steps 1, 3-6 trained
@@ -63,12 +63,12 @@ def test_weights_holding_nan_are_never_written(tiny_workspace, tmp_path, monkeyp
         match=r"the trained weight \S+lora_\S+ holds inf/NaN, so checkpoint-2 "
         "was not written",
     ):
-        tiny_run.run(tiny_run.command(tiny_workspace, out, "lora"))
+        run(command(tiny_workspace, out, "lora"))
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 
 
 def test_data_with_no_token_to_train_is_refused_before_loading(tiny_workspace, tmp_path, capsys):
-    argv = tiny_run.command(tiny_workspace, tmp_path / "out", "lora")
+    argv = command(tiny_workspace, tmp_path / "out", "lora")
     argv[argv.index("--cutoff_len") + 1] = "1"  # room for one prompt token, no answer
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()

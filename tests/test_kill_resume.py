@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import command, run
 from safetensors.torch import load_file
-from tiny_run import command, run
 
 # Runs chipspan's CLI after arranging to SIGKILL this process at one moment, named by argv[1]:
 #   step:N  inside the N-th batch's forward pass (mid-step)
@@ -58,6 +58,7 @@ def final_weights(out, finetuning_type):
     return load_file(out / ("adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 @pytest.mark.parametrize("moment", ["step:5", "save:4"])
 def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_workspace, tmp_path, finetuning_type, moment):

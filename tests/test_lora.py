@@ -14,8 +14,8 @@ from chipspan.adapters.lora import LoraLinear, inject_lora, merge_and_unload, me
 from chipspan.adapters.peft_io import adapter_parameters, adapter_state_dict, check_adapter, load_adapter, save_adapter
 from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.config import ModelConfig
+from chipspan.models.weights import load_pretrained
 from chipspan.train.finetune import check_finetuning_arguments
 
 TINY = dict(

@@ -5,19 +5,11 @@ import json
 import time
 
 import pytest
+from helpers import TOY
 
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
-
-TOY = {
-    "model_type": "llama",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-}
 
 
 def write_config(tmp_path, **changes):

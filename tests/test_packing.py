@@ -6,16 +6,15 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command
+from helpers import SEED_LORA, make_reference, seed_command
 
 from chipspan.args import parse_run_arguments
 from chipspan.chips.placement import Placement
 from chipspan.chips.span import SpannedModel
 from chipspan.data import IGNORE_INDEX, Example, collate
 from chipspan.data.packing import PackedExample, pack_examples
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import build_attention_mask, segment_positions
+from chipspan.models.weights import load_pretrained
 from chipspan.train.recipe import run_train
 
 CUTOFF = 32

@@ -5,7 +5,7 @@ import hashlib
 import os
 
 import pytest
-from tiny_run import command
+from helpers import command
 
 from chipspan.cli import main
 

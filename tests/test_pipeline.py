@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from test_decoder_parity import make_reference
-from test_train import SEED_LORA, seed_command
+from helpers import SEED_LORA, make_reference, seed_command
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipspan import emu

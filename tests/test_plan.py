@@ -593,6 +593,7 @@ def test_chips_auto_needs_a_chips_memory(tmp_path, no_weight_loading):
         run_train(_train_run(folder, "--finetuning_type", "full", "--device", "emu", "--chips", "auto"))
 
 
+@pytest.mark.multiprocess
 def test_estimate_matches_each_stage_process_peak(tmp_path):
     # two stage processes (torchrun, gloo) train a small random Llama; each tracks its own peak.
     # Under 1F1B the first stage holds 2 of the 4 micro-batches at once and the last 1, with the
@@ -721,6 +722,7 @@ def _python(code: str) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.multiprocess
 def test_planning_imports_no_plugin_and_starts_no_emulated_chip(tmp_path):
     folder = _model_folder(tmp_path, **HEAVY_LAYERS)
     code = f"""
@@ -738,6 +740,7 @@ print(sorted(m for m in ("torch_tpu", "torch_npu") if m in sys.modules), emu is 
     assert _python(code) == "[] False"
 
 
+@pytest.mark.multiprocess
 def test_the_plan_imports_nothing_from_train():
     code = "import sys, chipspan.chips.plan; print(sorted(m for m in sys.modules if m.startswith('chipspan.train')))"
     assert _python(code) == "[]"

@@ -1,12 +1,10 @@
 """fp16 loss scaling on the emulated chips (an overflow is skipped, counted and survived), pure bf16,
 and per-chip memory in every log line."""
 
-import json
-
 import pytest
 import torch
+from helpers import command, log_lines, run
 from safetensors.torch import load_file
-from tiny_run import command, run
 
 from chipspan import emu
 from chipspan.chips import runner
@@ -20,10 +18,7 @@ def emu_command(tiny_workspace, out, *extra):
     return argv + ["--lr_scheduler_type", "linear", "--save_steps", "3", *extra]
 
 
-def log_lines(out):
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_an_fp16_overflow_skips_the_step_lowers_the_scale_and_training_goes_on(tiny_workspace, tmp_path, monkeypatch):
     forward, calls = runner.pipelined_loss, [0]
 

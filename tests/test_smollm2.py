@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from chipspan.infer.generate import SamplingSettings, generate
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.models.weights import load_pretrained
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -21,6 +21,7 @@ def models(smollm2_dir):
     return ours, theirs, Tokenizer.from_folder(smollm2_dir)
 
 
+@pytest.mark.multiprocess
 def test_cli_convert_writes_a_folder_transformers_loads(smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2"
     result = subprocess.run(

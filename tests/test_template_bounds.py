@@ -11,7 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 
 from chipspan.errors import ChipspanError
 from chipspan.models import chat_sandbox
@@ -46,6 +46,7 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("template", [STRING_BOMB, NESTED_LOOPS], ids=["300MB-string", "nested-loops"])
 def test_template_bomb_is_one_line_under_a_memory_limit(tmp_path, template):
     """`chipspan data --template auto` under a 3 GiB address-space limit: refused in seconds, one line."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-from fetched_assets import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 
 from chipspan.data import IGNORE_INDEX, template_tools
 from chipspan.data.encode import encode_supervised

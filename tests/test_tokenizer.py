@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fetched_assets import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,14 +1,12 @@
 """`chipspan train` end to end: the seed's command lines, chips, resume, and one-line errors."""
 
 import json
-import shlex
 import shutil
 
 import pytest
 import torch
-from fetched_assets import DEMO_DATA, LLAMA2_TOKENIZER
+from helpers import DEMO_DATA, LLAMA2_TOKENIZER, SEED_LORA, make_reference, seed_command
 from safetensors.torch import load_file
-from test_decoder_parity import make_reference
 
 from chipspan import emu
 from chipspan.adapters.peft_io import adapter_state_dict
@@ -22,13 +20,6 @@ from chipspan.train import checkpoints
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
 
-SEED_LORA = (
-    "--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
-    "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
-    "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --lr_scheduler_type cosine "
-    "--logging_steps 1 --save_steps 10 --learning_rate 5e-5 --num_train_epochs 4.0 --plot_loss --fp16 "
-    "--overwrite_output_dir --disable_gradient_checkpointing"
-)
 SEED_FULL = (
     SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full")
     .replace("--save_steps 10", "--save_steps 100")
@@ -36,14 +27,6 @@ SEED_FULL = (
 )
 # The seed's four jobs: (command, chips) for 7B LoRA, 13B LoRA, 7B full, 13B full.
 SEED_JOBS = [(SEED_LORA, 2), (SEED_LORA, 4), (SEED_FULL, 11), (SEED_FULL, 21)]
-
-
-def seed_command(template, seed_workspace, out, *extra):
-    return shlex.split(template.format(model=seed_workspace / "model", out=out)) + [
-        "--dataset_dir",
-        str(seed_workspace / "data"),
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize("command,chips", SEED_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
@@ -103,6 +86,7 @@ def train_losses(seed_workspace, out, chips, *extra, steps=6):
     return [line["loss"] for line in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, finetuning):
     extra = ["--finetuning_type", "full"] if finetuning == "full" else []
@@ -120,6 +104,7 @@ def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, fin
 needs_emu = pytest.mark.skipif(not emu.is_available(), reason="the emu device cannot be built here (no C++ compiler?)")
 
 
+@pytest.mark.slow
 @needs_emu
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path, finetuning):
@@ -225,6 +210,7 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     assert all(torch.allclose(results[3][k], results[1][k], atol=1e-6) for k in results[1])
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path):
     straight = train_losses(seed_workspace, tmp_path / "straight", 2)
     out = tmp_path / "resumed"

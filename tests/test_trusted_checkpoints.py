@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from tiny_run import STEPS, command, run
+from helpers import REPO, STEPS, command, run, torchrun, train_flags
 
 from chipspan import manifest
 from chipspan.args import parse_run_arguments
@@ -340,9 +340,9 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
 # --- per-stage checkpoints (torchrun) ---------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
-    from test_distributed import REPO, torchrun, train_flags
-
     out = tmp_path / "staged"
     torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--micro_batches", "2"))
     checkpoint = out / "checkpoint-2"

@@ -27,8 +27,8 @@ from chipspan.chips.memory import (
     split_estimates,
 )
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import parse_size
 from chipspan.models.config import ModelConfig
+from chipspan.models.weights import parse_size
 from chipspan.precision import choose_precision
 
 # Devices whose chips finish each op before returning, so micro-batches in one process cannot

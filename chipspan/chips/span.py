@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from chipspan.chips.placement import Placement
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
 from chipspan.models.loss import ScoredTokens
+from chipspan.models.weights import load_pretrained
 
 
 class SpannedModel(nn.Module):
@@ -32,7 +32,7 @@ class SpannedModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, placement: Placement, dtype: torch.dtype) -> SpannedModel:
-        """Read each chip's slice of the checkpoint straight onto that chip."""
+        """Read each chip's slice of the model folder's weights straight onto that chip."""
         last = placement.num_chips - 1
         stages = [
             load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last)

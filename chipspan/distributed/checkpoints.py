@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 from chipspan import manifest
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.distributed.mesh import Layout
-from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, remove_weights
 from chipspan.models.decoder import CausalLM
+from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, remove_weights
 from chipspan.train import checkpoints
 from chipspan.train.reporting import TrainerState
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
+from chipspan.models.weights import load_pretrained
 
 
 class PipelinePiece(nn.Module):
@@ -61,7 +61,7 @@ class PipelinePiece(nn.Module):
 def load_stage(
     weights: str | Path, config: ModelConfig, split: list[range], stage: int, dtype: torch.dtype, device: torch.device
 ) -> CausalLM:
-    """Read only stage ``stage``'s slice of the checkpoint: its layers (``split[stage]``, the
+    """Read only stage ``stage``'s slice of the model folder's weights: its layers (``split[stage]``, the
     decoder layers of every stage in order), the embeddings on the first stage, the final norm
     and head on the last."""
     return load_pretrained(

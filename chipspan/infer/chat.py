@@ -14,10 +14,10 @@ from chipspan.adapters.peft_io import check_adapter, load_adapter
 from chipspan.devices import prepare_device_type
 from chipspan.errors import ChipspanError
 from chipspan.infer.generate import SamplingSettings, generate
-from chipspan.models.checkpoint import load_pretrained
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.models.weights import load_pretrained
 
 
 class ChatSession:

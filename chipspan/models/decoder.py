@@ -5,7 +5,7 @@
 Each decoder layer is ``x + attn(rms_norm(x))`` then ``x + mlp(rms_norm(x))``, with rotary
 position embeddings, grouped-query attention through ``scaled_dot_product_attention`` and a SwiGLU
 MLP. Parameter names equal Hugging Face's (``model.layers.3.self_attn.q_proj.weight``), so
-checkpoints load and save without renaming.
+HF weight files load and save without renaming.
 
 A ``CausalLM`` may hold only part of the model — any subset of layers, with or without the
 embeddings and the head — and still use global layer indices. That is how a slice is placed on one

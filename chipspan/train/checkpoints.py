@@ -45,10 +45,10 @@ from chipspan import manifest
 from chipspan.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, save_adapter
 from chipspan.args import RunArguments
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import SAFETENSORS_INDEX, model_state_dict, save_weights
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, save_weights
 from chipspan.precision import Precision
 from chipspan.train.optim import KINDS, group_kind, parameter_names
 from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState

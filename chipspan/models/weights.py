@@ -1,6 +1,6 @@
-"""Hugging Face checkpoints in and out: safetensors (single or sharded) and, read-only, pytorch_model*.bin.
+"""Hugging Face model weights in and out: safetensors (single or sharded) and, read-only, pytorch_model*.bin.
 
-Loading builds the model on the ``meta`` device (no memory), then reads the checkpoint tensor by
+Loading builds the model on the ``meta`` device (no memory), then reads the weight files tensor by
 tensor straight into the target dtype and device, so the weights never exist twice. A model that
 holds only some layers (one pipeline stage) reads only those tensors.
 """
@@ -24,7 +24,7 @@ from chipspan.models.decoder import CausalLM
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# Buffers some checkpoints carry that this model computes instead.
+# Buffers some weight files carry that this model computes instead.
 _IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
@@ -45,7 +45,7 @@ def load_pretrained(
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint files of an HF folder, safetensors preferred over .bin."""
+    """The weight files of an HF model folder, safetensors preferred over .bin."""
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         if (folder / index_name).is_file():
             index = _read_json(folder / index_name)
@@ -65,11 +65,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Fill every parameter of ``model`` from the checkpoint in ``folder``.
+    """Fill every parameter of ``model`` from the weight files in the model folder ``folder``.
 
     Raises ChipspanError naming the first few missing, unexpected or mis-shaped keys.
     """
-    wanted = _checkpoint_names(model)  # checkpoint key -> names of the model's parameters
+    wanted = _parameters_by_key(model)  # weight key -> names of the model's parameters
     expected = _full_model_shapes(model.config)
     loaded: set[str] = set()
     unexpected, mismatched = [], []
@@ -96,7 +96,7 @@ def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str 
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             raise ChipspanError(
-                f"checkpoint in {folder} does not fit a {model.config.model_type} model "
+                f"the weights in {folder} do not fit a {model.config.model_type} model "
                 f"of this config — {problem}: {', '.join(keys[:3])}{more}"
             )
     model.tie_weights()
@@ -171,8 +171,8 @@ def parse_size(size: int | str) -> int:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _checkpoint_names(model: CausalLM) -> dict[str, list[str]]:
-    """Map each checkpoint key this model needs to the parameter names it fills."""
+def _parameters_by_key(model: CausalLM) -> dict[str, list[str]]:
+    """Map each weight key this model needs to the parameter names it fills."""
     names: dict[str, list[str]] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         key = name
@@ -201,7 +201,7 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 @contextmanager
 def _open_tensors(file: Path) -> Iterator[tuple[list[str], Callable[[str], torch.Tensor]]]:
-    """(keys, get(key) -> tensor) over one checkpoint file, read lazily where the format allows."""
+    """(keys, get(key) -> tensor) over one weight file, read lazily where the format allows."""
     if file.suffix == ".safetensors":
         try:
             with safe_open(file, framework="pt", device="cpu") as handle:
@@ -215,7 +215,7 @@ def _open_tensors(file: Path) -> Iterator[tuple[list[str], Callable[[str], torch
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle
         raise ChipspanError(
-            f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{file} is not a readable PyTorch weights file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); download it again"
         ) from None
     yield list(state.keys()), state.__getitem__

@@ -1,4 +1,4 @@
-"""Checkpoint IO: HF safetensors (single, sharded), .bin, and one-line errors for broken folders."""
+"""HF weights IO: safetensors (single, sharded), .bin, and one-line errors for broken folders."""
 
 import json
 import shutil
@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 import transformers
+from helpers import batch, make_reference
 from safetensors.torch import load_file, save_file
-from test_decoder_parity import batch, make_reference
 
 from chipspan.errors import ChipspanError
-from chipspan.models.checkpoint import load_pretrained, model_state_dict, parse_size, save_weights
 from chipspan.models.config import ModelConfig
+from chipspan.models.weights import load_pretrained, model_state_dict, parse_size, save_weights
 
 
 @pytest.fixture()
@@ -54,7 +54,7 @@ def test_loads_straight_into_the_requested_dtype(reference):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_pytorch_bin_checkpoint_loads(reference, tmp_path):
+def test_pytorch_bin_weights_load(reference, tmp_path):
     ref, folder = reference
     bin_folder = tmp_path / "bin"
     bin_folder.mkdir()
