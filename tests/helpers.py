@@ -323,8 +323,9 @@ def losses(out):
 # --- torchrun ----------------------------------------------------------------------------------------
 
 
-def torchrun(*args, timeout=120, processes=2):
-    """``torchrun --standalone --nproc-per-node=processes args...`` from the repository; asserts it succeeded."""
+def torchrun(*args, timeout=120, processes=2, succeed=True):
+    """``torchrun --standalone --nproc-per-node=processes args...`` from the repository; asserts it
+    succeeded (``succeed=False``: asserts it failed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [
@@ -341,7 +342,7 @@ def torchrun(*args, timeout=120, processes=2):
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == succeed, result.stderr[-3000:]
     return result
 
 
