@@ -16,7 +16,7 @@ process. Three timings per round, taken in turn so that machine noise hits all a
 Tokenizer loading and imports are outside every timing. Threads are pinned alike on both sides:
 OMP_NUM_THREADS, RAYON_NUM_THREADS and RAYON_RS_NUM_CPUS (the tokenizers library's Rust pool) are
 set to ``--threads`` for this process and the LLaMA-Factory one. Note that the two ``default``
-templates differ (the seed's and 0.9.5's), by a few template tokens per row.
+templates differ (LLaMA-Factory 0.5's and 0.9.5's), by a few template tokens per row.
 """
 
 from __future__ import annotations

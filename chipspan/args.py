@@ -1,8 +1,8 @@
 """Run settings, spelled as LLaMA-Factory (and the Hugging Face Trainer) spell them.
 
 Flags come from the command line (``--key value``, ``--flag`` or ``--flag true``), from a YAML file
-(``chipspan train run.yaml key=value ...``), and for chips from the seed's environment variables
-``USE_SOPHGO``, ``SOPHGO_SPLIT`` and ``CHIPS``. Defaults are the seed's (LLaMA-Factory at b988ce0).
+(``chipspan train run.yaml key=value ...``), and for chips from LLaMA-Factory 0.5's environment variables
+``USE_SOPHGO``, ``SOPHGO_SPLIT`` and ``CHIPS``. Defaults are LLaMA-Factory 0.5's (commit b988ce0).
 """
 
 from __future__ import annotations
@@ -80,14 +80,21 @@ class Choices:
     """The words a text flag may take (declared as its field's ``choices`` metadata).
 
     One of ``words``; with ``comma_list``, one or more of them comma-separated, or ``all`` alone.
+    ``older`` holds (older name, word) pairs: an older name is read as its word.
     """
 
     words: tuple[str, ...]
     comma_list: bool = False
+    older: tuple[tuple[str, str], ...] = ()
+
+    def current(self, value: str) -> str:
+        """``value`` with an older name replaced by the word it stands for."""
+        return dict(self.older).get(value, value)
 
     def describe(self) -> str:
         """The choices in words, e.g. "one of no, steps, epoch"."""
-        return f"one of {', '.join(self.words)}" + (" (a comma list of them, or all)" if self.comma_list else "")
+        older = "".join(f" ({old} = {word})" for old, word in self.older)
+        return f"one of {', '.join(self.words)}{older}" + (" (a comma list of them, or all)" if self.comma_list else "")
 
 
 # The words each fixed-choice flag takes; the modules that act on them import these.
@@ -97,7 +104,8 @@ FREEZE_MODULES = Choices(("mlp", "self_attn"), comma_list=True)
 LR_SCHEDULER_TYPES = Choices(("linear", "cosine", "constant", "constant_with_warmup"))
 EVAL_STRATEGIES = Choices(("no", "steps", "epoch"))
 REPORT_TO = Choices(("none", "tensorboard", "all"))
-TEMPLATE_REVISIONS = Choices(("seed", "lf-0.9"))
+# lf-0.5: LLaMA-Factory 0.5 (commit b988ce0, llmtuner 0.5.1), once called "seed".
+TEMPLATE_REVISIONS = Choices(("lf-0.5", "lf-0.9"), older=(("seed", "lf-0.5"),))
 TOOL_FORMATS = Choices(("default", "llama3", "qwen", "mistral", "glm4"))
 MIX_STRATEGIES = Choices(("concat", "interleave_under", "interleave_over", "interleave_once"))
 PIPELINE_SCHEDULES = Choices(("gpipe", "1f1b", "interleaved1f1b"))
@@ -115,7 +123,9 @@ class DataArguments:
     dataset: str | None = field(default=None, metadata={"help": "comma-separated dataset names"})
     dataset_dir: str = field(default="data", metadata={"help": "folder with dataset_info.json and files"})
     template: str = field(default="default", metadata={"help": "prompt template"})
-    template_revision: str = field(default="seed", metadata={"help": "template tables", "choices": TEMPLATE_REVISIONS})
+    template_revision: str = field(
+        default="lf-0.5", metadata={"help": "template tables", "choices": TEMPLATE_REVISIONS}
+    )
     cutoff_len: int = field(default=1024, metadata={"help": "max tokens per example", "range": AT_LEAST_1})
     max_samples: int | None = field(
         default=None, metadata={"help": "first N rows of each dataset", "range": Range(1, example="1000")}
@@ -134,7 +144,7 @@ class DataArguments:
     packing: bool | None = field(
         default=None, metadata={"help": "pack SFT examples into cutoff_len blocks, each kept apart in attention"}
     )
-    sft_packing: bool = field(default=False, metadata={"help": "the seed's name for --packing"})
+    sft_packing: bool = field(default=False, metadata={"help": "LLaMA-Factory 0.5's name for --packing"})
     neat_packing: bool = field(
         default=False, metadata={"help": "accepted from LLaMA-Factory; chipspan's packing always keeps examples apart"}
     )
@@ -178,7 +188,7 @@ class FinetuningArguments:
 class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "where results and checkpoints go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a non-empty output_dir"})
-    do_train: bool = field(default=False, metadata={"help": "train (the seed's flag)"})
+    do_train: bool = field(default=False, metadata={"help": "train (LLaMA-Factory 0.5's flag)"})
     do_eval: bool = field(
         default=False, metadata={"help": "report eval_loss (held-out rows; all rows without --do_train)"}
     )
@@ -285,7 +295,7 @@ class ChipArguments:
 
 @dataclass
 class GeneratingArguments:
-    """How --do_predict answers (the seed's defaults: sampling at temperature 0.95, top_p 0.7, top_k 50)."""
+    """How --do_predict answers (LLaMA-Factory 0.5's defaults: sampling at temperature 0.95, top_p 0.7, top_k 50)."""
 
     do_sample: bool = field(default=True, metadata={"help": "sample (false: greedy)"})
     temperature: float = field(default=0.95, metadata={"help": "sampling temperature", "range": POSITIVE})
@@ -335,11 +345,11 @@ def known_flags() -> dict[str, tuple[str, dataclasses.Field, type]]:
 def parse_run_arguments(argv: list[str], environ: Mapping[str, str] = os.environ) -> RunArguments:
     """Parse ``[run.yaml] [key=value ...] [--key value ...]``; later settings win."""
     values = _collect(argv)
-    values = {**_seed_environment(environ), **values}
+    values = {**_sophgo_environment(environ), **values}
     return build_run_arguments(values)
 
 
-# Older names of flags (the seed's Hugging Face Trainer), read as the current ones.
+# Older names of flags (LLaMA-Factory 0.5's Hugging Face Trainer), read as the current ones.
 ALIASES = {"evaluation_strategy": "eval_strategy"}
 
 
@@ -351,8 +361,10 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
         name = ALIASES.get(name, name)
         if name not in flags:
             raise ChipspanError(_unknown_flag_message(name, flags))
-        group, _, kind = flags[name]
-        grouped[group][name] = _convert(name, raw, kind)
+        group, spec, kind = flags[name]
+        value = _convert(name, raw, kind)
+        choices = spec.metadata.get("choices")
+        grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
     run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
     check_values(run)
     return run
@@ -464,8 +476,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _seed_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The seed's chip variables as flags: USE_SOPHGO=1 -> device tpu; SOPHGO_SPLIT=N, CHIPS=K -> K..K+N-1."""
+def _sophgo_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """LLaMA-Factory 0.5's chip variables as flags: USE_SOPHGO=1 -> device tpu; SOPHGO_SPLIT=N, CHIPS=K -> K..K+N-1."""
     values: dict[str, Any] = {}
     if environ.get("USE_SOPHGO", "0") not in ("", "0"):
         values["device"] = "tpu"

@@ -64,7 +64,7 @@ def device_count(device_type: str) -> int:
 
 
 def parse_chip_ids(spec: str | None) -> list[int]:
-    """Chip ids from "0-3", "0,1,2,3", "2" (one chip) or None (chip 0); contiguous, as the seed required."""
+    """Chip ids from "0-3", "0,1,2,3", "2" (one chip) or None (chip 0); contiguous, as LLaMA-Factory 0.5 required."""
     if spec is None or str(spec).strip() == "":
         return [0]
     spec = str(spec).strip()

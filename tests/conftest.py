@@ -53,7 +53,8 @@ def llama2_vocab_dir():
 
 def make_workspace(root, num_layers: int):
     """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
-    ``root/model``, and the seed's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
+    ``root/model``, and LLaMA-Factory 0.5's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in
+    ``root/data``."""
     from helpers import DEMO_DATA, LLAMA2_TOKENIZER, make_reference
 
     make_reference(
@@ -80,6 +81,6 @@ def tiny_workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def seed_workspace(tmp_path_factory):
-    """22 layers: enough for the seed's chip counts (2, 4, 11, 21); see test_train's seed_command."""
-    return make_workspace(tmp_path_factory.mktemp("seed"), 22)
+def lf05_workspace(tmp_path_factory):
+    """22 layers: enough for LLaMA-Factory 0.5's chip counts (2, 4, 11, 21); see test_train's lf05_command."""
+    return make_workspace(tmp_path_factory.mktemp("lf05"), 22)

@@ -238,7 +238,7 @@ def write_gguf(
     return expected
 
 
-# --- short training runs in this process (tiny_workspace, seed_workspace: tests/conftest.py) --------
+# --- short training runs in this process (tiny_workspace, lf05_workspace: tests/conftest.py) --------
 
 STEPS, SAVE_STEPS = 6, 2
 
@@ -291,8 +291,8 @@ def run(argv, report=lambda _: None):
     return run_train(parse_run_arguments(argv[1:], {}), report=report)
 
 
-# The seed's LoRA command line (its 7B and 13B LoRA jobs), with {model} and {out} to fill in.
-SEED_LORA = (
+# LLaMA-Factory 0.5's LoRA command line (its 7B and 13B LoRA jobs), with {model} and {out} to fill in.
+LF05_LORA = (
     "--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "
     "--finetuning_type lora --lora_target q_proj,v_proj --output_dir {out} --overwrite_cache "
     "--per_device_train_batch_size 1 --gradient_accumulation_steps 1 --lr_scheduler_type cosine "
@@ -301,11 +301,11 @@ SEED_LORA = (
 )
 
 
-def seed_command(template, seed_workspace, out, *extra):
-    """argv of ``template`` (such as SEED_LORA) over ``seed_workspace``'s model and data, then ``extra``."""
-    return shlex.split(template.format(model=seed_workspace / "model", out=out)) + [
+def lf05_command(template, lf05_workspace, out, *extra):
+    """argv of ``template`` (such as LF05_LORA) over ``lf05_workspace``'s model and data, then ``extra``."""
+    return shlex.split(template.format(model=lf05_workspace / "model", out=out)) + [
         "--dataset_dir",
-        str(seed_workspace / "data"),
+        str(lf05_workspace / "data"),
         *extra,
     ]
 

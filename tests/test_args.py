@@ -1,4 +1,4 @@
-"""Run settings: the seed's flags, YAML files with overrides, and the seed's chip variables."""
+"""Run settings: LLaMA-Factory 0.5's flags, YAML files with overrides, and LLaMA-Factory 0.5's chip variables."""
 
 import math
 
@@ -30,14 +30,14 @@ def test_yaml_then_key_value_then_flags(tmp_path):
     assert run.training.num_train_epochs == 2.0 and run.training.max_steps == 7
 
 
-def test_seed_defaults_and_bare_boolean_flags():
+def test_lf05_defaults_and_bare_boolean_flags():
     run = parse_run_arguments(["--plot_loss", "--do_train", "--lora_alpha", "none"], {})
     assert run.finetuning.plot_loss and run.training.do_train
     assert (run.data.cutoff_len, run.finetuning.lora_rank, run.finetuning.lora_alpha) == (1024, 8, None)
     assert (run.training.max_grad_norm, run.training.seed, run.training.adam_epsilon) == (1.0, 42, 1e-8)
 
 
-def test_seed_environment_sets_device_and_chips():
+def test_sophgo_environment_sets_device_and_chips():
     run = parse_run_arguments([], {"USE_SOPHGO": "1", "SOPHGO_SPLIT": "4", "CHIPS": "2"})
     assert (run.chips.device, run.chips.chips) == ("tpu", "2-5")
     assert parse_run_arguments(["--chips", "0-1"], {"SOPHGO_SPLIT": "4"}).chips.chips == "0-1"  # flags win
@@ -217,6 +217,15 @@ def test_comma_list_choices_are_checked_one_by_one():
     assert _refusal(["--name_module_trainable", ","]).startswith("--name_module_trainable , is not one of mlp")
 
 
+def test_an_older_choice_name_is_read_as_the_current_one(tmp_path):
+    """--template_revision seed (chipspan's first name for lf-0.5) still works, on the command line and in YAML."""
+    assert parse_run_arguments(["--template_revision", "seed"], {}).data.template_revision == "lf-0.5"
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("template_revision: seed\n")
+    assert parse_run_arguments([str(run_file)], {}).data.template_revision == "lf-0.5"
+    assert "(seed = lf-0.5)" in _refusal(["--template_revision", "sead"])
+
+
 def test_optional_choices_take_none():
     run = parse_run_arguments(["--launcher", "none", "--tool_format", "null"], {})
     assert run.chips.launcher is None and run.data.tool_format is None
@@ -239,7 +248,7 @@ def test_every_choice_has_an_implementation():
 
     assert tuple(SCHEDULES) == tuple(VIRTUAL_STAGES) == PIPELINE_SCHEDULES.words
     assert tuple(TEMPLATES) == TEMPLATE_REVISIONS.words
-    assert set(template_tools._TOOLS) - {"seed"} == set(template_tools._CALLS) == set(TOOL_FORMATS.words)
+    assert set(template_tools._TOOLS) - {"lf-0.5"} == set(template_tools._CALLS) == set(TOOL_FORMATS.words)
     for kind in LR_SCHEDULER_TYPES.words:
         factors = [lr_factor(kind, step, 10, 2) for step in range(10)]
         assert all(0 <= f <= 1 and math.isfinite(f) for f in factors)

@@ -1,4 +1,4 @@
-"""Data: registry, formats, templates, SFT masking/truncation and PT blocks, as at the seed commit.
+"""Data: registry, formats, templates, SFT masking/truncation and PT blocks, as in LLaMA-Factory 0.5.
 
 Expected ids are written from the Llama-2 tokenizer's encoding of each literal piece: every string
 slot of a template is tokenized on its own, so each piece starts with its own "▁".
@@ -134,7 +134,7 @@ def test_default_truncation_never_passes_cutoff(tmp_path, tok):
     second = enc(tok, "\n") + enc(tok, "Human: and 3+3?\nAssistant: ")
     answer = enc(tok, "6") + [EOS]
     # turn 1 (17 + 17) fits whole: max_target = int(40 * 17/34) = 20. Turn 2: remaining 6, s = 15,
-    # t = 3: the seed's max_target = max(int(6 * 3/18), 16) = 16 left max_source = 6 - 16 = -10,
+    # t = 3: LLaMA-Factory 0.5's max_target = max(int(6 * 3/18), 16) = 16 left max_source = 6 - 16 = -10,
     # which as a slice kept 5 prompt tokens (42 tokens, past cutoff_len). Here the answer takes
     # its 3 tokens and the prompt the other 3 of the 6 remaining: 34 + 3 + 3 = 40 tokens.
     assert (len(second), len(answer)) == (15, 3)
@@ -178,10 +178,10 @@ def test_llama2_truncation(tmp_path, tok):
     assert ex.labels == [M] * 24 + answer[:16]
 
 
-def test_matches_the_seed_code_on_the_frozen_fixture(tmp_path, tok):
-    """Ids and labels equal llmtuner 0.5.1's on 15 rows x 2 templates x 3 cutoffs (make_seed_reference.py),
-    except where the seed went past cutoff_len: those rows are cut to fit instead."""
-    fixture = json.loads((FIXTURES / "seed_reference.json").read_text(encoding="utf-8"))
+def test_matches_the_lf05_code_on_the_frozen_fixture(tmp_path, tok):
+    """Ids and labels equal llmtuner 0.5.1's on 15 rows x 2 templates x 3 cutoffs (make_lf05_reference.py),
+    except where LLaMA-Factory 0.5 went past cutoff_len: those rows are cut to fit instead."""
+    fixture = json.loads((FIXTURES / "lf05_reference.json").read_text(encoding="utf-8"))
     write_dataset(tmp_path, fixture["rows"], columns=fixture["columns"])
     compared = over = 0
     for key, expected in fixture["expected"].items():
@@ -232,7 +232,7 @@ def test_unknown_template_lists_the_known_ones(tmp_path, tok):
 
 def test_rows_that_cannot_be_used_are_dropped_and_counted(tmp_path, tok, caplog):
     rows = [
-        {"instruction": "ok", "output": ""},  # an empty answer is kept (the seed trained on EOS alone)
+        {"instruction": "ok", "output": ""},  # an empty answer is kept (LLaMA-Factory 0.5 trained on EOS alone)
         {"instruction": None, "output": "x"},
         {"instruction": "no answer"},
         {"instruction": "two answers", "output": ["a", "b"]},
@@ -293,7 +293,7 @@ def test_unknown_dataset_lists_close_matches(tmp_path, tok):
         load_examples("x_gpt4_zh", tmp_path, tok)
 
 
-def test_missing_seed_file_says_what_it_is_and_where_it_was_looked_for(tmp_path, tok):
+def test_missing_lf05_file_says_what_it_is_and_where_it_was_looked_for(tmp_path, tok):
     with pytest.raises(ChipspanError) as info:
         load_examples("alpaca_gpt4_zh", tmp_path, tok)
     message = str(info.value)
@@ -341,9 +341,9 @@ def test_unsupported_entries_say_so(tmp_path, tok, entry, message):
         load_examples("toy", tmp_path, tok)
 
 
-def test_seed_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, caplog):
-    """The built-in oaast_sft_zh entry maps instruction/input/output/history; a file that is not the
-    seed's (its SHA-1 differs from the registry's) is used with a warning."""
+def test_lf05_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, caplog):
+    """The built-in oaast_sft_zh entry maps instruction/input/output/history; a file that is not
+    LLaMA-Factory 0.5's (its SHA-1 differs from the registry's) is used with a warning."""
     rows = [{"instruction": "q2", "input": "", "output": "a2", "history": [["q1", "a1"]]}]
     (tmp_path / "oaast_sft_zh.json").write_text(json.dumps(rows), encoding="utf-8")
     with caplog.at_level(logging.WARNING):
@@ -366,7 +366,7 @@ def test_pt_blocks(tmp_path, tok):
     # a b c </s> d e </s> (no BOS), cut into blocks of 3; the last token is a remainder, dropped.
     assert enc(tok, "a b c") == [263, 289, 274] and enc(tok, "d e") == [270, 321]
     assert [e.input_ids for e in examples] == [[263, 289, 274], [EOS, 270, 321]]
-    # the seed's collator masked pad ids (= EOS here), so EOS was never a target; we train on it
+    # LLaMA-Factory 0.5's collator masked pad ids (= EOS here), so EOS was never a target; we train on it
     assert [e.labels for e in examples] == [[263, 289, 274], [EOS, 270, 321]]
 
 
@@ -401,8 +401,8 @@ def test_collate_pads_right_to_a_multiple_of_8():
     assert unpadded["input_ids"].shape == (1, 5)
 
 
-def test_shared_demo_data_with_the_seed_command_names(tmp_path, tok):
-    """The seed's command (--dataset alpaca_gpt4_zh --template default) on the 1,000-row stand-in."""
+def test_shared_demo_data_with_the_lf05_command_names(tmp_path, tok):
+    """LLaMA-Factory 0.5's command (--dataset alpaca_gpt4_zh --template default) on the 1,000-row stand-in."""
     demo = DEMO_DATA / "alpaca_zh_demo.json"
     shutil.copy(demo, tmp_path / "alpaca_gpt4_data_zh.json")
     examples = load_examples("alpaca_gpt4_zh", tmp_path, tok, "default")

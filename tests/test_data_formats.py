@@ -75,7 +75,7 @@ def test_openai_rows_equal_sharegpt_rows(tmp_path, tok):
 
 
 def test_function_calls_and_observations_use_the_template_tool_slots(tmp_path, tok):
-    """Seed ``default``: a call is written "Action: name\nAction Input: arguments" + EOS, an observation
+    """LLaMA-Factory 0.5's ``default``: a call is written "Action: name\nAction Input: arguments" + EOS, an observation
     like a user turn; an empty tool list adds nothing to the system."""
     call = '{"name": "f", "arguments": {"x": 1}}'
     calls = sharegpt(("human", "q"), ("function_call", call), ("observation", "42"), ("gpt", "a"))
@@ -194,7 +194,7 @@ def test_glaive_toolcall_demo_loads(tmp_path, tok, caplog):
 @pytest.mark.parametrize(
     "revision, row, user",
     [
-        ("seed", {"instruction": "", "input": "only an input", "output": "ok"}, "\nonly an input"),
+        ("lf-0.5", {"instruction": "", "input": "only an input", "output": "ok"}, "\nonly an input"),
         ("lf-0.9", {"instruction": "", "input": "only an input", "output": "ok"}, "only an input"),
         ("lf-0.9", {"input": "q", "output": "ok"}, "q"),  # LLaMA-Factory 0.9.5's converter gives these
         ("lf-0.9", {"instruction": "a", "input": "b", "output": "ok"}, "a\nb"),
@@ -204,9 +204,9 @@ def test_alpaca_user_turn_is_read_as_each_revision_reads_it(revision, row, user)
     assert converter("alpaca", None, None, revision)(row).prompt == (("user", user),)
 
 
-def test_the_seed_needs_an_instruction():
+def test_lf05_needs_an_instruction():
     with pytest.raises(BadRow, match="instruction is missing"):
-        converter("alpaca", None, None, "seed")({"input": "q", "output": "ok"})
+        converter("alpaca", None, None, "lf-0.5")({"input": "q", "output": "ok"})
 
 
 @pytest.mark.parametrize("template", ["qwen", "auto"])

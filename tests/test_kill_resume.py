@@ -1,7 +1,7 @@
 """A run killed with SIGKILL (mid-step, mid-save) and started again continues exactly where it was.
 
 The killed runs are subprocesses that kill themselves at a chosen moment; the resumed run is the
-same command again (the seed's automatic resume). On the CPU with one thread, the resumed run must
+same command again (LLaMA-Factory 0.5's automatic resume). On the CPU with one thread, the resumed run must
 give the uninterrupted run's losses at every step and the same final weights, bit for bit.
 """
 

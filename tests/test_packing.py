@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SEED_LORA, make_reference, seed_command
+from helpers import LF05_LORA, lf05_command, make_reference
 
 from chipspan.args import parse_run_arguments
 from chipspan.chips.placement import Placement
@@ -162,11 +162,11 @@ def test_packed_logits_match_transformers_one_example_at_a_time(tmp_path, varian
 
 
 @pytest.mark.parametrize("flag", ["--packing", "--sft_packing"])
-def test_training_with_packing_runs_and_writes_outputs(seed_workspace, tmp_path, flag):
+def test_training_with_packing_runs_and_writes_outputs(lf05_workspace, tmp_path, flag):
     out = tmp_path / "out"
-    argv = seed_command(
-        SEED_LORA,
-        seed_workspace,
+    argv = lf05_command(
+        LF05_LORA,
+        lf05_workspace,
         out,
         flag,
         "true",

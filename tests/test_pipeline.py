@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import SEED_LORA, make_reference, seed_command
+from helpers import LF05_LORA, lf05_command, make_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipspan import emu
@@ -187,11 +187,11 @@ def test_wavefront_order_puts_every_stage_to_work(model_dir, monkeypatch):
 # --- `train --micro_batches` ---------------------------------------------------------------------
 
 
-def test_train_with_micro_batches_logs_the_same_losses(seed_workspace, tmp_path, monkeypatch):
+def test_train_with_micro_batches_logs_the_same_losses(lf05_workspace, tmp_path, monkeypatch):
     def losses(out, *extra):
-        argv = seed_command(
-            SEED_LORA,
-            seed_workspace,
+        argv = lf05_command(
+            LF05_LORA,
+            lf05_workspace,
             out,
             "--max_steps",
             "4",

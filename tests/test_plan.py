@@ -1,4 +1,4 @@
-"""The memory plan: per-chip estimates, the greedy packer, the balanced split, the seed's chip counts,
+"""The memory plan: per-chip estimates, the greedy packer, the balanced split, LLaMA-Factory 0.5's chip counts,
 and the estimate against measured peaks (emu chips, and FakeTensorMode at Llama-2-7B's shape)."""
 
 import dataclasses
@@ -27,9 +27,10 @@ CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 LLAMA2_7B = ModelConfig.from_folder(CONFIGS / "llama2-7b.json")
 LLAMA2_13B = ModelConfig.from_folder(CONFIGS / "llama2-13b.json")
-# the seed's LoRA job: --fp16 on a chip (a frozen fp16 base, fp16 autocast, fp32 adapters); its full job in fp32
-SEED_LORA = Job("lora", seq_len=1024, batch=1, base_bytes=2, compute_bytes=2, autocast=True)
-SEED_FULL = dataclasses.replace(SEED_LORA, finetuning_type="full", base_bytes=4, compute_bytes=4, autocast=False)
+# LLaMA-Factory 0.5's LoRA job: --fp16 on a chip (a frozen fp16 base, fp16 autocast, fp32 adapters); its full job
+# in fp32
+LF05_LORA = Job("lora", seq_len=1024, batch=1, base_bytes=2, compute_bytes=2, autocast=True)
+LF05_FULL = dataclasses.replace(LF05_LORA, finetuning_type="full", base_bytes=4, compute_bytes=4, autocast=False)
 
 
 def _toy(layers=6, tied=False):
@@ -59,14 +60,14 @@ def test_published_parameter_counts():
 @pytest.mark.parametrize(
     "config, job, gb_chips, gib_chips",
     [
-        (LLAMA2_7B, SEED_LORA, 2, 2),
-        (LLAMA2_13B, SEED_LORA, 3, 3),
-        (LLAMA2_7B, SEED_FULL, 12, 11),
-        (LLAMA2_13B, SEED_FULL, 21, 21),
+        (LLAMA2_7B, LF05_LORA, 2, 2),
+        (LLAMA2_13B, LF05_LORA, 3, 3),
+        (LLAMA2_7B, LF05_FULL, 12, 11),
+        (LLAMA2_13B, LF05_FULL, 21, 21),
     ],
 )
-def test_seed_chip_counts_at_14_gb_usable(config, job, gb_chips, gib_chips):
-    # The seed ran 2 / 4 / 11 / 21. 13B LoRA needs 3: chipspan's layers save ~0.45x what the
+def test_lf05_chip_counts_at_14_gb_usable(config, job, gb_chips, gib_chips):
+    # LLaMA-Factory 0.5 ran 2 / 4 / 11 / 21. 13B LoRA needs 3: chipspan's layers save ~0.45x what the
     # Korthikanti count assumed. 7B full needs 12 at 14·10^9 bytes but 11 at 14 GiB: AdamW's
     # foreach step takes 4 more bytes per parameter (docs/plan.md).
     assert min_chips(config, job, 14 * 10**9) == gb_chips
@@ -75,33 +76,33 @@ def test_seed_chip_counts_at_14_gb_usable(config, job, gb_chips, gib_chips):
 
 
 def test_greedy_packing_fills_chips_in_order():
-    slices = pack_layers(LLAMA2_13B, SEED_FULL, 14 * 10**9)
+    slices = pack_layers(LLAMA2_13B, LF05_FULL, 14 * 10**9)
     assert [len(r) for r in slices] == [1] + [2] * 19 + [1]
     assert [r.start for r in slices[1:]] == [r.stop for r in slices[:-1]]
-    assert max(_totals(LLAMA2_13B, slices, SEED_FULL)) <= 14 * 10**9
+    assert max(_totals(LLAMA2_13B, slices, LF05_FULL)) <= 14 * 10**9
 
 
 def test_bytes_per_parameter():
     whole = dict(layers=range(LLAMA2_7B.num_hidden_layers), first=True, last=True)
-    lora = estimate(LLAMA2_7B, **whole, job=SEED_LORA)
+    lora = estimate(LLAMA2_7B, **whole, job=LF05_LORA)
     assert 2.0 < lora.weights / LLAMA2_7B.num_parameters < 2.02  # fp16 base + fp32 adapters and their copies
     assert lora.gradients == lora.optimizer / 2 > 0
-    full = estimate(LLAMA2_7B, **whole, job=SEED_FULL)
+    full = estimate(LLAMA2_7B, **whole, job=LF05_FULL)
     assert full.weights + full.gradients + full.optimizer == 16 * LLAMA2_7B.num_parameters
     # split over chips the full job still holds 16 bytes per parameter, no more (untied head)
-    slices = pack_layers(LLAMA2_7B, SEED_FULL, 14 * 10**9)
-    states = [estimate(LLAMA2_7B, r, r.start == 0, r.stop == 32, SEED_FULL) for r in slices]
+    slices = pack_layers(LLAMA2_7B, LF05_FULL, 14 * 10**9)
+    states = [estimate(LLAMA2_7B, r, r.start == 0, r.stop == 32, LF05_FULL) for r in slices]
     assert sum(s.weights + s.gradients + s.optimizer for s in states) == 16 * LLAMA2_7B.num_parameters
     # fp32 weights under 16-bit autocast: the 16-bit copies autocast saves for backward are
     # activations (one set per micro-batch in flight), not weights
-    mixed = estimate(LLAMA2_7B, **whole, job=dataclasses.replace(SEED_FULL, compute_bytes=2, autocast=True))
+    mixed = estimate(LLAMA2_7B, **whole, job=dataclasses.replace(LF05_FULL, compute_bytes=2, autocast=True))
     assert mixed.weights + mixed.gradients + mixed.optimizer == 16 * LLAMA2_7B.num_parameters
     assert mixed.activations > 2 * 32 * LLAMA2_7B.parameters_per_layer * 0.99
 
 
 def test_activations_count_what_each_layer_saves():
     s, h, i, a, d = 1024, 4096, 11008, 32, 128
-    one = estimate(LLAMA2_7B, range(1, 2), False, False, SEED_LORA)
+    one = estimate(LLAMA2_7B, range(1, 2), False, False, LF05_LORA)
     # fp16 base, LoRA r8 on q and v (docs/plan.md): two norms' fp32 inputs and inverse RMS, q/k/v/out
     # and the log-sum-exp, SwiGLU's gate/SiLU/up, each adapter's 16-bit input copy, middle and
     # A/B copies; the rope tables once per chip
@@ -114,25 +115,25 @@ def test_activations_count_what_each_layer_saves():
     )
     assert one.activations == layer + 2 * 2 * s * d and one.logits == 0
     assert 0.4 < layer / (s * h * (34 + 5 * a * s / h)) < 0.5  # vs Korthikanti's eager-attention count
-    four = estimate(LLAMA2_7B, range(1, 5), False, False, dataclasses.replace(SEED_LORA, micro_batches_in_flight=3))
+    four = estimate(LLAMA2_7B, range(1, 5), False, False, dataclasses.replace(LF05_LORA, micro_batches_in_flight=3))
     assert four.activations == 3 * (4 * layer + 2 * 2 * s * d)
     adapter_copies = 2 * (2 * 8 * 2 * h)  # the 16-bit A and B, once per step whatever the batch
     assert (
-        estimate(LLAMA2_7B, range(1, 2), False, False, dataclasses.replace(SEED_LORA, batch=2)).activations
+        estimate(LLAMA2_7B, range(1, 2), False, False, dataclasses.replace(LF05_LORA, batch=2)).activations
         == 2 * one.activations - adapter_copies
     )
     recomputed = estimate(
-        LLAMA2_7B, range(1, 5), False, False, dataclasses.replace(SEED_LORA, gradient_checkpointing=True)
+        LLAMA2_7B, range(1, 5), False, False, dataclasses.replace(LF05_LORA, gradient_checkpointing=True)
     )
     assert recomputed.activations == 4 * s * h * 2 + 2 * 2 * s * d  # each layer's input; the rope tables
-    assert recomputed.total < estimate(LLAMA2_7B, range(1, 5), False, False, SEED_LORA).total
+    assert recomputed.total < estimate(LLAMA2_7B, range(1, 5), False, False, LF05_LORA).total
     # full fine-tuning in fp32 peaks in AdamW's step: 16 bytes per parameter plus 4 of temporaries
-    full = estimate(LLAMA2_7B, range(1, 4), False, False, SEED_FULL)
+    full = estimate(LLAMA2_7B, range(1, 4), False, False, LF05_FULL)
     assert full.peak_at == "optimizer step" and full.total == 20 * 3 * LLAMA2_7B.parameters_per_layer - 4 * 3 * 2 * h
 
 
 def test_only_the_last_chip_pays_for_the_loss_and_tied_head_is_copied_there():
-    job = dataclasses.replace(SEED_LORA, seq_len=32)
+    job = dataclasses.replace(LF05_LORA, seq_len=32)
     assert estimate(_toy(), range(0, 3), True, False, job).logits == 0
     assert estimate(_toy(), range(3, 6), False, True, job).logits > 0
     tied = _toy(tied=True)
@@ -144,7 +145,7 @@ def test_only_the_last_chip_pays_for_the_loss_and_tied_head_is_copied_there():
 
 def test_freeze_trains_and_keeps_activations_only_from_the_first_trainable_layer():
     config = _toy(layers=6)
-    job = dataclasses.replace(SEED_LORA, finetuning_type="freeze", seq_len=32, num_layer_trainable=2)
+    job = dataclasses.replace(LF05_LORA, finetuning_type="freeze", seq_len=32, num_layer_trainable=2)
     early, late = (estimate(config, r, r.start == 0, r.stop == 6, job) for r in (range(0, 4), range(4, 6)))
     assert early.gradients == early.activations == 0
     assert late.gradients == 2 * 3 * 64 * 160 * 4  # two layers' fp32 MLP gradients
@@ -152,7 +153,7 @@ def test_freeze_trains_and_keeps_activations_only_from_the_first_trainable_layer
     assert first.gradients > 0 and first.activations > 0
 
 
-@pytest.mark.parametrize("job", [SEED_LORA, SEED_FULL, dataclasses.replace(SEED_LORA, gradient_checkpointing=True)])
+@pytest.mark.parametrize("job", [LF05_LORA, LF05_FULL, dataclasses.replace(LF05_LORA, gradient_checkpointing=True)])
 @pytest.mark.parametrize("config", [LLAMA2_7B, LLAMA2_13B])
 def test_balanced_split_is_never_fuller_than_even_or_greedy(config, job):
     greedy = pack_layers(config, job, 14 * 10**9)
@@ -165,7 +166,7 @@ def test_balanced_split_is_never_fuller_than_even_or_greedy(config, job):
 
 
 def test_balanced_split_is_optimal_on_a_small_model():
-    config, job = _toy(layers=7), dataclasses.replace(SEED_FULL, seq_len=64)
+    config, job = _toy(layers=7), dataclasses.replace(LF05_FULL, seq_len=64)
     for chips in range(1, 8):
         best = min(
             max(_totals(config, [range(a, b) for a, b in zip((0,) + cuts, cuts + (7,))], job))
@@ -183,7 +184,7 @@ def test_the_balanced_split_prices_a_number_of_slices_linear_in_the_layers(monke
     counts = []
     for layers in (128, 256, 512):
         priced.clear()
-        split = balanced_split(_toy(layers), dataclasses.replace(SEED_LORA, seq_len=64), layers // 3, schedule)
+        split = balanced_split(_toy(layers), dataclasses.replace(LF05_LORA, seq_len=64), layers // 3, schedule)
         assert len(split) == layers // 3 and split[-1].stop == layers
         counts.append(len(priced))
     # a search over every (start, stop) pair per chip grows 8-fold per doubling, a quadratic one 4-fold;
@@ -195,7 +196,7 @@ def test_min_chips_under_1f1b_is_the_first_count_whose_balanced_split_fits():
     from chipspan.chips.memory import chip_totals
 
     config, schedule = _toy(24), Schedule("1f1b", 6)
-    job = dataclasses.replace(SEED_LORA, seq_len=256, batch=2)
+    job = dataclasses.replace(LF05_LORA, seq_len=256, batch=2)
 
     def fits(chips, budget):
         split = balanced_split(config, job, chips, schedule)
@@ -213,13 +214,13 @@ def test_min_chips_under_1f1b_is_the_first_count_whose_balanced_split_fits():
 
 def test_a_chip_smaller_than_one_layer_says_what_would_fit():
     with pytest.raises(ChipspanError, match=r"needs at least \d+\.\d\d GiB usable per chip") as error:
-        pack_layers(LLAMA2_13B, SEED_FULL, 4 * 2**30)
+        pack_layers(LLAMA2_13B, LF05_FULL, 4 * 2**30)
     need = float(re.search(r"at least (\S+) GiB", str(error.value)).group(1))
-    assert min_chips(LLAMA2_13B, SEED_FULL, int((need + 0.01) * 2**30)) == 40
+    assert min_chips(LLAMA2_13B, LF05_FULL, int((need + 0.01) * 2**30)) == 40
     with pytest.raises(ChipspanError, match="cannot fit one decoder layer"):
-        pack_layers(LLAMA2_13B, SEED_FULL, int((need - 0.01) * 2**30))
+        pack_layers(LLAMA2_13B, LF05_FULL, int((need - 0.01) * 2**30))
     with pytest.raises(ChipspanError, match="1 to 32 chips"):
-        balanced_split(LLAMA2_7B, SEED_LORA, 33)
+        balanced_split(LLAMA2_7B, LF05_LORA, 33)
 
 
 @pytest.mark.parametrize(
@@ -234,13 +235,13 @@ def test_a_chip_smaller_than_one_layer_says_what_would_fit():
 )
 def test_bad_knobs_are_user_errors(change, message):
     with pytest.raises(ChipspanError, match=message):
-        estimate(_toy(), range(0, 2), True, False, dataclasses.replace(SEED_LORA, **change))
+        estimate(_toy(), range(0, 2), True, False, dataclasses.replace(LF05_LORA, **change))
 
 
-# --- `chipspan plan` on the seed's command lines -------------------------------------------------
+# --- `chipspan plan` on LLaMA-Factory 0.5's command lines -------------------------------------------------
 
-SEED_FLAGS = [
-    "--device",  # the seed's Sophgo chips: --fp16 runs (and is priced) as fp16 there, as fp32 on the CPU
+LF05_FLAGS = [
+    "--device",  # LLaMA-Factory 0.5's Sophgo chips: --fp16 runs (and is priced) as fp16 there, as fp32 on the CPU
     "tpu",
     "--stage",
     "sft",
@@ -262,12 +263,12 @@ SEED_FLAGS = [
     [
         ("7b", "lora", 2),
         ("13b", "lora", 3),
-        # 14GB = 14·10^9 bytes: 7B full needs 12 (11 at 14GiB), see test_seed_chip_counts_at_14_gb_usable
+        # 14GB = 14·10^9 bytes: 7B full needs 12 (11 at 14GiB), see test_lf05_chip_counts_at_14_gb_usable
         ("7b", "full", 12),
         ("13b", "full", 21),
     ],
 )
-def test_plan_command_on_the_seed_jobs(size, finetuning, chips, capsys):
+def test_plan_command_on_the_lf05_jobs(size, finetuning, chips, capsys):
     from chipspan.cli import main
 
     target = ["--lora_target", "q_proj,v_proj"] if finetuning == "lora" else []
@@ -278,7 +279,7 @@ def test_plan_command_on_the_seed_jobs(size, finetuning, chips, capsys):
         "--finetuning_type",
         finetuning,
         *target,
-        *SEED_FLAGS,
+        *LF05_FLAGS,
     ]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -442,7 +443,7 @@ def test_interleaved_in_flight_follows_torchs_warm_up():
 
 
 def test_1f1b_gives_the_first_stages_fewer_layers_and_may_need_more_chips():
-    job, schedule = dataclasses.replace(SEED_LORA, batch=1), Schedule("1f1b", 8)
+    job, schedule = dataclasses.replace(LF05_LORA, batch=1), Schedule("1f1b", 8)
     split = balanced_split(LLAMA2_7B, job, 4, schedule)
     assert [len(r) for r in split] == sorted(len(r) for r in split)  # stage 0 keeps 4 micro-batches, 3 keeps 1
     assert [c.in_flight for c in split_estimates(LLAMA2_7B, split, job, schedule)] == [4, 3, 2, 1]

@@ -19,7 +19,7 @@ from chipspan.models.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 M = IGNORE_INDEX
-REFERENCES = {"seed": "template_reference_seed.json", "lf-0.9": "template_reference_lf09.json"}
+REFERENCES = {"lf-0.5": "template_reference_lf05.json", "lf-0.9": "template_reference_lf09.json"}
 
 
 @functools.cache
@@ -75,8 +75,8 @@ def tokenizer_with(folder: Path, added: list[str]) -> Tokenizer:
 def test_equals_llamafactory(revision, tokenizer_name, name, tokenizer_folder, monkeypatch):
     """Every (cutoff, variant) of one template on the fixture rows: ids and labels equal the reference.
 
-    Variants: plain, ``prompt`` (train_on_prompt) and, in lf-0.9, ``history`` (mask_history). Rows the
-    seed made longer than cutoff_len (+1 with efficient_eos) are only checked to fit."""
+    Variants: plain, ``prompt`` (train_on_prompt) and, in lf-0.9, ``history`` (mask_history). Rows
+    LLaMA-Factory 0.5 made longer than cutoff_len (+1 with efficient_eos) are only checked to fit."""
     fixture = reference(revision)
     case = fixture["cases"][tokenizer_name][name]
     monkeypatch.setattr(template_tools, "today", lambda: fixture["tool_date"])
@@ -94,7 +94,7 @@ def test_equals_llamafactory(revision, tokenizer_name, name, tokenizer_folder, m
         for number, (example, row, plain_row) in enumerate(zip(ours, expected, plain, strict=True)):
             ids = row["ids"] if row["ids"] is not None else plain_row["ids"]
             limit = cutoff + template.efficient_eos
-            if revision == "seed" and len(ids) > limit:
+            if revision == "lf-0.5" and len(ids) > limit:
                 assert len(example.input_ids) <= limit, (key, number)
                 continue
             assert example.input_ids == ids, (key, number)
@@ -102,8 +102,8 @@ def test_equals_llamafactory(revision, tokenizer_name, name, tokenizer_folder, m
 
 
 def test_every_template_named_in_the_brief_is_there():
-    seed = set(TEMPLATES["seed"])
-    assert len(seed) == 31 and {"alpaca", "chatglm2", "vanilla", "ziya", "xverse"} <= seed
+    lf05 = set(TEMPLATES["lf-0.5"])
+    assert len(lf05) == 31 and {"alpaca", "chatglm2", "vanilla", "ziya", "xverse"} <= lf05
     lf09_only = {
         "llama3",
         "chatml",
@@ -122,7 +122,7 @@ def test_every_template_named_in_the_brief_is_there():
         "ministral",
         "deepseek3",
     }
-    assert lf09_only <= set(TEMPLATES["lf-0.9"]) and not lf09_only & seed
+    assert lf09_only <= set(TEMPLATES["lf-0.9"]) and not lf09_only & lf05
     covered = {(rev, n) for rev in REFERENCES for names in reference(rev)["cases"].values() for n in names}
     assert covered == {(rev, n) for rev in REFERENCES for n in TEMPLATES[rev]}  # each one is checked
 
@@ -193,9 +193,9 @@ def test_openai_tool_calls_and_consecutive_tool_results():
     assert conversation.prompt[2] == ("observation", "2\n</tool_response>\n<tool_response>\n3")
 
 
-def test_seed_default_writes_tools_into_the_system_and_calls_as_actions(tok):
+def test_lf05_default_writes_tools_into_the_system_and_calls_as_actions(tok):
     [ex] = encode_supervised([converter("sharegpt", SHAREGPT, None)(TOOL_ROW)], get_template("default"), tok, 4096)
-    tools = template_tools.tools_text("seed", TOOLS)
+    tools = template_tools.tools_text("lf-0.5", TOOLS)
     assert tools.startswith("You have access to the following tools:\n> Tool Name: add\n")
     assert "  - a (integer, required): \n" in tools
     call = enc(tok, 'Action: add\nAction Input: {"a": 1}') + [2]
@@ -220,7 +220,7 @@ def test_tool_format_flag_replaces_the_function_slot():
     template = get_template("default", "lf-0.9", tool_format="qwen")
     assert template.render([("user", "q"), ("function", CALL)], "")[1][0].startswith("<tool_call>\n")
     with pytest.raises(ChipspanError, match="--tool_format needs --template_revision lf-0.9"):
-        get_template("default", "seed", tool_format="qwen")
+        get_template("default", "lf-0.5", tool_format="qwen")
 
 
 def test_bad_function_call_json_says_so(tok):
@@ -228,7 +228,7 @@ def test_bad_function_call_json_says_so(tok):
     conversation = converter("sharegpt", SHAREGPT, None)(row)
     with pytest.raises(ChipspanError, match="function call 'f\\(' is not JSON with name and arguments"):
         encode_supervised([conversation], get_template("qwen", "lf-0.9"), tok, 1024)
-    [ex] = encode_supervised([conversation], get_template("default"), tok, 1024)  # the seed wrote it empty
+    [ex] = encode_supervised([conversation], get_template("default"), tok, 1024)  # LLaMA-Factory 0.5 wrote it empty
     call = enc(tok, "Action: \nAction Input: ") + [2]
     assert ex.labels[-len(call) :] == call
 
@@ -262,7 +262,7 @@ def test_train_on_prompt_labels_every_token(tok):
 
 
 def test_default_system_flag(tok):
-    template = get_template("llama2", "seed", default_system="Be short.")
+    template = get_template("llama2", "lf-0.5", default_system="Be short.")
     assert template.render([("user", "hi"), ("assistant", "yo")], "")[0][1].startswith("[INST] <<SYS>>\nBe short.")
 
 
@@ -284,7 +284,7 @@ def test_a_token_the_tokenizer_lacks_is_refused(tok):
 
 
 def test_names_and_revisions():
-    assert get_template("llama3", "seed").revision == "lf-0.9"  # only lf-0.9 has it
+    assert get_template("llama3", "lf-0.5").revision == "lf-0.9"  # only lf-0.9 has it
     with pytest.raises(ChipspanError, match="template 'ziya' is not in LLaMA-Factory 0.9"):
         get_template("ziya", "lf-0.9")
     with pytest.raises(ChipspanError, match="unknown template 'chatmk' \\(did you mean 'chatml'\\?\\)"):

@@ -1,11 +1,11 @@
-"""`chipspan train` end to end: the seed's command lines, chips, resume, and one-line errors."""
+"""`chipspan train` end to end: LLaMA-Factory 0.5's command lines, chips, resume, and one-line errors."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from helpers import DEMO_DATA, LLAMA2_TOKENIZER, SEED_LORA, make_reference, seed_command
+from helpers import DEMO_DATA, LF05_LORA, LLAMA2_TOKENIZER, lf05_command, make_reference
 from safetensors.torch import load_file
 
 from chipspan import emu
@@ -20,19 +20,19 @@ from chipspan.train import checkpoints
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.recipe import run_train
 
-SEED_FULL = (
-    SEED_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full")
+LF05_FULL = (
+    LF05_LORA.replace("--finetuning_type lora --lora_target q_proj,v_proj", "--finetuning_type full")
     .replace("--save_steps 10", "--save_steps 100")
     .replace("--num_train_epochs 4.0", "--num_train_epochs 3.0")
 )
-# The seed's four jobs: (command, chips) for 7B LoRA, 13B LoRA, 7B full, 13B full.
-SEED_JOBS = [(SEED_LORA, 2), (SEED_LORA, 4), (SEED_FULL, 11), (SEED_FULL, 21)]
+# LLaMA-Factory 0.5's four jobs: (command, chips) for 7B LoRA, 13B LoRA, 7B full, 13B full.
+LF05_JOBS = [(LF05_LORA, 2), (LF05_LORA, 4), (LF05_FULL, 11), (LF05_FULL, 21)]
 
 
-@pytest.mark.parametrize("command,chips", SEED_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
-def test_seed_command_lines_run_and_write_the_seed_outputs(seed_workspace, tmp_path, command, chips, capsys):
+@pytest.mark.parametrize("command,chips", LF05_JOBS, ids=["7b-lora-2", "13b-lora-4", "7b-full-11", "13b-full-21"])
+def test_lf05_command_lines_run_and_write_its_outputs(lf05_workspace, tmp_path, command, chips, capsys):
     out = tmp_path / "out"
-    argv = seed_command(command, seed_workspace, out, "--max_steps", "2", "--save_steps", "1")
+    argv = lf05_command(command, lf05_workspace, out, "--max_steps", "2", "--save_steps", "1")
     run = parse_run_arguments(argv, {"SOPHGO_SPLIT": str(chips), "CHIPS": "0"})
     run_train(run, report=print)
     printed = capsys.readouterr().out
@@ -63,10 +63,10 @@ def test_seed_command_lines_run_and_write_the_seed_outputs(seed_workspace, tmp_p
         assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 22
 
 
-def train_losses(seed_workspace, out, chips, *extra, steps=6):
-    argv = seed_command(
-        SEED_LORA,
-        seed_workspace,
+def train_losses(lf05_workspace, out, chips, *extra, steps=6):
+    argv = lf05_command(
+        LF05_LORA,
+        lf05_workspace,
         out,
         "--max_steps",
         str(steps),
@@ -88,11 +88,11 @@ def train_losses(seed_workspace, out, chips, *extra, steps=6):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
-def test_any_number_of_chips_trains_the_same_model(seed_workspace, tmp_path, finetuning):
+def test_any_number_of_chips_trains_the_same_model(lf05_workspace, tmp_path, finetuning):
     extra = ["--finetuning_type", "full"] if finetuning == "full" else []
-    one = train_losses(seed_workspace, tmp_path / "one", 1, *extra)
+    one = train_losses(lf05_workspace, tmp_path / "one", 1, *extra)
     for chips in (2, 5):
-        assert train_losses(seed_workspace, tmp_path / f"c{chips}", chips, *extra) == one
+        assert train_losses(lf05_workspace, tmp_path / f"c{chips}", chips, *extra) == one
     name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
     reference = load_file(tmp_path / "one" / name)
     for chips in (2, 5):
@@ -107,16 +107,16 @@ needs_emu = pytest.mark.skipif(not emu.is_available(), reason="the emu device ca
 @pytest.mark.slow
 @needs_emu
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
-def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path, finetuning):
-    # fp32 on both: with the seed's --fp16, emu (like a real chip) computes in fp16
+def test_emulated_chips_train_the_same_model_as_one_cpu(lf05_workspace, tmp_path, finetuning):
+    # fp32 on both: with LLaMA-Factory 0.5's --fp16, emu (like a real chip) computes in fp16
     extra = ["--fp16", "false"] + (["--finetuning_type", "full"] if finetuning == "full" else [])
-    one = train_losses(seed_workspace, tmp_path / "cpu", 1, *extra, steps=10)
+    one = train_losses(lf05_workspace, tmp_path / "cpu", 1, *extra, steps=10)
     name = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
     reference = load_file(tmp_path / "cpu" / name)
     for chips in (2, 4):
         out = tmp_path / f"emu{chips}"
         losses = train_losses(
-            seed_workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10
+            lf05_workspace, out, chips, *extra, "--device", "emu", "--chips", f"0-{chips - 1}", steps=10
         )
         assert max(abs(a - b) for a, b in zip(losses, one)) <= 1e-5 and len(losses) == 10
         spanned = load_file(out / name)
@@ -124,15 +124,15 @@ def test_emulated_chips_train_the_same_model_as_one_cpu(seed_workspace, tmp_path
 
 
 @needs_emu
-def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
+def test_every_stage_lives_on_its_own_emulated_chip(lf05_workspace):
     emu.enable(num_chips=4)
     placement = even_placement(
-        ModelConfig.from_folder(seed_workspace / "model"), [torch.device("emu", i) for i in range(4)]
+        ModelConfig.from_folder(lf05_workspace / "model"), [torch.device("emu", i) for i in range(4)]
     )
-    model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
+    model = span.SpannedModel.load(lf05_workspace / "model", placement, torch.float32)
     prepare_trainable(
         list(model.stages),
-        parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "x")).finetuning,
+        parse_run_arguments(lf05_command(LF05_LORA, lf05_workspace, lf05_workspace / "x")).finetuning,
     )
     for chip, stage in enumerate(model.stages):
         assert {p.device for p in stage.parameters()} == {torch.device("emu", chip)}
@@ -142,10 +142,10 @@ def test_every_stage_lives_on_its_own_emulated_chip(seed_workspace):
 
 
 @needs_emu
-def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(seed_workspace, tmp_path, monkeypatch, capsys):
-    argv = seed_command(
-        SEED_LORA,
-        seed_workspace,
+def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(lf05_workspace, tmp_path, monkeypatch, capsys):
+    argv = lf05_command(
+        LF05_LORA,
+        lf05_workspace,
         tmp_path / "ok",
         "--max_steps",
         "1",
@@ -163,9 +163,9 @@ def test_rehearsal_reports_each_chips_peak_and_fails_like_the_hardware(seed_work
     results = json.loads((tmp_path / "ok" / "train_results.json").read_text())
     peaks = [results[f"chip{i}_peak_memory_bytes"] for i in range(2)]
     assert all(0 < peak < 2**30 for peak in peaks)
-    argv = seed_command(
-        SEED_LORA,
-        seed_workspace,
+    argv = lf05_command(
+        LF05_LORA,
+        lf05_workspace,
         tmp_path / "oom",
         "--max_steps",
         "1",
@@ -193,8 +193,8 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
     shutil.copy(DEMO_DATA / "alpaca_zh_demo.json", tmp_path / "data" / "alpaca_gpt4_data_zh.json")
     results = {}
     for chips in (1, 3):
-        argv = seed_command(
-            SEED_FULL,
+        argv = lf05_command(
+            LF05_FULL,
             tmp_path,
             tmp_path / f"out{chips}",
             "--max_steps",
@@ -211,12 +211,12 @@ def test_tied_embeddings_spanned_over_chips_stay_one_matrix(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path):
-    straight = train_losses(seed_workspace, tmp_path / "straight", 2)
+def test_a_stopped_run_resumes_from_its_last_checkpoint(lf05_workspace, tmp_path):
+    straight = train_losses(lf05_workspace, tmp_path / "straight", 2)
     out = tmp_path / "resumed"
-    argv = seed_command(
-        SEED_LORA,
-        seed_workspace,
+    argv = lf05_command(
+        LF05_LORA,
+        lf05_workspace,
         out,
         "--max_steps",
         "6",
@@ -232,7 +232,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(seed_workspace, tmp_path
         "1e-3",
     )
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
-    argv.remove("--overwrite_output_dir")  # the seed's way: the same command again resumes
+    argv.remove("--overwrite_output_dir")  # LLaMA-Factory 0.5's way: the same command again resumes
     messages = []
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "3"}), report=messages.append)
     assert any("resuming from" in m and "checkpoint-4 at step 4" in m for m in messages)
@@ -280,42 +280,42 @@ def run_cli(argv, env, monkeypatch, capsys):
     ],
 )
 def test_bad_input_gets_one_line(
-    seed_workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys
+    lf05_workspace, tmp_path, change, env, message, no_weight_loading, monkeypatch, capsys
 ):
-    argv = seed_command(SEED_LORA, seed_workspace, tmp_path / "out") + change
+    argv = lf05_command(LF05_LORA, lf05_workspace, tmp_path / "out") + change
     code, err = run_cli(argv, env, monkeypatch, capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("chipspan: error: ")
     assert message in err[0]
 
 
-def test_non_empty_output_dir_is_refused_and_kept(seed_workspace, tmp_path, no_weight_loading, monkeypatch, capsys):
+def test_non_empty_output_dir_is_refused_and_kept(lf05_workspace, tmp_path, no_weight_loading, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    argv = [a for a in seed_command(SEED_LORA, seed_workspace, out) if a != "--overwrite_output_dir"]
+    argv = [a for a in lf05_command(LF05_LORA, lf05_workspace, out) if a != "--overwrite_output_dir"]
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 1 and len(err) == 1 and "is not empty and holds no checkpoint" in err[0]
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_lora_spanned_stages_hold_their_own_layers(seed_workspace):
+def test_lora_spanned_stages_hold_their_own_layers(lf05_workspace):
     assert [len(r) for r in split_layers(22, 4)] == [6, 6, 5, 5]  # uneven: the head's chip gets fewer
-    run = parse_run_arguments(seed_command(SEED_LORA, seed_workspace, seed_workspace / "unused"))
-    placement = even_placement(ModelConfig.from_folder(seed_workspace / "model"), [torch.device("cpu")] * 4)
-    model = span.SpannedModel.load(seed_workspace / "model", placement, torch.float32)
+    run = parse_run_arguments(lf05_command(LF05_LORA, lf05_workspace, lf05_workspace / "unused"))
+    placement = even_placement(ModelConfig.from_folder(lf05_workspace / "model"), [torch.device("cpu")] * 4)
+    model = span.SpannedModel.load(lf05_workspace / "model", placement, torch.float32)
     prepare_trainable(list(model.stages), run.finetuning)
     keys = [set(adapter_state_dict(stage)) for stage in model.stages]
     assert [len(k) for k in keys] == [24, 24, 20, 20] and not set.intersection(*keys)
 
 
 def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_loading(
-    seed_workspace, tmp_path, no_weight_loading, monkeypatch, capsys
+    lf05_workspace, tmp_path, no_weight_loading, monkeypatch, capsys
 ):
     free = shutil.disk_usage(tmp_path).free
     # full fine-tuning of this 2.3M-parameter model: ~27.6 MB per checkpoint (fp32 weights + AdamW)
     steps = int(free // 27_000_000) + 10
-    argv = seed_command(
-        SEED_FULL, seed_workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1", "--fp16", "false"
+    argv = lf05_command(
+        LF05_FULL, lf05_workspace, tmp_path / "out", "--max_steps", str(steps), "--save_steps", "1", "--fp16", "false"
     )
     code, err = run_cli(argv, {}, monkeypatch, capsys)
     assert code == 1 and len(err) == 1
@@ -346,9 +346,9 @@ def test_the_disk_refusal_advises_what_can_fit(tmp_path, monkeypatch, free, advi
     assert advice in str(refused.value)
 
 
-def test_resume_from_a_named_checkpoint(seed_workspace, tmp_path):
+def test_resume_from_a_named_checkpoint(lf05_workspace, tmp_path):
     out = tmp_path / "out"
-    argv = seed_command(SEED_LORA, seed_workspace, out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "8")
+    argv = lf05_command(LF05_LORA, lf05_workspace, out, "--max_steps", "4", "--save_steps", "2", "--max_samples", "8")
     run_train(parse_run_arguments(argv, {}), report=lambda _: None)
     messages = []
     again = argv + ["--resume_from_checkpoint", str(out / "checkpoint-2")]  # despite --overwrite_output_dir

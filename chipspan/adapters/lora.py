@@ -5,9 +5,9 @@
 
 ``inject_lora`` freezes every base parameter, wraps the target ``nn.Linear`` modules in
 ``LoraLinear`` and makes the ``additional_target`` modules fully trainable. Trainable tensors are
-fp32 whatever the base dtype (the seed's ``--fp16``: frozen fp16 base, fp32 adapters). A LoRA layer
+fp32 whatever the base dtype (LLaMA-Factory 0.5's ``--fp16``: frozen fp16 base, fp32 adapters). A LoRA layer
 returns the base dtype by itself; fp32 additional targets on a fp16/bf16 base need the forward to
-run under ``torch.autocast``, as the seed's mixed-precision training does. The settings stay on the
+run under ``torch.autocast``, as LLaMA-Factory 0.5's mixed-precision training does. The settings stay on the
 model as ``model.lora_settings``, for ``chipspan.adapters.peft_io`` to save.
 
 Names are matched as PEFT matches them, so an adapter means the same thing here and in PEFT:
@@ -151,7 +151,7 @@ def inject_lora(
     Args:
         target: comma list of module names ("q_proj,v_proj") or "all" (every linear layer in the
             decoder layers).
-        alpha: the update's scale numerator; None means 2 * r (the seed's default).
+        alpha: the update's scale numerator; None means 2 * r (LLaMA-Factory 0.5's default).
         additional_target: comma list of modules to train fully, e.g. "embed_tokens,lm_head".
         keep_tied: with tied embeddings, train the shared matrix as one (see the module notes).
     """

@@ -1,4 +1,4 @@
-"""Examples -> a padded batch of tensors, as the seed's ``DataCollatorForSeq2Seq`` made them."""
+"""Examples -> a padded batch of tensors, as LLaMA-Factory 0.5's ``DataCollatorForSeq2Seq`` made them."""
 
 from __future__ import annotations
 

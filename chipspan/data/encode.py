@@ -3,7 +3,7 @@
 SFT: a conversation is a list of (prompt, answer) pairs, one per assistant-side turn. Prompt tokens get
 label -100 (unless ``train_on_prompt``); answer tokens (with the template's EOS) are trained, in every
 turn (only the last with ``mask_history``). Pairs are cut to fit ``cutoff_len`` by the template
-revision's rule (the seed's or LLaMA-Factory 0.9's), the earliest pair first (the last first with
+revision's rule (LLaMA-Factory 0.5's or LLaMA-Factory 0.9's), the earliest pair first (the last first with
 ``mask_history``). ``--template auto`` tokenizes the chat template's text once and finds the pairs by
 character offsets.
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from chipspan.models.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-# Rows encoded together. The seed ran its preprocessing through ``datasets.map(batched=True)``,
+# Rows encoded together. LLaMA-Factory 0.5 ran its preprocessing through ``datasets.map(batched=True)``,
 # whose 1,000-row batches PT blocks never cross: the remainder of every batch is dropped.
 CHUNK_ROWS = 1000
 
@@ -63,7 +63,7 @@ def encode_supervised(
         rendered = [template.render(c.messages(), c.system, c.tools, mask_history=mask_history) for c in chunk]
         for messages in _tokenize(rendered, template, tokenizer):
             pairs = list(zip(messages[::2], messages[1::2]))
-            if template.revision == "seed":
+            if template.revision == "lf-0.5":
                 example = _join_seed(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt)
             else:
                 example = _join_lf09(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt, mask_history)
@@ -101,12 +101,12 @@ def _encode_with_chat_template(
 
 def check_options(template: Template | ChatTemplate, train_on_prompt: bool, mask_history: bool) -> None:
     """Refuse the options a template's revision cannot honour (callers may check before reading data)."""
-    if mask_history and template.revision == "seed":
-        raise ChipspanError("--mask_history needs --template_revision lf-0.9: the seed trained every answer")
-    if train_on_prompt and template.efficient_eos and template.revision != "seed":
+    if mask_history and template.revision == "lf-0.5":
+        raise ChipspanError("--mask_history needs --template_revision lf-0.9: LLaMA-Factory 0.5 trained every answer")
+    if train_on_prompt and template.efficient_eos and template.revision != "lf-0.5":
         raise ChipspanError(
             f"template '{template.name}' (lf-0.9) cannot train on the prompt: it ends turns with an EOS "
-            "label in the next prompt; drop --train_on_prompt or use --template_revision seed"
+            "label in the next prompt; drop --train_on_prompt or use --template_revision lf-0.5"
         )
 
 
@@ -121,14 +121,14 @@ def _source_labels(source: list[int], turn: int, efficient_eos: bool, eos: int, 
 
 
 def _join_seed(pairs: list, efficient_eos: bool, eos: int, cutoff_len: int, train_on_prompt: bool) -> Example:
-    """The seed's sequence: pairs in order, each cut by the seed's rule, EOS appended with efficient_eos
-    (after the cut, so such an example may be ``cutoff_len + 1`` long, as in the seed)."""
+    """LLaMA-Factory 0.5's sequence: pairs in order, each cut by its rule, EOS appended with efficient_eos
+    (after the cut, so such an example may be ``cutoff_len + 1`` long, as in LLaMA-Factory 0.5)."""
     input_ids, labels = [], []
     total = 0
     for turn, (source, target) in enumerate(pairs):
         if total >= cutoff_len:
             break
-        source_stop, target_stop = _seed_truncation(len(source), len(target), cutoff_len - total)
+        source_stop, target_stop = _lf05_truncation(len(source), len(target), cutoff_len - total)
         source, target = source[:source_stop], target[:target_stop]
         total += len(source) + len(target)
         input_ids += source + target
@@ -168,10 +168,10 @@ def _join_lf09(
 
 
 def encode_pretrain(texts: list[str], tokenizer: Tokenizer, cutoff_len: int) -> list[Example]:
-    """Blocks of ``cutoff_len`` tokens from the texts, each followed by EOS (no BOS), as the seed did.
+    """Blocks of ``cutoff_len`` tokens from the texts, each followed by EOS (no BOS), as LLaMA-Factory 0.5 did.
 
     Blocks are cut within each run of ``CHUNK_ROWS`` texts and the remainder dropped. Labels are the
-    ids, EOS included. (The seed's collator masked every pad id, which is EOS when the tokenizer has
+    ids, EOS included. (LLaMA-Factory 0.5's collator masked every pad id, which is EOS when the tokenizer has
     no pad token, so its models never learned where a text ends; we train on EOS.)
     """
     eos = tokenizer.eos_token_id
@@ -212,12 +212,12 @@ def _tokenize(rendered: list[list[list]], template: Template, tokenizer: Tokeniz
     return out
 
 
-def _seed_truncation(source_len: int, target_len: int, remaining: int) -> tuple[int, int]:
-    """Slice stops for one pair at the seed commit (``infer_max_len``, 16 tokens kept for the answer).
+def _lf05_truncation(source_len: int, target_len: int, remaining: int) -> tuple[int, int]:
+    """Slice stops for one pair in LLaMA-Factory 0.5 (``infer_max_len``, 16 tokens kept for the answer).
 
     The answer gets its share of ``remaining``, at least 16; the prompt gets the rest. When fewer
-    than 16 tokens remain, the seed's prompt stop goes negative and, as a Python slice, may keep
-    most of the prompt: the seed's examples then grew past ``cutoff_len`` (4 of 689 oaast_sft_zh
+    than 16 tokens remain, LLaMA-Factory 0.5's prompt stop goes negative and, as a Python slice, may keep
+    most of the prompt: LLaMA-Factory 0.5's examples then grew past ``cutoff_len`` (4 of 689 oaast_sft_zh
     rows at 1024). Only in that case do we differ: the answer takes what remains (the prompt the
     rest), so no example is longer than ``cutoff_len``.
     """
@@ -241,4 +241,4 @@ def _lf09_truncation(source_len: int, target_len: int, remaining: int) -> tuple[
     return min(max(remaining - target, 0), source_len), target
 
 
-_TRUNCATION = {"seed": _seed_truncation, "lf-0.9": _lf09_truncation}
+_TRUNCATION = {"lf-0.5": _lf05_truncation, "lf-0.9": _lf09_truncation}

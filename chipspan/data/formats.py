@@ -106,14 +106,14 @@ class SharegptSpec:
 
 
 def converter(
-    formatting: str, columns: dict | None, tags: dict | None, revision: str = "seed"
+    formatting: str, columns: dict | None, tags: dict | None, revision: str = "lf-0.5"
 ) -> Callable[[object], Conversation]:
     """The function that turns one row of a dataset with this ``formatting`` into a conversation,
-    read as the template ``revision`` ("seed", "lf-0.9" or "auto") reads it, within the row limits."""
+    read as the template ``revision`` ("lf-0.5", "lf-0.9" or "auto") reads it, within the row limits."""
     if formatting == "sharegpt":
         convert = partial(from_sharegpt, spec=sharegpt_spec(columns, tags))
     else:
-        convert = partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "seed")
+        convert = partial(from_alpaca, columns=alpaca_columns(columns), skip_empty_parts=revision != "lf-0.5")
     return lambda row: within_limits(convert(row), auto=revision == "auto")
 
 
@@ -142,8 +142,8 @@ def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:
 def from_alpaca(row: object, columns: dict[str, str | None], skip_empty_parts: bool = False) -> Conversation:
     """The conversation in one alpaca row; raises ``BadRow`` for missing or non-text fields.
 
-    A field the row lacks counts as null. Empty strings are kept (the seed trained on them). The
-    user turn is the instruction, then a newline and the input when there is one; the seed needs an
+    A field the row lacks counts as null. Empty strings are kept (LLaMA-Factory 0.5 trained on them). The
+    user turn is the instruction, then a newline and the input when there is one; LLaMA-Factory 0.5 needs an
     instruction and keeps an empty one ("\ninput"), while LLaMA-Factory 0.9 (``skip_empty_parts``)
     joins only the parts that are there ("input").
     """

@@ -41,13 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOTHING_TO_TRAIN = "has no tokens to train on"
-# A seed-rule cut keeps at least this many answer tokens, so a cut example is at most this much
+# A cut by the 0.5 rule keeps at least this many answer tokens, so a cut example is at most this much
 # shorter than cutoff_len: only those are re-encoded whole to count truncations.
 _MIN_CUT_LENGTH = 16
 # Flags that do not change the examples, left out of the cache key.
 _NOT_IN_KEY = ("dataset_dir", "overwrite_cache", "preprocessing_num_workers")
 # SFT rows are encoded (tokenized at once) in chunks of at most this many characters, or CHUNK_ROWS rows:
-# 1,000 rows near formats.MAX_ROW_CHARS would be gigabytes of tokens. (PT keeps the seed's 1,000-row runs.)
+# 1,000 rows near formats.MAX_ROW_CHARS would be gigabytes of tokens. (PT keeps LLaMA-Factory 0.5's 1,000-row runs.)
 CHUNK_CHARS = 16_000_000
 
 Row = tuple[str, Conversation]  # (where it came from, the conversation)
@@ -68,7 +68,7 @@ def load_dataset_split(
     """Encode ``data.dataset`` (comma-separated names) for ``stage`` and split off ``data.val_size`` rows.
 
     Every flag, name and file is checked before a row is read. The tokenizer is fixed for the
-    template, as the seed did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
+    template, as LLaMA-Factory 0.5 did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
     (or written to) the data cache unless ``data.overwrite_cache``; Hub datasets are not cached.
     """
     entries, template, probs = _check(data, stage, tokenizer)
@@ -98,7 +98,7 @@ def load_examples(
     cutoff_len: int = 1024,
     stage: str = "sft",
     max_samples: int | None = None,
-    template_revision: str = "seed",
+    template_revision: str = "lf-0.5",
 ) -> list[Example]:
     """The training examples of the comma-separated ``dataset`` names, concatenated in order, uncached.
 
@@ -340,7 +340,7 @@ def _truncated(
 
 
 def _pretrain_encoder(tokenizer, cutoff_len: int):
-    """A function: rows -> blocks of ``cutoff_len`` tokens, cut within each chunk of rows (as the seed did)."""
+    """A function: rows -> blocks of ``cutoff_len`` tokens, cut within each chunk of rows (as LLaMA-Factory 0.5 did)."""
 
     def encode(rows: Iterable[Row]) -> EncodedExamples:
         blocks = (encode_pretrain([c.prompt[0][1] for _, c in chunk], tokenizer, cutoff_len) for chunk in _chunks(rows))

@@ -1,6 +1,6 @@
 """The dataset registry: names -> where the data is and how to read it (``dataset_info.json``).
 
-chipspan ships the seed's ``dataset_info.json`` (LLaMA-Factory at b988ce0); a ``dataset_info.json``
+chipspan ships LLaMA-Factory 0.5's ``dataset_info.json`` (commit b988ce0); a ``dataset_info.json``
 in ``--dataset_dir`` adds entries and replaces built-in ones of the same name. Its entries are checked
 field by field (one error naming the file, the dataset and the field), and a ``file_name`` may not
 leave the dataset folder (no absolute path, no ``..``).
@@ -31,7 +31,7 @@ class DatasetEntry:
     a Hugging Face Hub dataset (``hf_hub_url``, with its ``subset`` and ``split``; no ``file_name``).
 
     ``columns`` is the entry's column mapping, None when it has none; ``builtin`` says the entry
-    comes from the seed's registry rather than the user's ``dataset_info.json``. ``formatting`` is
+    comes from LLaMA-Factory 0.5's registry rather than the user's ``dataset_info.json``. ``formatting`` is
     ``alpaca`` or ``sharegpt``; ``tags`` (sharegpt only) names the role/content keys and role values,
     None when the entry has none.
     """
@@ -49,8 +49,8 @@ class DatasetEntry:
 
 
 def builtin_registry() -> dict[str, dict]:
-    """The seed's ``dataset_info.json``, as shipped inside the package."""
-    text = resources.files("chipspan.data").joinpath("dataset_info_seed.json").read_text(encoding="utf-8")
+    """LLaMA-Factory 0.5's ``dataset_info.json``, as shipped inside the package."""
+    text = resources.files("chipspan.data").joinpath("dataset_info_lf05.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -83,7 +83,7 @@ def lookup(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
             hint = f"; close matches: {', '.join(close)}" if close else ""
             where = Path(dataset_dir).absolute() / REGISTRY_FILE
             raise ChipspanError(
-                f"unknown dataset '{name}'{hint}: add it to {where} or use a name the seed's registry has"
+                f"unknown dataset '{name}'{hint}: add it to {where} or use a name LLaMA-Factory 0.5's registry has"
             )
         where = Path(dataset_dir).absolute() / REGISTRY_FILE if name in user else "chipspan's built-in registry"
         entries.append(_entry(name, registry[name], builtin=name not in user, where=where))

@@ -2,7 +2,7 @@
 text) or from the Hugging Face Hub.
 
 A ``.json`` file may hold a JSON list of rows, one JSON object, or JSON lines, and so may a ``.jsonl``
-file (as with the ``datasets`` library the seed used). A ``.txt`` file gives one row ``{"text": line}``
+file (as with the ``datasets`` library LLaMA-Factory 0.5 used). A ``.txt`` file gives one row ``{"text": line}``
 per line. Text is UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 
 Line-based files (JSON lines, CSV, text) are read line by line: a line that is not UTF-8 or not valid
@@ -39,8 +39,8 @@ PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet file at a time
 # room for UTF-8 and JSON escapes), so it is skipped unread.
 MAX_LINE_BYTES = 8 * MAX_ROW_CHARS
 
-_SEED_DATA = "LLaMA-Factory's data/ folder at commit b988ce0 (github.com/hiyouga/LLaMA-Factory)"
-# What the seed registry's best-known files are and where they come from, for the missing-file message.
+_LF05_DATA = "LLaMA-Factory's data/ folder at commit b988ce0 (github.com/hiyouga/LLaMA-Factory)"
+# What the best-known files of LLaMA-Factory 0.5's registry are and where they come from, for the missing-file message.
 DESCRIPTIONS = {
     "alpaca_data_en_52k.json": "Stanford Alpaca's 52,002 English instruction rows (CC BY-NC 4.0, "
     "github.com/tatsu-lab/stanford_alpaca)",
@@ -146,7 +146,7 @@ def _missing(entry: DatasetEntry, path: Path) -> str:
     message = f"dataset '{entry.name}': file {entry.file_name} not found (looked for {path})"
     description = DESCRIPTIONS.get(entry.file_name) if entry.builtin else None
     if description:
-        message += f"; it is {description}, shipped in {_SEED_DATA}"
+        message += f"; it is {description}, shipped in {_LF05_DATA}"
     return message + "; put it there or point --dataset_dir at the folder that holds it"
 
 
@@ -165,7 +165,7 @@ def _update(digest, path: Path) -> None:
 
 
 def _check_sha1(path: Path, expected: str) -> None:
-    """Warn (one line, as the seed did) when the file is not the one the registry describes."""
+    """Warn (one line, as LLaMA-Factory 0.5 did) when the file is not the one the registry describes."""
     digest = hashlib.sha1()
     _update(digest, path)
     if digest.hexdigest() != expected:

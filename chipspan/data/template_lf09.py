@@ -1,11 +1,11 @@
-"""The templates of revision ``lf-0.9``: LLaMA-Factory 0.9.5's text templates, for the seed's names it
+"""The templates of revision ``lf-0.9``: LLaMA-Factory 0.9.5's text templates, for LLaMA-Factory 0.5's names it
 still has and for newer model families.
 
 Slots and default system prompts are transcribed from LLaMA-Factory 0.9.5; see
 :func:`templates.define` for the slots a template leaves out.
 """
 
-from chipspan.data.template_seed import VICUNA_SYSTEM, XUANYUAN_SYSTEM
+from chipspan.data.template_lf05 import VICUNA_SYSTEM, XUANYUAN_SYSTEM
 from chipspan.data.templates import BOS, EOS, Token, define
 
 

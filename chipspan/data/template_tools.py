@@ -1,7 +1,7 @@
 """Tool use in prompts: the text that lists the tools (put after the system prompt) and the text of
 an assistant's function call, in each tool format a template can name.
 
-Formats: ``seed`` (the seed commit's only one), and LLaMA-Factory 0.9's ``default``, ``llama3``,
+Formats: ``lf-0.5`` (LLaMA-Factory 0.5's only one), and LLaMA-Factory 0.9's ``default``, ``llama3``,
 ``qwen``, ``mistral`` and ``glm4``. Tools arrive as the dataset's JSON text (a list of function
 schemas, bare or wrapped as ``{"type": "function", "function": ...}``); a function call as the JSON
 text of one call ``{"name": ..., "arguments": ...}`` or a list of them.
@@ -15,7 +15,7 @@ from datetime import datetime
 
 from chipspan.errors import ChipspanError
 
-_SEED_PROMPT = (
+_LF05_PROMPT = (
     "You have access to the following tools:\n{tool_text}"
     "Use the following format to answer the question:\n"
     "```\n"
@@ -92,8 +92,8 @@ def _action_list(tools: list[dict], prompt: str, with_items: bool) -> str:
     return prompt.format(tool_text=tool_text, tool_names=", ".join(tool["name"] for tool in tools))
 
 
-def _seed_tools(tools: list[dict]) -> str:
-    return _action_list(tools, _SEED_PROMPT, with_items=False)
+def _lf05_tools(tools: list[dict]) -> str:
+    return _action_list(tools, _LF05_PROMPT, with_items=False)
 
 
 def _default_tools(tools: list[dict]) -> str:
@@ -148,9 +148,9 @@ def _qwen_calls(calls: list[Call]) -> str:
     return "\n".join(f"<tool_call>\n{text}\n</tool_call>" for text in texts)
 
 
-# The seed's only format, then LLaMA-Factory 0.9's.
+# LLaMA-Factory 0.5's only format, then LLaMA-Factory 0.9's.
 _TOOLS: dict[str, Callable[[list[dict]], str]] = {
-    "seed": _seed_tools,
+    "lf-0.5": _lf05_tools,
     "default": _default_tools,
     "llama3": _llama3_tools,
     "qwen": _qwen_tools,
@@ -169,12 +169,12 @@ _CALLS: dict[str, Callable[[list[Call]], str]] = {
 def tools_text(tool_format: str, tools: str) -> str:
     """The text describing ``tools`` (JSON text) in ``tool_format``; "" for an empty list.
 
-    The seed's format gave "" for anything it could not read; the others refuse bad JSON.
+    LLaMA-Factory 0.5's format gave "" for anything it could not read; the others refuse bad JSON.
     """
-    if tool_format == "seed":
+    if tool_format == "lf-0.5":
         try:
             parsed = json.loads(tools)
-            return _seed_tools(parsed) if len(parsed) else ""
+            return _lf05_tools(parsed) if len(parsed) else ""
         except Exception:
             return ""
     try:
@@ -189,8 +189,8 @@ def tools_text(tool_format: str, tools: str) -> str:
         ) from exc
 
 
-def seed_call(content: str) -> tuple[str, str]:
-    """The seed's reading of a function message: (name, arguments JSON); ("", "") if it is not one call."""
+def lf05_call(content: str) -> tuple[str, str]:
+    """LLaMA-Factory 0.5's reading of a function message: (name, arguments JSON); ("", "") if it is not one call."""
     try:
         function = json.loads(content)
         return function["name"], _dumps(function["arguments"])

@@ -5,12 +5,12 @@ A template is written the way LLaMA-Factory writes one: lists of *slots*, each a
 token (``Token("<|user|>")``). Each string slot is tokenized on its own, so the segment boundaries are
 part of the format: with a sentencepiece tokenizer every segment starts with its own leading ``▁``.
 
-Revision ``seed`` reproduces LLaMA-Factory at b988ce0 (llmtuner 0.5.1); revision ``lf-0.9`` reproduces
-LLaMA-Factory 0.9.5 and holds the names the seed never had. The two differ in more than strings:
-``seed`` puts a separator before every user turn after the first, may force a system segment, and drops
+Revision ``lf-0.5`` reproduces LLaMA-Factory at b988ce0 (llmtuner 0.5.1); revision ``lf-0.9`` reproduces
+LLaMA-Factory 0.9.5 and holds the names LLaMA-Factory 0.5 never had. The two differ in more than strings:
+``lf-0.5`` puts a separator before every user turn after the first, may force a system segment, and drops
 a BOS/EOS slot whose id is 0; ``lf-0.9`` has a prefix before the first message instead, keeps id 0,
 formats tool calls per model family and may add an empty thought to answers (``thinking``).
-The tables are in ``template_seed.py`` and ``template_lf09.py``; ``--template auto`` is in
+The tables are in ``template_lf05.py`` and ``template_lf09.py``; ``--template auto`` is in
 ``template_auto.py``.
 """
 
@@ -107,7 +107,7 @@ class Template:
         ``mask_history`` (lf-0.9): history thoughts are dropped, as LLaMA-Factory does then.
         """
         system = system or self.default_system
-        seed = self.revision == "seed"
+        lf05 = self.revision == "lf-0.5"
         empty_thought: set[int] = set()
         if self.thinking:
             messages, empty_thought = self._with_thoughts(messages, mask_history)
@@ -117,14 +117,14 @@ class Template:
             system_text = ""
             if i == 0:
                 pieces += self.prefix
-                if system or tools or (seed and self.force_system):
+                if system or tools or (lf05 and self.force_system):
                     tool_text = template_tools.tools_text(self.tool_format, tools) if tools else ""
                     filled = _fill(self.system, content=system + tool_text)
                     if self.system_in_user:
                         system_text = filled[0]
                     else:
                         pieces += filled
-            elif seed and i % 2 == 0:
+            elif lf05 and i % 2 == 0:
                 pieces += self.separator
             if i in empty_thought:
                 pieces.append(THOUGHT[0] + THOUGHT[1])
@@ -143,8 +143,8 @@ class Template:
             return _fill(self.observation, content=content)
         if role != "function":
             raise ChipspanError(f"message role '{role}' is not one of {', '.join(ROLES)}")
-        if self.revision == "seed":
-            name, arguments = template_tools.seed_call(content)
+        if self.revision == "lf-0.5":
+            name, arguments = template_tools.lf05_call(content)
             return [
                 s.replace("{{name}}", name).replace("{{arguments}}", arguments) if isinstance(s, str) else s
                 for s in self.function
@@ -181,7 +181,7 @@ class Template:
     def special_id(self, slot: Special | Token, tokenizer: Tokenizer) -> int | None:
         """Id of a special or token slot, or None when it adds nothing.
 
-        The seed tested BOS/EOS ids for truth (an id of 0 added nothing); LLaMA-Factory 0.9 tests for None.
+        LLaMA-Factory 0.5 tested BOS/EOS ids for truth (an id of 0 added nothing); LLaMA-Factory 0.9 tests for None.
         """
         if isinstance(slot, Token):
             token_id = tokenizer.token_to_id(slot.text)
@@ -192,7 +192,7 @@ class Template:
                 )
             return token_id
         token_id = tokenizer.bos_token_id if slot is BOS else tokenizer.eos_token_id
-        if self.revision == "seed":
+        if self.revision == "lf-0.5":
             return token_id or None
         return token_id
 
@@ -216,15 +216,15 @@ def define(revision: str, name: str, user: Slots = ("{{content}}",), **fields) -
 
     Both revisions: the assistant slot is content + EOS (no EOS with ``efficient_eos``), the system slot
     is ``{{content}}``, an observation is written like a user message. A function call is written
-    ``Action: name\\nAction Input: arguments`` + EOS in the seed; in lf-0.9 like an assistant message.
+    ``Action: name\\nAction Input: arguments`` + EOS in LLaMA-Factory 0.5; in lf-0.9 like an assistant message.
     """
     eos = () if fields.get("efficient_eos") else (EOS,)
     fields.setdefault("assistant", ("{{content}}", *eos))
     fields.setdefault("system", ("{{content}}",))
     fields.setdefault("observation", user)
-    if revision == "seed":
+    if revision == "lf-0.5":
         fields.setdefault("function", ("Action: {{name}}\nAction Input: {{arguments}}", *eos))
-        fields.setdefault("tool_format", "seed")
+        fields.setdefault("tool_format", "lf-0.5")
     else:
         fields.setdefault("function", fields["assistant"])
     return Template(name, revision, user=user, **fields)
@@ -236,18 +236,18 @@ def with_options(template: Template, default_system: str | None = None, tool_for
     if default_system is not None:
         template = replace(template, default_system=default_system)
     if tool_format is not None:
-        if template.revision == "seed":
-            raise ChipspanError("--tool_format needs --template_revision lf-0.9: the seed had one tool format")
+        if template.revision == "lf-0.5":
+            raise ChipspanError("--tool_format needs --template_revision lf-0.9: LLaMA-Factory 0.5 had one tool format")
         function = ("{{content}}",) if template.efficient_eos else ("{{content}}", EOS)
         template = replace(template, tool_format=tool_format, function=function)
     return template
 
 
 def _tables() -> dict[str, dict[str, Template]]:
+    from chipspan.data.template_lf05 import LF05_TEMPLATES
     from chipspan.data.template_lf09 import LF09_TEMPLATES
-    from chipspan.data.template_seed import SEED_TEMPLATES
 
-    return {"seed": {t.name: t for t in SEED_TEMPLATES}, "lf-0.9": {t.name: t for t in LF09_TEMPLATES}}
+    return {"lf-0.5": {t.name: t for t in LF05_TEMPLATES}, "lf-0.9": {t.name: t for t in LF09_TEMPLATES}}
 
 
 TEMPLATES: dict[str, dict[str, Template]] = _tables()
@@ -255,7 +255,7 @@ TEMPLATES: dict[str, dict[str, Template]] = _tables()
 
 def get_template(
     name: str,
-    revision: str = "seed",
+    revision: str = "lf-0.5",
     *,
     tokenizer: Tokenizer | None = None,
     default_system: str | None = None,
@@ -274,11 +274,11 @@ def get_template(
         return auto_template(tokenizer, default_system=default_system)
     if name in TEMPLATES[revision]:
         return with_options(TEMPLATES[revision][name], default_system, tool_format)
-    if name in TEMPLATES["lf-0.9"] and name not in TEMPLATES["seed"]:
+    if name in TEMPLATES["lf-0.9"] and name not in TEMPLATES["lf-0.5"]:
         return with_options(TEMPLATES["lf-0.9"][name], default_system, tool_format)
-    if name in TEMPLATES["seed"]:
+    if name in TEMPLATES["lf-0.5"]:
         raise ChipspanError(
-            f"template '{name}' is not in LLaMA-Factory 0.9 (revision '{revision}'): use --template_revision seed"
+            f"template '{name}' is not in LLaMA-Factory 0.9 (revision '{revision}'): use --template_revision lf-0.5"
         )
     known = sorted({n for table in TEMPLATES.values() for n in table} | {"auto"})
     close = difflib.get_close_matches(name, known, n=1)

@@ -2,7 +2,7 @@
 
 ``prepare_trainable`` draws new LoRA weights in layer order on the CPU generator. A rank that holds
 layers 8-15 has not drawn those of layers 0-7, so before each of its pieces it makes the draws of the
-layers held elsewhere — LoRA layers with no base weights, thrown away — and the seed then gives
+layers held elsewhere — LoRA layers with no base weights, thrown away — and LLaMA-Factory 0.5 then gives
 the adapter a single process gives, whatever the split.
 """
 

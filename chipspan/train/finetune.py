@@ -1,7 +1,7 @@
 """What trains: LoRA adapters, the whole model, or the last (or first) few layers ("freeze").
 
-Trainable parameters are fp32 (bf16 under ``--pure_bf16``), whatever dtype the frozen base is kept in (the seed's
-``--fp16``: frozen fp16 base, fp32 trainable weights).
+Trainable parameters are fp32 (bf16 under ``--pure_bf16``), whatever dtype the frozen base is kept in
+(LLaMA-Factory 0.5's ``--fp16``: frozen fp16 base, fp32 trainable weights).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def split_examples(run: RunArguments, data: DataSplit, report: Callable[[str], N
     examples = data.train
     if run.finetuning.stage == "sft" and (run.data.packing or run.data.sft_packing):  # pt is already in blocks
         examples = list(examples)
-        # a seed template with efficient_eos may make an example one token longer than cutoff_len
+        # an lf-0.5 template with efficient_eos may make an example one token longer than cutoff_len
         block = max(run.data.cutoff_len, max(len(e.input_ids) for e in examples))
         packed = pack_examples(examples, block)
         report(packing_summary(len(examples), packed, block))

@@ -1,4 +1,4 @@
-"""What a run leaves in ``output_dir`` about itself, in the seed's formats.
+"""What a run leaves in ``output_dir`` about itself, in LLaMA-Factory 0.5's formats.
 
 - ``trainer_log.jsonl``: one JSON object per log (LLaMA-Factory's LogCallback fields).
 - ``trainer_state.json``: the Hugging Face Trainer's state, ``log_history`` included.
@@ -92,7 +92,7 @@ def tensorboard_wanted(report_to: str) -> bool:
 
 
 class TrainLog:
-    """Appends the seed's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining.
+    """Appends LLaMA-Factory 0.5's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining.
 
     With ``tensorboard_dir``, the numbers of every line also go to TensorBoard event files there.
     """
@@ -213,7 +213,7 @@ def write_results(output_dir: Path, metrics: dict[str, Any], split: str = "train
 
 
 def smooth(values: list[float]) -> list[float]:
-    """TensorBoard-style EMA whose weight grows with the number of points (the seed's smoothing)."""
+    """TensorBoard-style EMA whose weight grows with the number of points (LLaMA-Factory 0.5's smoothing)."""
     if not values:
         return []
     weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, as the Hugging Face Trainer defines them (the seed's trainer)."""
+"""Learning-rate schedules, as the Hugging Face Trainer defines them (LLaMA-Factory 0.5's trainer)."""
 
 from __future__ import annotations
 

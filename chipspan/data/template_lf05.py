@@ -1,6 +1,6 @@
-"""The templates of revision ``seed``: LLaMA-Factory at b988ce0 (llmtuner 0.5.1), every text template it had.
+"""The templates of revision ``lf-0.5``: LLaMA-Factory at b988ce0 (llmtuner 0.5.1), every text template it had.
 
-Slots and default system prompts are transcribed from the seed; see :func:`templates.define` for the
+Slots and default system prompts are transcribed from LLaMA-Factory 0.5; see :func:`templates.define` for the
 slots a template leaves out.
 """
 
@@ -8,7 +8,7 @@ from chipspan.data.templates import BOS, EOS, Token, define
 
 
 def _seed(name: str, **fields):
-    return define("seed", name, **fields)
+    return define("lf-0.5", name, **fields)
 
 
 LLAMA2_SYSTEM = (
@@ -32,7 +32,7 @@ XUANYUAN_SYSTEM = (
 )
 CHATML_USER = ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
 
-SEED_TEMPLATES = [
+LF05_TEMPLATES = [
     _seed(
         "alpaca",
         user=("### Instruction:\n{{content}}\n\n### Response:\n",),
