@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from chipspan import lf_keys
 from chipspan.errors import ChipspanError, shown
 
 
@@ -121,6 +122,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str | None = field(default=None, metadata={"help": "comma-separated dataset names"})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "comma-separated datasets evaluated whole (instead of --val_size)"}
+    )
     dataset_dir: str = field(default="data", metadata={"help": "folder with dataset_info.json and files"})
     template: str = field(default="default", metadata={"help": "prompt template"})
     template_revision: str = field(
@@ -320,6 +324,7 @@ class RunArguments:
     training: TrainingArguments
     chips: ChipArguments
     generating: GeneratingArguments
+    notices: tuple[str, ...] = ()  # one line each: what was accepted without effect, whose defaults apply
 
 
 _GROUPS = (
@@ -349,43 +354,101 @@ def parse_run_arguments(argv: list[str], environ: Mapping[str, str] = os.environ
     return build_run_arguments(values)
 
 
-# Older names of flags (LLaMA-Factory 0.5's Hugging Face Trainer), read as the current ones.
-ALIASES = {"evaluation_strategy": "eval_strategy"}
+# Other names of flags (LLaMA-Factory 0.9's, the Hugging Face Trainer's older ones), read as chipspan's.
+ALIASES = lf_keys.RENAMED
 
 
 def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
-    """Typed, validated RunArguments from a flat name -> value mapping (strings are converted)."""
+    """Typed, validated RunArguments from a flat name -> value mapping (strings are converted).
+
+    Every problem of the settings (unknown or refused keys, values of the wrong kind, out of range or
+    not among the choices) is reported at once, in one ChipspanError; what was accepted without effect,
+    and 0.9's defaults for a run written for LLaMA-Factory 0.9, become ``notices``."""
     flags = known_flags()
+    problems: list[str] = []
+    idle: dict[str, list[str]] = {}  # reason -> keys
+    settings: dict[str, Any] = {}
+    for key, raw in values.items():
+        name = ALIASES.get(key, key)
+        converted = lf_keys.CONVERTED.get(key, {}).get(lf_keys.spelled(raw))
+        if name in flags:
+            settings[name] = raw
+        elif converted:
+            settings[converted[0]] = converted[1]
+        elif key in lf_keys.REFUSED and not lf_keys.REFUSED[key].allows(raw):
+            problems.append(f"--{key} {shown(raw)}: {lf_keys.REFUSED[key].reason}")
+        elif key in lf_keys.IDLE:
+            idle.setdefault(lf_keys.IDLE[key], []).append(key)
+        elif key not in lf_keys.REFUSED:
+            problems.append(_unknown_flag_message(key, flags))
+    lf09_keys = sorted(set(values) & lf_keys.LF09_ONLY)
+    lf09_defaults = {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k not in settings} if lf09_keys else {}
     grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
-    for name, raw in values.items():
-        name = ALIASES.get(name, name)
-        if name not in flags:
-            raise ChipspanError(_unknown_flag_message(name, flags))
+    for name, raw in {**settings, **lf09_defaults}.items():
         group, spec, kind = flags[name]
-        value = _convert(name, raw, kind)
+        try:
+            value = _convert(name, raw, kind)
+        except ChipspanError as exc:
+            problems.append(str(exc))
+            continue
         choices = spec.metadata.get("choices")
         grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
     run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
-    check_values(run)
-    return run
+    problems += value_problems(run)
+    if problems:
+        raise ChipspanError(_all_of(problems))
+    notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
+    from chipspan.data.templates import revision_notice
+
+    notices += filter(None, [revision_notice(run.data.template, run.data.template_revision)])
+    if idle:
+        notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
+    return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
 
 
-def check_values(run: RunArguments) -> None:
-    """ChipspanError for the first setting outside its field's range (NaN and infinity never are) or
-    choices, or a --chip_memory that is not a positive size."""
+def _all_of(problems: list[str]) -> str:
+    """One line for every problem: the problem itself, or "3 problems: (1) ...; (2) ...; (3) ..."."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+
+
+def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments) -> str:
+    """The line saying the run reads as LLaMA-Factory 0.9's, and which of 0.9's defaults matter to it."""
+    matters = {
+        "lora_target": run.finetuning.finetuning_type == "lora",
+        "num_layer_trainable": run.finetuning.finetuning_type == "freeze",
+        "name_module_trainable": run.finetuning.finetuning_type == "freeze",
+        "max_new_tokens": run.training.do_predict,
+    }
+    shown_keys = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    applied = ", ".join(f"{name} {value}" for name, value in defaults.items() if matters.get(name, True))
+    return f"settings of LLaMA-Factory 0.9 ({shown_keys})" + (
+        f": its defaults apply to what the run leaves out: {applied}" if applied else ""
+    )
+
+
+def value_problems(run: RunArguments) -> list[str]:
+    """One line for each setting outside its field's range (NaN and infinity never are) or choices,
+    or a --chip_memory that is not a positive size."""
+    problems = []
     for group, cls in _GROUPS:
         settings = getattr(run, group)
         for f in dataclasses.fields(cls):
             value = getattr(settings, f.name)
             if value is None or isinstance(value, bool):
                 continue
-            if isinstance(value, str):
-                if f.metadata.get("size"):
-                    _check_size(f.name, value)
-                if "choices" in f.metadata:
-                    check_choice(f.name, value, f.metadata["choices"])
-                continue
-            check_range(f.name, value, f.metadata.get("range", Range()), f.default)
+            try:
+                if isinstance(value, str):
+                    if f.metadata.get("size"):
+                        _check_size(f.name, value)
+                    if "choices" in f.metadata:
+                        check_choice(f.name, value, f.metadata["choices"])
+                    continue
+                check_range(f.name, value, f.metadata.get("range", Range()), f.default)
+            except ChipspanError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def check_choice(name: str, value: str, allowed: Choices) -> None:
@@ -397,6 +460,8 @@ def check_choice(name: str, value: str, allowed: Choices) -> None:
     wrong = next((item for item in items if item not in allowed.words), None if items else value)
     if wrong is None:
         return
+    if wrong in lf_keys.OTHER_CHOICES.get(name, {}):
+        raise ChipspanError(f"--{name} {shown(wrong)}: {lf_keys.OTHER_CHOICES[name][wrong]}")
     close = difflib.get_close_matches(wrong, allowed.words, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     shown_value = shown(value) if wrong == value else f"{shown(value)}: '{shown(wrong)}'"
@@ -529,8 +594,10 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
 
 
 def _unknown_flag_message(name: str, flags: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(name, list(flags), n=1, cutoff=0.6)
-    hint = f"; did you mean --{close[0]}?" if close else "; see `chipspan train --help` for the flags"
+    """ "unknown flag --x", with the one flag (or LLaMA-Factory key) spelled almost the same, if any."""
+    keys = [*flags, *lf_keys.RENAMED, *lf_keys.IDLE, *lf_keys.REFUSED]
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.85)
+    hint = f" (did you mean --{close[0]}?)" if close else " (`chipspan train --help` lists the flags)"
     return f"unknown flag --{name}{hint}"
 
 

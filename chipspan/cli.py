@@ -165,7 +165,10 @@ def _run_plan(args: argparse.Namespace) -> None:
     ):
         return
     as_json = "--json" in args.flags
-    plan = make_plan(parse_run_arguments([f for f in args.flags if f != "--json"]))
+    run = parse_run_arguments([f for f in args.flags if f != "--json"])
+    for notice in run.notices:
+        print(notice, file=sys.stderr)
+    plan = make_plan(run)
     print(to_json(plan) if as_json else render(plan))
 
 

@@ -264,7 +264,7 @@ def run_cli(argv, env, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "change,env,message",
     [
-        (["--lora_rnak", "4"], {}, "unknown flag --lora_rnak; did you mean --lora_rank?"),
+        (["--lora_rnak", "4"], {}, "unknown flag --lora_rnak (did you mean --lora_rank?)"),
         (["--dataset", "alpaca_gpt5_zh"], {}, "alpaca_gpt5_zh"),
         (["--dataset", "alpaca_gpt4_en"], {}, "alpaca_gpt4_data_en.json"),
         ([], {"SOPHGO_SPLIT": "23"}, "23 chips asked for (SOPHGO_SPLIT / --chips) but the model has only 22"),

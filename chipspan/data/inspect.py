@@ -32,8 +32,10 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = Non
 
     if not run.model.model_name_or_path:
         raise ChipspanError("pass --model_name_or_path: a model folder, or a folder with only the tokenizer files")
-    if not run.data.dataset:
+    if not (run.data.dataset or run.data.eval_dataset):
         raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
+    for notice in run.notices:
+        print(notice, file=err or sys.stderr)
     tokenizer = Tokenizer.from_folder(run.model.model_name_or_path)
     split = load_dataset_split(run.data, tokenizer, run.finetuning.stage, run.training.seed)
     lines = (

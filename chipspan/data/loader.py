@@ -65,12 +65,26 @@ class DataSplit:
 def load_dataset_split(
     data: DataArguments, tokenizer: Tokenizer, stage: str = "sft", seed: int = 42, use_cache: bool = True
 ) -> DataSplit:
-    """Encode ``data.dataset`` (comma-separated names) for ``stage`` and split off ``data.val_size`` rows.
+    """Encode ``data.dataset`` (comma-separated names) for ``stage`` and split off ``data.val_size`` rows,
+    or, with ``data.eval_dataset`` (LLaMA-Factory 0.9), evaluate on every row of those datasets instead.
 
     Every flag, name and file is checked before a row is read. The tokenizer is fixed for the
     template, as LLaMA-Factory 0.5 did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
     (or written to) the data cache unless ``data.overwrite_cache``; Hub datasets are not cached.
     """
+    if data.eval_dataset is None:
+        return _load(data, tokenizer, stage, seed, use_cache)
+    if data.val_size:
+        raise ChipspanError("--val_size and --eval_dataset both choose the eval rows: keep one of them")
+    held = _load(dataclasses.replace(data, dataset=data.eval_dataset), tokenizer, stage, seed, use_cache)
+    if data.dataset is None:
+        return DataSplit(EncodedExamples.build([]), held.train, held.stats.as_eval())
+    trained = _load(data, tokenizer, stage, seed, use_cache)
+    return DataSplit(trained.train, held.train, trained.stats.plus(held.stats.as_eval()))
+
+
+def _load(data: DataArguments, tokenizer: Tokenizer, stage: str, seed: int, use_cache: bool) -> DataSplit:
+    """``data.dataset`` encoded and split by ``data.val_size``, from the cache when it has them."""
     entries, template, probs = _check(data, stage, tokenizer)
     files = [sources.dataset_files(entry, data.dataset_dir) for entry in entries]
     fix_tokenizer(tokenizer, template)

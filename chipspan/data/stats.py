@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # How many places (``toy row 2``) are kept per drop reason, to show the user where to look.
 FIRST_PLACES = 3
@@ -63,6 +63,22 @@ class DataStats:
             f"{self.tokens:,} tokens, {self.truncated:,} truncated to cutoff_len"
         )
         return line + (f"\ndropped rows: {self.reasons()}" if self.dropped else "")
+
+    def as_eval(self) -> DataStats:
+        """These counts with every example counted as eval (a load of --eval_dataset)."""
+        return replace(self, train=0, eval=self.train + self.eval)
+
+    def plus(self, other: DataStats) -> DataStats:
+        """The counts of two loads together (from the cache only if both were)."""
+        dropped = {r: self.dropped.get(r, 0) + other.dropped.get(r, 0) for r in {*self.dropped, *other.dropped}}
+        places = {r: (self.first_dropped.get(r, []) + other.first_dropped.get(r, []))[:FIRST_PLACES] for r in dropped}
+        numbers = ("rows_read", "rows_kept", "train", "eval", "tokens", "truncated")
+        return DataStats(
+            **{name: getattr(self, name) + getattr(other, name) for name in numbers},
+            dropped=dropped,
+            first_dropped=places,
+            from_cache=self.from_cache and other.from_cache,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

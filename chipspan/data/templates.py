@@ -286,6 +286,16 @@ def get_template(
     raise ChipspanError(f"unknown template '{name}'{hint}: known templates are {', '.join(known)}")
 
 
+def revision_notice(name: str, revision: str) -> str | None:
+    """A line naming which LLaMA-Factory's version of template ``name`` encodes the run, when the two
+    revisions both have the name and their versions differ (None otherwise)."""
+    lf05, lf09 = TEMPLATES["lf-0.5"].get(name), TEMPLATES["lf-0.9"].get(name)
+    if lf05 is None or lf09 is None or replace(lf05, revision="lf-0.9") == lf09:
+        return None
+    used, other = ("LLaMA-Factory 0.5", "lf-0.9") if revision == "lf-0.5" else ("LLaMA-Factory 0.9.5", "lf-0.5")
+    return f"template {name}: {used}'s (template_revision {revision}); the other differs: --template_revision {other}"
+
+
 def fix_tokenizer(tokenizer: Tokenizer, template: Template | ChatTemplate | None) -> list[str]:
     """Give the tokenizer what the template needs, as LLaMA-Factory did; returns the tokens added.
 

@@ -57,6 +57,8 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     train_args = run.training
     output_dir = Path(train_args.output_dir)
     say = report if layout.writes_outputs else (lambda _: None)
+    for notice in run.notices:
+        say(notice)
     settings = checkpoints.run_settings(run, config)
     checkpoints.check_outputs_free(output_dir)
     resume = preflight.resume_point(run, settings, say)

@@ -32,7 +32,7 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     tensorboard_wanted(train_args.report_to)
     for flag, value in (
         ("model_name_or_path", run.model.model_name_or_path),
-        ("dataset", run.data.dataset),
+        ("dataset", run.data.dataset or (run.data.eval_dataset and not train_args.do_train)),
         ("output_dir", train_args.output_dir),
     ):
         if not value:
@@ -62,10 +62,12 @@ def _check_evaluation(run: RunArguments) -> None:
     if (
         train_args.do_train
         and run.data.val_size == 0
+        and run.data.eval_dataset is None
         and (train_args.eval_strategy != "no" or train_args.do_eval or train_args.do_predict)
     ):
         raise ChipspanError(
-            "evaluating while training needs held-out rows: pass --val_size (a count or a fraction, e.g. 0.1)"
+            "evaluating while training needs held-out rows: pass --val_size (a count or a fraction, e.g. 0.1) "
+            "or --eval_dataset"
         )
     if train_args.do_predict and run.finetuning.stage != "sft":
         raise ChipspanError("--do_predict answers prompts: it needs --stage sft")

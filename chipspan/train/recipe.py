@@ -41,6 +41,8 @@ from chipspan.train.training import LocalWriter, final_evaluation, train_and_sav
 def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     """Train, evaluate and/or predict as ``run`` says; returns the output folder."""
     model_args, data_args, ft_args, train_args = run.model, run.data, run.finetuning, run.training
+    for notice in run.notices:
+        report(notice)
     config = preflight.check_arguments(run)
     placement, micro_batches = _placement(run, config)
     run = replace(run, training=replace(run.training, micro_batches=micro_batches))
