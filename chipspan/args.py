@@ -398,9 +398,6 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     if problems:
         raise ChipspanError(_all_of(problems))
     notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
-    from chipspan.data.templates import revision_notice
-
-    notices += filter(None, [revision_notice(run.data.template, run.data.template_revision)])
     if idle:
         notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
     return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
@@ -606,7 +603,7 @@ def flags_help() -> str:
     lines = [
         "usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
         "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K",
-        "older names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items()),
+        "other names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items()),
     ]
     for group, cls in _GROUPS:
         lines.append(f"\n{group}:")

@@ -166,9 +166,9 @@ def _run_plan(args: argparse.Namespace) -> None:
         return
     as_json = "--json" in args.flags
     run = parse_run_arguments([f for f in args.flags if f != "--json"])
+    plan = make_plan(run)
     for notice in run.notices:
         print(notice, file=sys.stderr)
-    plan = make_plan(run)
     print(to_json(plan) if as_json else render(plan))
 
 

@@ -1,13 +1,17 @@
 """LLaMA-Factory's settings that are not chipspan flags of their own, and what chipspan does with each.
 
 The keys are every field of LLaMA-Factory 0.5 (llmtuner 0.5.1) and 0.9.5 training arguments and of the
-Hugging Face ``Seq2SeqTrainingArguments`` they extend (transformers 4.57). Each is in one table:
+Hugging Face ``Seq2SeqTrainingArguments`` they extend (transformers 4.36 and 4.57). Each is in one table:
 
 - ``RENAMED``: another name of a chipspan flag (LLaMA-Factory 0.9 renamed some of 0.5's);
+- ``CONVERTED``: a key whose value names a chipspan setting (``save_strategy: "no"`` is ``save_steps 0``);
 - ``IDLE``: accepted whatever its value, because it cannot change the result here; runs say so in one
   notice line;
 - ``REFUSED``: a feature chipspan does not have, refused with the reason and what to do instead,
   unless the value is one of the key's ``off`` values (then it asks for nothing and passes silently).
+
+``OTHER_CHOICES`` are the words of chipspan's choice flags that LLaMA-Factory takes for features
+chipspan does not have (``stage: dpo``), each with its reason.
 
 ``LF09_ONLY`` are the keys of 0.9.5 (and of its transformers) that 0.5 never had: a run that sets one is
 read as written for LLaMA-Factory 0.9, and 0.9's defaults (``LF09_DEFAULTS``) replace 0.5's for the flags

@@ -52,7 +52,7 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = Non
     else:
         with open(out, "w", encoding="utf-8") as f:
             f.writelines(lines)
-    print(split.stats.summary(), file=err or sys.stderr)
+    print(split.summary(), file=err or sys.stderr)
     return split.stats
 
 

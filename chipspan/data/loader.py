@@ -31,7 +31,7 @@ from chipspan.data.examples import EncodedExamples
 from chipspan.data.formats import BadRow, Conversation, converter
 from chipspan.data.stats import DataStats
 from chipspan.data.template_auto import ChatTemplate
-from chipspan.data.templates import Template, fix_tokenizer, get_template
+from chipspan.data.templates import Template, fix_tokenizer, get_template, revision_notice
 from chipspan.errors import ChipspanError
 
 if TYPE_CHECKING:
@@ -55,11 +55,18 @@ Row = tuple[str, Conversation]  # (where it came from, the conversation)
 
 @dataclass
 class DataSplit:
-    """Encoded ``train`` and ``eval`` examples (``eval`` is empty without ``val_size``) and the load's ``stats``."""
+    """Encoded ``train`` and ``eval`` examples (``eval`` is empty without ``val_size``) and the load's ``stats``;
+    ``template_note`` names which LLaMA-Factory's template encoded them when the two revisions differ."""
 
     train: EncodedExamples
     eval: EncodedExamples
     stats: DataStats
+    template_note: str | None = None
+
+    def summary(self) -> str:
+        """What a run prints about its data: the template note, then the counts."""
+        note = f"note: {self.template_note}\n" if self.template_note else ""
+        return note + self.stats.summary()
 
 
 def load_dataset_split(
@@ -72,15 +79,16 @@ def load_dataset_split(
     template, as LLaMA-Factory 0.5 did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
     (or written to) the data cache unless ``data.overwrite_cache``; Hub datasets are not cached.
     """
+    note = revision_notice(data.template, data.template_revision)
     if data.eval_dataset is None:
-        return _load(data, tokenizer, stage, seed, use_cache)
+        return dataclasses.replace(_load(data, tokenizer, stage, seed, use_cache), template_note=note)
     if data.val_size:
         raise ChipspanError("--val_size and --eval_dataset both choose the eval rows: keep one of them")
     held = _load(dataclasses.replace(data, dataset=data.eval_dataset), tokenizer, stage, seed, use_cache)
     if data.dataset is None:
-        return DataSplit(EncodedExamples.build([]), held.train, held.stats.as_eval())
+        return DataSplit(EncodedExamples.build([]), held.train, held.stats.as_eval(), note)
     trained = _load(data, tokenizer, stage, seed, use_cache)
-    return DataSplit(trained.train, held.train, trained.stats.plus(held.stats.as_eval()))
+    return DataSplit(trained.train, held.train, trained.stats.plus(held.stats.as_eval()), note)
 
 
 def _load(data: DataArguments, tokenizer: Tokenizer, stage: str, seed: int, use_cache: bool) -> DataSplit:

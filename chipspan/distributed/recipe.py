@@ -66,7 +66,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
 
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = _load_data_rank_zero_first(run, tokenizer, layout)
-    say(data.stats.summary())
+    say(data.summary())
     examples, eval_examples = preflight.split_examples(run, data, say)
     preflight.check_vocabulary(tokenizer, config, run.data.template)
     choice = choose_precision(run, device.type)

@@ -53,7 +53,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     resume = preflight.resume_point(run, settings, report) if train_args.do_train else None
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
-    report(data.stats.summary())
+    report(data.summary())
     examples, eval_examples = preflight.split_examples(run, data, report)
     preflight.check_vocabulary(tokenizer, config, data_args.template)
     choice = choose_precision(run, placement.devices[0].type)
