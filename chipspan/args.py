@@ -253,6 +253,10 @@ class TrainingArguments:
     fp16: bool = field(default=False, metadata={"help": "fp16 frozen weights / autocast"})
     bf16: bool = field(default=False, metadata={"help": "bf16 frozen weights / autocast"})
     disable_gradient_checkpointing: bool = field(default=False, metadata={"help": "keep all activations"})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "under torchrun: seconds a rank waits for the others at most", "range": AT_LEAST_1},
+    )
     report_to: str = field(
         default="none", metadata={"help": "where logs go (all: tensorboard if installed)", "choices": REPORT_TO}
     )

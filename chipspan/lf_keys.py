@@ -128,7 +128,6 @@ IDLE: dict[str, str] = {
         [
             "local_rank",
             "ddp_backend",
-            "ddp_timeout",
             "ddp_find_unused_parameters",
             "ddp_bucket_cap_mb",
             "ddp_broadcast_buffers",

@@ -123,7 +123,7 @@ def worker(out: Path, layouts: list) -> None:
         folder = out / model
         run = parse_run_arguments(flags(folder, finetuning, schedule, data_parallel), {})
         layout = plan_layout(world, rank, data_parallel, VIRTUAL_STAGES[schedule])
-        mesh = start(layout, device)
+        mesh = start(layout, device, run.training.ddp_timeout)
         config = ModelConfig.from_folder(folder)
         torch.manual_seed(42)
         split = split_layers(config.num_hidden_layers, layout.num_stages)

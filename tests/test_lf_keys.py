@@ -47,7 +47,7 @@ def test_each_key_has_one_meaning():
 def test_the_keys_that_mark_a_llamafactory_09_run_are_those_05_never_had():
     never_in_05 = {key for key, sources in llamafactory_keys().items() if not sources & {"lf-0.5", "hf-4.36"}}
     assert lf_keys.LF09_ONLY == never_in_05 - set(known_flags())
-    assert {"trust_remote_code", "freeze_trainable_layers", "ddp_timeout"} - {"ddp_timeout"} <= lf_keys.LF09_ONLY
+    assert {"trust_remote_code", "freeze_trainable_layers"} <= lf_keys.LF09_ONLY
 
 
 def _workspace(tmp_path, tiny_workspace):
@@ -91,7 +91,7 @@ def test_llamafactory_09_lora_file_runs_with_its_defaults(tmp_path, tiny_workspa
     lines = "\n".join(said).splitlines()
     lf09, idle = lines[:2]  # before anything else
     assert lf09.startswith("note: settings of LLaMA-Factory 0.9 (") and "template_revision lf-0.9" in lf09
-    assert idle.startswith("note: no effect here: trust_remote_code (") and "ddp_timeout" in idle
+    assert idle.startswith("note: no effect here: trust_remote_code (") and "dataloader_num_workers" in idle
     assert any(
         line.startswith("note: template llama2: LLaMA-Factory 0.9.5's (template_revision lf-0.9)") for line in lines
     )
@@ -134,7 +134,7 @@ def test_every_harmless_key_runs_and_is_named_once(tmp_path, tiny_workspace):
     out = tmp_path / "harmless"
     said = _run("harmless.yaml", model, data, out, "max_steps=1")
     (idle,) = [line for line in said if line.startswith("note: no effect here")]
-    for key in ("trust_remote_code", "flash_attn", "ddp_timeout", "gradient_checkpointing", "run_name"):
+    for key in ("trust_remote_code", "flash_attn", "ddp_find_unused_parameters", "gradient_checkpointing", "run_name"):
         assert len(re.findall(rf"\b{key}\b", idle)) == 1
     for off in ("quantization_bit", "use_dora", "deepspeed", "optim", "save_strategy", "image_max_pixels"):
         assert off not in idle  # at their off values they ask for nothing: nothing to say
@@ -207,3 +207,20 @@ def test_eval_dataset_and_val_size_are_one_choice(tmp_path, tiny_workspace):
     with pytest.raises(ChipspanError, match="--val_size and --eval_dataset both choose the eval rows"):
         run_train(parse_run_arguments([*argv, f"output_dir={tmp_path / 'out'}"], {}), report=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_ddp_timeout_bounds_how_long_a_rank_waits_for_the_others(monkeypatch):
+    """LLaMA-Factory's files set ddp_timeout 180000000 so that rank 0 may encode a large dataset while the
+    others wait; torchrun ranks join their process group with it."""
+    import datetime
+
+    from chipspan.distributed import mesh
+
+    joined = {}
+    monkeypatch.setattr(mesh.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh.dist, "init_process_group", lambda backend, **options: joined.update(options))
+    monkeypatch.setattr(mesh, "init_device_mesh", lambda *args, **kwargs: None)
+    run = parse_run_arguments([str(FILES / "lora_sft.yaml")], {})
+    mesh.start(mesh.plan_layout(2, 0, 1, 1), torch.device("cpu"), run.training.ddp_timeout)
+    assert joined["timeout"] == datetime.timedelta(seconds=180000000)
+    assert parse_run_arguments([], {}).training.ddp_timeout == 1800  # the Hugging Face Trainer's default

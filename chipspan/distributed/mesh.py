@@ -10,6 +10,7 @@ ranks): one stage for GPipe/1F1B, ``virtual`` stages for interleaved 1F1B.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -104,10 +105,11 @@ def rank_device(device_type: str, chips: str | None, local_rank: int, local_worl
     return device
 
 
-def start(layout: Layout, device: torch.device) -> DeviceMesh:
-    """Join the process group and build the (pipeline, data) mesh."""
+def start(layout: Layout, device: torch.device, timeout_s: int) -> DeviceMesh:
+    """Join the process group (a collective waits ``timeout_s`` seconds at most) and build the
+    (pipeline, data) mesh."""
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device.type))
+        dist.init_process_group(backend_for(device.type), timeout=datetime.timedelta(seconds=timeout_s))
     return init_device_mesh(device.type, (layout.pipeline, layout.data), mesh_dim_names=("pipeline", "data"))
 
 

@@ -62,7 +62,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     settings = checkpoints.run_settings(run, config)
     checkpoints.check_outputs_free(output_dir)
     resume = preflight.resume_point(run, settings, say)
-    mesh = start(layout, device)
+    mesh = start(layout, device, train_args.ddp_timeout)
 
     tokenizer = Tokenizer.from_folder(model_args.model_name_or_path)
     data = _load_data_rank_zero_first(run, tokenizer, layout)
