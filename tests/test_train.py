@@ -275,7 +275,8 @@ def run_cli(argv, env, monkeypatch, capsys):
             {},
             "lora_target 'qkv' matches no module; this model has: down_proj, gate_proj",
         ),
-        (["--stage", "ppo"], {}, "--stage ppo is not one of sft, pt"),
+        (["--stage", "ppo"], {}, "--stage ppo: a preference stage, which chipspan does not run yet (sft, pt)"),
+        (["--stage", "spt"], {}, "--stage spt is not one of sft, pt"),
         ([], {"USE_SOPHGO": "1"}, "device 'tpu' needs the PyTorch plugin 'torch_tpu'"),
     ],
 )
