@@ -28,11 +28,11 @@ from chipspan.args import DataArguments
 from chipspan.data import cache, mixing, registry, sources
 from chipspan.data.encode import CHUNK_ROWS, check_options, encode_pretrain, encode_supervised
 from chipspan.data.examples import EncodedExamples
-from chipspan.data.formats import BadRow, Conversation, converter
+from chipspan.data.formats import TEXT_ONLY, BadRow, Conversation, converter, media_column
 from chipspan.data.stats import DataStats
 from chipspan.data.template_auto import ChatTemplate
 from chipspan.data.templates import Template, fix_tokenizer, get_template
-from chipspan.errors import ChipspanError
+from chipspan.errors import ChipspanError, shown
 
 if TYPE_CHECKING:
     from chipspan.data.encode import Example
@@ -71,8 +71,7 @@ def load_dataset_split(
     template, as LLaMA-Factory 0.5 did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
     (or written to) the data cache unless ``data.overwrite_cache``; Hub datasets are not cached.
     """
-    entries, template, probs = _check(data, stage, tokenizer)
-    files = [sources.dataset_files(entry, data.dataset_dir) for entry in entries]
+    entries, files, template, probs = _check(data, stage, tokenizer)
     fix_tokenizer(tokenizer, template)
     path = None
     if use_cache and not any(entry.hf_hub_url for entry in entries):
@@ -118,10 +117,19 @@ def load_examples(
 # ---- checks -------------------------------------------------------------------------------------------
 
 
+def check_datasets(data: DataArguments, stage: str) -> tuple[list[registry.DatasetEntry], list[list[Path]]]:
+    """The entries of ``data.dataset`` read for ``stage`` and their files, found without reading a
+    row; one error lists the problems of every dataset. Cheap: callers run it before anything loads."""
+    if data.dataset is None:
+        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
+    entries = registry.lookup(data.dataset, data.dataset_dir, stage)
+    return entries, registry.each_checked(entries, lambda entry: sources.dataset_files(entry, data.dataset_dir))
+
+
 def _check(
     data: DataArguments, stage: str, tokenizer: Tokenizer
-) -> tuple[list[registry.DatasetEntry], Template | ChatTemplate | None, list | None]:
-    """The entries, template and interleave probabilities; every flag is checked first."""
+) -> tuple[list[registry.DatasetEntry], list[list[Path]], Template | ChatTemplate | None, list | None]:
+    """The entries, their files, the template and interleave probabilities; every flag is checked first."""
     if data.cutoff_len < 1:
         raise ChipspanError(f"cutoff_len must be at least 1, got {data.cutoff_len}")
     if data.max_samples is not None and data.max_samples < 1:
@@ -129,9 +137,7 @@ def _check(
     _eval_rows(data.val_size, None, data.streaming)
     if data.streaming and data.buffer_size < 1:
         raise ChipspanError(f"buffer_size must be at least 1, got {data.buffer_size}")
-    if data.dataset is None:
-        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
-    entries = registry.lookup(data.dataset, data.dataset_dir)
+    entries, files = check_datasets(data, stage)
     if stage == "sft" and data.template is None:
         raise ChipspanError("supervised fine-tuning needs a template: pass --template, e.g. default")
     template = None
@@ -145,7 +151,7 @@ def _check(
         )
         check_options(template, data.train_on_prompt, data.mask_history)
     probs = mixing.parse_probs(data.mix_strategy, data.interleave_probs, len(entries))
-    return entries, template, probs
+    return entries, files, template, probs
 
 
 def _eval_rows(val_size: float, rows: int | None, streaming: bool) -> int:
@@ -243,6 +249,8 @@ def _reader(entry, files, data, stats: DataStats, need_response: bool, revision:
         counting, counted[0] = not counted[0], True
         mine = DataStats()
         for place, row in itertools.islice(sources.iter_rows(entry, files, data.streaming), data.max_samples):
+            if media := media_column(row, entry.columns):
+                raise ChipspanError(f"dataset '{entry.name}' {place} has {media} ({shown(row[media])}): {TEXT_ONLY}")
             try:
                 if isinstance(row, sources.Unreadable):
                     raise BadRow(row.reason)
