@@ -425,7 +425,18 @@ def test_every_datasets_problems_come_out_in_one_line(unusable_dir, tok):
     )
     problems = [refusal("pictures", unusable_dir), refusal("ranked", unusable_dir), unknown]
     problems.append(refusal("bucket", unusable_dir))
-    assert str(caught.value) == "4 dataset problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+    assert str(caught.value) == "problems with 4 datasets: " + "; ".join(
+        f"({i}) {p}" for i, p in enumerate(problems, 1)
+    )
+
+
+def test_an_entry_with_several_problems_names_each(tmp_path, tok):
+    entry = {**UNUSABLE["pictures"], "ranking": True}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"pictures": entry}))
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("pictures", tmp_path, tok)
+    ranked = refusal("ranked", tmp_path).replace("'ranked'", "'pictures'")
+    assert str(caught.value) == f"{refusal('pictures', tmp_path)}; {ranked}"
 
 
 def test_missing_files_of_several_datasets_come_out_together(tmp_path, tok):
@@ -434,7 +445,7 @@ def test_missing_files_of_several_datasets_come_out_together(tmp_path, tok):
     )
     with pytest.raises(
         ChipspanError,
-        match=r"^2 dataset problems: \(1\) dataset 'a': file a\.json not found .*; \(2\) dataset 'b': file b\.json not found",
+        match=r"^problems with 2 datasets: \(1\) dataset 'a': file a\.json not found .*; \(2\) dataset 'b': file b\.json not found",
     ):
         load_examples("a,b", tmp_path, tok)
 

@@ -117,8 +117,8 @@ def lookup(names: str, dataset_dir: str | Path, stage: str | None = None) -> lis
 
 
 def each_checked(items: list, check: Callable) -> list:
-    """``check(item)`` for every item, in order; a ChipspanError naming every item that failed, in
-    one line, when any did (the problems of all datasets come out together)."""
+    """``check(item)`` for every dataset item, in order; when any fails, one ChipspanError that
+    lists each failure, numbered (the problems of all datasets come out together)."""
     results, problems = [], []
     for item in items:
         try:
@@ -129,7 +129,7 @@ def each_checked(items: list, check: Callable) -> list:
         raise ChipspanError(problems[0])
     if problems:
         listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
-        raise ChipspanError(f"{len(problems)} dataset problems: {listed}")
+        raise ChipspanError(f"problems with {len(problems)} datasets: {listed}")
     return results
 
 
