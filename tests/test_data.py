@@ -534,15 +534,11 @@ def _refused_train_flags(workspace, unusable_dir, out):
     return argv
 
 
-def test_train_and_data_refuse_before_the_tokenizer_loads_and_write_nothing(
-    tiny_workspace, unusable_dir, monkeypatch, capsys
+def test_train_and_data_refuse_before_the_model_loads_and_write_nothing(
+    tiny_workspace, unusable_dir, no_weight_loading, capsys
 ):
     from chipspan import cli
 
-    def no_tokenizer(*_):
-        raise AssertionError("the tokenizer loaded before the data was checked")
-
-    monkeypatch.setattr(Tokenizer, "from_folder", no_tokenizer)
     out = unusable_dir / "out"
     with pytest.raises(ChipspanError) as caught:
         run(_refused_train_flags(tiny_workspace, unusable_dir, out))
@@ -556,6 +552,7 @@ def test_train_and_data_refuse_before_the_tokenizer_loads_and_write_nothing(
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_torchrun_ranks_refuse_the_same_way(tiny_workspace, unusable_dir):
     out = unusable_dir / "out"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from chipspan.args import RunArguments
 from chipspan.data.encode import IGNORE_INDEX, Example
-from chipspan.data.loader import check_datasets, load_dataset_split
+from chipspan.data.loader import load_dataset_split
 from chipspan.data.stats import DataStats
 from chipspan.errors import ChipspanError
 
@@ -32,7 +32,8 @@ def run_data(run: RunArguments, out: str | None = None, err: TextIO | None = Non
 
     if not run.model.model_name_or_path:
         raise ChipspanError("pass --model_name_or_path: a model folder, or a folder with only the tokenizer files")
-    check_datasets(run.data, run.finetuning.stage)  # before the tokenizer loads
+    if not run.data.dataset:
+        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
     tokenizer = Tokenizer.from_folder(run.model.model_name_or_path)
     split = load_dataset_split(run.data, tokenizer, run.finetuning.stage, run.training.seed)
     lines = (

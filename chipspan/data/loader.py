@@ -117,15 +117,6 @@ def load_examples(
 # ---- checks -------------------------------------------------------------------------------------------
 
 
-def check_datasets(data: DataArguments, stage: str) -> tuple[list[registry.DatasetEntry], list[list[Path]]]:
-    """The entries of ``data.dataset`` read for ``stage`` and their files, found without reading a
-    row; one error lists the problems of every dataset. Cheap: callers run it before anything loads."""
-    if data.dataset is None:
-        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
-    entries = registry.lookup(data.dataset, data.dataset_dir, stage)
-    return entries, registry.each_checked(entries, lambda entry: sources.dataset_files(entry, data.dataset_dir))
-
-
 def _check(
     data: DataArguments, stage: str, tokenizer: Tokenizer
 ) -> tuple[list[registry.DatasetEntry], list[list[Path]], Template | ChatTemplate | None, list | None]:
@@ -137,7 +128,10 @@ def _check(
     _eval_rows(data.val_size, None, data.streaming)
     if data.streaming and data.buffer_size < 1:
         raise ChipspanError(f"buffer_size must be at least 1, got {data.buffer_size}")
-    entries, files = check_datasets(data, stage)
+    if data.dataset is None:
+        raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
+    entries = registry.lookup(data.dataset, data.dataset_dir, stage)
+    files = registry.each_checked(entries, lambda entry: sources.dataset_files(entry, data.dataset_dir))
     if stage == "sft" and data.template is None:
         raise ChipspanError("supervised fine-tuning needs a template: pass --template, e.g. default")
     template = None

@@ -12,7 +12,7 @@ import torch
 
 from chipspan.args import RunArguments
 from chipspan.chips.job import one_process_per_chip
-from chipspan.data.loader import DataSplit, check_datasets
+from chipspan.data.loader import DataSplit
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -37,7 +37,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     ):
         if not value:
             raise ChipspanError(f"--{flag} is required")
-    check_datasets(run.data, ft.stage)
     if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
         raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
