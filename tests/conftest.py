@@ -84,3 +84,14 @@ def tiny_workspace(tmp_path_factory):
 def lf05_workspace(tmp_path_factory):
     """22 layers: enough for LLaMA-Factory 0.5's chip counts (2, 4, 11, 21); see test_train's lf05_command."""
     return make_workspace(tmp_path_factory.mktemp("lf05"), 22)
+
+
+@pytest.fixture()
+def no_weight_loading(monkeypatch):
+    """Loading a model's weights fails the test: the error under test must come before it."""
+    from chipspan.chips import span
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(span, "load_pretrained", refuse)

@@ -14,7 +14,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
-from helpers import DEMO_DATA, LLAMA2_TOKENIZER
+from helpers import DEMO_DATA, LLAMA2_TOKENIZER, command, run, torchrun
 
 from chipspan.data import IGNORE_INDEX, Example, collate, load_examples
 from chipspan.data.templates import get_template
@@ -354,6 +354,212 @@ def test_lf05_registry_entry_reads_history_and_checks_the_sha1(tmp_path, tok, ca
     newline = enc(tok, "\n")
     assert example.input_ids == prompt("q1") + answer("a1") + newline + prompt("q2") + answer("a2")
     assert example.labels == ([M] * len(prompt("q1")) + answer("a1") + [M] * len(newline + prompt("q2")) + answer("a2"))
+
+
+# ---- data chipspan cannot use: refused in one line, never dropped -------------------------------------
+
+TEXT_ONLY = (
+    "chipspan trains text models only and would drop them: remove the column from the entry and the rows "
+    "(placeholders such as <image> in the text then stay plain text) or pick a text dataset"
+)
+SAVE_AS_FILE = "save the data as a JSON/JSONL file and register it with file_name"
+ONE_ANSWER = "pick a dataset with one answer to learn per row for --stage"
+# Entries chipspan cannot use; their files are never written: each is refused before a file is looked for.
+UNUSABLE = {
+    "pictures": {"file_name": "pictures.json", "columns": {"prompt": "instruction", "images": "pics"}},
+    "ranked": {"file_name": "ranked.json", "ranking": True},
+    "graded": {"file_name": "graded.json", "formatting": "sharegpt", "columns": {"kto_tag": "label"}},
+    "cloud": {"cloud_file_name": "s3://bucket/data.json"},
+    "modelers": {"om_hub_url": "org/data"},
+    "bucket": {"file_name": "gs://bucket/data.json"},
+}
+REFUSALS = {
+    "pictures": f"dataset 'pictures' maps media columns (images -> 'pics'): {TEXT_ONLY}",
+    "ranked": "dataset 'ranked' is a ranking dataset (\"ranking\": true: chosen and rejected answers), data for "
+    "the rm and dpo stages (dpo with its orpo and simpo losses), which chipspan does not run yet: "
+    f"{ONE_ANSWER} sft",
+    "graded": "dataset 'graded' labels its answers desirable or undesirable (a kto_tag column), data for the kto "
+    f"stage, which chipspan does not run yet: {ONE_ANSWER} sft",
+    "cloud": "dataset 'cloud' is in cloud storage (S3 or Google Cloud Storage), which chipspan does not read "
+    f"from (cloud_file_name 's3://bucket/data.json'): {SAVE_AS_FILE}",
+    "modelers": "dataset 'modelers' is on Modelers (the OpenMind hub), which chipspan does not load from "
+    f"(om_hub_url 'org/data'): {SAVE_AS_FILE}",
+    "bucket": "dataset 'bucket' in {registry}: file_name 'gs://bucket/data.json' is a URL and chipspan reads "
+    "local files: download it into --dataset_dir and name it by its path inside that folder",
+}
+
+
+@pytest.fixture
+def unusable_dir(tmp_path):
+    """A dataset folder whose dataset_info.json registers the ``UNUSABLE`` entries, and no data file."""
+    (tmp_path / "dataset_info.json").write_text(json.dumps(UNUSABLE))
+    return tmp_path
+
+
+def refusal(name, folder):
+    return REFUSALS[name].format(registry=folder.absolute() / "dataset_info.json")
+
+
+@pytest.mark.parametrize("name", list(UNUSABLE))
+def test_entries_chipspan_cannot_use_are_refused_before_a_file_is_looked_for(unusable_dir, tok, name):
+    with pytest.raises(ChipspanError) as caught:
+        load_examples(name, unusable_dir, tok)
+    assert str(caught.value) == refusal(name, unusable_dir)
+
+
+def test_ranking_and_kto_datasets_are_refused_under_pt_too(unusable_dir, tok):
+    for name in ("ranked", "graded"):
+        with pytest.raises(ChipspanError) as caught:
+            load_examples(name, unusable_dir, tok, stage="pt")
+        assert str(caught.value) == refusal(name, unusable_dir).replace("--stage sft", "--stage pt")
+
+
+def test_every_datasets_problems_come_out_in_one_line(unusable_dir, tok):
+    """A usable dataset among them is not read: nothing is, until every name is fine."""
+    write_dataset(unusable_dir, [{"instruction": "hi", "output": "yo"}])
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("pictures,toy,ranked,nope,bucket", unusable_dir, tok)
+    unknown = (
+        f"unknown dataset 'nope': add it to {unusable_dir.absolute() / 'dataset_info.json'} or use a name "
+        "LLaMA-Factory 0.5's registry has"
+    )
+    problems = [refusal("pictures", unusable_dir), refusal("ranked", unusable_dir), unknown]
+    problems.append(refusal("bucket", unusable_dir))
+    assert str(caught.value) == "problems with 4 datasets: " + "; ".join(
+        f"({i}) {p}" for i, p in enumerate(problems, 1)
+    )
+
+
+def test_an_entry_with_several_problems_names_each(tmp_path, tok):
+    entry = {**UNUSABLE["pictures"], "ranking": True}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"pictures": entry}))
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("pictures", tmp_path, tok)
+    ranked = refusal("ranked", tmp_path).replace("'ranked'", "'pictures'")
+    assert str(caught.value) == f"{refusal('pictures', tmp_path)}; {ranked}"
+
+
+def test_missing_files_of_several_datasets_come_out_together(tmp_path, tok):
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}})
+    )
+    with pytest.raises(
+        ChipspanError,
+        match=r"^problems with 2 datasets: \(1\) dataset 'a': file a\.json not found .*; \(2\) dataset 'b': file b\.json not found",
+    ):
+        load_examples("a,b", tmp_path, tok)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+@pytest.mark.parametrize(
+    "dataset_dir, message",
+    [
+        (
+            "ONLINE",
+            "--dataset_dir ONLINE reads every dataset name as a Hub dataset, which chipspan does not do: register "
+            "each dataset in a local dataset_info.json (hf_hub_url or file_name) and pass its folder",
+        ),
+        (
+            "REMOTE:org/data",
+            "--dataset_dir REMOTE:org/data reads dataset_info.json from a Hugging Face Hub dataset repository, "
+            "which chipspan does not do: download the data into a folder here and pass it as --dataset_dir "
+            "(huggingface-cli download --repo-type dataset org/data --local-dir DIR)",
+        ),
+        (
+            "s3://bucket/data",
+            "--dataset_dir s3://bucket/data is a URL and chipspan reads local folders: download the data into a "
+            "folder here and pass it as --dataset_dir",
+        ),
+    ],
+)
+def test_remote_dataset_dirs_are_refused_online_or_not(tok, monkeypatch, dataset_dir, message, offline):
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("alpaca_gpt4_zh", dataset_dir, tok)
+    assert str(caught.value) == message
+
+
+def test_a_row_with_media_is_refused_where_it_is_not_dropped(tmp_path, tok):
+    rows = [
+        {"instruction": "hi", "output": "yo"},
+        {"instruction": "<image>what is it?", "output": "a cat", "images": ["cat.png"]},
+    ]
+    write_dataset(tmp_path, rows, jsonl=True)
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("toy", tmp_path, tok)
+    assert str(caught.value) == f"dataset 'toy' line 2 has images (['cat.png']): {TEXT_ONLY}"
+
+    chat = {
+        "conversations": [{"from": "human", "value": "<video>and?"}, {"from": "gpt", "value": "ok"}],
+        "videos": "v.mp4",
+    }
+    (tmp_path / "chat.json").write_text(json.dumps([chat]))
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"chat": {"file_name": "chat.json", "formatting": "sharegpt"}})
+    )
+    with pytest.raises(ChipspanError) as caught:
+        load_examples("chat", tmp_path, tok)
+    assert str(caught.value) == f"dataset 'chat' row 1 has videos (v.mp4): {TEXT_ONLY}"
+
+
+def test_text_that_only_mentions_media_trains_as_text(tmp_path, tok):
+    """Empty media columns, null media/kto_tag mappings and ranking: false are a text dataset; a
+    column named images that the entry reads as the prompt is text too."""
+    rows = [
+        {"instruction": "draw <image>", "output": "no", "images": []},
+        {"instruction": "say <audio>", "output": "ok", "audios": None, "videos": ""},
+    ]
+    write_dataset(
+        tmp_path, rows, columns={"prompt": "instruction", "response": "output", "images": None, "kto_tag": None}
+    )
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    info["toy"]["ranking"] = False
+    info["captions"] = {"file_name": "captions.json", "columns": {"prompt": "images", "response": "output"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    (tmp_path / "captions.json").write_text(json.dumps([{"images": "a red square", "output": "red"}]))
+    first, second, caption = load_examples("toy,captions", tmp_path, tok)
+    assert first.input_ids == enc(tok, "Human: draw <image>\nAssistant: ") + enc(tok, "no") + [EOS]
+    assert second.input_ids == enc(tok, "Human: say <audio>\nAssistant: ") + enc(tok, "ok") + [EOS]
+    assert caption.input_ids == enc(tok, "Human: a red square\nAssistant: ") + enc(tok, "red") + [EOS]
+
+
+def _refused_train_flags(workspace, unusable_dir, out):
+    """``command``'s LoRA run of ``workspace``'s model over the ranking dataset of ``unusable_dir``."""
+    argv = command(workspace, out, "lora")
+    argv[argv.index("--dataset") + 1] = "ranked"
+    argv[argv.index("--dataset_dir") + 1] = str(unusable_dir)
+    return argv
+
+
+def test_train_and_data_refuse_before_the_model_loads_and_write_nothing(
+    tiny_workspace, unusable_dir, no_weight_loading, capsys
+):
+    from chipspan import cli
+
+    out = unusable_dir / "out"
+    with pytest.raises(ChipspanError) as caught:
+        run(_refused_train_flags(tiny_workspace, unusable_dir, out))
+    assert str(caught.value) == refusal("ranked", unusable_dir)
+    assert not out.exists()
+
+    flags = ["data", "--model_name_or_path", str(tiny_workspace / "model"), "--dataset", "ranked"]
+    flags += ["--dataset_dir", str(unusable_dir), "--template", "default", "--out", str(out / "data.jsonl")]
+    assert cli.main(flags) == 1
+    assert capsys.readouterr().err == f"chipspan: error: {refusal('ranked', unusable_dir)}\n"
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torchrun_ranks_refuse_the_same_way(tiny_workspace, unusable_dir):
+    out = unusable_dir / "out"
+    argv = _refused_train_flags(tiny_workspace, unusable_dir, out)[1:]
+    result = torchrun("-m", "chipspan", "train", *argv, succeed=False)
+    assert f"chipspan: error: {refusal('ranked', unusable_dir)}" in result.stderr
+    assert not out.exists()
 
 
 # ---- pre-training ----------------------------------------------------------------------------------

@@ -244,14 +244,6 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(lf05_workspace, tmp_path
 # --- bad input: one line, before any weight is read ----------------------------------------------
 
 
-@pytest.fixture()
-def no_weight_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the error")
-
-    monkeypatch.setattr(span, "load_pretrained", refuse)
-
-
 def run_cli(argv, env, monkeypatch, capsys):
     for name in ("USE_SOPHGO", "SOPHGO_SPLIT", "CHIPS"):
         monkeypatch.delenv(name, raising=False)

@@ -56,6 +56,12 @@ _JOINED_TOOL_RESULTS = "\n</tool_response>\n<tool_response>\n"
 MAX_ROW_CHARS = 2_000_000  # about 500k tokens
 MAX_ROW_MESSAGES = 2_000
 MAX_AUTO_RENDER = 200_000_000  # answers x characters of one row under --template auto
+# LLaMA-Factory 0.9's media columns: chipspan trains text models, so data in them is refused, never dropped.
+MEDIA_COLUMNS = ("images", "videos", "audios")
+TEXT_ONLY = (
+    "chipspan trains text models only and would drop them: remove the column from the entry and the "
+    "rows (placeholders such as <image> in the text then stay plain text) or pick a text dataset"
+)
 
 
 class BadRow(ValueError):
@@ -130,6 +136,15 @@ def within_limits(conversation: Conversation, auto: bool = False) -> Conversatio
     if auto and answers * chars > MAX_AUTO_RENDER:
         raise BadRow(f"is too long for --template auto (answers x characters above {MAX_AUTO_RENDER:,})")
     return conversation
+
+
+def media_column(row: object, entry_columns: dict | None) -> str | None:
+    """The first media column (``MEDIA_COLUMNS``, by its own name) that holds something in ``row``;
+    None when none does or the entry's ``columns`` read that name as text."""
+    if not isinstance(row, dict):
+        return None
+    text_columns = set((entry_columns or {}).values())
+    return next((c for c in MEDIA_COLUMNS if c not in text_columns and row.get(c) not in (None, "", [], {})), None)
 
 
 def alpaca_columns(entry_columns: dict | None) -> dict[str, str | None]:

@@ -28,11 +28,11 @@ from chipspan.args import DataArguments
 from chipspan.data import cache, mixing, registry, sources
 from chipspan.data.encode import CHUNK_ROWS, check_options, encode_pretrain, encode_supervised
 from chipspan.data.examples import EncodedExamples
-from chipspan.data.formats import BadRow, Conversation, converter
+from chipspan.data.formats import TEXT_ONLY, BadRow, Conversation, converter, media_column
 from chipspan.data.stats import DataStats
 from chipspan.data.template_auto import ChatTemplate
 from chipspan.data.templates import Template, fix_tokenizer, get_template, revision_notice
-from chipspan.errors import ChipspanError
+from chipspan.errors import ChipspanError, shown
 
 if TYPE_CHECKING:
     from chipspan.data.encode import Example
@@ -84,7 +84,10 @@ def load_dataset_split(
         return dataclasses.replace(_load(data, tokenizer, stage, seed, use_cache), template_note=note)
     if data.val_size:
         raise ChipspanError("--val_size and --eval_dataset both choose the eval rows: keep one of them")
-    held = _load(dataclasses.replace(data, dataset=data.eval_dataset), tokenizer, stage, seed, use_cache)
+    evaluated = dataclasses.replace(data, dataset=data.eval_dataset)
+    for checked in (data, evaluated) if data.dataset else (evaluated,):  # both before a row is read
+        _check(checked, stage, tokenizer)
+    held = _load(evaluated, tokenizer, stage, seed, use_cache)
     if data.dataset is None:
         return DataSplit(EncodedExamples.build([]), held.train, held.stats.as_eval(), note)
     trained = _load(data, tokenizer, stage, seed, use_cache)
@@ -93,8 +96,7 @@ def load_dataset_split(
 
 def _load(data: DataArguments, tokenizer: Tokenizer, stage: str, seed: int, use_cache: bool) -> DataSplit:
     """``data.dataset`` encoded and split by ``data.val_size``, from the cache when it has them."""
-    entries, template, probs = _check(data, stage, tokenizer)
-    files = [sources.dataset_files(entry, data.dataset_dir) for entry in entries]
+    entries, files, template, probs = _check(data, stage, tokenizer)
     fix_tokenizer(tokenizer, template)
     path = None
     if use_cache and not any(entry.hf_hub_url for entry in entries):
@@ -142,8 +144,8 @@ def load_examples(
 
 def _check(
     data: DataArguments, stage: str, tokenizer: Tokenizer
-) -> tuple[list[registry.DatasetEntry], Template | ChatTemplate | None, list | None]:
-    """The entries, template and interleave probabilities; every flag is checked first."""
+) -> tuple[list[registry.DatasetEntry], list[list[Path]], Template | ChatTemplate | None, list | None]:
+    """The entries, their files, the template and interleave probabilities; every flag is checked first."""
     if data.cutoff_len < 1:
         raise ChipspanError(f"cutoff_len must be at least 1, got {data.cutoff_len}")
     if data.max_samples is not None and data.max_samples < 1:
@@ -153,7 +155,8 @@ def _check(
         raise ChipspanError(f"buffer_size must be at least 1, got {data.buffer_size}")
     if data.dataset is None:
         raise ChipspanError("no dataset given: pass --dataset NAME (a name from dataset_info.json)")
-    entries = registry.lookup(data.dataset, data.dataset_dir)
+    entries = registry.lookup(data.dataset, data.dataset_dir, stage)
+    files = registry.each_checked(entries, lambda entry: sources.dataset_files(entry, data.dataset_dir))
     if stage == "sft" and data.template is None:
         raise ChipspanError("supervised fine-tuning needs a template: pass --template, e.g. default")
     template = None
@@ -167,7 +170,7 @@ def _check(
         )
         check_options(template, data.train_on_prompt, data.mask_history)
     probs = mixing.parse_probs(data.mix_strategy, data.interleave_probs, len(entries))
-    return entries, template, probs
+    return entries, files, template, probs
 
 
 def _eval_rows(val_size: float, rows: int | None, streaming: bool) -> int:
@@ -265,6 +268,8 @@ def _reader(entry, files, data, stats: DataStats, need_response: bool, revision:
         counting, counted[0] = not counted[0], True
         mine = DataStats()
         for place, row in itertools.islice(sources.iter_rows(entry, files, data.streaming), data.max_samples):
+            if media := media_column(row, entry.columns):
+                raise ChipspanError(f"dataset '{entry.name}' {place} has {media} ({shown(row[media])}): {TEXT_ONLY}")
             try:
                 if isinstance(row, sources.Unreadable):
                     raise BadRow(row.reason)
