@@ -160,6 +160,10 @@ class DataArguments:
     )
     streaming: bool = field(default=False, metadata={"help": "read JSON-lines files lazily"})
     buffer_size: int = field(default=16384, metadata={"help": "shuffle buffer when streaming", "range": AT_LEAST_1})
+    tokenized_path: str | None = field(
+        default=None,
+        metadata={"help": "folder for the encoded examples: read when it has them, else written (LLaMA-Factory 0.9)"},
+    )
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={"help": "accepted from LLaMA-Factory; encoding runs in one process", "range": Range(1, example="8")},
@@ -380,7 +384,8 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
         elif converted:
             settings[converted[0]] = converted[1]
         elif key in lf_keys.REFUSED and not lf_keys.REFUSED[key].allows(raw):
-            problems.append(f"--{key} {shown(raw)}: {lf_keys.REFUSED[key].reason}")
+            value = lf_keys.spelled(raw) if isinstance(raw, bool) else shown(raw)
+            problems.append(f"--{key} {value}: {lf_keys.REFUSED[key].reason}")
         elif key in lf_keys.IDLE:
             idle.setdefault(lf_keys.IDLE[key], []).append(key)
         elif key not in lf_keys.REFUSED:

@@ -188,6 +188,8 @@ def _run_data(args: argparse.Namespace) -> None:
     run = parse_run_arguments(flags)
     if out is not None:
         check_output(out, "--out", run_inputs(run), kind="file")
+    if run.data.tokenized_path:
+        check_output(run.data.tokenized_path, "--tokenized_path", run_inputs(run))
     run_data(run, out)
 
 

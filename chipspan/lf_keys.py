@@ -425,9 +425,6 @@ REFUSED: dict[str, Refusal] = {
     ),
     "use_swanlab": Refusal("report_to swanlab " + _NOT_YET + " yet; use report_to tensorboard"),
     "enable_torch_profiler": Refusal(_method("the torch profiler")),
-    "tokenized_path": Refusal(
-        "chipspan caches encoded data itself (CHIPSPAN_CACHE; --overwrite_cache to re-encode): drop the key"
-    ),
     "cache_path": Refusal(
         "chipspan caches encoded data itself (CHIPSPAN_CACHE; --overwrite_cache to re-encode): drop the key"
     ),
@@ -497,7 +494,7 @@ LF09_ONLY = frozenset(
     restore_callback_states_from_checkpoint sglang_config sglang_lora_backend sglang_maxlen
     sglang_mem_fraction sglang_tp_size simpo_gamma skip_special_tokens swanlab_api_key swanlab_lark_secret
     swanlab_lark_webhook_url swanlab_logdir swanlab_mode swanlab_project swanlab_run_name swanlab_workspace
-    tokenized_path torch_empty_cache_steps trackio_space_id train_from_scratch trust_remote_code
+    torch_empty_cache_steps trackio_space_id train_from_scratch trust_remote_code
     use_adam_mini use_apollo use_asft_loss use_audio_in_video use_badam use_dft_loss use_dora use_eaft_loss
     use_galore use_hyper_parallel use_kt use_kv_cache use_liger_kernel use_llama_pro use_mca use_muon
     use_reentrant_gc use_rslora use_swanlab use_unsloth_gc use_v1_kernels video_fps video_max_pixels

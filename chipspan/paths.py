@@ -65,15 +65,16 @@ def run_inputs(run: RunArguments) -> dict[str, Path | None]:
 
 
 def dataset_inputs(data: DataArguments) -> dict[str, Path]:
-    """The files and folders ``data``'s datasets are read from (Hub datasets have none), and the
-    ``dataset_info.json`` that names them."""
-    if not data.dataset:
+    """The files and folders ``data``'s datasets (--dataset and --eval_dataset) are read from (Hub datasets
+    have none), and the ``dataset_info.json`` that names them."""
+    names = ",".join(filter(None, (data.dataset, data.eval_dataset)))
+    if not names:
         return {}
     from chipspan.data import registry
 
     folder = Path(data.dataset_dir)
     try:
-        entries = registry.lookup(data.dataset, folder)
+        entries = registry.lookup(names, folder)
     except ChipspanError:  # a dataset that cannot be found is not read: loading it says so, after the plan
         entries = []
     inputs = {

@@ -224,3 +224,33 @@ def test_ddp_timeout_bounds_how_long_a_rank_waits_for_the_others(monkeypatch):
     mesh.start(mesh.plan_layout(2, 0, 1, 1), torch.device("cpu"), run.training.ddp_timeout)
     assert joined["timeout"] == datetime.timedelta(seconds=180000000)
     assert parse_run_arguments([], {}).training.ddp_timeout == 1800  # the Hugging Face Trainer's default
+
+
+def test_tokenized_path_keeps_the_examples_and_later_runs_read_them(tmp_path, tiny_workspace):
+    """As in LLaMA-Factory 0.9: the first run encodes and saves; a run that finds them reads them whatever
+    its data settings say (here a dataset name that does not exist), and says so."""
+    model, data = _workspace(tmp_path, tiny_workspace)
+    saved = tmp_path / "tokenized"
+    first = tmp_path / "first"
+    _run("lora_sft.yaml", model, data, first, "max_steps=2", f"tokenized_path={saved}")
+    assert (saved / "chipspan_examples.npz").is_file()
+    again = tmp_path / "again"
+    said = _run("lora_sft.yaml", model, data, again, "max_steps=2", f"tokenized_path={saved}", "dataset=no_such_one")
+    assert any(line.startswith("note: examples read from --tokenized_path") for line in "\n".join(said).splitlines())
+    assert [x["loss"] for x in log_lines(again)] == [x["loss"] for x in log_lines(first)]
+
+
+@pytest.mark.parametrize(
+    "setup, message", [("foreign", "holds something chipspan did not write"), ("stream", "turn --streaming off")]
+)
+def test_tokenized_path_never_writes_over_a_folder_it_did_not_make(tmp_path, tiny_workspace, setup, message):
+    model, data = _workspace(tmp_path, tiny_workspace)
+    saved = tmp_path / "tokenized"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text("{}")  # what LLaMA-Factory's save_to_disk leaves
+    extra = ["streaming=true", "max_steps=2"] if setup == "stream" else ["max_steps=2"]
+    if setup == "stream":
+        (saved / "dataset_dict.json").unlink()
+    with pytest.raises(ChipspanError, match=message):
+        _run("lora_sft.yaml", model, data, tmp_path / "out", f"tokenized_path={saved}", *extra)
+    assert [p.name for p in saved.iterdir()] == ([] if setup == "stream" else ["dataset_dict.json"])

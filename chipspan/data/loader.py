@@ -56,17 +56,21 @@ Row = tuple[str, Conversation]  # (where it came from, the conversation)
 @dataclass
 class DataSplit:
     """Encoded ``train`` and ``eval`` examples (``eval`` is empty without ``val_size``) and the load's ``stats``;
-    ``template_note`` names which LLaMA-Factory's template encoded them when the two revisions differ."""
+    ``note`` says how they were made when a user may not expect it (which LLaMA-Factory's template, when
+    the two revisions differ; read from ``tokenized_path``)."""
 
     train: EncodedExamples
     eval: EncodedExamples
     stats: DataStats
-    template_note: str | None = None
+    note: str | None = None
 
     def summary(self) -> str:
-        """What a run prints about its data: the template note, then the counts."""
-        note = f"note: {self.template_note}\n" if self.template_note else ""
-        return note + self.stats.summary()
+        """What a run prints about its data: the note, then the counts."""
+        return (f"note: {self.note}\n" if self.note else "") + self.stats.summary()
+
+
+# The examples file chipspan keeps in a --tokenized_path folder (LLaMA-Factory keeps a datasets folder).
+TOKENIZED_FILE = "chipspan_examples.npz"
 
 
 def load_dataset_split(
@@ -79,9 +83,43 @@ def load_dataset_split(
     template, as LLaMA-Factory 0.5 did (see ``fix_tokenizer``). With ``use_cache`` the examples are read from
     (or written to) the data cache unless ``data.overwrite_cache``; Hub datasets are not cached.
     """
+    if data.tokenized_path is None:
+        return _load_split(data, tokenizer, stage, seed, use_cache)
+    saved = Path(data.tokenized_path) / TOKENIZED_FILE
+    if saved.is_file():  # as LLaMA-Factory does: the saved examples, whatever the data settings say
+        found = cache.load(saved, tokenizer.vocab_size)
+        if found is None:
+            raise ChipspanError(
+                f"--tokenized_path {data.tokenized_path}: {TOKENIZED_FILE} is unreadable or holds ids this "
+                "tokenizer lacks: name a new folder to encode the data again"
+            )
+        (splits, stats), note = (
+            found,
+            f"examples read from --tokenized_path {data.tokenized_path}; the data settings are not",
+        )
+        return DataSplit(splits["train"], splits["eval"], stats, note)
+    _check_tokenized_path(Path(data.tokenized_path), data.streaming)
+    split = _load_split(data, tokenizer, stage, seed, use_cache)
+    cache.save(saved, {"train": split.train, "eval": split.eval}, split.stats)
+    return split
+
+
+def _check_tokenized_path(folder: Path, streaming: bool) -> None:
+    """A --tokenized_path chipspan may write its examples into: new or empty, and not a stream."""
+    if streaming:
+        raise ChipspanError("--tokenized_path saves every example: turn --streaming off, or drop --tokenized_path")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ChipspanError(
+            f"--tokenized_path {folder} holds something chipspan did not write (LLaMA-Factory saves a datasets "
+            "folder there, which chipspan does not read): name a new folder"
+        )
+
+
+def _load_split(data: DataArguments, tokenizer: Tokenizer, stage: str, seed: int, use_cache: bool) -> DataSplit:
+    """``data.dataset`` split by ``data.val_size``, or ``data.eval_dataset`` evaluated beside it."""
     note = revision_notice(data.template, data.template_revision)
     if data.eval_dataset is None:
-        return dataclasses.replace(_load(data, tokenizer, stage, seed, use_cache), template_note=note)
+        return dataclasses.replace(_load(data, tokenizer, stage, seed, use_cache), note=note)
     if data.val_size:
         raise ChipspanError("--val_size and --eval_dataset both choose the eval rows: keep one of them")
     evaluated = dataclasses.replace(data, dataset=data.eval_dataset)

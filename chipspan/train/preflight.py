@@ -50,8 +50,9 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     config = ModelConfig.from_folder(run.model.model_name_or_path)
     inputs = run_inputs(run)
     check_output(train_args.output_dir, "--output_dir", inputs)
-    if train_args.logging_dir:
-        check_output(train_args.logging_dir, "--logging_dir", inputs)
+    for flag, folder in (("logging_dir", train_args.logging_dir), ("tokenized_path", run.data.tokenized_path)):
+        if folder:
+            check_output(folder, f"--{flag}", inputs)
     check_finetuning_arguments(ft, config, run.model.adapter_name_or_path)
     return config
 
