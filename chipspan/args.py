@@ -373,9 +373,35 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     not among the choices) is reported at once, in one ChipspanError; what was accepted without effect,
     and 0.9's defaults for a run written for LLaMA-Factory 0.9, become ``notices``."""
     flags = known_flags()
-    problems: list[str] = []
-    idle: dict[str, list[str]] = {}  # reason -> keys
+    settings, problems, idle = _sort_keys(values, flags)
+    lf09_keys = sorted(set(values) & lf_keys.LF09_ONLY)
+    lf09_defaults = {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k not in settings} if lf09_keys else {}
+    grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
+    for name, raw in {**settings, **lf09_defaults}.items():
+        group, spec, kind = flags[name]
+        try:
+            value = _convert(name, raw, kind)
+        except ChipspanError as exc:
+            problems.append(str(exc))
+            continue
+        choices = spec.metadata.get("choices")
+        grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
+    run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
+    problems += _value_problems(run)
+    if problems:
+        raise ChipspanError(_all_of(problems))
+    notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
+    if idle:
+        notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
+    return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
+
+
+def _sort_keys(values: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[dict, list[str], dict[str, list[str]]]:
+    """(chipspan flag -> raw value, problems, reason -> keys without effect) for the keys of ``values``,
+    read as lf_keys says: renamed and converted keys become flags, off values of refused keys pass."""
     settings: dict[str, Any] = {}
+    problems: list[str] = []
+    idle: dict[str, list[str]] = {}
     for key, raw in values.items():
         name = ALIASES.get(key, key)
         converted = lf_keys.CONVERTED.get(key, {}).get(lf_keys.spelled(raw))
@@ -390,26 +416,7 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
             idle.setdefault(lf_keys.IDLE[key], []).append(key)
         elif key not in lf_keys.REFUSED:
             problems.append(_unknown_flag_message(key, flags))
-    lf09_keys = sorted(set(values) & lf_keys.LF09_ONLY)
-    lf09_defaults = {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k not in settings} if lf09_keys else {}
-    grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
-    for name, raw in {**settings, **lf09_defaults}.items():
-        group, spec, kind = flags[name]
-        try:
-            value = _convert(name, raw, kind)
-        except ChipspanError as exc:
-            problems.append(str(exc))
-            continue
-        choices = spec.metadata.get("choices")
-        grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
-    run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
-    problems += value_problems(run)
-    if problems:
-        raise ChipspanError(_all_of(problems))
-    notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
-    if idle:
-        notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
-    return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
+    return settings, problems, idle
 
 
 def _all_of(problems: list[str]) -> str:
@@ -434,7 +441,7 @@ def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments
     )
 
 
-def value_problems(run: RunArguments) -> list[str]:
+def _value_problems(run: RunArguments) -> list[str]:
     """One line for each setting outside its field's range (NaN and infinity never are) or choices,
     or a --chip_memory that is not a positive size."""
     problems = []
