@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,10 +286,18 @@ def test_a_finished_run_is_kept_and_continues_only_with_more_steps(tiny_workspac
             patched.setattr(span, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded before the error"))
             code, err = run_cli(again[1:], {}, patched, capsys)
         assert code == 1 and len(err) == 1, err
-        assert "checkpoint-3 is at step 3" in err[0] and "raise --max_steps (or --num_train_epochs) above 3" in err[0]
+        assert "raise --max_steps (or --num_train_epochs) above 3 to train further" in err[0]
+        assert "--overwrite_output_dir to start again" in err[0]
         refusals.append(err[0])
-    assert f"the run in {out} is finished" in refusals[0] and "past this run's end" in refusals[1]
+    assert f"the run in {out} is finished: checkpoint-3 is its last step (3)" in refusals[0]
+    assert "checkpoint-3 is at step 3, past this run's 2 steps" in refusals[1]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    (out / "trainer_state.json").unlink()  # as a kill after checkpoint-3, before the outputs, leaves it
+    (out / "adapter_model.safetensors").unlink()
+    run(finished)  # writes the outputs of its end
+    assert (out / "adapter_model.safetensors").read_bytes() == before[Path("adapter_model.safetensors")]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3 and saved_steps(out) == [2, 3]
 
     messages = []
     run([*finished, "--max_steps", "5"], report=messages.append)

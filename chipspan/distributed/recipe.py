@@ -71,7 +71,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     if choice.notice():
         say(choice.notice())
     steps = total_steps(len(examples), train_args, layout.data)
-    checkpoints.check_steps_left(resume, steps)
+    checkpoints.check_steps_left(resume, steps, output_dir)
     preflight.check_disk(run, config, choice, tokenizer, steps, say)
 
     preflight.seed_everything(train_args.seed)

@@ -370,20 +370,31 @@ def check_resumable(folder: Path) -> None:
         )
 
 
-def check_steps_left(folder: Path | None, steps: int) -> None:
+def check_steps_left(folder: Path | None, steps: int, output_dir: Path) -> None:
     """Refuse to resume from ``folder`` (None: not resuming) when it is at or past this run's last
-    step ``steps``: a finished run stays as it is unless the user asks for more steps or a new run."""
+    step ``steps``: a finished run stays as it is unless the user asks for more steps or a new run.
+    A run stopped after its last checkpoint, before its outputs in ``output_dir`` were written, is
+    resumed (at its end) to write them."""
     if folder is None:
         return
     done = TrainerState.load(folder).global_step
-    if done < steps:
+    if done < steps or (done == steps and finished_step(output_dir) != done):
         return
-    where = f"the run in {folder.parent} is finished" if done == steps else f"{folder.name} is past this run's end"
+    if done == steps:
+        where = f"the run in {output_dir} is finished: {folder.name} is its last step ({done})"
+    else:
+        where = f"{folder.name} is at step {done}, past this run's {steps} steps"
     raise ChipspanError(
-        f"{where}: {folder.name} is at step {done} and this run has {steps} steps; raise --max_steps "
-        f"(or --num_train_epochs) above {done} to train further from it, pass --overwrite_output_dir to "
-        "start again (it removes this run's outputs and checkpoints), or choose another output_dir"
+        f"{where}; raise --max_steps (or --num_train_epochs) above {done} to train further from it, pass "
+        "--overwrite_output_dir to start again (it removes this run's outputs and checkpoints), or choose "
+        "another output_dir"
     )
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step the run in ``output_dir`` wrote its final outputs at (its ``trainer_state.json``), None
+    when it has not written them."""
+    return TrainerState.load(output_dir).global_step if (output_dir / STATE_FILE).is_file() else None
 
 
 def run_settings(run: RunArguments, config: ModelConfig) -> dict:

@@ -59,7 +59,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
         report(choice.notice())
     steps = total_steps(len(examples), train_args) if train_args.do_train else 0
     if train_args.do_train:
-        checkpoints.check_steps_left(resume, steps)
+        checkpoints.check_steps_left(resume, steps, output_dir)
         preflight.check_disk(run, config, choice, tokenizer, steps, report)
 
     preflight.seed_everything(train_args.seed)
