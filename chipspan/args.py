@@ -250,6 +250,9 @@ class TrainingArguments:
     save_total_limit: int | None = field(
         default=None, metadata={"help": "keep the newest N checkpoints", "range": Range(1, example="3")}
     )
+    save_only_model: bool = field(
+        default=False, metadata={"help": "checkpoints hold the weights only, no optimizer state (not resumable)"}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder to continue from, or true for the last one in output_dir"}
     )

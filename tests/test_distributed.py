@@ -279,13 +279,16 @@ def test_checkpoints_move_between_two_stages_and_one_process(tiny_workspace, tmp
     hf = AutoModelForCausalLM.from_pretrained(staged / "checkpoint-2", torch_dtype=torch.float32).state_dict()
     assert_same_weights({k: hf[k] for k in expected}, expected)  # transformers reads the stages' shards
 
-    one_process(train_flags(tiny_workspace, staged))  # no --overwrite_output_dir: resumes from checkpoint-2
+    assert_same_weights(weights(staged / "checkpoint-4"), weights(single / "checkpoint-4"))  # the last step's
+    one_process(train_flags(tiny_workspace, staged, "--resume_from_checkpoint", staged / "checkpoint-2"))
     assert losses(staged) == straight
 
     shutil.copytree(single / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    torchrun(
-        "-m", "chipspan", "train", *train_flags(tiny_workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe")
-    )
+    resumed = train_flags(tiny_workspace, tmp_path / "resumed", "--pipeline_schedule", "gpipe", "--save_only_model")
+    torchrun("-m", "chipspan", "train", *resumed)
+    saved = {p.name for p in (tmp_path / "resumed" / "checkpoint-4").iterdir()}
+    assert set(shares[:3]) <= saved and not saved & {"optimizer-stage0-of-2.pt", "scheduler.pt", "rng_state.pth"}
+    assert_same_weights(weights(tmp_path / "resumed" / "checkpoint-4"), weights(single / "checkpoint-4"))
     assert [
         line["current_steps"]
         for line in map(json.loads, (tmp_path / "resumed" / "trainer_log.jsonl").read_text().splitlines())

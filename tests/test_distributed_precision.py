@@ -143,7 +143,8 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
 
     # resuming from checkpoint-2 restores the halved scale and the count on both ranks
     (tmp_path / "resumed").mkdir()
-    torchrun(script, tmp_path / "resumed", 0, "scaler", "train", *train_flags(tiny_workspace, staged))
+    resume = train_flags(tiny_workspace, staged, "--resume_from_checkpoint", staged / "checkpoint-2")
+    torchrun(script, tmp_path / "resumed", 0, "scaler", "train", *resume)
     assert scales(tmp_path / "resumed", 0) == scales(tmp_path / "resumed", 1) == expected[2:]
     assert [line["loss"] for line in log_lines(staged)] == [line["loss"] for line in theirs]
     assert [line["skipped_steps"] for line in log_lines(staged)] == [0, 1, 1, 1]  # steps 1-2 kept from before

@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_DATA, LF05_LORA, LLAMA2_TOKENIZER, lf05_command, make_reference
+from helpers import DEMO_DATA, LF05_LORA, LLAMA2_TOKENIZER, command, lf05_command, losses, make_reference, run
 from safetensors.torch import load_file
 
-from chipspan import emu
+from chipspan import emu, manifest
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.args import parse_run_arguments
 from chipspan.chips import span
@@ -47,8 +48,8 @@ def test_lf05_command_lines_run_and_write_its_outputs(lf05_workspace, tmp_path, 
     assert json.loads((out / "train_results.json").read_text())["epoch"] > 0
     assert (out / "all_results.json").is_file() and (out / "training_loss.png").stat().st_size > 1000
     assert (out / "tokenizer.json").is_file()
-    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1"]  # step 2 is the end
-    checkpoint = out / "checkpoint-1"
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]  # 2: the end
+    checkpoint = out / "checkpoint-2"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "tokenizer.json"):
         assert (checkpoint / name).is_file(), name
     if "lora" in command:
@@ -232,6 +233,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(lf05_workspace, tmp_path
         "1e-3",
     )
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "2"}), report=lambda _: None)
+    manifest.remove_sealed(out / "checkpoint-6", checkpoints.CHECKPOINT)  # as if stopped before the end
     argv.remove("--overwrite_output_dir")  # LLaMA-Factory 0.5's way: the same command again resumes
     messages = []
     run_train(parse_run_arguments(argv, {"SOPHGO_SPLIT": "3"}), report=messages.append)
@@ -239,6 +241,70 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(lf05_workspace, tmp_path
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [line["current_steps"] for line in log] == [1, 2, 3, 4, 5, 6]
     assert [line["loss"] for line in log] == straight  # steps 5-6 again, on 3 chips instead of 2
+
+
+# --- the last step is a checkpoint, as the HF Trainer saves one -----------------------------------
+
+
+def saved_steps(out):
+    return sorted(checkpoints.checkpoint_step(p) for p in checkpoints.checkpoint_folders(out))
+
+
+@pytest.mark.parametrize(
+    "flags,saved",
+    [
+        (["--max_steps", "2", "--save_steps", "1"], [1, 2]),
+        (["--max_steps", "3", "--save_steps", "5"], [3]),
+        (["--max_steps", "3", "--save_steps", "2"], [2, 3]),
+        (["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "2"], [2, 3]),  # the last one rotates too
+        (["--max_steps", "2", "--save_steps", "0"], []),
+    ],
+)
+def test_the_last_step_is_saved_as_a_checkpoint(tiny_workspace, tmp_path, flags, saved):
+    out = tmp_path / "out"
+    run(command(tiny_workspace, out, "lora") + flags)
+    assert saved_steps(out) == saved
+    if saved:
+        last = out / f"checkpoint-{saved[-1]}"
+        assert checkpoints.damage(last) is None
+        assert (last / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+
+
+CONSTANT = ["--lr_scheduler_type", "constant", "--save_steps", "2"]  # the schedule does not depend on max_steps
+
+
+def test_a_finished_run_is_kept_and_continues_only_with_more_steps(tiny_workspace, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    run(command(tiny_workspace, straight, "lora") + [*CONSTANT, "--max_steps", "5"])
+    out = tmp_path / "out"
+    finished = command(tiny_workspace, out, "lora") + [*CONSTANT, "--max_steps", "3"]
+    run(finished)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refusals = []
+    for again in (finished, [*finished, "--max_steps", "2"]):  # the same command; fewer steps
+        with monkeypatch.context() as patched:
+            patched.setattr(span, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded before the error"))
+            code, err = run_cli(again[1:], {}, patched, capsys)
+        assert code == 1 and len(err) == 1, err
+        assert "raise --max_steps (or --num_train_epochs) above 3 to train further" in err[0]
+        assert "--overwrite_output_dir to start again" in err[0]
+        refusals.append(err[0])
+    assert f"the run in {out} is finished: checkpoint-3 is its last step (3)" in refusals[0]
+    assert "checkpoint-3 is at step 3, past this run's 2 steps" in refusals[1]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    (out / "trainer_state.json").unlink()  # as a kill after checkpoint-3, before the outputs, leaves it
+    (out / "adapter_model.safetensors").unlink()
+    run(finished)  # writes the outputs of its end
+    assert (out / "adapter_model.safetensors").read_bytes() == before[Path("adapter_model.safetensors")]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3 and saved_steps(out) == [2, 3]
+
+    messages = []
+    run([*finished, "--max_steps", "5"], report=messages.append)
+    assert any(m.endswith("checkpoint-3 at step 3") for m in messages)
+    assert losses(out) == losses(straight) and saved_steps(out) == [2, 3, 4, 5]
+    trained, expected = (load_file(d / "adapter_model.safetensors") for d in (out, straight))
+    assert all(torch.equal(trained[name], expected[name]) for name in expected)
 
 
 # --- bad input: one line, before any weight is read ----------------------------------------------

@@ -18,13 +18,16 @@ from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.precision import choose_precision
 from chipspan.train import checkpoints, preflight
+from chipspan.train.finetune import count_trainable
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_workspace, tmp_path_factory):
-    """A finished 6-step LoRA run of tiny_workspace, with checkpoint-2 and checkpoint-4."""
+    """A 6-step LoRA run of tiny_workspace as a stop after step 5 leaves it: checkpoint-2 and
+    checkpoint-4 (its final checkpoint-6 removed), the outputs of its end."""
     out = tmp_path_factory.mktemp("trained") / "out"
     run(command(tiny_workspace, out, "lora"))
+    manifest.remove_sealed(out / f"checkpoint-{STEPS}", checkpoints.CHECKPOINT)
     return out
 
 
@@ -239,11 +242,11 @@ def test_overwrite_removes_the_earlier_run_and_keeps_the_users_files(tiny_worksp
     assert code == 0, err
     assert_users_things_kept(out)
     assert not (out / "generated_predictions.jsonl").exists()
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # no stale 4
-    assert logged_steps(out) == [1, 2, 3]
-    code, printed, err = train(argv, monkeypatch, capsys)  # the same run again resumes from its own checkpoint
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert logged_steps(out) == [1, 2, 3]  # no stale checkpoint-4 or steps 4-6
+    code, printed, err = train(argv + ["--max_steps", "4"], monkeypatch, capsys)  # continues from its own end
     assert code == 0, err
-    assert any(line.endswith("checkpoint-2 at step 2") for line in printed)
+    assert any(line.endswith("checkpoint-3 at step 3") for line in printed)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
 
@@ -257,7 +260,7 @@ def test_output_files_of_the_user_are_never_overwritten(tiny_workspace, tmp_path
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == '{"mine": true}'
 
 
-@pytest.mark.parametrize("limit,kept", [(1, ["checkpoint-4"]), (2, ["checkpoint-2", "checkpoint-4"])])
+@pytest.mark.parametrize("limit,kept", [(1, ["checkpoint-6"]), (2, ["checkpoint-4", "checkpoint-6"])])
 def test_rotation_deletes_only_chipspan_checkpoints_older_than_the_new_one(
     tiny_workspace, out, limit, kept, monkeypatch, capsys
 ):
@@ -272,7 +275,7 @@ def test_rotation_deletes_only_chipspan_checkpoints_older_than_the_new_one(
     code, _, err = train(argv, monkeypatch, capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", *kept]
-    assert checkpoints.damage(out / "checkpoint-4") is None
+    assert checkpoints.damage(out / "checkpoint-6") is None
     assert_users_things_kept(out)
 
 
@@ -310,6 +313,52 @@ def test_a_manifest_naming_files_outside_its_folder_is_not_chipspans(tmp_path):
     assert (tmp_path / "precious").read_text() == "keep"
 
 
+# --- save_only_model: checkpoints to evaluate, never to resume ----------------------------------------
+
+RESUME_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
+
+
+def test_save_only_model_checkpoints_hold_the_weights_and_are_never_resumed(
+    tiny_workspace, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    argv = command(tiny_workspace, out, "lora") + ["--max_steps", "3", "--save_only_model"]
+    code, _, err = train(argv, monkeypatch, capsys)
+    assert code == 0, err
+    for step in (2, 3):
+        names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "trainer_state.json"} <= names
+        assert not names & RESUME_STATE
+        assert checkpoints.damage(out / f"checkpoint-{step}") is None  # sealed like any other
+    final = (out / "adapter_model.safetensors").read_bytes()
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").read_bytes() == final
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(span, "load_pretrained", lambda *args, **kwargs: pytest.fail("weights loaded first"))
+    for named in (None, out / "checkpoint-2"):
+        again = argv + ["--max_steps", "6"] + (["--resume_from_checkpoint", named] if named else [])
+        code, _, err = train(again, monkeypatch, capsys)
+        assert code == 1 and len(err) == 1, err
+        refused = named or out / "checkpoint-3"
+        assert f"{refused} was saved with --save_only_model: it holds the weights but no optimizer state" in err[0]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_disk_check_counts_no_optimizer_state_under_save_only_model(tiny_workspace, monkeypatch):
+    asked = []
+    monkeypatch.setattr(checkpoints, "check_disk_space", lambda *args: asked.append(args[4]))
+    config = ModelConfig.from_folder(tiny_workspace / "model")
+    for extra in ([], ["--save_only_model"]):
+        arguments = parse_run_arguments([str(a) for a in command(tiny_workspace, "unused", "full")[1:] + extra], {})
+        precision = choose_precision(arguments, "cpu")
+        preflight.check_disk(
+            arguments, config, precision, Tokenizer.from_folder(tiny_workspace / "model"), STEPS, print
+        )
+    with_optimizer, weights_only = asked
+    trainable = count_trainable(config, arguments.finetuning)[0]
+    assert with_optimizer - weights_only == 2 * trainable * 4  # AdamW's two fp32 moments per trained element
+
+
 # --- the disk check counts everything a checkpoint holds --------------------------------------------
 
 
@@ -343,7 +392,7 @@ def test_the_disk_check_counts_everything_a_checkpoint_holds(tiny_workspace, tmp
 def test_per_stage_checkpoints_are_sealed_by_rank_zero_and_never_run_a_pickle(tiny_workspace, tmp_path):
     out = tmp_path / "staged"
     torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--micro_batches", "2"))
-    checkpoint = out / "checkpoint-2"
+    checkpoint = out / "checkpoint-4"  # the last step's, as every save_steps one
     listed = manifest.read(checkpoint, checkpoints.CHECKPOINT)["files"]
     assert {
         "optimizer-stage0-of-2.pt",

@@ -11,7 +11,8 @@ several machines), the first data-parallel replica of pipeline position k of n w
 Each stage hashes the files it wrote. Global rank 0 writes the rest once every stage is done:
 ``model.safetensors.index.json`` and ``config.json`` from the tensor names the stages report (names
 and hashes only travel), or the LoRA adapter (small: gathered to rank 0, PEFT wants one file), the
-tokenizer, ``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json``; then it flushes the
+tokenizer, ``scheduler.pt``, ``rng_state.pth`` and ``trainer_state.json`` (under ``--save_only_model``
+the weights, the tokenizer and the trainer state only, no optimizer file); then it flushes the
 folder, writes the manifest (every stage's files and hashes) last, and renames the folder
 (``chipspan.train.checkpoints.finish_checkpoint``). No rank ever holds more than its own stage's
 weights and optimizer state.
@@ -56,16 +57,12 @@ def save_checkpoint(
     first, output_dir = layout.rank == 0, files.output_dir
     tmp = checkpoints.start_checkpoint(output_dir, step) if first else checkpoints.temporary_folder(output_dir, step)
     hashed = write_weights(pieces, layout, tmp, files.base_model, files.is_lora)  # its barrier orders the cleanup first
-    mine = _write_optimizer_share(pieces, optimizer, scheduler, layout, tmp) if layout.replica == 0 else None
+    writes_share = layout.replica == 0 and not files.save_only_model
+    mine = _write_optimizer_share(pieces, optimizer, scheduler, layout, tmp) if writes_share else None
     shares = _on_rank_zero(mine)  # also: every stage's files are written
     if not first:
         return None
-    files.tokenizer.save(tmp)
-    torch.save(_scheduler_state(shares), tmp / checkpoints.SCHEDULER_FILE)
-    torch.save(checkpoints.rng_state(), tmp / checkpoints.RNG_FILE)
-    state.save(tmp)
-    if precision_state is not None:
-        torch.save(precision_state, tmp / checkpoints.SCALER_FILE)
+    checkpoints.save_run_state(files, tmp, _scheduler_state(shares), state, precision_state)
     known = {**hashed, **{name: entry for share in shares for name, entry in share["files"].items()}}
     return checkpoints.finish_checkpoint(tmp, output_dir, step, files.settings, known)
 

@@ -73,6 +73,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     if choice.notice():
         say(choice.notice())
     steps = total_steps(len(examples), train_args, layout.data)
+    checkpoints.check_steps_left(resume, steps, output_dir)
     preflight.check_disk(run, config, choice, tokenizer, steps, say)
 
     preflight.seed_everything(train_args.seed)
@@ -108,7 +109,9 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     def evaluate() -> float:
         return eval_loss(runner, eval_examples, tokenizer.pad_token_id, train_args.per_device_eval_batch_size)
 
-    files = checkpoints.RunFiles(output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+    files = checkpoints.RunFiles(
+        output_dir, tokenizer, model_args.model_name_or_path, lora, settings, train_args.save_only_model
+    )
     writer = RankWriter(pieces, layout, device, files)
     metrics = train_and_save(
         run, runner, writer, precision, examples, steps, resume, evaluate, say, replicas=layout.data

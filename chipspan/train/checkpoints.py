@@ -5,7 +5,9 @@ A checkpoint holds the adapter (PEFT format) or the model (HF safetensors), the 
 one process per stage writes ``optimizer-stage{k}-of-{n}.pt`` instead, one per pipeline position),
 ``scheduler.pt``, ``rng_state.pth``, ``scaler.pt`` (the fp16 loss scale), ``trainer_state.json``
 and, written last, ``chipspan_manifest.json`` (``chipspan.manifest``: every file's size and sha256,
-and the settings the run was trained with).
+and the settings the run was trained with). Checkpoints come every ``save_steps`` and at the last
+step, as the HF Trainer saves them. Under ``--save_only_model`` a checkpoint holds the weights, the
+tokenizer and ``trainer_state.json`` only: it is evaluated or exported, never resumed from.
 
 Durability: a checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, every file and the
 folder are fsynced, then the manifest is written and fsynced, and only then is the folder renamed to
@@ -28,6 +30,7 @@ removes those and chipspan's checkpoints, and nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -50,6 +53,7 @@ from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, save_weights
 from chipspan.precision import Precision
+from chipspan.train.loop import save_due
 from chipspan.train.optim import KINDS, group_kind, parameter_names
 from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState
 
@@ -126,6 +130,7 @@ class RunFiles:
     base_model: str  # the model folder the run started from (its config; LoRA's base)
     is_lora: bool  # the trained weights are an adapter
     settings: dict  # run_settings: what a resume must match
+    save_only_model: bool = False  # checkpoints without optimizer, scheduler, RNG and loss-scale state
 
 
 def save_checkpoint(
@@ -141,14 +146,25 @@ def save_checkpoint(
     fp16 loss scaler's (``scaler.pt``)."""
     tmp = start_checkpoint(files.output_dir, step)
     save_trained_weights(stages, tmp, files.base_model, files.is_lora)
+    if not files.save_only_model:
+        torch.save(optimizer_state_by_name(stages, optimizer), tmp / OPTIMIZER_FILE)
+    save_run_state(files, tmp, scheduler.state_dict(), state, precision_state)
+    return finish_checkpoint(tmp, files.output_dir, step, files.settings)
+
+
+def save_run_state(
+    files: RunFiles, tmp: Path, schedule: dict | None, state: TrainerState, precision_state: dict | None
+) -> None:
+    """What a checkpoint holds besides the weights and the optimizer: the tokenizer and the trainer
+    state, then (unless ``files.save_only_model``) ``schedule``, the random generators and the loss scale."""
     files.tokenizer.save(tmp)
-    torch.save(optimizer_state_by_name(stages, optimizer), tmp / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    state.save(tmp)
+    if files.save_only_model:
+        return
+    torch.save(schedule, tmp / SCHEDULER_FILE)
     torch.save(rng_state(), tmp / RNG_FILE)
     if precision_state is not None:
         torch.save(precision_state, tmp / SCALER_FILE)
-    state.save(tmp)
-    return finish_checkpoint(tmp, files.output_dir, step, files.settings)
 
 
 def start_checkpoint(output_dir: Path, step: int) -> Path:
@@ -224,7 +240,7 @@ def check_disk_space(
     ``checkpoint_bytes``: one checkpoint (:func:`checkpoint_size`); ``final_bytes``: the final outputs.
     With ``save_total_limit`` N, N + 1 checkpoints exist for a moment (the new one before the oldest goes).
     """
-    saves = (steps - 1) // save_steps if save_steps > 0 else 0
+    saves = math.ceil(steps / save_steps) if save_steps > 0 else 0  # the last step's included
     kept = min(saves, save_total_limit + 1) if save_total_limit else saves
     needed = kept * checkpoint_bytes + final_bytes
     existing = next(p for p in (output_dir, *output_dir.resolve().parents) if p.exists())
@@ -306,7 +322,7 @@ def check_checkpoint_names(output_dir: Path, steps: int, save_steps: int) -> Non
         return
     for folder in checkpoint_folders(output_dir):
         step = checkpoint_step(folder)
-        if step < steps and step % save_steps == 0 and manifest.read(folder, CHECKPOINT) is None:
+        if step <= steps and save_due(step, steps, save_steps) and manifest.read(folder, CHECKPOINT) is None:
             raise ChipspanError(
                 f"output_dir {output_dir} holds {folder.name}, which chipspan did not write, and this "
                 f"run would save its step {step} there: move that folder, or choose another output_dir"
@@ -340,6 +356,45 @@ def last_valid(folders: list[Path], report: Callable[[str], None]) -> Path:
         f"no checkpoint in {folders[0].parent} can be resumed from: {'; '.join(skipped[:3])}{more}; "
         "pass --overwrite_output_dir to start afresh, or choose another output_dir"
     )
+
+
+def check_resumable(folder: Path) -> None:
+    """Refuse to continue from ``folder`` when it holds the weights only (saved with --save_only_model:
+    its manifest lists no scheduler state)."""
+    if SCHEDULER_FILE not in manifest.read(folder, CHECKPOINT)["files"]:
+        raise ChipspanError(
+            f"{folder} was saved with --save_only_model: it holds the weights but no optimizer state, so "
+            "no run can continue from it (evaluate or export it); to train on, resume from a checkpoint "
+            "saved without --save_only_model, or start afresh in another output_dir (or with "
+            "--overwrite_output_dir, which removes these checkpoints)"
+        )
+
+
+def check_steps_left(folder: Path | None, steps: int, output_dir: Path) -> None:
+    """Refuse to resume from ``folder`` (None: not resuming) when it is at or past this run's last
+    step ``steps``: a finished run stays as it is unless the user asks for more steps or a new run.
+    A run stopped after its last checkpoint, before its outputs in ``output_dir`` were written, is
+    resumed (at its end) to write them."""
+    if folder is None:
+        return
+    done = TrainerState.load(folder).global_step
+    if done < steps or (done == steps and finished_step(output_dir) != done):
+        return
+    if done == steps:
+        where = f"the run in {output_dir} is finished: {folder.name} is its last step ({done})"
+    else:
+        where = f"{folder.name} is at step {done}, past this run's {steps} steps"
+    raise ChipspanError(
+        f"{where}; raise --max_steps (or --num_train_epochs) above {done} to train further from it, pass "
+        "--overwrite_output_dir to start again (it removes this run's outputs and checkpoints), or choose "
+        "another output_dir"
+    )
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step the run in ``output_dir`` wrote its final outputs at (its ``trainer_state.json``), None
+    when it has not written them."""
+    return TrainerState.load(output_dir).global_step if (output_dir / STATE_FILE).is_file() else None
 
 
 def run_settings(run: RunArguments, config: ModelConfig) -> dict:

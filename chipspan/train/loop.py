@@ -119,7 +119,7 @@ def train(
             loss = evaluate()
             if log is not None:
                 record_evaluation(state, log, loss, report)
-        if args.save_steps > 0 and state.global_step % args.save_steps == 0 and state.global_step < state.max_steps:
+        if save_due(state.global_step, state.max_steps, args.save_steps):
             save(state.global_step)
     if progress is not None:
         progress.close()
@@ -131,6 +131,12 @@ def train(
         accumulation * batch_size,
         tokens,
     )
+
+
+def save_due(step: int, max_steps: int, save_steps: int) -> bool:
+    """Whether to save checkpoint-``step``: every ``save_steps`` and, as the HF Trainer does, at the
+    last step (never with ``save_steps`` 0)."""
+    return save_steps > 0 and (step % save_steps == 0 or step == max_steps)
 
 
 def evaluation_due(step: int, per_epoch: int, args: TrainingArguments) -> bool:

@@ -101,7 +101,8 @@ def check_disk(
         weights = trainable * trained_bytes + (total - trainable) * precision.base_dtype.itemsize
     tokenizer_bytes = checkpoints.tokenizer_size(tokenizer)
     logs = steps // max(train_args.logging_steps, 1) + 1 + (steps if train_args.eval_strategy != "no" else 0)
-    one = checkpoints.checkpoint_size(weights, 2 * trainable * trained_bytes, trained_tensors, tokenizer_bytes, logs)
+    moments = 0 if train_args.save_only_model else 2 * trainable * trained_bytes
+    one = checkpoints.checkpoint_size(weights, moments, trained_tensors, tokenizer_bytes, logs)
     final = checkpoints.checkpoint_size(weights, 0, trained_tensors, tokenizer_bytes, logs)
     checkpoints.check_disk_space(
         output_dir, steps, train_args.save_steps, train_args.save_total_limit, one, final, report
@@ -139,6 +140,7 @@ def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None
             f"output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
             "pass --overwrite_output_dir to write over it, or choose an empty folder"
         )
+    checkpoints.check_resumable(chosen)
     checkpoints.check_continues(chosen, settings, report)
     checkpoints.check_loadable(chosen)
     return chosen

@@ -61,6 +61,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
         report(choice.notice())
     steps = total_steps(len(examples), train_args) if train_args.do_train else 0
     if train_args.do_train:
+        checkpoints.check_steps_left(resume, steps, output_dir)
         preflight.check_disk(run, config, choice, tokenizer, steps, report)
 
     preflight.seed_everything(train_args.seed)
@@ -84,7 +85,9 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
 
     metrics: dict[str, float] = {}
     if train_args.do_train:
-        files = checkpoints.RunFiles(output_dir, tokenizer, model_args.model_name_or_path, lora, settings)
+        files = checkpoints.RunFiles(
+            output_dir, tokenizer, model_args.model_name_or_path, lora, settings, train_args.save_only_model
+        )
         writer = LocalWriter(list(model.stages), files)
         memory, peaks = (lambda: _chip_memory(placement)), (lambda: _peak_memory(placement, report))
         metrics = train_and_save(
