@@ -64,7 +64,7 @@ def encode_supervised(
         for messages in _tokenize(rendered, template, tokenizer):
             pairs = list(zip(messages[::2], messages[1::2]))
             if template.revision == "lf-0.5":
-                example = _join_seed(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt)
+                example = _join_lf05(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt)
             else:
                 example = _join_lf09(pairs, template.efficient_eos, eos, cutoff_len, train_on_prompt, mask_history)
             examples.append(example)
@@ -120,7 +120,7 @@ def _source_labels(source: list[int], turn: int, efficient_eos: bool, eos: int, 
     return [IGNORE_INDEX] * len(source)
 
 
-def _join_seed(pairs: list, efficient_eos: bool, eos: int, cutoff_len: int, train_on_prompt: bool) -> Example:
+def _join_lf05(pairs: list, efficient_eos: bool, eos: int, cutoff_len: int, train_on_prompt: bool) -> Example:
     """LLaMA-Factory 0.5's sequence: pairs in order, each cut by its rule, EOS appended with efficient_eos
     (after the cut, so such an example may be ``cutoff_len + 1`` long, as in LLaMA-Factory 0.5)."""
     input_ids, labels = [], []

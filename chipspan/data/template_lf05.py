@@ -7,7 +7,7 @@ slots a template leaves out.
 from chipspan.data.templates import BOS, EOS, Token, define
 
 
-def _seed(name: str, **fields):
+def _lf05(name: str, **fields):
     return define("lf-0.5", name, **fields)
 
 
@@ -33,7 +33,7 @@ XUANYUAN_SYSTEM = (
 CHATML_USER = ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
 
 LF05_TEMPLATES = [
-    _seed(
+    _lf05(
         "alpaca",
         user=("### Instruction:\n{{content}}\n\n### Response:\n",),
         separator=("\n\n",),
@@ -41,7 +41,7 @@ LF05_TEMPLATES = [
             "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         ),
     ),
-    _seed(
+    _lf05(
         "aquila",
         user=("Human: {{content}}###Assistant:",),
         separator=("###",),
@@ -52,17 +52,17 @@ LF05_TEMPLATES = [
         stop_words=("</s>",),
         efficient_eos=True,
     ),
-    _seed("baichuan", user=(Token("<reserved_102>"), "{{content}}", Token("<reserved_103>")), efficient_eos=True),
-    _seed("baichuan2", user=(Token("<reserved_106>"), "{{content}}", Token("<reserved_107>")), efficient_eos=True),
-    _seed(
+    _lf05("baichuan", user=(Token("<reserved_102>"), "{{content}}", Token("<reserved_103>")), efficient_eos=True),
+    _lf05("baichuan2", user=(Token("<reserved_106>"), "{{content}}", Token("<reserved_107>")), efficient_eos=True),
+    _lf05(
         "belle",
         user=("Human: {{content}}\n\nBelle: ",),
         system=(BOS, "{{content}}"),
         separator=("\n\n",),
         force_system=True,
     ),
-    _seed("bluelm", user=(Token("[|Human|]:"), "{{content}}", Token("[|AI|]:"))),
-    _seed(
+    _lf05("bluelm", user=(Token("[|Human|]:"), "{{content}}", Token("[|AI|]:"))),
+    _lf05(
         "chatglm2",
         user=("[Round {{idx}}]\n\n问：{{content}}\n\n答：",),
         system=(Token("[gMASK]"), Token("sop"), "{{content}}"),
@@ -70,7 +70,7 @@ LF05_TEMPLATES = [
         efficient_eos=True,
         force_system=True,
     ),
-    _seed(
+    _lf05(
         "chatglm3",
         user=(Token("<|user|>"), "\n", "{{content}}", Token("<|assistant|>")),
         assistant=("\n", "{{content}}"),
@@ -84,14 +84,14 @@ LF05_TEMPLATES = [
         stop_words=("<|user|>", "<|observation|>"),
         efficient_eos=True,
     ),
-    _seed("codegeex2", system=(Token("[gMASK]"), Token("sop"), "{{content}}"), force_system=True),
-    _seed(
+    _lf05("codegeex2", system=(Token("[gMASK]"), Token("sop"), "{{content}}"), force_system=True),
+    _lf05(
         "deepseek",
         user=("User: {{content}}\n\nAssistant:",),
         system=(BOS, "{{content}}"),
         force_system=True,
     ),
-    _seed(
+    _lf05(
         "deepseekcoder",
         user=("### Instruction:\n{{content}}\n### Response:\n",),
         separator=("\n", Token("<|EOT|>"), "\n"),
@@ -104,16 +104,16 @@ LF05_TEMPLATES = [
         stop_words=("<|EOT|>",),
         efficient_eos=True,
     ),
-    _seed("default", user=("Human: {{content}}\nAssistant: ",), separator=("\n",)),
-    _seed("falcon", user=("User: {{content}}\nFalcon:",), separator=("\n",), efficient_eos=True),
-    _seed(
+    _lf05("default", user=("Human: {{content}}\nAssistant: ",), separator=("\n",)),
+    _lf05("falcon", user=("User: {{content}}\nFalcon:",), separator=("\n",), efficient_eos=True),
+    _lf05(
         "intern",
         user=("<|User|>:{{content}}", Token("<eoh>"), "\n<|Bot|>:"),
         separator=(Token("<eoa>"), "\n"),
         stop_words=("<eoa>",),
         efficient_eos=True,
     ),
-    _seed(
+    _lf05(
         "intern2",
         user=CHATML_USER,
         system=(BOS, "<|im_start|>system\n{{content}}<|im_end|>\n"),
@@ -128,29 +128,29 @@ LF05_TEMPLATES = [
         stop_words=("<|im_end|>",),
         efficient_eos=True,
     ),
-    _seed(
+    _lf05(
         "llama2",
         user=(BOS, "[INST] {{content}} [/INST]"),
         system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
         default_system=LLAMA2_SYSTEM,
         system_in_user=True,
     ),
-    _seed(
+    _lf05(
         "llama2_zh",
         user=(BOS, "[INST] {{content}} [/INST]"),
         system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
         default_system="You are a helpful assistant. 你是一个乐于助人的助手。",
         system_in_user=True,
     ),
-    _seed("mistral", user=("[INST] {{content}} [/INST]",), system=(BOS, "{{content}}"), force_system=True),
-    _seed(
+    _lf05("mistral", user=("[INST] {{content}} [/INST]",), system=(BOS, "{{content}}"), force_system=True),
+    _lf05(
         "openchat",
         user=("GPT4 Correct User: {{content}}", EOS, "GPT4 Correct Assistant:"),
         assistant=("{{content}}",),
         system=(BOS, "{{content}}"),
         force_system=True,
     ),
-    _seed(
+    _lf05(
         "qwen",
         user=CHATML_USER,
         system=("<|im_start|>system\n{{content}}<|im_end|>\n",),
@@ -159,13 +159,13 @@ LF05_TEMPLATES = [
         stop_words=("<|im_end|>",),
         replace_eos=True,
     ),
-    _seed(
+    _lf05(
         "solar",
         user=("### User:\n{{content}}\n\n### Assistant:\n",),
         system=("### System:\n{{content}}\n\n",),
         efficient_eos=True,
     ),
-    _seed(
+    _lf05(
         "starchat",
         user=(Token("<|user|>"), "\n{{content}}", Token("<|end|>"), "\n", Token("<|assistant|>")),
         system=(Token("<|system|>"), "\n{{content}}", Token("<|end|>"), "\n"),
@@ -174,11 +174,11 @@ LF05_TEMPLATES = [
         replace_eos=True,
         force_system=True,
     ),
-    _seed("vanilla"),
-    _seed("vicuna", user=("USER: {{content}} ASSISTANT:",), default_system=VICUNA_SYSTEM),
-    _seed("xuanyuan", user=("Human: {{content}} Assistant:",), default_system=XUANYUAN_SYSTEM),
-    _seed("xverse", user=("Human: {{content}}\n\nAssistant: ",)),
-    _seed(
+    _lf05("vanilla"),
+    _lf05("vicuna", user=("USER: {{content}} ASSISTANT:",), default_system=VICUNA_SYSTEM),
+    _lf05("xuanyuan", user=("Human: {{content}} Assistant:",), default_system=XUANYUAN_SYSTEM),
+    _lf05("xverse", user=("Human: {{content}}\n\nAssistant: ",)),
+    _lf05(
         "yayi",
         user=(Token("<|Human|>"), ":\n{{content}}\n\n", Token("<|YaYi|>"), ":"),
         system=(Token("<|System|>"), ":\n{{content}}\n\n"),
@@ -196,13 +196,13 @@ LF05_TEMPLATES = [
         ),
         stop_words=("<|End|>",),
     ),
-    _seed("yi", user=CHATML_USER, separator=("\n",), stop_words=("<|im_end|>",), replace_eos=True),
-    _seed("yuan", user=("{{content}}", Token("<sep>")), separator=("\n",), stop_words=("<eod>",), replace_eos=True),
-    _seed(
+    _lf05("yi", user=CHATML_USER, separator=("\n",), stop_words=("<|im_end|>",), replace_eos=True),
+    _lf05("yuan", user=("{{content}}", Token("<sep>")), separator=("\n",), stop_words=("<eod>",), replace_eos=True),
+    _lf05(
         "zephyr",
         user=("<|user|>\n{{content}}", EOS, "<|assistant|>"),
         system=("<|system|>\n{{content}}", EOS),
         default_system="You are a friendly chatbot who always responds in the style of a pirate",
     ),
-    _seed("ziya", user=(Token("<human>"), ":{{content}}\n", Token("<bot>"), ":"), separator=("\n",)),
+    _lf05("ziya", user=(Token("<human>"), ":{{content}}\n", Token("<bot>"), ":"), separator=("\n",)),
 ]
