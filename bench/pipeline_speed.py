@@ -144,7 +144,7 @@ def pipelined(folder: Path, args) -> dict:
     )
     device = torch.device("cpu")
     layout = plan_layout(int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), 1, 1)
-    mesh = start(layout, device)
+    mesh = start(layout, device, run.training.ddp_timeout)
     config = ModelConfig.from_folder(folder)
     split = split_layers(config.num_hidden_layers, layout.num_stages)
     pieces = [load_stage(folder, config, split, s, torch.float32, device) for s in layout.stages]

@@ -120,7 +120,7 @@ def worker(out: Path) -> None:
             {},
         )
         layout = plan_layout(2, rank, 1, VIRTUAL_STAGES[schedule])
-        mesh = start(layout, device)
+        mesh = start(layout, device, run.training.ddp_timeout)
         split = split_layers(config.num_hidden_layers, layout.num_stages)
         tracker = Tracker()
         with tracker:
