@@ -104,7 +104,7 @@ FINETUNING_TYPES = Choices(("lora", "full", "freeze"))
 FREEZE_MODULES = Choices(("mlp", "self_attn"), comma_list=True)
 LR_SCHEDULER_TYPES = Choices(("linear", "cosine", "constant", "constant_with_warmup"))
 EVAL_STRATEGIES = Choices(("no", "steps", "epoch"))
-REPORT_TO = Choices(("none", "tensorboard", "all"))
+REPORT_TO = Choices(("none", "tensorboard", "wandb", "mlflow", "swanlab"), comma_list=True)
 # lf-0.5: LLaMA-Factory 0.5 (commit b988ce0, llmtuner 0.5.1), once called "seed".
 TEMPLATE_REVISIONS = Choices(("lf-0.5", "lf-0.9"), older=(("seed", "lf-0.5"),))
 TOOL_FORMATS = Choices(("default", "llama3", "qwen", "mistral", "glm4"))
@@ -262,7 +262,10 @@ class TrainingArguments:
         metadata={"help": "under torchrun: seconds a rank waits for the others at most", "range": AT_LEAST_1},
     )
     report_to: str = field(
-        default="none", metadata={"help": "where logs go (all: tensorboard if installed)", "choices": REPORT_TO}
+        default="none", metadata={"help": "where logs go (all: every one installed)", "choices": REPORT_TO}
+    )
+    run_name: str | None = field(
+        default=None, metadata={"help": "the run's name in wandb, mlflow and swanlab (default: output_dir)"}
     )
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/runs)"})
 
@@ -395,12 +398,14 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
     for name, raw in {**settings, **lf09_defaults}.items():
         group, spec, kind = flags[name]
+        choices = spec.metadata.get("choices")
+        if choices and choices.comma_list and isinstance(raw, list):  # a YAML list: report_to: [wandb, mlflow]
+            raw = ",".join(map(str, raw))
         try:
             value = _convert(name, raw, kind)
         except ChipspanError as exc:
             problems.append(str(exc))
             continue
-        choices = spec.metadata.get("choices")
         grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
     run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
     problems += value_problems(run)
