@@ -379,11 +379,14 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     problems: list[str] = []
     idle: dict[str, list[str]] = {}  # reason -> keys
     settings: dict[str, Any] = {}
+    added: dict[str, list[str]] = {}  # comma-list flag -> words keys add to it (use_swanlab: report_to swanlab)
     for key, raw in values.items():
         name = ALIASES.get(key, key)
         converted = lf_keys.CONVERTED.get(key, {}).get(lf_keys.spelled(raw))
         if name in flags:
             settings[name] = raw
+        elif converted and getattr(flags[converted[0]][1].metadata.get("choices"), "comma_list", False):
+            added.setdefault(converted[0], []).append(converted[1])
         elif converted:
             settings[converted[0]] = converted[1]
         elif key in lf_keys.REFUSED and not lf_keys.REFUSED[key].allows(raw):
@@ -393,6 +396,8 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
             idle.setdefault(lf_keys.IDLE[key], []).append(key)
         elif key not in lf_keys.REFUSED:
             problems.append(_unknown_flag_message(key, flags))
+    for name, words in added.items():
+        settings[name] = _with_words(settings.get(name), words)
     lf09_keys = sorted(set(values) & lf_keys.LF09_ONLY)
     lf09_defaults = {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k not in settings} if lf09_keys else {}
     grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
@@ -415,6 +420,14 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     if idle:
         notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
     return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
+
+
+def _with_words(raw: Any, words: list[str]) -> Any:
+    """A comma-list setting (text, a YAML list, or None: unset) with ``words`` added; ``none`` gives way
+    to them, ``all`` holds them already."""
+    named = raw if isinstance(raw, list) else [] if raw is None else str(raw).split(",")
+    named = [str(word).strip() for word in named if str(word).strip() not in ("", "none")]
+    return "all" if "all" in named else ",".join(dict.fromkeys(named + words))
 
 
 def _all_of(problems: list[str]) -> str:

@@ -127,7 +127,13 @@ def test_trackers_are_named_as_a_comma_list_a_yaml_list_or_use_swanlab(tmp_path)
     file = tmp_path / "run.yaml"
     file.write_text("report_to: [tensorboard, wandb]\nuse_swanlab: false\n")
     assert parse_run_arguments([str(file)], {}).training.report_to == "tensorboard,wandb"
+    file.write_text("report_to: [tensorboard, wandb]\nuse_swanlab: true\n")
+    assert parse_run_arguments([str(file)], {}).training.report_to == "tensorboard,wandb,swanlab"
     assert parse_run_arguments(["--report_to", "mlflow,wandb"], {}).training.report_to == "mlflow,wandb"
     assert parse_run_arguments(["--use_swanlab", "true"], {}).training.report_to == "swanlab"
+    for report_to, expected in (("none", "swanlab"), ("wandb", "wandb,swanlab"), ("all", "all")):
+        both = ["use_swanlab=true", f"report_to={report_to}"]
+        for argv in (both, both[::-1]):  # either order: use_swanlab adds swanlab, as in LLaMA-Factory
+            assert parse_run_arguments(argv, {}).training.report_to == expected
     with pytest.raises(ChipspanError, match="^--report_to none,wandb: none stands alone"):
         trackers_wanted("none,wandb")
