@@ -8,7 +8,7 @@ import struct
 import sys
 
 import pytest
-from helpers import command, log_lines, run
+from helpers import command, log_lines, run, torchrun, train_flags
 
 from chipspan.args import parse_run_arguments
 from chipspan.cli import main
@@ -99,6 +99,19 @@ def test_wandb_gets_eval_loss_at_its_step_and_names_the_run_after_output_dir(tin
     assert {step: row["eval/loss"] for step, row in history.items() if "eval/loss" in row} == evaluated
     (started,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
     assert started.display_name == str(out)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_under_torchrun_the_rank_that_writes_the_log_writes_the_one_wandb_run(tiny_workspace, tmp_path, wandb_offline):
+    out = tmp_path / "staged"
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, out, "--report_to", "wandb"))
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(wandb_records(run_file))
+    assert {step: row["train/loss"] for step, row in history.items()} == {
+        line["current_steps"]: line["loss"] for line in log_lines(out)
+    }
+    assert sorted(history) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow", "swanlab"])
