@@ -104,7 +104,7 @@ FINETUNING_TYPES = Choices(("lora", "full", "freeze"))
 FREEZE_MODULES = Choices(("mlp", "self_attn"), comma_list=True)
 LR_SCHEDULER_TYPES = Choices(("linear", "cosine", "constant", "constant_with_warmup"))
 EVAL_STRATEGIES = Choices(("no", "steps", "epoch"))
-REPORT_TO = Choices(("none", "tensorboard", "all"))
+REPORT_TO = Choices(("none", "tensorboard", "wandb", "mlflow", "swanlab"), comma_list=True)
 # lf-0.5: LLaMA-Factory 0.5 (commit b988ce0, llmtuner 0.5.1), once called "seed".
 TEMPLATE_REVISIONS = Choices(("lf-0.5", "lf-0.9"), older=(("seed", "lf-0.5"),))
 TOOL_FORMATS = Choices(("default", "llama3", "qwen", "mistral", "glm4"))
@@ -265,7 +265,10 @@ class TrainingArguments:
         metadata={"help": "under torchrun: seconds a rank waits for the others at most", "range": AT_LEAST_1},
     )
     report_to: str = field(
-        default="none", metadata={"help": "where logs go (all: tensorboard if installed)", "choices": REPORT_TO}
+        default="none", metadata={"help": "where logs go (all: every one installed)", "choices": REPORT_TO}
+    )
+    run_name: str | None = field(
+        default=None, metadata={"help": "the run's name in wandb, mlflow and swanlab (default: output_dir)"}
     )
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/runs)"})
 
@@ -382,12 +385,14 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
     grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
     for name, raw in {**settings, **lf09_defaults}.items():
         group, spec, kind = flags[name]
+        choices = spec.metadata.get("choices")
+        if choices and choices.comma_list and isinstance(raw, list):  # a YAML list: report_to: [wandb, mlflow]
+            raw = ",".join(map(str, raw))
         try:
             value = _convert(name, raw, kind)
         except ChipspanError as exc:
             problems.append(str(exc))
             continue
-        choices = spec.metadata.get("choices")
         grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
     run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
     problems += _value_problems(run)
@@ -405,11 +410,14 @@ def _sort_keys(values: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[dic
     settings: dict[str, Any] = {}
     problems: list[str] = []
     idle: dict[str, list[str]] = {}
+    added: dict[str, list[str]] = {}  # comma-list flag -> words keys add to it (use_swanlab: report_to swanlab)
     for key, raw in values.items():
         name = ALIASES.get(key, key)
         converted = lf_keys.CONVERTED.get(key, {}).get(lf_keys.spelled(raw))
         if name in flags:
             settings[name] = raw
+        elif converted and getattr(flags[converted[0]][1].metadata.get("choices"), "comma_list", False):
+            added.setdefault(converted[0], []).append(converted[1])
         elif converted:
             settings[converted[0]] = converted[1]
         elif key in lf_keys.REFUSED and not lf_keys.REFUSED[key].allows(raw):
@@ -419,7 +427,17 @@ def _sort_keys(values: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[dic
             idle.setdefault(lf_keys.IDLE[key], []).append(key)
         elif key not in lf_keys.REFUSED:
             problems.append(_unknown_flag_message(key, flags))
+    for name, words in added.items():
+        settings[name] = _with_words(settings.get(name), words)
     return settings, problems, idle
+
+
+def _with_words(raw: Any, words: list[str]) -> Any:
+    """A comma-list setting (text, a YAML list, or None: unset) with ``words`` added; ``none`` gives way
+    to them, ``all`` holds them already."""
+    named = raw if isinstance(raw, list) else [] if raw is None else str(raw).split(",")
+    named = [str(word).strip() for word in named if str(word).strip() not in ("", "none")]
+    return "all" if "all" in named else ",".join(dict.fromkeys(named + words))
 
 
 def _all_of(problems: list[str]) -> str:

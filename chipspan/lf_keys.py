@@ -107,7 +107,6 @@ IDLE: dict[str, str] = {
     ),
     **dict.fromkeys(
         [
-            "run_name",
             "log_level",
             "log_level_replica",
             "log_on_each_node",
@@ -423,7 +422,7 @@ REFUSED: dict[str, Refusal] = {
     "preprocessing_batch_size": Refusal(
         "chipspan encodes in runs of 1,000 rows, LLaMA-Factory's default", off=("1000",)
     ),
-    "use_swanlab": Refusal("report_to swanlab " + _NOT_YET + " yet; use report_to tensorboard"),
+    "use_swanlab": Refusal("takes true or false (true: --report_to swanlab)"),
     "enable_torch_profiler": Refusal(_method("the torch profiler")),
     "cache_path": Refusal(
         "chipspan caches encoded data itself (CHIPSPAN_CACHE; --overwrite_cache to re-encode): drop the key"
@@ -437,6 +436,7 @@ CONVERTED: dict[str, dict[str, tuple[str, Any]]] = {
     "save_strategy": {"false": ("save_steps", 0)},  # "no", which YAML also reads as false
     "use_cpu": {"true": ("device", "cpu")},
     "no_cuda": {"true": ("device", "cpu")},
+    "use_swanlab": {"true": ("report_to", "swanlab")},
 }
 
 # Words of chipspan's choice flags that LLaMA-Factory takes and chipspan does not run.
@@ -447,8 +447,8 @@ OTHER_CHOICES = {
     "finetuning_type": {"oft": "OFT " + _NOT_YET + " (lora, full, freeze)"},
     "report_to": {
         **dict.fromkeys(
-            ("wandb", "mlflow", "swanlab", "comet_ml", "neptune", "clearml", "dvclive", "trackio", "azure_ml"),
-            "chipspan writes trainer_log.jsonl and TensorBoard logs (report_to tensorboard)",
+            ("comet_ml", "neptune", "clearml", "dvclive", "trackio", "azure_ml", "codecarbon", "flyte", "dagshub"),
+            "a tracker chipspan does not log to (it logs to tensorboard, wandb, mlflow and swanlab)",
         )
     },
     "lr_scheduler_type": {

@@ -114,7 +114,7 @@ def test_tensorboard_gets_every_logged_number(tiny_workspace, tmp_path):
 
 
 def test_unknown_report_target_is_refused_before_loading(tiny_workspace, tmp_path):
-    with pytest.raises(ChipspanError, match="^--report_to wandb: chipspan writes trainer_log.jsonl and TensorBoard"):
-        run(command(tiny_workspace, tmp_path / "out", "lora") + ["--report_to", "wandb"])
-    with pytest.raises(ChipspanError, match="^--report_to wandbx is not one of none, tensorboard, all"):
+    with pytest.raises(ChipspanError, match="^--report_to neptune: a tracker chipspan does not log to"):
+        run(command(tiny_workspace, tmp_path / "out", "lora") + ["--report_to", "neptune"])
+    with pytest.raises(ChipspanError, match="^--report_to wandbx is not one of none, tensorboard, wandb, mlflow"):
         run(command(tiny_workspace, tmp_path / "out", "lora") + ["--report_to", "wandbx"])

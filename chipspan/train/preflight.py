@@ -21,7 +21,7 @@ from chipspan.paths import check_output, run_inputs
 from chipspan.precision import PrecisionChoice
 from chipspan.train import checkpoints
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable
-from chipspan.train.reporting import tensorboard_wanted
+from chipspan.train.reporting import trackers_wanted
 
 
 def check_arguments(run: RunArguments) -> ModelConfig:
@@ -29,7 +29,7 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     if not (train_args.do_train or train_args.do_eval or train_args.do_predict):
         raise ChipspanError("nothing to do: add --do_train, --do_eval or --do_predict")
     _check_evaluation(run)
-    tensorboard_wanted(train_args.report_to)
+    trackers_wanted(train_args.report_to)
     for flag, value in (
         ("model_name_or_path", run.model.model_name_or_path),
         ("dataset", run.data.dataset or (run.data.eval_dataset and not train_args.do_train)),

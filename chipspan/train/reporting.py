@@ -5,23 +5,32 @@
 - ``train_results.json`` / ``all_results.json``: the final metrics.
 - ``training_loss.png``: raw and EMA-smoothed loss, with ``--plot_loss``.
 - ``generated_predictions.jsonl``: the answers of ``--do_predict``.
-- TensorBoard event files under ``logging_dir`` (default ``output_dir/runs``), with
-  ``--report_to tensorboard``: every number of every log line, as ``train/<key>`` or ``eval/<key>``.
+- with ``--report_to``, every number of every log line, as ``train/<key>`` or ``eval/<key>`` by global step,
+  to each tracker it names: TensorBoard event files under ``logging_dir`` (default ``output_dir/runs``);
+  a wandb run under ``output_dir/wandb``, an MLflow run (``output_dir/mlruns`` unless
+  ``MLFLOW_TRACKING_URI`` names a server) and a SwanLab run under ``output_dir/swanlog``, each named
+  ``--run_name`` (default: ``output_dir``) with every flag as its config. Their own environment
+  variables (``WANDB_MODE``, ``WANDB_PROJECT``, ``SWANLAB_MODE``, ...) decide online or offline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chipspan.errors import ChipspanError
+
+if TYPE_CHECKING:
+    from chipspan.args import RunArguments
 
 LOG_FILE = "trainer_log.jsonl"
 STATE_FILE = "trainer_state.json"
@@ -78,35 +87,161 @@ class TrainerState:
         return cls(**known)
 
 
-def tensorboard_wanted(report_to: str) -> bool:
-    """Whether ``--report_to`` asks for TensorBoard; refuses it when tensorboard is not installed.
+# --report_to's trackers; each is also the name of the package it needs.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "swanlab")
 
-    ``all`` means TensorBoard when it is installed, as the Hugging Face Trainer reads it.
-    """
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if report_to == "tensorboard" and not installed:
+
+def trackers_wanted(report_to: str) -> list[str]:
+    """The trackers ``--report_to`` names (a comma list of them, ``none``, or ``all``: every one that is
+    installed, as the Hugging Face Trainer reads it); refuses those whose package is not installed."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names == ["all"]:
+        return [name for name in TRACKERS if _installed(name)]
+    if "none" in names:
+        if len(names) > 1:
+            raise ChipspanError(f"--report_to {report_to}: none stands alone (drop it, or pass --report_to none)")
+        return []
+    missing = [name for name in names if not _installed(name)]
+    if missing:
+        packages = " and ".join(missing)
+        extras = ",".join(missing)
         raise ChipspanError(
-            "--report_to tensorboard needs the tensorboard package: pip install tensorboard (or pass --report_to none)"
+            f"--report_to {report_to} needs the {packages} package{'s' * (len(missing) > 1)}: "
+            f"pip install {' '.join(missing)} (or pip install 'chipspan[{extras}]'; or pass --report_to none)"
         )
-    return report_to != "none" and installed
+    return list(dict.fromkeys(names))
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+class Tracker(Protocol):
+    """Where the numbers of the log lines go besides trainer_log.jsonl."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardTracker:
+    """Event files in ``folder``."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A wandb run whose files are under ``output_dir/wandb``; the project is ``WANDB_PROJECT`` (default
+    chipspan), online or offline as ``WANDB_MODE`` says."""
+
+    def __init__(self, output_dir: Path, name: str, config: dict[str, Any]):
+        import wandb
+
+        project = os.environ.get("WANDB_PROJECT", "chipspan")
+        self.run = wandb.init(dir=str(output_dir), project=project, name=name, config=config)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run in ``MLFLOW_TRACKING_URI``, else in the file store ``output_dir/mlruns``; the
+    experiment is ``MLFLOW_EXPERIMENT_NAME`` (MLflow's default when unset)."""
+
+    def __init__(self, output_dir: Path, name: str, config: dict[str, Any]):
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=name)
+        mlflow.log_params(config)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class SwanlabTracker:
+    """A SwanLab experiment logged under ``output_dir/swanlog``, online or not as ``SWANLAB_MODE`` says."""
+
+    def __init__(self, output_dir: Path, name: str, config: dict[str, Any]):
+        import swanlab
+
+        folder = output_dir / "swanlog"
+        folder.mkdir(exist_ok=True)
+        self.swanlab = swanlab
+        swanlab.init(experiment_name=name, config=config, logdir=str(folder))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.swanlab.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.swanlab.finish()
+
+
+def open_trackers(run: RunArguments) -> list[Tracker]:
+    """A started tracker for each one ``--report_to`` names; a ChipspanError naming the tracker when
+    one cannot start (a wandb run online with no login, say), with those started before closed."""
+    train_args = run.training
+    output_dir = Path(train_args.output_dir)
+    name, config = train_args.run_name or train_args.output_dir, run_config(run)
+    starts = {
+        "tensorboard": lambda: TensorBoardTracker(Path(train_args.logging_dir or output_dir / "runs")),
+        "wandb": lambda: WandbTracker(output_dir, name, config),
+        "mlflow": lambda: MlflowTracker(output_dir, name, config),
+        "swanlab": lambda: SwanlabTracker(output_dir, name, config),
+    }
+    trackers: list[Tracker] = []
+    for tracker in trackers_wanted(train_args.report_to):
+        try:
+            trackers.append(starts[tracker]())
+        except Exception as exc:  # any failure of the tracker's own library: its first line says why
+            for started in trackers:
+                started.close()
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ChipspanError(f"--report_to {tracker}: {tracker} could not start a run: {reason}") from exc
+    return trackers
+
+
+def run_config(run: RunArguments) -> dict[str, Any]:
+    """Every flag of ``run`` and its value (flags are unique across the groups): the trackers' run config."""
+    return {
+        name: value
+        for group in dataclasses.fields(run)
+        if dataclasses.is_dataclass(getattr(run, group.name))
+        for name, value in asdict(getattr(run, group.name)).items()
+    }
 
 
 class TrainLog:
     """Appends LLaMA-Factory 0.5's ``trainer_log.jsonl`` lines and keeps time for elapsed/remaining.
 
-    With ``tensorboard_dir``, the numbers of every line also go to TensorBoard event files there.
+    The numbers of every line also go to each of ``trackers`` (see :func:`open_trackers`).
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, tensorboard_dir: Path | None = None):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, trackers: Sequence[Tracker] = ()):
         self.file = output_dir / LOG_FILE
         self.total_steps = total_steps
         self.start_step = start_step
         self.start_time = time.time()
-        self.tensorboard = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        self.trackers = list(trackers)
 
     def timing(self, step: int) -> tuple[str, str]:
         """(elapsed, remaining) as H:MM:SS, from the pace of the steps run in this process."""
@@ -141,21 +276,25 @@ class TrainLog:
         }
         with self.file.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            self._to_tensorboard(step, record)
+        if self.trackers:
+            numbers = scalars(record)
+            for tracker in self.trackers:
+                tracker.log(step, numbers)
         return record
 
-    def _to_tensorboard(self, step: int, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key in _NOT_SCALARS or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            name = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-            self.tensorboard.add_scalar(name, value, step)
-        self.tensorboard.flush()
-
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The measurements of one log line, named as the Hugging Face Trainer names them for its trackers:
+    ``train/<key>``, ``eval/<key>`` for ``eval_<key>``."""
+    return {
+        f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}": value
+        for key, value in record.items()
+        if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 # Log fields that are bookkeeping, not measurements.

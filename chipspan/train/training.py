@@ -26,8 +26,8 @@ from chipspan.train.reporting import (
     LOG_FILE,
     TrainerState,
     TrainLog,
+    open_trackers,
     plot_metric,
-    tensorboard_wanted,
     truncate_log,
     write_results,
 )
@@ -111,8 +111,7 @@ def train_and_save(
     )
     log = None
     if writer.writes_outputs:
-        tensorboard = tensorboard_dir(run) if tensorboard_wanted(train_args.report_to) else None
-        log = TrainLog(output_dir, steps, state.global_step, tensorboard_dir=tensorboard)
+        log = TrainLog(output_dir, steps, state.global_step, trackers=open_trackers(run))
     try:
         pad_id = tokenizer.pad_token_id
         during = evaluate if train_args.eval_strategy != "no" else None
@@ -126,11 +125,6 @@ def train_and_save(
     if writer.writes_outputs:
         write_run_outputs(output_dir, tokenizer, state, metrics, run.finetuning.plot_loss, is_lora, report)
     return metrics
-
-
-def tensorboard_dir(run: RunArguments) -> Path:
-    """Where TensorBoard events go: --logging_dir, else output_dir/runs."""
-    return Path(run.training.logging_dir or Path(run.training.output_dir) / "runs")
 
 
 def write_run_outputs(
