@@ -415,3 +415,41 @@ def test_resume_from_a_named_checkpoint(lf05_workspace, tmp_path):
     assert any("checkpoint-2 at step 2" in m for m in messages)
     with pytest.raises(ChipspanError, match="not a checkpoint folder"):
         run_train(parse_run_arguments(argv + ["--resume_from_checkpoint", str(tmp_path)], {}), report=print)
+
+
+def without_eom_id(llama3_tokenizer_dir, folder):
+    """A tiny model whose tokenizer (Llama 3.2's, 128,257 tokens) lacks ``<|eom_id|>``, as Llama 3.0's does:
+    LLaMA-Factory 0.9's llama3 template adds it as a stop word, past the model's 128,257 embeddings."""
+    make_reference(folder, "llama2-mha", vocab_size=128257, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        text = (llama3_tokenizer_dir / name).read_text(encoding="utf-8")
+        (folder / name).write_text(text.replace('"<|eom_id|>"', '"<|reserved_eom|>"'), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("answer, trains", [("Fine.", True), ("Fine.<|eom_id|>", False)])
+def test_a_stop_word_past_the_embeddings_trains_until_the_data_uses_it(llama3_tokenizer_dir, tmp_path, answer, trains):
+    model = without_eom_id(llama3_tokenizer_dir, tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(json.dumps({"rows": {"file_name": "rows.json"}}))
+    rows = [{"instruction": f"How are you, {i}?", "input": "", "output": answer} for i in range(4)]
+    (data / "rows.json").write_text(json.dumps(rows))
+    argv = [
+        *("--stage", "sft", "--do_train", "--model_name_or_path", str(model), "--dataset", "rows"),
+        *("--dataset_dir", str(data), "--template", "llama3", "--template_revision", "lf-0.9"),
+        *("--finetuning_type", "lora", "--lora_target", "q_proj,v_proj", "--output_dir", str(tmp_path / "out")),
+        *("--max_steps", "1"),
+    ]
+    messages = []
+    if trains:
+        run_train(parse_run_arguments(argv, {}), report=messages.append)
+        assert len(losses(tmp_path / "out")) == 1
+        assert any(
+            m.startswith("note: the tokenizer has 128258 tokens") and "<|eom_id|> (id 128257)) are never used" in m
+            for m in messages
+        )
+    else:
+        with pytest.raises(ChipspanError, match=r"needs ids beyond it: <\|eom_id\|> \(id 128257\)"):
+            run_train(parse_run_arguments(argv, {}), report=messages.append)
+        assert not (tmp_path / "out").exists()

@@ -68,7 +68,7 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     data = _load_data_rank_zero_first(run, tokenizer, layout)
     say(data.summary())
     examples, eval_examples = preflight.split_examples(run, data, say)
-    preflight.check_vocabulary(tokenizer, config, run.data.template)
+    preflight.check_vocabulary(tokenizer, config, run.data.template, data, say)
     choice = choose_precision(run, device.type)
     if choice.notice():
         say(choice.notice())

@@ -146,14 +146,32 @@ def resume_point(run: RunArguments, settings: dict, report: Callable[[str], None
     return chosen
 
 
-def check_vocabulary(tokenizer: Tokenizer, config: ModelConfig, template: str) -> None:
-    """Refuse a tokenizer (with what the template added) larger than the model's embeddings."""
-    if tokenizer.vocab_size > config.vocab_size:
+def check_vocabulary(
+    tokenizer: Tokenizer, config: ModelConfig, template: str, data: DataSplit, report: Callable[[str], None]
+) -> None:
+    """Refuse a run that needs token ids the model's embeddings (``config.vocab_size`` rows) do not hold.
+
+    A template may add stop words beyond them (LLaMA-Factory 0.9's llama3 adds ``<|eom_id|>`` to Llama
+    3.0's tokenizer). As in LLaMA-Factory without ``resize_vocab``, that is harmless while EOS and every
+    encoded example stay below ``vocab_size``: then the run goes on with a notice."""
+    rows = config.vocab_size
+    if tokenizer.vocab_size <= rows:
+        return
+    ids = np.concatenate([data.train.input_ids, data.eval.input_ids])
+    needed = set(np.unique(ids[ids >= rows]).tolist())
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos >= rows:
+        needed.add(eos)
+    beyond = sorted(needed) or list(range(rows, tokenizer.vocab_size))
+    named = ", ".join(f"{tokenizer.id_to_token(i)} (id {i})" for i in beyond[:3])
+    named += f" and {len(beyond) - 3} more" if len(beyond) > 3 else ""
+    head = f"the tokenizer has {tokenizer.vocab_size} tokens (template '{template}' may have added some) but the model's vocab_size is {rows}"
+    if needed:
         raise ChipspanError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens (template '{template}' may have added some) but the "
-            f"model's vocab_size is {config.vocab_size}; resizing embeddings is not supported yet: pick a template "
-            "the tokenizer knows"
+            f"{head}, and the run needs ids beyond it: {named} (EOS, or in the encoded data); resizing embeddings "
+            "is not supported yet: pick a template the tokenizer knows"
         )
+    report(f"note: {head}; the ids beyond it ({named}) are never used: the embeddings stay as they are")
 
 
 def seed_everything(seed: int) -> None:

@@ -55,7 +55,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     data = load_dataset_split(data_args, tokenizer, ft_args.stage, train_args.seed)
     report(data.summary())
     examples, eval_examples = preflight.split_examples(run, data, report)
-    preflight.check_vocabulary(tokenizer, config, data_args.template)
+    preflight.check_vocabulary(tokenizer, config, data_args.template, data, report)
     choice = choose_precision(run, placement.devices[0].type)
     if choice.notice():
         report(choice.notice())
