@@ -50,6 +50,10 @@ def write_config(tmp_path, **changes):
         ({"tie_word_embeddings": "false"}, 'tie_word_embeddings in config.json must be true or false, not "false"'),
         ({"eos_token_id": [2, "</s>"]}, "eos_token_id in config.json must be a token id (a whole number) or a list"),
         ({"torch_dtype": 16}, "torch_dtype in config.json must be a string"),
+        (
+            {"quantization_config": {"quant_method": "gptq", "bits": 4}},
+            "config.json is of a model quantized with gptq (quantization_config); chipspan reads 16- and 32-bit",
+        ),
     ],
 )
 def test_bad_config_fields_are_named(changes, message):

@@ -111,6 +111,13 @@ class ModelConfig:
         activation = raw.get("hidden_act", "silu")
         if activation not in _ACTIVATIONS:
             raise ChipspanError(f"hidden_act '{activation}' in {source} is not supported; expected silu")
+        quantized = raw.get("quantization_config")
+        if quantized is not None:
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+            raise ChipspanError(
+                f"{source} is of a model quantized with {method or 'an unnamed method'} (quantization_config); "
+                "chipspan reads 16- and 32-bit weights only: use the model it was quantized from"
+            )
         sizes = {key: _size(raw, key, source) for key in _SIZES}
         heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
         head_dim = sizes["head_dim"] or _head_dim(hidden, heads, source)
