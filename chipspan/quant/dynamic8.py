@@ -21,8 +21,8 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 22
 _EXPONENTS = 7  # decimal exponents 10^-6 .. 10^0
 
 
-def dynamic_map(signed: bool = True) -> torch.Tensor:
-    """The 256 values of the dynamic code, ascending, fp32 (256,), within [-1, 1].
+def _dynamic_values(signed: bool) -> tuple[float, ...]:
+    """The 256 values of the dynamic code, ascending, within [-1, 1] (fp32 values as floats).
 
     For exponent i = 0..6 the fraction range [0.1, 1] is cut into 2^i equal pieces (2^(i+1)
     unsigned) and each piece's midpoint, times 10^(i-6), is a value (and its negative, when
@@ -36,7 +36,16 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
         values += midpoints.tolist()
         if signed:
             values += (-midpoints).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return tuple(sorted(values))
+
+
+# Made at import, so that a table is also at hand under FakeTensorMode (which cannot read values).
+_DYNAMIC = {signed: _dynamic_values(signed) for signed in (True, False)}
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The dynamic code, fp32 (256,) ascending: bitsandbytes' ``create_dynamic_map(signed)``."""
+    return torch.tensor(_DYNAMIC[signed], dtype=torch.float32)
 
 
 def nearest_code(normalized: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
