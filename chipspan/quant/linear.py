@@ -1,0 +1,230 @@
+"""A linear layer over a frozen quantized weight, for LoRA's base (QLoRA).
+
+``QuantizedLinear.from_weight`` quantizes on the weight's own device (a chip, CUDA, the CPU,
+``meta`` or under FakeTensorMode) and keeps no full-precision copy. Forward and backward
+dequantize a few output rows at a time (``DEQUANT_CHUNK_ELEMENTS``), so beside the quantized
+weight only one chunk of dequantized rows ever exists, and nothing of the weight but its
+quantized form is kept for backward; the frozen weight gets no gradient.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from chipspan.errors import ChipspanError
+
+from . import dynamic8, fourbit, rowwise8
+
+BLOCK = 64  # elements a 4-bit block scale covers (QLoRA's and bitsandbytes' default)
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # about this many weights are dequantized at once
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a frozen base weight is stored: ``bits`` 4 or 8; for 4 bits, the code ``kind``
+    ("nf4" or "fp4") and whether the block scales are themselves quantized (``double_quant``).
+    ``kind`` and ``double_quant`` have no effect with 8 bits (per-channel int8), as in LLaMA-Factory."""
+
+    bits: int = 4
+    kind: str = "nf4"
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ChipspanError(f"--quantization_bit must be 4 or 8, not {self.bits}")
+        if self.kind not in fourbit.KINDS:
+            raise ChipspanError(f"--quantization_type must be nf4 or fp4, not {self.kind!r}")
+
+    @property
+    def block(self) -> int:
+        return BLOCK
+
+
+def chunk_rows(in_features: int) -> int:
+    """Output rows dequantized at once: about DEQUANT_CHUNK_ELEMENTS weights, and a whole number
+    of 4-bit blocks (rows * in_features a multiple of BLOCK)."""
+    align = BLOCK // math.gcd(in_features, BLOCK)
+    return max(align, DEQUANT_CHUNK_ELEMENTS // in_features // align * align)
+
+
+def dequantize_chunk_bytes(in_features: int, dtype_bytes: int, tokens: int = 0) -> int:
+    """Most bytes a forward or backward step allocates beyond its inputs and outputs.
+
+    Dequantizing one chunk of E = chunk_rows * in_features weights takes 4 + max(2, dtype_bytes)
+    bytes each at most (fp32 values and their index or their cast); forward's product for the
+    chunk adds tokens * chunk_rows * dtype_bytes (``tokens``: the input's rows, batch * sequence).
+    """
+    rows = chunk_rows(in_features)
+    return rows * in_features * (4 + max(2, dtype_bytes)) + tokens * rows * dtype_bytes
+
+
+def quantized_bytes_of(out_features: int, in_features: int, settings: QuantSettings) -> int:
+    """Bytes a QuantizedLinear's quantized tensors take (its bias not counted), from shapes alone."""
+    n = out_features * in_features
+    if settings.bits == 8:
+        return n + 4 * out_features  # int8 weights and an fp32 absmax per row
+    blocks = math.ceil(n / BLOCK)
+    scales = 4 * blocks
+    if settings.double_quant:
+        second_level = math.ceil(blocks / fourbit.DOUBLE_QUANT_BLOCK)
+        scales = blocks + 4 * second_level + 4 + 4 * 256  # codes, their scales, offset, dynamic code
+    return math.ceil(n / 2) + scales + 4 * 16  # packed pairs, scales, code book
+
+
+def quantize_weight(weight: torch.Tensor, settings: QuantSettings) -> dict[str, torch.Tensor]:
+    """The tensors that store ``weight`` (out, in) under ``settings``, by buffer name, on its device."""
+    if settings.bits == 8:
+        int8, absmax = rowwise8.quantize_rows(weight)
+        return {"int8": int8, "row_absmax": absmax}
+    packed, absmax = fourbit.quantize_4bit(weight, settings.kind, BLOCK)
+    tensors = {"packed": packed, "code": fourbit.code_book(settings.kind).to(weight.device)}
+    if not settings.double_quant:
+        return tensors | {"absmax": absmax}
+    codes, scales, offset = fourbit.double_quantize(absmax)
+    dynamic_code = dynamic8.dynamic_map(True).to(weight.device)
+    return tensors | {
+        "absmax_codes": codes,
+        "absmax_scales": scales,
+        "absmax_offset": offset,
+        "dynamic_code": dynamic_code,
+    }
+
+
+def dequantize_rows(
+    tensors: dict[str, torch.Tensor], settings: QuantSettings, in_features: int, first: int, stop: int, dtype
+) -> torch.Tensor:
+    """Rows first..stop-1 of the weight ``tensors`` store, (stop-first, in_features) ``dtype``.
+
+    For 4 bits, first * in_features must be a multiple of BLOCK (chunk_rows keeps it so).
+    """
+    if settings.bits == 8:
+        return rowwise8.dequantize_rows(tensors["int8"][first:stop], tensors["row_absmax"][first:stop], dtype)
+    start, end = first * in_features, stop * in_features
+    blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
+    if settings.double_quant:
+        scales = fourbit.undo_double_quant(
+            tensors["absmax_codes"],
+            tensors["absmax_scales"],
+            tensors["absmax_offset"],
+            tensors["dynamic_code"],
+            blocks.start,
+            blocks.stop,
+        )
+    else:
+        scales = tensors["absmax"][blocks]
+    values = fourbit.dequantize_4bit(tensors["packed"], scales, tensors["code"], BLOCK, start, end, dtype)
+    return values.view(stop - first, in_features)
+
+
+def _row_chunks(out_features: int, in_features: int):
+    """(first, stop) of each chunk of output rows, in order."""
+    step = chunk_rows(in_features)
+    return [(first, min(first + step, out_features)) for first in range(0, out_features, step)]
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """x (..., in) @ W.T + bias, W dequantized chunk by chunk; saves only W's quantized tensors."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layout, *stored):
+        settings, out_features, in_features, names = layout
+        tensors = dict(zip(names, stored))
+        x2d = x.reshape(-1, in_features)
+        out = x2d.new_empty(x2d.shape[0], out_features)
+        for first, stop in _row_chunks(out_features, in_features):
+            rows = dequantize_rows(tensors, settings, in_features, first, stop, x.dtype)
+            out[:, first:stop] = x2d @ rows.t()
+        if bias is not None:
+            out += bias.to(x.dtype)
+        ctx.layout = layout
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(*stored)
+        return out.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        settings, out_features, in_features, names = ctx.layout
+        tensors = dict(zip(names, ctx.saved_tensors))
+        grad2d = grad_out.reshape(-1, out_features)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad2d.new_zeros(grad2d.shape[0], in_features)
+            for first, stop in _row_chunks(out_features, in_features):
+                rows = dequantize_rows(tensors, settings, in_features, first, stop, grad2d.dtype)
+                grad_x.addmm_(grad2d[:, first:stop], rows)
+            grad_x = grad_x.view(*grad_out.shape[:-1], in_features)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad2d.sum(dim=0).to(ctx.bias_dtype)
+        return (grad_x, grad_bias, None, *([None] * len(names)))
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear``'s forward over a frozen quantized weight (out, in); no ``weight`` attribute.
+
+    The quantized tensors are non-persistent buffers: ``.to()`` moves them (keeping their dtypes)
+    and ``state_dict()`` lists only ``bias``, a frozen Parameter or None.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        settings: QuantSettings,
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.settings = in_features, out_features, settings
+        self._quantized_names = tuple(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, settings: QuantSettings):
+        """Quantize ``weight`` (out, in) on its device; ``bias`` (out,) or None is kept as it is."""
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ChipspanError(
+                f"only a 2-D floating-point weight can be quantized, not a {weight.dim()}-D {weight.dtype} one"
+            )
+        out_features, in_features = weight.shape
+        return cls(in_features, out_features, settings, quantize_weight(weight, settings), bias)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The quantized tensors by name."""
+        return {name: getattr(self, name) for name in self._quantized_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out) in x's dtype."""
+        layout = (self.settings, self.out_features, self.in_features, self._quantized_names)
+        return _QuantizedMatmul.apply(x, self.bias, layout, *self.stored().values())
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight (out, in) as ``dtype`` (for merging, export and checks)."""
+        stored = self.stored()
+        chunks = _row_chunks(self.out_features, self.in_features)
+        return torch.cat([dequantize_rows(stored, self.settings, self.in_features, a, b, dtype) for a, b in chunks])
+
+    def quantized_bytes(self) -> int:
+        """Bytes the quantized tensors take (equals quantized_bytes_of for this shape and settings)."""
+        return sum(t.numel() * t.element_size() for t in self.stored().values())
+
+    def _apply(self, fn, recurse=True):
+        # A dtype change (module.to(torch.bfloat16), .half()) must not touch the stored scales
+        # and code books: they keep their dtype and only follow the device.
+        before = self.stored()
+        super()._apply(fn, recurse)
+        for name, tensor in before.items():
+            if self._buffers[name].dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        kind = (
+            "int8"
+            if self.settings.bits == 8
+            else self.settings.kind + (" double-quant" if self.settings.double_quant else "")
+        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
