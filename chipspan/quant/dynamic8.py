@@ -15,8 +15,8 @@ import math
 
 import torch
 
-# At most this many elements are normalized and matched at once (a transient of ~13 bytes each).
-QUANTIZE_CHUNK_ELEMENTS = 1 << 22
+# At most this many elements are normalized and matched at once (a transient of ~24 bytes each).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
 
 _EXPONENTS = 7  # decimal exponents 10^-6 .. 10^0
 
