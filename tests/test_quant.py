@@ -3,6 +3,8 @@
 bitsandbytes is imported here only; chipspan never imports it.
 """
 
+from functools import partial
+
 import bitsandbytes.functional as bnb
 import pytest
 import torch
@@ -15,9 +17,11 @@ from chipspan.quant import (
     QuantizedLinear,
     QuantSettings,
     chunk_rows,
+    dequantize_chunk_bytes,
     dynamic8,
     fourbit,
     linear,
+    quantize_transient_bytes,
     quantized_bytes_of,
 )
 from chipspan.quant.dynamic8 import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -349,3 +353,40 @@ def test_on_an_emulated_chip_equals_cpu(chips, settings):
     moved = on_cpu.to("emu:0")
     assert all(t.device == torch.device("emu:0") for t in moved.buffers())
     torch.testing.assert_close(moved(x.to("emu:0")).cpu(), out.detach().cpu(), rtol=0, atol=0)
+
+
+def chip_bytes_during(step, chip="emu:0"):
+    """(peak, kept): bytes the chip held at most during ``step()`` and still holds after it,
+    beyond what it held before; and step's result."""
+    emu.reset_peak_memory(chip)
+    before = emu.memory_allocated(chip)
+    result = step()
+    return emu.peak_memory(chip) - before, emu.memory_allocated(chip) - before, result
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chip_memory_stays_within_the_stated_transients(chips, monkeypatch, settings, dtype):
+    monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1 << 14)  # 8 chunks of 32 rows
+    monkeypatch.setattr(dynamic8, "QUANTIZE_CHUNK_ELEMENTS", 1 << 13)
+    out_features, in_features, tokens = 256, 512, 24
+    w = weight((out_features, in_features), dtype).to("emu:0")
+    dequantized = out_features * in_features * dtype.itemsize
+    peak, kept, module = chip_bytes_during(partial(QuantizedLinear.from_weight, w, None, settings))
+    assert kept == module.quantized_bytes()
+    assert peak - kept <= quantize_transient_bytes(out_features, in_features) < dequantized  # no fp32 copy
+    del w  # the chip now holds only the quantized weight
+    x = torch.randn(2, tokens // 2, in_features, dtype=dtype).to("emu:0").requires_grad_(True)
+    output_bytes = tokens * out_features * dtype.itemsize
+    bound = dequantize_chunk_bytes(in_features, dtype.itemsize, tokens)
+    assert bound < dequantized / 2
+    peak, kept, out = chip_bytes_during(lambda: module(x))
+    assert kept == output_bytes  # nothing kept for backward beyond the quantized weight
+    assert peak - output_bytes <= bound
+    grad = torch.ones_like(out)
+    peak, kept, _ = chip_bytes_during(lambda: out.backward(grad))
+    assert peak - x.numel() * x.element_size() <= bound
+
+    naive = x.detach().requires_grad_(True)
+    _, kept, _ = chip_bytes_during(lambda: F.linear(naive, module.dequantize(dtype)))
+    assert kept >= output_bytes + dequantized  # what dequantize-then-linear keeps for backward

@@ -11,6 +11,7 @@ from .linear import (
     QuantSettings,
     chunk_rows,
     dequantize_chunk_bytes,
+    quantize_transient_bytes,
     quantized_bytes_of,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "QuantizedLinear",
     "chunk_rows",
     "dequantize_chunk_bytes",
+    "quantize_transient_bytes",
     "quantized_bytes_of",
 ]

@@ -100,7 +100,7 @@ def dequantize_4bit(
     Each value is code[index] * absmax in fp32, then cast. Transient: 6 bytes an element.
     """
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2): byte -> 2 values
-    values = pairs[packed[start // 2 : (stop + 1) // 2].int()].view(-1)[: stop - start]
+    values = pairs.index_select(0, packed[start // 2 : (stop + 1) // 2].int()).view(-1)[: stop - start]
     whole = (stop - start) // block * block
     values[:whole].view(-1, block).mul_(absmax[: whole // block, None])
     if whole < values.numel():

@@ -19,6 +19,8 @@ from . import dynamic8, fourbit, rowwise8
 
 BLOCK = 64  # elements a 4-bit block scale covers (QLoRA's and bitsandbytes' default)
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # about this many weights are dequantized at once
+QUANTIZE_TRANSIENT_PER_ELEMENT = 24  # bytes from_weight needs per weight it quantizes at once
+_PAIR_TABLE_BYTES = 256 * 2 * 4  # fp32 values of both nibbles of each byte
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,27 @@ def chunk_rows(in_features: int) -> int:
 
 
 def dequantize_chunk_bytes(in_features: int, dtype_bytes: int, tokens: int = 0) -> int:
-    """Most bytes a forward or backward step allocates beyond its inputs and outputs.
+    """Most bytes QuantizedLinear's forward or backward holds beyond its inputs and its output.
 
-    Dequantizing one chunk of E = chunk_rows * in_features weights takes 4 + max(2, dtype_bytes)
-    bytes each at most (fp32 values and their index or their cast); forward's product for the
-    chunk adds tokens * chunk_rows * dtype_bytes (``tokens``: the input's rows, batch * sequence).
+    Dequantizing one chunk of E = chunk_rows * in_features weights takes 6 bytes each at most
+    (fp32 values beside their int32 byte index or their cast), plus the chunk's scales and a
+    2 KiB table; then the chunk (E * dtype_bytes)
+    and, in forward, its product with the input (``tokens``, batch * sequence, by chunk_rows) are
+    alive together. The bound is exact for 4-bit weights; int8 needs no more.
     """
     rows = chunk_rows(in_features)
-    return rows * in_features * (4 + max(2, dtype_bytes)) + tokens * rows * dtype_bytes
+    weights = rows * in_features
+    dequantizing = 6 * weights + 4 * math.ceil(weights / BLOCK) + _PAIR_TABLE_BYTES  # and the chunk's scales
+    return max(dequantizing, (weights + tokens * rows) * dtype_bytes)
+
+
+def quantize_transient_bytes(out_features: int, in_features: int) -> int:
+    """Most bytes ``from_weight`` holds beyond the weight and the quantized tensors it returns:
+    QUANTIZE_TRANSIENT_PER_ELEMENT for each weight quantized at once, and 8 for each 4-bit block
+    (the fp32 scales before double quantization, and the same less their mean)."""
+    n = out_features * in_features
+    at_once = min(n, dynamic8.QUANTIZE_CHUNK_ELEMENTS + in_features)
+    return QUANTIZE_TRANSIENT_PER_ELEMENT * at_once + 8 * math.ceil(n / BLOCK)
 
 
 def quantized_bytes_of(out_features: int, in_features: int, settings: QuantSettings) -> int:
@@ -133,9 +148,8 @@ class _QuantizedMatmul(torch.autograd.Function):
         tensors = dict(zip(names, stored))
         x2d = x.reshape(-1, in_features)
         out = x2d.new_empty(x2d.shape[0], out_features)
-        for first, stop in _row_chunks(out_features, in_features):
-            rows = dequantize_rows(tensors, settings, in_features, first, stop, x.dtype)
-            out[:, first:stop] = x2d @ rows.t()
+        for first, stop in _row_chunks(out_features, in_features):  # one chunk alive at a time
+            out[:, first:stop] = x2d @ dequantize_rows(tensors, settings, in_features, first, stop, x.dtype).t()
         if bias is not None:
             out += bias.to(x.dtype)
         ctx.layout = layout
@@ -152,8 +166,9 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad2d.new_zeros(grad2d.shape[0], in_features)
             for first, stop in _row_chunks(out_features, in_features):
-                rows = dequantize_rows(tensors, settings, in_features, first, stop, grad2d.dtype)
-                grad_x.addmm_(grad2d[:, first:stop], rows)
+                grad_x.addmm_(
+                    grad2d[:, first:stop], dequantize_rows(tensors, settings, in_features, first, stop, grad2d.dtype)
+                )
             grad_x = grad_x.view(*grad_out.shape[:-1], in_features)
         if ctx.needs_input_grad[1]:
             grad_bias = grad2d.sum(dim=0).to(ctx.bias_dtype)

@@ -6,7 +6,7 @@ int8 being round(W[r, c] * 127 / absmax_r), with no outlier columns held back.
 
 import torch
 
-from .dynamic8 import QUANTIZE_CHUNK_ELEMENTS
+from . import dynamic8
 
 _LEVELS = 127
 
@@ -14,12 +14,13 @@ _LEVELS = 127
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (out, in), absmax fp32 (out,)) of a 2-D float ``weight``, on its device.
 
-    An all-zero row stores zeros. Works QUANTIZE_CHUNK_ELEMENTS elements (whole rows) at a time.
+    An all-zero row stores zeros. Works dynamic8.QUANTIZE_CHUNK_ELEMENTS elements (whole rows) at
+    a time, 8 bytes of transient each.
     """
     weight = weight.detach()
     int8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     absmax = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    rows = max(1, dynamic8.QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     for first in range(0, weight.shape[0], rows):
         chunk = weight[first : first + rows]
         absmax[first : first + rows] = chunk.abs().amax(dim=1).float()
