@@ -270,6 +270,22 @@ def test_forward_and_backward_equal_dequantize_then_linear(
         torch.testing.assert_close(module.bias.grad, bias_ref.grad, **tolerance)
 
 
+@pytest.mark.parametrize("settings", SETTINGS[2:], ids=IDS[2:])
+def test_under_autocast_computes_as_linear_does(settings):
+    module = QuantizedLinear.from_weight(weight((24, 64)), torch.randn(24), settings)
+    x = torch.randn(5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+        want = F.linear(x_ref, module.dequantize(torch.float32), module.bias)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.float().sum().backward()
+    want.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_frozen_bias_and_no_weight_get_no_gradient():
     module = QuantizedLinear.from_weight(weight((16, 64)), torch.randn(16), QuantSettings())
     assert not hasattr(module, "weight") and not module.bias.requires_grad

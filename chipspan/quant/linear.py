@@ -148,12 +148,13 @@ class _QuantizedMatmul(torch.autograd.Function):
         tensors = dict(zip(names, stored))
         x2d = x.reshape(-1, in_features)
         out = x2d.new_empty(x2d.shape[0], out_features)
-        for first, stop in _row_chunks(out_features, in_features):  # one chunk alive at a time
-            out[:, first:stop] = x2d @ dequantize_rows(tensors, settings, in_features, first, stop, x.dtype).t()
-        if bias is not None:
-            out += bias.to(x.dtype)
-        ctx.layout = layout
         ctx.bias_dtype = None if bias is None else bias.dtype
+        bias = None if bias is None else bias.to(x.dtype)
+        for first, stop in _row_chunks(out_features, in_features):  # one chunk alive at a time
+            rows = dequantize_rows(tensors, settings, in_features, first, stop, x.dtype).t()
+            out[:, first:stop] = x2d @ rows if bias is None else torch.addmm(bias[first:stop], x2d, rows)
+            del rows
+        ctx.layout = layout
         ctx.save_for_backward(*stored)
         return out.view(*x.shape[:-1], out_features)
 
@@ -173,6 +174,14 @@ class _QuantizedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad2d.sum(dim=0).to(ctx.bias_dtype)
         return (grad_x, grad_bias, None, *([None] * len(names)))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear computes x in: autocast's when it is on for x's device, else x's."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class QuantizedLinear(nn.Module):
@@ -212,7 +221,8 @@ class QuantizedLinear(nn.Module):
         return {name: getattr(self, name) for name in self._quantized_names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) in x's dtype."""
+        """x (..., in) -> (..., out) in x's dtype, or in autocast's where it is on (as nn.Linear)."""
+        x = x.to(_compute_dtype(x))
         layout = (self.settings, self.out_features, self.in_features, self._quantized_names)
         return _QuantizedMatmul.apply(x, self.bias, layout, *self.stored().values())
 
