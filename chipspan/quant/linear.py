@@ -56,9 +56,9 @@ def dequantize_chunk_bytes(in_features: int, dtype_bytes: int, tokens: int = 0) 
 
     Dequantizing one chunk of E = chunk_rows * in_features weights takes 6 bytes each at most
     (fp32 values beside their int32 byte index or their cast), plus the chunk's scales and a
-    2 KiB table; then the chunk (E * dtype_bytes)
-    and, in forward, its product with the input (``tokens``, batch * sequence, by chunk_rows) are
-    alive together. The bound is exact for 4-bit weights; int8 needs no more.
+    2 KiB table; then the chunk (E * dtype_bytes) and, in forward, its product with the input
+    (``tokens`` = batch * sequence rows by chunk_rows) are alive together. The bound is what
+    4-bit weights take on the emulated chips; int8 takes no more.
     """
     rows = chunk_rows(in_features)
     weights = rows * in_features
