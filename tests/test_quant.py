@@ -6,9 +6,12 @@ bitsandbytes is imported here only; chipspan never imports it.
 from functools import partial
 
 import bitsandbytes.functional as bnb
+import hypothesis
 import pytest
 import torch
 import torch.nn.functional as F
+from bitsandbytes.backends.default import ops as bnb_torch_ops
+from hypothesis import strategies as st
 from torch._subclasses import FakeTensorMode
 
 import chipspan.emu as emu
@@ -53,6 +56,20 @@ def bnb_nearest_blockwise(x, code, block):
     input; the values are x's fp32 ones), which scales by 1/absmax and picks the nearest code."""
     codes, absmax = torch.ops.bitsandbytes.quantize_blockwise(x.double(), code.clone(), block)
     return codes.reshape(-1), absmax
+
+
+def bnb_dequantized_4bit(packed, state):
+    """bnb's reading of a 4-bit weight, (state.shape): its CPU kernel, or, for rows that are no
+    multiple of 64 long, its pure-PyTorch path (there, on an AVX-512 machine, the kernel scales
+    some blocks by another block's absmax: (8, 16) reads its second block with the first's)."""
+    if state.shape[-1] % 64 == 0:
+        return bnb.dequantize_4bit(packed, state).reshape(state.shape)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = bnb.get_4bit_type(state.quant_type, device="cpu")
+    compute = bnb_torch_ops._dequantize_4bit_compute.__wrapped__  # not torch.compile'd: seconds a shape
+    return compute(packed.view(-1), absmax, code, 64, state.shape, state.dtype)
 
 
 # --- the 8-bit dynamic code ------------------------------------------------------------------------
@@ -166,7 +183,27 @@ def test_4bit_codes_scales_and_values_equal_bitsandbytes(kind, dtype, shape):
     module = QuantizedLinear.from_weight(w, None, QuantSettings(4, kind))
     assert torch.equal(module.packed, packed.view(-1))
     assert torch.equal(module.absmax, state.absmax)
-    assert torch.equal(module.dequantize(dtype), bnb.dequantize_4bit(packed, state))
+    assert torch.equal(module.dequantize(dtype), bnb_dequantized_4bit(packed, state))
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+    out_features=st.integers(1, 40),
+    in_pairs=st.integers(1, 100),
+    kind=st.sampled_from(["nf4", "fp4"]),
+    scale=st.floats(1e-4, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_4bit_and_int8_shape_equals_bitsandbytes(out_features, in_pairs, kind, scale, seed):
+    # Even widths: bnb's compiled CPU path (odd ones are the parametrized cases above).
+    w = torch.randn(out_features, 2 * in_pairs, generator=torch.Generator().manual_seed(seed)) * scale
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type=kind)
+    module = QuantizedLinear.from_weight(w, None, QuantSettings(4, kind))
+    assert torch.equal(module.packed, packed.view(-1)) and torch.equal(module.absmax, state.absmax)
+    assert torch.equal(module.dequantize(torch.float32), bnb_dequantized_4bit(packed, state))
+    int8, absmax, _ = bnb.int8_vectorwise_quant(w)
+    module = QuantizedLinear.from_weight(w, None, QuantSettings(8))
+    assert torch.equal(module.int8, int8) and torch.equal(module.row_absmax, absmax)
 
 
 @pytest.mark.parametrize("shape", [(256, 320), (33, 70)])
@@ -182,7 +219,7 @@ def test_double_quantized_scales_equal_bitsandbytes(shape):
     assert torch.equal(module.absmax_codes, bnb_nearest_blockwise(centred, dynamic_map(True), 256)[0])
     assert_nearer_or_equal(module.absmax_codes, state.absmax, centred, state.state2.absmax, 256)
     state.absmax = module.absmax_codes.clone()  # bnb's reading of our codes
-    assert torch.equal(module.dequantize(torch.float32), bnb.dequantize_4bit(packed, state))
+    assert torch.equal(module.dequantize(torch.float32), bnb_dequantized_4bit(packed, state))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
