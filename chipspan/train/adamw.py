@@ -1,0 +1,182 @@
+"""chipspan's AdamW: torch.optim.AdamW's update (decoupled weight decay) in plain PyTorch on any
+device, with stochastic rounding of bf16/fp16 weights (``stochastic_rounding=True``), so that
+updates far below a bf16 ulp still move them on average.
+
+A parameter steps ``CHUNK`` elements at a time, in fp32: its value and its gradient as fp32 exist
+for one chunk only, then the chunk's value is written back in the parameter's dtype.
+
+``optimizer.state[p]`` holds tensors only, so the checkpoint code saves it by parameter name and
+loads it under any placement:
+  step             0-dim float32 on the CPU, as torch's AdamW keeps it
+  exp_avg          fp32 of the parameter's shape
+  exp_avg_sq       the same
+  rounding_seed    0-dim int64 on the CPU (stochastic rounding only): the rounding noise of each
+                   element is a hash of (this seed, step, element index), the same on every device
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+
+import torch
+
+CHUNK = 1 << 20  # elements of a parameter stepped at once: bounds the step's fp32 scratch
+ROUNDED_DTYPES = (torch.bfloat16, torch.float16)  # what stochastic rounding applies to
+
+_LOW32 = 0xFFFFFFFF
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's update for ``params`` (tensors, (name, tensor) pairs or groups, as torch
+    takes them; each group's "lr" is what the LR scheduler changes).
+
+    ``state_bits=32``: fp32 moments, also for bf16/fp16 parameters (whose update is computed in fp32
+    from the parameter's value).
+    ``stochastic_rounding=True``: a bf16/fp16 parameter's new value is rounded up or down at random
+    with the probability that makes it exact on average; ``seed`` and each parameter's name (or, for
+    unnamed parameters, its order here) seed the noise, kept in the state so that a resumed run
+    continues bit for bit. Parameter names only seed the noise: the groups keep none.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        state_bits: int = 32,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+    ):
+        if state_bits != 32:
+            raise ValueError(f"state_bits must be 32, not {state_bits}")
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        self.state_bits = state_bits
+        self.stochastic_rounding = stochastic_rounding
+        self._seed = seed
+        self._rounding_seeds: dict[torch.Tensor, int] = {}
+        self._codes: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.pop("param_names", None)
+        for index, p in enumerate(group["params"]):
+            label = zlib.crc32(names[index].encode()) if names else len(self._rounding_seeds)
+            self._rounding_seeds.setdefault(p, _hash32(_hash32(self._seed & _LOW32) ^ label))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_parameter(p, group)
+        return loss
+
+    def _step_parameter(self, p: torch.Tensor, group: dict) -> None:
+        """One AdamW step of ``p``, chunk by chunk."""
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        state = self.state[p]
+        if "step" not in state:
+            state.update(self._fresh_state(p))
+        seed = self._rounding_seed(p, state)
+        state["step"] += 1
+        step = int(state["step"].item())
+        flat = p.detach().reshape(-1)  # a view, unless p is not contiguous
+        grad = p.grad.reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            end = min(start + CHUNK, flat.numel())
+            exp_avg, exp_avg_sq = self._moments(state, start, end)
+            value = flat[start:end].float()  # the chunk itself when p is fp32
+            adamw_update(value, grad[start:end].float(), exp_avg, exp_avg_sq, group, step)
+            if value.data_ptr() != flat[start:end].data_ptr():
+                flat[start:end] = rounded(value, p.dtype, seed, step, start)
+        if flat.data_ptr() != p.data_ptr():
+            p.detach().copy_(flat.view_as(p))
+
+    def _fresh_state(self, p: torch.Tensor) -> dict:
+        """Step 0 and zero fp32 moments of p's shape."""
+        zeros = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # noqa: E731
+        return {"step": torch.tensor(0.0), "exp_avg": zeros(), "exp_avg_sq": zeros()}
+
+    def _moments(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (end - start,) moments of elements start..end, as views of the state."""
+        return state["exp_avg"].view(-1)[start:end], state["exp_avg_sq"].view(-1)[start:end]
+
+    def _rounding_seed(self, p: torch.Tensor, state: dict) -> int | None:
+        """The seed of p's rounding noise (kept in its state), or None when p is rounded to nearest."""
+        if not (self.stochastic_rounding and p.dtype in ROUNDED_DTYPES):
+            return None
+        seed = state.setdefault("rounding_seed", torch.tensor(self._rounding_seeds[p], dtype=torch.int64))
+        return int(seed)
+
+
+def rounded(value: torch.Tensor, dtype: torch.dtype, seed: int | None, step: int, offset: int) -> torch.Tensor:
+    """fp32 ``value`` (elements offset.. of a parameter) in ``dtype``: stochastically rounded with the
+    noise of ``seed`` at ``step``, or to nearest when ``seed`` is None."""
+    if seed is None:
+        return value.to(dtype)
+    return stochastic_round(value, dtype, rounding_noise(seed, step, offset, value.numel(), value.device))
+
+
+def adamw_update(
+    value: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, group: dict, step: int
+) -> None:
+    """torch.optim.AdamW's step ``step`` (from 1) on fp32 tensors of one shape, in place on
+    ``value`` and the moments, with ``group``'s lr, betas, eps and weight_decay."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if weight_decay != 0:
+        value.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+def stochastic_round(value: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 ``value`` in floating ``dtype``, rounded to the neighbour beyond the nearest value with
+    probability (distance to the nearest) / (gap between the two), so that E[result] = value.
+    ``noise``: uniform in [0, 1), value's shape (its 2**-24 resolution bounds the bias)."""
+    nearest = value.to(dtype)
+    error = value - nearest.float()  # exact: the two are within a factor of 2
+    toward = torch.where(error > 0, math.inf, -math.inf).to(dtype)
+    beyond = torch.nextafter(nearest, toward)
+    chance = error / (beyond.float() - nearest.float())  # 0 where exact, NaN past the largest finite value
+    return torch.where(noise < chance, beyond, nearest)
+
+
+def rounding_noise(seed: int, step: int, offset: int, count: int, device: torch.device) -> torch.Tensor:
+    """Uniform fp32 in [0, 1) (multiples of 2**-24) for elements offset..offset+count of a parameter
+    at ``step``: a hash of (seed, step, element index), so the same on every device and chunking."""
+    key = _hash32(_hash32(seed & _LOW32) ^ (step & _LOW32))
+    index = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
+    bits = _hash32(_hash32((index & _LOW32) ^ key) ^ (index >> 32))
+    return (bits >> 8).to(torch.float32) * 2.0**-24
+
+
+def _hash32(x):
+    """A bijective 32-bit integer mix (the "lowbias32" xor-shift-multiply finalizer) of ``x`` in
+    [0, 2**32): a Python int or an int64 tensor."""
+    x = x ^ (x >> 16)
+    x = _times32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _times32(x, constant: int):
+    """(x * constant) mod 2**32 for x in [0, 2**32), in two halves so no int64 product overflows."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _LOW32

@@ -1,0 +1,271 @@
+"""chipspan's AdamW (chipspan/train/adamw.py): torch's AdamW update, stochastic rounding of bf16
+and fp16 weights, resumable bit for bit from the by-name checkpoint state under another placement."""
+
+import pytest
+import torch
+from torch import nn
+
+import chipspan.emu as emu
+from chipspan.errors import ChipspanError
+from chipspan.train import adamw, checkpoints
+from chipspan.train.adamw import AdamW, rounding_noise, stochastic_round
+
+CHIPS = 2
+
+
+@pytest.fixture(scope="module")
+def chips():
+    if not emu.is_available():
+        with pytest.raises(ChipspanError) as why:
+            emu.enable(num_chips=CHIPS)
+        pytest.skip(str(why.value))
+    emu.enable(num_chips=CHIPS)
+    yield
+    emu.enable(num_chips=CHIPS)  # leave no limit behind for later test files
+
+
+@pytest.fixture(params=["whole", "chunked"])
+def chunk(request, monkeypatch):
+    """Parameters stepped whole, or in chunks of 512 elements (a size no tensor here is a multiple of)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(adamw, "CHUNK", 512)
+    return request.param
+
+
+class LeastSquares(nn.Module):
+    """y = x @ a.T @ b.T + bias: two weights of a few thousand elements and a small bias."""
+
+    def __init__(self, dtype=torch.float32, chips=("cpu", "cpu")):
+        """``a`` on ``chips[0]``, ``b`` and ``bias`` on ``chips[1]``."""
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter((0.1 * torch.randn(72, 48, generator=g)).to(chips[0], dtype))
+        self.b = nn.Parameter((0.1 * torch.randn(40, 72, generator=g)).to(chips[1], dtype))
+        self.bias = nn.Parameter(torch.zeros(40).to(chips[1], dtype))
+
+    def loss(self, step: int) -> torch.Tensor:
+        """The mean squared error on batch ``step`` of a fixed random linear target."""
+        g = torch.Generator().manual_seed(1000 + step)
+        x = torch.randn(16, 48, generator=g)
+        target = x @ torch.randn(48, 40, generator=torch.Generator().manual_seed(7))
+        device, dtype = self.a.device, self.a.dtype
+        y = (x.to(device, dtype) @ self.a.T).to(self.b.device) @ self.b.T + self.bias
+        return (y.float() - target.to(y.device)).pow(2).mean()
+
+
+def train(model, optimizers, steps, first=0, lrs=None):
+    """Step ``optimizers`` (each over some of ``model``'s parameters) ``steps`` times from step
+    ``first``; ``lrs``: each step's learning rate of every group. The losses."""
+    losses = []
+    for step in range(first, first + steps):
+        if lrs is not None:
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lrs[step]
+        loss = model.loss(step)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def two_groups(model):
+    """Weight decay on the weights, none on the bias (as chipspan's build_optimizer groups them)."""
+    return [{"params": [model.a, model.b], "weight_decay": 0.1}, {"params": [model.bias], "weight_decay": 0.0}]
+
+
+# --- 32-bit states: torch's AdamW ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fp32_steps_equal_torch_adamw_with_two_groups_and_a_changing_lr(chunk, weight_decay):
+    ours, theirs = LeastSquares(), LeastSquares()
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    groups = lambda m: [  # noqa: E731
+        {"params": [m.a, m.b], "weight_decay": weight_decay},
+        {"params": [m.bias], "weight_decay": 0.0},
+    ]
+    lrs = [1e-2, 1e-2, 5e-3, 2e-2, 1e-3, 1e-3, 7e-3, 4e-3]
+    train(ours, [AdamW(groups(ours), **settings)], 8, lrs=lrs)
+    train(theirs, [torch.optim.AdamW(groups(theirs), **settings)], 8, lrs=lrs)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(ours.a, LeastSquares().a)  # it trained
+
+
+def test_bf16_weights_keep_fp32_moments():
+    model = LeastSquares(torch.bfloat16)
+    optimizer = AdamW(model.parameters())
+    train(model, [optimizer], 1)
+    state = optimizer.state[model.a]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert state["exp_avg"].shape == model.a.shape and model.a.dtype == torch.bfloat16
+
+
+# --- stochastic rounding ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_updates_far_below_half_an_ulp_move_the_weights_only_with_stochastic_rounding(dtype):
+    """Weights of 1.0 and a constant gradient: AdamW moves each by lr = 1e-4 a step, an eightieth
+    of bf16's ulp below 1.0 (2**-8; fp16's is 2**-11). Rounded to nearest they never move; rounded
+    stochastically their mean follows fp32 AdamW within 1e-3 (10 standard deviations)."""
+    weights = {sr: nn.Parameter(torch.ones(4096, dtype=dtype)) for sr in (False, True)}
+    exact = nn.Parameter(torch.ones(4096))
+    optimizers = [AdamW([weights[sr]], lr=1e-4, weight_decay=0.0, stochastic_rounding=sr) for sr in (False, True)]
+    optimizers.append(torch.optim.AdamW([exact], lr=1e-4, weight_decay=0.0))
+    for _ in range(50):
+        for w in (*weights.values(), exact):
+            w.grad = torch.ones_like(w)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(weights[False], torch.ones_like(weights[False]))
+    assert exact.mean().item() == pytest.approx(1 - 50e-4, abs=1e-5)
+    assert weights[True].float().mean().item() == pytest.approx(exact.mean().item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_and_picks_one_of_the_two_neighbours(dtype):
+    """500 values, each rounded 2000 times: every result is the nearest value or the one beyond it,
+    and the mean of the results equals the value within 6 standard deviations of the mean."""
+    draws = 2000
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(500, generator=g) * torch.logspace(-3, 3, 500)
+    repeated = values.repeat(draws)
+    results = stochastic_round(
+        repeated, dtype, rounding_noise(seed=5, step=1, offset=0, count=repeated.numel(), device="cpu")
+    )
+    nearest = values.to(dtype)
+    beyond = torch.nextafter(nearest, torch.where(values > nearest.float(), torch.inf, -torch.inf).to(dtype))
+    outcomes = results.view(draws, -1)
+    assert ((outcomes == nearest) | (outcomes == beyond)).all()
+    gap = (beyond.float() - nearest.float()).abs()
+    chance = (values - nearest.float()).abs() / gap
+    spread = gap * (chance * (1 - chance) / draws).sqrt()
+    error = (outcomes.float().mean(0) - values).abs()
+    assert (error <= 6 * spread + 1e-12 * values.abs()).all()
+    assert (outcomes == beyond).any(0).sum() > 400  # most values were rounded both ways
+
+
+def test_values_exact_in_the_dtype_are_kept():
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, float("inf"), -float("inf")]).bfloat16().float()
+    noise = torch.full_like(values, 0.999)
+    assert torch.equal(stochastic_round(values, torch.bfloat16, noise).float(), values)
+    assert stochastic_round(torch.tensor([float("nan")]), torch.bfloat16, torch.zeros(1)).isnan().all()
+
+
+def test_rounding_noise_is_uniform_and_the_same_in_chunks():
+    noise = rounding_noise(seed=3, step=2, offset=0, count=1 << 16, device="cpu")
+    assert 0 <= noise.min() and noise.max() < 1
+    assert noise.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.histc(noise, bins=16, min=0, max=1).div(noise.numel() / 16).sub(1).abs().max() < 0.05
+    parts = [rounding_noise(3, 2, start, 1 << 14, "cpu") for start in range(0, 1 << 16, 1 << 14)]
+    assert torch.equal(torch.cat(parts), noise)
+    assert not torch.equal(rounding_noise(3, 3, 0, 1 << 16, "cpu"), noise)  # another step
+    assert not torch.equal(rounding_noise(4, 2, 0, 1 << 16, "cpu"), noise)  # another seed
+
+
+# --- determinism, checkpoints and placements --------------------------------------------------------
+
+
+def sr_optimizer(named_params, **settings):
+    return AdamW(named_params, lr=3e-3, weight_decay=0.1, stochastic_rounding=True, seed=42, **settings)
+
+
+def test_named_parameters_give_the_same_rounding_in_one_optimizer_or_one_per_stage(chunk):
+    """Seeded by name: a fresh run rounds the same whether one optimizer holds every parameter or
+    each stage has its own (as under torchrun)."""
+    whole, staged = LeastSquares(torch.bfloat16), LeastSquares(torch.bfloat16)
+    train(whole, [sr_optimizer(list(whole.named_parameters()))], 5)
+    stage_params = [[("a", staged.a)], [("b", staged.b), ("bias", staged.bias)]]
+    optimizers = [sr_optimizer(named) for named in stage_params]
+    train(staged, optimizers, 5)
+    for mine, reference in zip(staged.parameters(), whole.parameters()):
+        assert torch.equal(mine, reference)
+    assert all("param_names" not in g for o in optimizers for g in o.param_groups)
+
+
+def test_stepping_in_chunks_changes_nothing(monkeypatch):
+    """The rounding noise of an element depends on its index, not on the chunk it is stepped in."""
+    whole, chunked = LeastSquares(torch.bfloat16), LeastSquares(torch.bfloat16)
+    train(whole, [sr_optimizer(whole.parameters())], 3)
+    monkeypatch.setattr(adamw, "CHUNK", 512)
+    train(chunked, [sr_optimizer(chunked.parameters())], 3)
+    for mine, reference in zip(chunked.parameters(), whole.parameters()):
+        assert torch.equal(mine, reference)
+
+
+def stages_of(model, names_per_stage):
+    """Modules standing for pipeline stages: each holds some of ``model``'s parameters under their
+    whole-model names (what chipspan's checkpoints key the optimizer state by)."""
+    stages = []
+    for names in names_per_stage:
+        stage = nn.Module()
+        for name in names:
+            stage.register_parameter(name, getattr(model, name))
+        stages.append(stage)
+    return stages
+
+
+def save_checkpoint(folder, stages, optimizer, scheduler):
+    """The optimizer and scheduler files chipspan's checkpoints write."""
+    folder.mkdir()
+    torch.save(checkpoints.optimizer_state_by_name(stages, optimizer), folder / checkpoints.OPTIMIZER_FILE)
+    torch.save(scheduler.state_dict(), folder / checkpoints.SCHEDULER_FILE)
+
+
+def halve_every_step(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+
+
+def test_a_run_resumed_from_the_saved_state_on_two_stages_continues_bit_for_bit(tmp_path, chunk):
+    """Six steps in one optimizer, against three, a checkpoint, and three more with one optimizer
+    per stage loaded from it (seeds from the parameters' order, so only the state can carry them)."""
+    whole = LeastSquares(torch.bfloat16)
+    optimizer = sr_optimizer(whole.parameters())
+    scheduler = halve_every_step(optimizer)
+    for step in range(6):
+        train(whole, [optimizer], 1, first=step)
+        scheduler.step()
+
+    first = LeastSquares(torch.bfloat16)
+    optimizer = sr_optimizer(first.parameters())
+    scheduler = halve_every_step(optimizer)
+    for step in range(3):
+        train(first, [optimizer], 1, first=step)
+        scheduler.step()
+    save_checkpoint(tmp_path / "checkpoint-3", stages_of(first, [["a", "b", "bias"]]), optimizer, scheduler)
+
+    resumed = LeastSquares(torch.bfloat16)
+    resumed.load_state_dict(first.state_dict())
+    stages = stages_of(resumed, [["b", "bias"], ["a"]])  # another order, other optimizers
+    optimizers = [sr_optimizer(stage.parameters()) for stage in stages]
+    schedulers = [halve_every_step(o) for o in optimizers]
+    for stage, o, s in zip(stages, optimizers, schedulers):
+        checkpoints.load_optimizer_state([stage], o, s, tmp_path / "checkpoint-3")
+    for step in range(3, 6):
+        train(resumed, optimizers, 1, first=step)
+        for s in schedulers:
+            s.step()
+    for mine, reference in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(mine, reference)
+    assert optimizers[1].state[resumed.a]["rounding_seed"].dtype == torch.int64
+
+
+# --- the emulated chips -----------------------------------------------------------------------------
+
+
+def test_steps_on_two_emulated_chips_equal_the_cpu_bit_for_bit(chips):
+    """The weights on emu:0 and emu:1 (the bias with b): the rounding noise and the moments come out
+    the same as on the CPU, and every state tensor with a dimension stays on its parameter's chip."""
+    cpu, spanned = LeastSquares(torch.bfloat16), LeastSquares(torch.bfloat16, chips=("emu:0", "emu:1"))
+    cpu_losses = train(cpu, [sr_optimizer(list(cpu.named_parameters()))], 4)
+    optimizer = sr_optimizer(list(spanned.named_parameters()))
+    emu_losses = train(spanned, [optimizer], 4)
+    assert emu_losses == pytest.approx(cpu_losses, rel=1e-6)
+    for mine, reference in zip(spanned.parameters(), cpu.parameters()):
+        assert torch.equal(mine.cpu(), reference)
+    for p in spanned.parameters():
+        assert all(t.device == p.device for t in optimizer.state[p].values() if t.dim() > 0)
