@@ -10,8 +10,8 @@ loads it under any placement:
   step             0-dim float32 on the CPU, as torch's AdamW keeps it
   exp_avg          fp32 of the parameter's shape
   exp_avg_sq       the same
-  rounding_seed    0-dim int64 on the CPU (stochastic rounding only): the rounding noise of each
-                   element is a hash of (this seed, step, element index), the same on every device
+  rounding_seed    0-dim int64 on the CPU (stochastic rounding only): with the step, it seeds the
+                   rounding noise of each chunk, drawn on the parameter's chip (see rounding_noise)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 CHUNK = 1 << 20  # elements of a parameter stepped at once: bounds the step's fp32 scratch
 ROUNDED_DTYPES = (torch.bfloat16, torch.float16)  # what stochastic rounding applies to
 
-_LOW32 = 0xFFFFFFFF
+_LOW64 = (1 << 64) - 1
 
 
 class AdamW(torch.optim.Optimizer):
@@ -69,7 +69,7 @@ class AdamW(torch.optim.Optimizer):
         names = group.pop("param_names", None)
         for index, p in enumerate(group["params"]):
             label = zlib.crc32(names[index].encode()) if names else len(self._rounding_seeds)
-            self._rounding_seeds.setdefault(p, _hash32(_hash32(self._seed & _LOW32) ^ label))
+            self._rounding_seeds.setdefault(p, _mix64(_mix64(self._seed) ^ label) >> 1)  # an int64
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -92,7 +92,7 @@ class AdamW(torch.optim.Optimizer):
             state.update(self._fresh_state(p))
         seed = self._rounding_seed(p, state)
         state["step"] += 1
-        step = int(state["step"].item())
+        step = int(state["step"])
         flat = p.detach().reshape(-1)  # a view, unless p is not contiguous
         grad = p.grad.reshape(-1)
         for start in range(0, flat.numel(), CHUNK):
@@ -158,25 +158,16 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, noise: torch.Tenso
 
 def rounding_noise(seed: int, step: int, offset: int, count: int, device: torch.device) -> torch.Tensor:
     """Uniform fp32 in [0, 1) (multiples of 2**-24) for elements offset..offset+count of a parameter
-    at ``step``: a hash of (seed, step, element index), so the same on every device and chunking."""
-    key = _hash32(_hash32(seed & _LOW32) ^ (step & _LOW32))
-    index = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
-    bits = _hash32(_hash32((index & _LOW32) ^ key) ^ (index >> 32))
-    return (bits >> 8).to(torch.float32) * 2.0**-24
+    at ``step``: drawn on ``device`` by a generator seeded from (seed, step, offset), so the same on
+    every chip of one kind (the emulated chips draw as the CPU does) and under every placement."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_mix64(_mix64(_mix64(seed) ^ step) ^ offset))
+    return torch.rand(count, generator=generator, device=device)
 
 
-def _hash32(x):
-    """A bijective 32-bit integer mix (the "lowbias32" xor-shift-multiply finalizer) of ``x`` in
-    [0, 2**32): a Python int or an int64 tensor."""
-    x = x ^ (x >> 16)
-    x = _times32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _times32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _times32(x, constant: int):
-    """(x * constant) mod 2**32 for x in [0, 2**32), in two halves so no int64 product overflows."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _LOW32
+def _mix64(x: int) -> int:
+    """SplitMix64's output function: a well-spread 64-bit integer from any ``x`` >= 0."""
+    x = (x + 0x9E3779B97F4A7C15) & _LOW64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _LOW64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _LOW64
+    return x ^ (x >> 31)
