@@ -1,15 +1,18 @@
 """chipspan's AdamW: torch.optim.AdamW's update (decoupled weight decay) in plain PyTorch on any
-device, with stochastic rounding of bf16/fp16 weights (``stochastic_rounding=True``), so that
-updates far below a bf16 ulp still move them on average.
+device, with two savers: moments kept in 8 bits (``state_bits=8``, block-wise quantized with the
+dynamic code as bitsandbytes' AdamW8bit keeps them) and stochastic rounding of bf16/fp16 weights
+(``stochastic_rounding=True``), so that updates far below a bf16 ulp still move them on average.
 
-A parameter steps ``CHUNK`` elements at a time, in fp32: its value and its gradient as fp32 exist
-for one chunk only, then the chunk's value is written back in the parameter's dtype.
+A parameter steps ``CHUNK`` elements at a time, in fp32: its moments (dequantized when 8-bit), its
+value and its gradient as fp32 exist for one chunk only, then the chunk's value is written back in
+the parameter's dtype and its moments requantized.
 
 ``optimizer.state[p]`` holds tensors only, so the checkpoint code saves it by parameter name and
 loads it under any placement:
   step             0-dim float32 on the CPU, as torch's AdamW keeps it
-  exp_avg          fp32 of the parameter's shape
-  exp_avg_sq       the same
+  exp_avg          fp32 of the parameter's shape, or (8-bit) uint8 codes (numel,) of the signed
+                   dynamic code with exp_avg_absmax, fp32 (ceil(numel / BLOCK),)
+  exp_avg_sq       the same, with the unsigned dynamic code and exp_avg_sq_absmax
   rounding_seed    0-dim int64 on the CPU (stochastic rounding only): with the step, it seeds the
                    rounding noise of each chunk, drawn on the parameter's chip (see rounding_noise)
 """
@@ -22,7 +25,12 @@ from collections.abc import Iterable
 
 import torch
 
-CHUNK = 1 << 20  # elements of a parameter stepped at once: bounds the step's fp32 scratch
+from chipspan.quant.dynamic8 import dequantize_blockwise, dynamic_map, quantize_blockwise
+
+CHUNK = 1 << 20  # elements of a parameter stepped at once: bounds the step's fp32 scratch (whole blocks)
+BLOCK = 256  # elements per absmax of 8-bit moments
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments with state_bits=8, as bitsandbytes does
+MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # each moment's state key, and whether its code is signed
 ROUNDED_DTYPES = (torch.bfloat16, torch.float16)  # what stochastic rounding applies to
 
 _LOW64 = (1 << 64) - 1
@@ -33,7 +41,8 @@ class AdamW(torch.optim.Optimizer):
     takes them; each group's "lr" is what the LR scheduler changes).
 
     ``state_bits=32``: fp32 moments, also for bf16/fp16 parameters (whose update is computed in fp32
-    from the parameter's value).
+    from the parameter's value). ``state_bits=8``: the moments of tensors of at least
+    ``MIN_8BIT_SIZE`` elements in about 1 byte per element each (see ``state_bytes_of``).
     ``stochastic_rounding=True``: a bf16/fp16 parameter's new value is rounded up or down at random
     with the probability that makes it exact on average; ``seed`` and each parameter's name (or, for
     unnamed parameters, its order here) seed the noise, kept in the state so that a resumed run
@@ -52,8 +61,8 @@ class AdamW(torch.optim.Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
     ):
-        if state_bits != 32:
-            raise ValueError(f"state_bits must be 32, not {state_bits}")
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, not {state_bits}")
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         self.state_bits = state_bits
@@ -102,17 +111,53 @@ class AdamW(torch.optim.Optimizer):
             adamw_update(value, grad[start:end].float(), exp_avg, exp_avg_sq, group, step)
             if value.data_ptr() != flat[start:end].data_ptr():
                 flat[start:end] = rounded(value, p.dtype, seed, step, start)
+            self._store_moments(state, start, end, exp_avg, exp_avg_sq)
         if flat.data_ptr() != p.data_ptr():
             p.detach().copy_(flat.view_as(p))
 
     def _fresh_state(self, p: torch.Tensor) -> dict:
-        """Step 0 and zero fp32 moments of p's shape."""
-        zeros = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)  # noqa: E731
-        return {"step": torch.tensor(0.0), "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        """Step 0 and zero moments: fp32 of p's shape, or 8-bit codes and block absmax."""
+        state = {"step": torch.tensor(0.0)}
+        for key, _ in MOMENTS:
+            if self.state_bits == 32 or p.numel() < MIN_8BIT_SIZE:
+                state[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            else:
+                state[key] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
+                state[f"{key}_absmax"] = torch.zeros(math.ceil(p.numel() / BLOCK), dtype=torch.float32, device=p.device)
+        return state
 
     def _moments(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (end - start,) moments of elements start..end, as views of the state."""
-        return state["exp_avg"].view(-1)[start:end], state["exp_avg_sq"].view(-1)[start:end]
+        """fp32 (end - start,) moments of elements start..end: views of fp32 state, or dequantized."""
+        if state["exp_avg"].dtype != torch.uint8:
+            return state["exp_avg"].view(-1)[start:end], state["exp_avg_sq"].view(-1)[start:end]
+        blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
+        exp_avg, exp_avg_sq = (
+            dequantize_blockwise(
+                state[key][start:end],
+                state[f"{key}_absmax"][blocks],
+                self._code(signed, state[key].device),
+                BLOCK,
+                (end - start,),
+                torch.float32,
+            )
+            for key, signed in MOMENTS
+        )
+        return exp_avg, exp_avg_sq
+
+    def _store_moments(self, state: dict, start: int, end: int, *moments: torch.Tensor) -> None:
+        """Requantize the updated 8-bit moments of elements start..end (fp32 ones were updated in place)."""
+        if state["exp_avg"].dtype != torch.uint8:
+            return
+        for (key, signed), moment in zip(MOMENTS, moments):
+            codes, absmax = quantize_blockwise(moment, self._code(signed, moment.device), BLOCK)
+            state[key][start:end] = codes
+            state[f"{key}_absmax"][start // BLOCK : start // BLOCK + absmax.numel()] = absmax
+
+    def _code(self, signed: bool, device: torch.device) -> torch.Tensor:
+        """The dynamic code (signed for exp_avg, unsigned for exp_avg_sq) on ``device``, made once."""
+        if (device, signed) not in self._codes:
+            self._codes[device, signed] = dynamic_map(signed).to(device)
+        return self._codes[device, signed]
 
     def _rounding_seed(self, p: torch.Tensor, state: dict) -> int | None:
         """The seed of p's rounding noise (kept in its state), or None when p is rounded to nearest."""
@@ -171,3 +216,11 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _LOW64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _LOW64
     return x ^ (x >> 31)
+
+
+def state_bytes_of(numel: int, state_bits: int) -> int:
+    """Bytes that the two moments of a tensor of ``numel`` elements take on its chip (its step and
+    rounding seed live on the host)."""
+    if state_bits == 32 or numel < MIN_8BIT_SIZE:
+        return 2 * 4 * numel
+    return 2 * (numel + 4 * math.ceil(numel / BLOCK))
