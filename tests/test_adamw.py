@@ -1,6 +1,8 @@
 """chipspan's AdamW (chipspan/train/adamw.py): torch's AdamW update, stochastic rounding of bf16
 and fp16 weights, resumable bit for bit from the by-name checkpoint state under another placement."""
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -298,6 +300,31 @@ def test_a_run_resumed_from_the_saved_state_on_two_stages_continues_bit_for_bit(
     for mine, reference in zip(resumed.parameters(), whole.parameters()):
         assert torch.equal(mine, reference)
     assert optimizers[1].state[resumed.a]["rounding_seed"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_torchs_state_dict_round_trip_continues_bit_for_bit(state_bits):
+    """optimizer.state_dict(), through torch.save and a weights-only torch.load, into a new
+    optimizer: the state of the bf16 weights keeps its dtypes (torch's own load casts every state
+    tensor to bf16) and the run goes on unchanged."""
+    whole = LeastSquares(torch.bfloat16)
+    train(whole, [sr_optimizer(whole.parameters(), state_bits=state_bits)], 6)
+    first = LeastSquares(torch.bfloat16)
+    optimizer = sr_optimizer(first.parameters(), state_bits=state_bits)
+    train(first, [optimizer], 3)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = LeastSquares(torch.bfloat16)
+    resumed.load_state_dict(first.state_dict())
+    optimizer = sr_optimizer(resumed.parameters(), state_bits=state_bits)
+    optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+    state = optimizer.state[resumed.a]
+    assert state["exp_avg"].dtype == (torch.uint8 if state_bits == 8 else torch.float32)
+    assert state["rounding_seed"].dtype == torch.int64 and state["step"].dtype == torch.float32
+    train(resumed, [optimizer], 3, first=3)
+    for mine, reference in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(mine, reference)
 
 
 # --- the emulated chips -----------------------------------------------------------------------------

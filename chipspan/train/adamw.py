@@ -80,6 +80,17 @@ class AdamW(torch.optim.Optimizer):
             label = zlib.crc32(names[index].encode()) if names else len(self._rounding_seeds)
             self._rounding_seeds.setdefault(p, _mix64(_mix64(self._seed) ^ label) >> 1)  # an int64
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, except that the state's tensors keep their saved dtype (torch casts every one of
+        them to a floating parameter's dtype: 8-bit codes, seeds, fp32 moments of bf16 weights)."""
+        super().load_state_dict(state_dict)
+        saved = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value):  # with a dimension to p's chip; 0-dim ones stay on the CPU
+                    self.state[p][key] = value.to(p.device if value.dim() else "cpu", copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
