@@ -98,6 +98,17 @@ def test_fp32_steps_equal_torch_adamw_with_two_groups_and_a_changing_lr(chunk, w
     assert not torch.equal(ours.a, LeastSquares().a)  # it trained
 
 
+def test_a_parameter_that_is_not_contiguous_steps_as_torch_steps_it():
+    ours, theirs = (nn.Parameter(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)).t()) for _ in "ab")
+    optimizers = [AdamW([ours], lr=1e-2), torch.optim.AdamW([theirs], lr=1e-2)]
+    for step in range(3):
+        ours.grad = theirs.grad = torch.randn(96, 64, generator=torch.Generator().manual_seed(step))
+        for optimizer in optimizers:
+            optimizer.step()
+    assert not ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
 def test_bf16_weights_keep_fp32_moments():
     model = LeastSquares(torch.bfloat16)
     optimizer = AdamW(model.parameters())
@@ -232,16 +243,17 @@ def sr_optimizer(named_params, **settings):
 
 
 def test_named_parameters_give_the_same_rounding_in_one_optimizer_or_one_per_stage(chunk):
-    """Seeded by name: a fresh run rounds the same whether one optimizer holds every parameter or
-    each stage has its own (as under torchrun)."""
+    """Seeded by name: a fresh run rounds the same whether one optimizer holds every parameter (in
+    two groups, as build_optimizer makes them) or each stage has its own (as under torchrun)."""
     whole, staged = LeastSquares(torch.bfloat16), LeastSquares(torch.bfloat16)
-    train(whole, [sr_optimizer(list(whole.named_parameters()))], 5)
-    stage_params = [[("a", staged.a)], [("b", staged.b), ("bias", staged.bias)]]
-    optimizers = [sr_optimizer(named) for named in stage_params]
+    groups = lambda *named: [{"params": named[:-1]}, {"params": named[-1:], "weight_decay": 0.0}]  # noqa: E731
+    train(whole, [sr_optimizer(groups(("a", whole.a), ("b", whole.b), ("bias", whole.bias)))], 5)
+    optimizers = [sr_optimizer([("a", staged.a)]), sr_optimizer(groups(("b", staged.b), ("bias", staged.bias)))]
     train(staged, optimizers, 5)
     for mine, reference in zip(staged.parameters(), whole.parameters()):
         assert torch.equal(mine, reference)
     assert all("param_names" not in g for o in optimizers for g in o.param_groups)
+    assert optimizers[1].param_groups[0]["params"] == [staged.b]
 
 
 def stages_of(model, names_per_stage):

@@ -46,7 +46,8 @@ class AdamW(torch.optim.Optimizer):
     ``stochastic_rounding=True``: a bf16/fp16 parameter's new value is rounded up or down at random
     with the probability that makes it exact on average; ``seed`` and each parameter's name (or, for
     unnamed parameters, its order here) seed the noise, kept in the state so that a resumed run
-    continues bit for bit. Parameter names only seed the noise: the groups keep none.
+    continues bit for bit. Parameter names only seed the noise: the groups keep none, so that saved
+    groups fit any placement.
     """
 
     def __init__(
@@ -73,11 +74,15 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        names = group.pop("param_names", None)
-        for index, p in enumerate(group["params"]):
-            label = zlib.crc32(names[index].encode()) if names else len(self._rounding_seeds)
+        """torch's, with the names of (name, tensor) pairs only seeding the rounding noise."""
+        params = param_group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)
+        names = [item[0] if isinstance(item, tuple) else None for item in params]
+        super().add_param_group(
+            {**param_group, "params": [item[1] if isinstance(item, tuple) else item for item in params]}
+        )
+        for name, p in zip(names, self.param_groups[-1]["params"]):
+            label = zlib.crc32(name.encode()) if name is not None else len(self._rounding_seeds)
             self._rounding_seeds.setdefault(p, _mix64(_mix64(self._seed) ^ label) >> 1)  # an int64
 
     def load_state_dict(self, state_dict: dict) -> None:
