@@ -357,16 +357,33 @@ def test_steps_on_two_emulated_chips_equal_the_cpu_bit_for_bit(chips, state_bits
         assert all(t.device == p.device for t in optimizer.state[p].values() if t.dim() > 0)
 
 
-def test_an_8bit_step_needs_a_chunk_of_scratch_on_the_chip_not_fp32_moments(chips, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, state_bits, stochastic_rounding",
+    [
+        (torch.float32, 32, False),
+        (torch.float32, 8, False),
+        (torch.bfloat16, 32, False),
+        (torch.bfloat16, 8, False),
+        (torch.bfloat16, 32, True),
+        (torch.bfloat16, 8, True),
+    ],
+)
+def test_a_step_needs_a_chunk_of_scratch_on_the_chip_as_step_scratch_bytes_says(
+    chips, monkeypatch, dtype, state_bits, stochastic_rounding
+):
     """A step of a 2**18-element weight on emu:0, 2**12 elements at a time: its peak beyond what the
-    chip held before stays under a quarter of what fp32 moments would take (2 MiB)."""
+    chip held is at most step_scratch_bytes and at least 85% of it, and (8-bit) under a quarter of
+    what fp32 moments would take (2 MiB); the step leaves nothing behind."""
     monkeypatch.setattr(adamw, "CHUNK", 1 << 12)
-    weight = nn.Parameter(torch.randn(1 << 18, device="emu:0"))
+    weight = nn.Parameter(torch.randn(1 << 18, device="emu:0").to(dtype))
     weight.grad = torch.randn_like(weight)
-    optimizer = AdamW([weight], state_bits=8)
+    optimizer = AdamW([weight], state_bits=state_bits, stochastic_rounding=stochastic_rounding)
     optimizer.step()  # the states exist from here on
     emu.reset_peak_memory(0)
     held = emu.memory_allocated(0)
     optimizer.step()
-    assert emu.peak_memory(0) - held < 8 * weight.numel() / 4
+    scratch = emu.peak_memory(0) - held
+    bound = adamw.step_scratch_bytes(weight.numel(), dtype, state_bits, stochastic_rounding)
+    assert 0.85 * bound <= scratch <= bound
+    assert state_bits == 32 or scratch < 8 * weight.numel() / 4
     assert emu.memory_allocated(0) == held

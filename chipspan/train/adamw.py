@@ -117,19 +117,25 @@ class AdamW(torch.optim.Optimizer):
             state.update(self._fresh_state(p))
         seed = self._rounding_seed(p, state)
         state["step"] += 1
-        step = int(state["step"])
         flat = p.detach().reshape(-1)  # a view, unless p is not contiguous
         grad = p.grad.reshape(-1)
         for start in range(0, flat.numel(), CHUNK):
-            end = min(start + CHUNK, flat.numel())
-            exp_avg, exp_avg_sq = self._moments(state, start, end)
-            value = flat[start:end].float()  # the chunk itself when p is fp32
-            adamw_update(value, grad[start:end].float(), exp_avg, exp_avg_sq, group, step)
-            if value.data_ptr() != flat[start:end].data_ptr():
-                flat[start:end] = rounded(value, p.dtype, seed, step, start)
-            self._store_moments(state, start, end, exp_avg, exp_avg_sq)
+            self._step_chunk(flat, grad, state, group, seed, start, min(start + CHUNK, flat.numel()))
         if flat.data_ptr() != p.data_ptr():
             p.detach().copy_(flat.view_as(p))
+
+    def _step_chunk(
+        self, flat: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, seed: int | None, start: int, end: int
+    ) -> None:
+        """Elements start..end of the flattened parameter ``flat`` and of its moments: their fp32
+        scratch lives until this returns."""
+        step = int(state["step"])
+        exp_avg, exp_avg_sq = self._moments(state, start, end)
+        value = flat[start:end].float()  # the chunk itself when the parameter is fp32
+        adamw_update(value, grad[start:end].float(), exp_avg, exp_avg_sq, group, step)
+        if value.data_ptr() != flat[start:end].data_ptr():
+            flat[start:end] = rounded(value, flat.dtype, seed, step, start)
+        self._store_moments(state, start, end, exp_avg, exp_avg_sq)
 
     def _fresh_state(self, p: torch.Tensor) -> dict:
         """Step 0 and zero moments: fp32 of p's shape, or 8-bit codes and block absmax."""
@@ -240,3 +246,18 @@ def state_bytes_of(numel: int, state_bits: int) -> int:
     if state_bits == 32 or numel < MIN_8BIT_SIZE:
         return 2 * 4 * numel
     return 2 * (numel + 4 * math.ceil(numel / BLOCK))
+
+
+def step_scratch_bytes(numel: int, dtype: torch.dtype, state_bits: int, stochastic_rounding: bool) -> int:
+    """At most the bytes that one step of a ``dtype`` tensor of ``numel`` elements allocates on its
+    chip beyond what it holds: one chunk's fp32 scratch (per element, measured on the emulated chips:
+    8, 20 with 8-bit moments; 16-bit weights 16, 24 with 8-bit moments; with stochastic rounding
+    30 and 38)."""
+    per_element = 8  # the denominator and its square root
+    if dtype != torch.float32:
+        per_element += 8  # fp32 copies of the chunk's values and gradients
+    if state_bits == 8 and numel >= MIN_8BIT_SIZE:
+        per_element += 12  # the dequantized moments, and requantizing them
+    if stochastic_rounding and dtype in ROUNDED_DTYPES:
+        per_element += 14  # the noise, the two neighbours and the chance of each
+    return per_element * min(numel, CHUNK)
