@@ -226,7 +226,8 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, noise: torch.Tenso
 def rounding_noise(seed: int, step: int, offset: int, count: int, device: torch.device) -> torch.Tensor:
     """Uniform fp32 in [0, 1) (multiples of 2**-24) for elements offset..offset+count of a parameter
     at ``step``: drawn on ``device`` by a generator seeded from (seed, step, offset), so the same on
-    every chip of one kind (the emulated chips draw as the CPU does) and under every placement."""
+    every chip of one kind (the emulated chips draw as the CPU does) and under every placement. A run
+    resumed on another kind of chip draws other noise: it stays unbiased, but not bit for bit."""
     generator = torch.Generator(device=device)
     generator.manual_seed(_mix64(_mix64(_mix64(seed) ^ step) ^ offset))
     return torch.rand(count, generator=generator, device=device)
