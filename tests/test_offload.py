@@ -97,10 +97,6 @@ def train(model, optimizer, scheduler, steps: range) -> list[tuple[float, float]
     return seen
 
 
-def host_state(optimizer, param) -> dict:
-    return optimizer.state[param]
-
-
 def test_steps_equal_torch_adamw_with_weight_decay_groups_and_schedule(chips):
     model = spanned(chips)
     reference = copy.deepcopy(model)
@@ -135,7 +131,7 @@ def test_bf16_weights_learn_from_updates_below_their_precision(chips):
             optimizer.zero_grad()
     optimizers[0][1].synchronize()
 
-    master = host_state(optimizers[0][1], weight)["master"]
+    master = optimizers[0][1].state[weight]["master"]
     assert torch.equal(plain.detach().cpu(), torch.ones(16, dtype=torch.bfloat16))
     assert (master - fp32.detach()).abs().max() <= 1e-6  # the master followed fp32 AdamW: about 1 - 12e-3
     assert torch.equal(weight.detach().cpu(), master.to(torch.bfloat16))  # the chip holds the master, rounded
@@ -154,7 +150,7 @@ def test_no_optimizer_tensor_stays_on_a_chip(accelerator_chips):
     assert [chip_bytes(chip) for chip in accelerator_chips] == before  # no gradient, moment or master there
     held = 0
     for param in trained:
-        state = host_state(optimizer, param)
+        state = optimizer.state[param]
         assert sorted(state) == sorted([*HOST_TENSORS, "step"])
         assert all(t.device == torch.device("cpu") for t in state.values())
         for key in HOST_TENSORS:
@@ -199,6 +195,22 @@ def test_a_forward_waits_for_its_parameters_updates(chips, monkeypatch):
     assert loss.item() == pytest.approx(reference(ids, labels).item(), abs=1e-6)
 
 
+def test_a_workers_error_reaches_the_training_loop(monkeypatch):
+    def fail(state, grad, settings):
+        raise RuntimeError("host out of memory")
+
+    monkeypatch.setattr(offload, "_adamw", fail)
+    model = spanned(two_chips("cpu"))
+    optimizer = offloaded(model)
+    ids, labels = batch(CONFIG.vocab_size)
+    model(ids, labels).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="host out of memory"):
+        model(ids, labels)  # the forward that would have read the stale weights
+    with pytest.raises(RuntimeError, match="host out of memory"):
+        optimizer.synchronize()
+
+
 @pytest.mark.parametrize("restore", ["by_name", "state_dict"])
 def test_a_resumed_run_continues_exactly(chips, tmp_path, restore):
     # bf16 weights: the masters hold what the weights cannot, so only a state that keeps them resumes exactly
@@ -226,7 +238,7 @@ def test_a_resumed_run_continues_exactly(chips, tmp_path, restore):
 
     for (name, mine), expected in zip(resumed.named_parameters(), model.parameters()):
         assert torch.equal(mine, expected), name
-        assert torch.equal(host_state(again, mine)["master"], host_state(optimizer, expected)["master"]), name
+        assert torch.equal(again.state[mine]["master"], optimizer.state[expected]["master"]), name
 
 
 def save(restore: str, model: SpannedModel, optimizer, scheduler, folder) -> None:
