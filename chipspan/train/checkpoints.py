@@ -54,6 +54,7 @@ from chipspan.models.tokenizer import Tokenizer
 from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, save_weights
 from chipspan.precision import Precision
 from chipspan.train.loop import save_due
+from chipspan.train.offload import state_device
 from chipspan.train.optim import KINDS, group_kind, parameter_names
 from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState
 
@@ -582,7 +583,7 @@ def _groups_by_kind(saved: dict) -> dict:
 def load_optimizer_state(stages: list[CausalLM], optimizer: torch.optim.Optimizer, scheduler, folder: Path) -> None:
     """The optimizer and scheduler state of a checkpoint written by any placement, for the
     parameters of ``stages`` (all of the model's, or one rank's): each group's settings by kind,
-    each parameter's moments by name, moved to its chip."""
+    each parameter's moments by name, moved to its chip (to the host for the host-offloaded AdamW)."""
     saved = read_optimizer_state(folder)
     names = parameter_names(stages)
     for group in optimizer.param_groups:
@@ -590,7 +591,7 @@ def load_optimizer_state(stages: list[CausalLM], optimizer: torch.optim.Optimize
         for p in group["params"]:
             entry = saved["state"].get(names[id(p)])
             if entry is not None:
-                optimizer.state[p] = {k: _own_copy(v, p.device) for k, v in entry.items()}
+                optimizer.state[p] = {k: _own_copy(v, state_device(optimizer, p)) for k, v in entry.items()}
     schedule = read_saved(folder / SCHEDULER_FILE)
     scheduler.load_state_dict(resize_scheduler(schedule, len(optimizer.param_groups)))
 
