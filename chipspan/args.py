@@ -38,6 +38,7 @@ class Range:
     high_open: bool = False
     example: str | None = None
     whole_above: float | None = None
+    only: tuple[float, ...] | None = None  # the only values allowed (--quantization_bit: 4 or 8)
 
     def admits(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -46,11 +47,15 @@ class Range:
             return False
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             return False
+        if self.only is not None and value not in self.only:
+            return False
         return self.whole_above is None or value < self.whole_above or value == int(value)
 
     def describe(self) -> str:
         """The range in words, e.g. "> 0", ">= 1", "in [0, 1)"."""
         low, high = _number(self.low), _number(self.high)
+        if self.only is not None:
+            return " or ".join(_number(value) for value in self.only)
         if self.whole_above is not None:
             return f"in [{low}, {_number(self.whole_above)}) or a whole count >= {_number(self.whole_above)}"
         if self.low is not None and self.high is not None:
@@ -111,12 +116,34 @@ TOOL_FORMATS = Choices(("default", "llama3", "qwen", "mistral", "glm4"))
 MIX_STRATEGIES = Choices(("concat", "interleave_under", "interleave_over", "interleave_once"))
 PIPELINE_SCHEDULES = Choices(("gpipe", "1f1b", "interleaved1f1b"))
 LAUNCHERS = Choices(("torchrun",))
+QUANTIZATION_TYPES = Choices(("nf4", "fp4"))
+# The Hugging Face Trainer's names; fused and device-specific AdamW kernels compute the same AdamW.
+OPTIMIZERS = Choices(
+    ("adamw_torch", "adamw_8bit"),
+    older=(
+        ("adamw_torch_fused", "adamw_torch"),
+        ("adamw_torch_npu_fused", "adamw_torch"),
+        ("adamw_torch_xla", "adamw_torch"),
+        ("adamw_bnb_8bit", "adamw_8bit"),
+        ("adamw_torch_8bit", "adamw_8bit"),
+    ),
+)
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hugging Face model folder"})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "LoRA adapter to start from"})
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={"help": "LoRA: quantize the frozen base to 4 or 8 bits as it loads", "range": Range(only=(4, 8))},
+    )
+    quantization_type: str = field(
+        default="nf4", metadata={"help": "the 4-bit code (QLoRA's nf4, or fp4)", "choices": QUANTIZATION_TYPES}
+    )
+    double_quantization: bool = field(
+        default=True, metadata={"help": "4-bit: quantize the block scales too (QLoRA's double quantization)"}
+    )
 
 
 @dataclass
@@ -190,6 +217,10 @@ class FinetuningArguments:
     )
     plot_loss: bool = field(default=False, metadata={"help": "write training_loss.png"})
     pure_bf16: bool = field(default=False, metadata={"help": "everything in bf16, trained weights too, no autocast"})
+    stochastic_rounding: bool = field(
+        default=True,
+        metadata={"help": "--pure_bf16: round each update stochastically so small ones still count (false: nearest)"},
+    )
 
 
 @dataclass
@@ -227,6 +258,13 @@ class TrainingArguments:
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate", "range": POSITIVE})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": Range(0, example="0.01")})
+    optim: str = field(
+        default="adamw_torch", metadata={"help": "AdamW, or AdamW with 8-bit moments", "choices": OPTIMIZERS}
+    )
+    offload_optimizer: bool = field(
+        default=False,
+        metadata={"help": "fp32 master weights and AdamW moments in host memory, stepped there (DeepSpeed's name)"},
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": BETA})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2", "range": BETA})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": POSITIVE})

@@ -254,9 +254,6 @@ IDLE: dict[str, str] = {
     ),
     **dict.fromkeys(
         [
-            "quantization_method",
-            "quantization_type",
-            "double_quantization",
             "quantization_device_map",
             "loraplus_lr_embedding",
             "pissa_iter",
@@ -327,7 +324,7 @@ IDLE: dict[str, str] = {
 # ---- refused unless off --------------------------------------------------------------------------
 _SPANS = "chipspan spans the model over chips itself: use --chips 0-3 (one process) or --launcher torchrun"
 _TEXT_ONLY = "images, videos and audio: chipspan trains text models only"
-_OPTIMIZER = "chipspan trains with AdamW (optim adamw_torch)"
+_OPTIMIZER = "chipspan trains with AdamW (optim adamw_torch, or adamw_8bit for 8-bit moments)"
 _NOT_YET = "is not in chipspan"
 
 
@@ -358,10 +355,10 @@ REFUSED: dict[str, Refusal] = {
         )
     },
     **dict.fromkeys(["freeze_vision_tower", "freeze_multi_modal_projector"], Refusal(_TEXT_ONLY, off=("true",))),
-    "quantization_bit": Refusal(
-        "a quantized base " + _NOT_YET + " yet; drop quantization_bit to train the 16-bit base"
+    "quantization_method": Refusal(
+        "chipspan quantizes as bitsandbytes does (quantization_bit 4 or 8), in PyTorch on any chip",
+        off=("none", "bnb", "bitsandbytes"),
     ),
-    "optim": Refusal(_OPTIMIZER, off=("adamw_torch", "adamw_torch_fused")),
     **dict.fromkeys(["adafactor", "use_adam_mini", "use_muon", "use_badam"], Refusal(_OPTIMIZER)),
     **{f"use_{name}": Refusal(_method(label)) for name, label in (("galore", "GaLore"), ("apollo", "APOLLO"))},
     "optim_target_modules": Refusal(_method("GaLore/APOLLO")),
@@ -445,6 +442,17 @@ OTHER_CHOICES = {
         **dict.fromkeys(("rm", "ppo", "dpo", "kto"), "a preference stage, which chipspan does not run yet (sft, pt)")
     },
     "finetuning_type": {"oft": "OFT " + _NOT_YET + " (lora, full, freeze)"},
+    "optim": {
+        **dict.fromkeys(
+            ("paged_adamw_8bit", "paged_adamw_32bit"),
+            "paging moments out of a CUDA chip is bitsandbytes' own: use adamw_8bit, or --offload_optimizer "
+            "to keep them in host memory",
+        ),
+        **dict.fromkeys(
+            ("adafactor", "sgd", "adagrad", "rmsprop", "lion_8bit", "lion_32bit", "adamw_torch_4bit", "ademamix"),
+            _OPTIMIZER,
+        ),
+    },
     "report_to": {
         **dict.fromkeys(
             ("comet_ml", "neptune", "clearml", "dvclive", "trackio", "azure_ml", "codecarbon", "flyte", "dagshub"),

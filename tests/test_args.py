@@ -166,6 +166,8 @@ def test_every_fixed_choice_flag_declares_its_choices():
             "mix_strategy",
             "pipeline_schedule",
             "launcher",
+            "quantization_type",
+            "optim",
         ]
     )
 

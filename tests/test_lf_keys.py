@@ -147,10 +147,10 @@ def test_what_chipspan_does_not_do_is_refused_in_one_line_before_anything_runs(t
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("chipspan: error: 7 problems: (1) --image_max_pixels 262144: images, videos and audio")
     for part in (
-        "(3) --quantization_bit 4: a quantized base",
-        "(4) --deepspeed examples/deepspeed/ds_z3_config.json: chipspan spans the model over chips itself",
-        "(5) --optim adafactor: chipspan trains with AdamW",
-        "(6) --stage dpo: a preference stage",
+        "(3) --deepspeed examples/deepspeed/ds_z3_config.json: chipspan spans the model over chips itself",
+        "(4) --quantization_bit 3: must be a whole number 4 or 8",
+        "(5) --stage dpo: a preference stage",
+        "(6) --optim adafactor: chipspan trains with AdamW",
         "(7) --report_to neptune: a tracker chipspan does not log to",
     ):
         assert part in line
