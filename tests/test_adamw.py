@@ -109,12 +109,13 @@ def test_a_parameter_that_is_not_contiguous_steps_as_torch_steps_it():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
 
 
-def test_bf16_weights_keep_fp32_moments():
+def test_moments_take_the_weights_dtype_as_torchs_adamw_keeps_them():
+    """bf16 weights (--pure_bf16) keep bf16 moments: the plan prices 2 bytes per moment, as for torch's."""
     model = LeastSquares(torch.bfloat16)
     optimizer = AdamW(model.parameters())
     train(model, [optimizer], 1)
     state = optimizer.state[model.a]
-    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
     assert state["exp_avg"].shape == model.a.shape and model.a.dtype == torch.bfloat16
 
 
@@ -332,7 +333,7 @@ def test_torchs_state_dict_round_trip_continues_bit_for_bit(state_bits):
     optimizer = sr_optimizer(resumed.parameters(), state_bits=state_bits)
     optimizer.load_state_dict(torch.load(buffer, weights_only=True))
     state = optimizer.state[resumed.a]
-    assert state["exp_avg"].dtype == (torch.uint8 if state_bits == 8 else torch.float32)
+    assert state["exp_avg"].dtype == (torch.uint8 if state_bits == 8 else torch.bfloat16)
     assert state["rounding_seed"].dtype == torch.int64 and state["step"].dtype == torch.float32
     train(resumed, [optimizer], 3, first=3)
     for mine, reference in zip(resumed.parameters(), whole.parameters()):

@@ -3,8 +3,8 @@
     y = x W^T + b + dropout(x) A^T B^T * scaling     A (r, in), B (out, r), scaling = alpha / r
                                                                        (alpha / sqrt(r) with rsLoRA)
 
-``inject_lora`` freezes every base parameter, wraps the target ``nn.Linear`` modules in
-``LoraLinear`` and makes the ``additional_target`` modules fully trainable. Trainable tensors are
+``inject_lora`` freezes every base parameter, wraps the target ``nn.Linear`` modules (or, on a
+quantized base, ``QuantizedLinear`` ones) in ``LoraLinear`` and makes the ``additional_target`` modules fully trainable. Trainable tensors are
 fp32 whatever the base dtype (LLaMA-Factory 0.5's ``--fp16``: frozen fp16 base, fp32 adapters). A LoRA layer
 returns the base dtype by itself; fp32 additional targets on a fp16/bf16 base need the forward to
 run under ``torch.autocast``, as LLaMA-Factory 0.5's mixed-precision training does. The settings stay on the
@@ -43,8 +43,9 @@ from torch import nn
 
 from chipspan.errors import ChipspanError
 from chipspan.models.decoder import CausalLM
+from chipspan.models.weights import decoder_linears
+from chipspan.quant import QuantizedLinear
 
-LAYERS_PREFIX = "model.layers."
 TIED_PAIR = ("model.embed_tokens", "lm_head")
 
 
@@ -66,32 +67,45 @@ class LoraSettings:
 
 
 class LoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a low-rank update: x (..., in) -> (..., out) in the base dtype.
+    """A frozen linear layer plus a low-rank update: x (..., in) -> (..., out) in the base dtype.
 
-    The base ``weight`` (out, in) and ``bias`` (out,) stay attributes of this module, so their
-    state-dict keys do not change; ``lora_A`` (in -> r) and ``lora_B`` (r -> out) are fp32 and
-    the update is computed in their dtype. B starts at zero, so a fresh adapter changes nothing.
+    Over an ``nn.Linear``, the base ``weight`` (out, in) and ``bias`` (out,) stay attributes of
+    this module, so their state-dict keys do not change. Over a ``QuantizedLinear`` (a quantized
+    base, QLoRA) that module is kept whole as ``quantized_base`` and computes the base output.
+    ``lora_A`` (in -> r) and ``lora_B`` (r -> out) are fp32 and the update is computed in their
+    dtype. B starts at zero, so a fresh adapter changes nothing.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        if isinstance(base, QuantizedLinear):
+            self.quantized_base = base
+            device = next(base.buffers()).device
+        else:
+            self.quantized_base = None
+            self.weight = base.weight
+            self.register_parameter("bias", base.bias)
+            device = base.weight.device
         # Drawn on the CPU generator, then moved: the same seed gives the same adapter on any chip.
-        init_device = "meta" if base.weight.is_meta else "cpu"
+        init_device = "meta" if device.type == "meta" else "cpu"
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=init_device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=init_device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(base.weight.device)
-        self.lora_B.to(base.weight.device)
+        self.lora_A.to(device)
+        self.lora_B.to(device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self.quantized_base is not None:
+            out = self.quantized_base(x)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
@@ -104,6 +118,11 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight (in fp32, stored back in the weight's dtype)."""
+        if self.quantized_base is not None:
+            raise ChipspanError(
+                "a LoRA layer over a quantized base cannot be merged into it (the sum would be rounded "
+                "to 4 or 8 bits): load the base without --quantization_bit, then apply the adapter"
+            )
         if self.merged:
             raise ChipspanError("this LoRA layer is already merged; call unmerge() before merging again")
         self.weight.copy_(self.weight.float() + self.delta_weight())
@@ -167,7 +186,7 @@ def inject_lora(
     if not settings.target_modules:
         raise ChipspanError("lora_target is empty; name the layers to adapt, e.g. q_proj,v_proj, or all")
     if settings.target_modules == ["all"]:
-        settings.target_modules = sorted({name.rpartition(".")[2] for name in _layer_linears(_reference(model))})
+        settings.target_modules = sorted({name.rpartition(".")[2] for name in decoder_linears(_reference(model))})
     return apply_lora(model, settings)
 
 
@@ -295,17 +314,13 @@ def _is_tied(model: nn.Module) -> bool:
     return embed is not None and head is not None and head.weight is embed.weight
 
 
-def _layer_linears(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if name.startswith(LAYERS_PREFIX) and isinstance(m, nn.Linear)]
-
-
 def _short_names(names: list[str]) -> list[str]:
     return sorted({name.rpartition(".")[2] for name in names if not name.rpartition(".")[2].isdigit()})
 
 
 def _resolve_targets(reference: nn.Module, target: list[str] | str) -> list[str]:
     """Whole-model names of the linear layers ``target`` selects; ChipspanError if one selects nothing."""
-    linears = _layer_linears(reference)
+    linears = decoder_linears(reference)
     if isinstance(target, str):
         if target == "all-linear":  # PEFT's shorthand
             return linears

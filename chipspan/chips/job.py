@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from chipspan.args import RunArguments
 from chipspan.errors import ChipspanError
 from chipspan.precision import PrecisionChoice
+from chipspan.quant import QuantSettings
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class Job:
     ``compute_bytes`` the activations inside a layer (autocast's dtype, else the base's);
     ``trained_bytes``, ``gradient_bytes``, ``moment_bytes`` a trained weight, its gradient and each
     of AdamW's two moments. The defaults are fp32 throughout.
+
+    The savers: ``quant`` stores the decoder layers' frozen linear weights quantized (LoRA);
+    ``moment_bits`` 8 keeps AdamW's moments block-wise in 8 bits; ``offload_optimizer`` keeps the
+    fp32 master weights and moments in host memory and steps them there; ``stochastic_rounding``
+    rounds 16-bit trained weights' updates at random (chipspan's AdamW, fp32 scratch per chunk).
     """
 
     finetuning_type: str  # "lora", "full" or "freeze" (validated with the run's arguments)
@@ -43,11 +49,17 @@ class Job:
     name_module_trainable: str = "mlp"  # freeze: mlp, self_attn or all
     micro_batches_in_flight: int = 1  # micro-batches whose activations a chip holds at once
     gradients_held: bool = False  # gradients of earlier micro-batches alive while a chip runs the next
+    quant: QuantSettings | None = None
+    moment_bits: int = 32
+    offload_optimizer: bool = False
+    stochastic_rounding: bool = False
 
     def __post_init__(self):
         sizes = (self.base_bytes, self.compute_bytes, self.trained_bytes, self.gradient_bytes, self.moment_bytes)
         if any(size not in (2, 4) for size in sizes):
             raise ChipspanError(f"bytes per element must be 2 (fp16/bf16) or 4 (fp32), not {sizes}")
+        if self.moment_bits not in (8, 32):
+            raise ChipspanError(f"AdamW's moments are kept in 8 or 32 bits, not {self.moment_bits}")
         if min(self.seq_len, self.batch, self.micro_batches_in_flight) < 1:
             raise ChipspanError("seq_len, batch and micro_batches_in_flight must be at least 1")
 
@@ -63,6 +75,7 @@ def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | N
     fit the batch. The micro-batches in flight come from the schedule (``Schedule``); one process
     holds the gradients of earlier accumulation steps while it runs the next (one process per chip
     runs a step's accumulation steps as micro-batches of one schedule)."""
+    check_savers(run)
     ft, train = run.finetuning, run.training
     batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
     if not 1 <= micro <= max(batch, 1):
@@ -88,7 +101,46 @@ def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | N
         num_layer_trainable=ft.num_layer_trainable,
         name_module_trainable=ft.name_module_trainable,
         gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
+        quant=quant_settings(run),
+        moment_bits=8 if train.optim == "adamw_8bit" else 32,
+        offload_optimizer=train.offload_optimizer,
+        stochastic_rounding=rounds_stochastically(run, precision),
     )
+
+
+def quant_settings(run: RunArguments) -> QuantSettings | None:
+    """How the frozen base is quantized as it loads (--quantization_bit and its options), or None."""
+    model = run.model
+    if model.quantization_bit is None:
+        return None
+    return QuantSettings(model.quantization_bit, model.quantization_type, model.double_quantization)
+
+
+def rounds_stochastically(run: RunArguments, precision: PrecisionChoice) -> bool:
+    """Whether AdamW rounds the update of 16-bit trained weights at random: --stochastic_rounding
+    (on by default) where the trained weights are 16-bit (--pure_bf16) and stepped on the chip."""
+    return (
+        run.finetuning.stochastic_rounding
+        and precision.trained_dtype.itemsize == 2
+        and not run.training.offload_optimizer
+    )
+
+
+def check_savers(run: RunArguments) -> None:
+    """Refuse memory savers that cannot go together, in one line, before anything loads."""
+    ft, train = run.finetuning, run.training
+    if run.model.quantization_bit is not None and ft.finetuning_type != "lora":
+        raise ChipspanError(
+            f"--quantization_bit {run.model.quantization_bit} quantizes a frozen base, so it needs "
+            f"--finetuning_type lora, not {ft.finetuning_type} (full and freeze train the base's own "
+            "weights); use --optim adamw_8bit or --offload_optimizer to fit those in less memory"
+        )
+    if train.offload_optimizer and train.optim == "adamw_8bit":
+        raise ChipspanError(
+            "--offload_optimizer keeps AdamW's moments in host memory in fp32, so --optim adamw_8bit has "
+            "nothing left to save on the chip: choose one (adamw_8bit keeps 2 bytes of moments per weight "
+            "on the chip; offloading keeps none there)"
+        )
 
 
 def one_process_per_chip(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:

@@ -21,6 +21,7 @@ from chipspan.chips.placement import Placement
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
 from chipspan.models.loss import ScoredTokens
 from chipspan.models.weights import load_pretrained
+from chipspan.quant import QuantSettings
 
 
 class SpannedModel(nn.Module):
@@ -31,11 +32,14 @@ class SpannedModel(nn.Module):
         self.config = stages[0].config
 
     @classmethod
-    def load(cls, path: str | Path, placement: Placement, dtype: torch.dtype) -> SpannedModel:
-        """Read each chip's slice of the model folder's weights straight onto that chip."""
+    def load(
+        cls, path: str | Path, placement: Placement, dtype: torch.dtype, quant: QuantSettings | None = None
+    ) -> SpannedModel:
+        """Read each chip's slice of the model folder's weights straight onto that chip (the decoder
+        layers' linear weights quantized there as they arrive, with ``quant``)."""
         last = placement.num_chips - 1
         stages = [
-            load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last)
+            load_pretrained(path, dtype=dtype, device=device, layers=layers, embed=i == 0, head=i == last, quant=quant)
             for i, (device, layers) in enumerate(zip(placement.devices, placement.layers))
         ]
         return cls(stages, placement)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from chipspan import devices
 from chipspan.args import RunArguments
+from chipspan.chips.job import quant_settings
 from chipspan.chips.plan import stage_span
 from chipspan.data.loader import load_dataset_split
 from chipspan.distributed.checkpoints import RankWriter
@@ -79,7 +80,8 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
     preflight.seed_everything(train_args.seed)
     lora = ft_args.finetuning_type == "lora"
     weights = resume if (resume and not lora) else Path(model_args.model_name_or_path)
-    pieces = [load_stage(weights, config, span.layers, s, choice.base_dtype, device) for s in layout.stages]
+    quant = quant_settings(run)
+    pieces = [load_stage(weights, config, span.layers, s, choice.base_dtype, device, quant) for s in layout.stages]
     for piece in pieces:
         piece.gradient_checkpointing = not train_args.disable_gradient_checkpointing
     adapter = resume if (resume and lora) else model_args.adapter_name_or_path

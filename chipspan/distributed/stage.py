@@ -24,6 +24,7 @@ from torch import nn
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
 from chipspan.models.weights import load_pretrained
+from chipspan.quant import QuantSettings
 
 
 class PipelinePiece(nn.Module):
@@ -59,11 +60,18 @@ class PipelinePiece(nn.Module):
 
 
 def load_stage(
-    weights: str | Path, config: ModelConfig, split: list[range], stage: int, dtype: torch.dtype, device: torch.device
+    weights: str | Path,
+    config: ModelConfig,
+    split: list[range],
+    stage: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: QuantSettings | None = None,
 ) -> CausalLM:
     """Read only stage ``stage``'s slice of the model folder's weights: its layers (``split[stage]``, the
     decoder layers of every stage in order), the embeddings on the first stage, the final norm
-    and head on the last."""
+    and head on the last; with ``quant``, the layers' linear weights quantized as they arrive."""
+    last = len(split) - 1
     return load_pretrained(
-        weights, dtype=dtype, device=device, layers=split[stage], embed=stage == 0, head=stage == len(split) - 1
+        weights, dtype=dtype, device=device, layers=split[stage], embed=stage == 0, head=stage == last, quant=quant
     )

@@ -2,7 +2,10 @@
 
 Loading builds the model on the ``meta`` device (no memory), then reads the weight files tensor by
 tensor straight into the target dtype and device, so the weights never exist twice. A model that
-holds only some layers (one pipeline stage) reads only those tensors.
+holds only some layers (one pipeline stage) reads only those tensors. With quantization settings,
+each linear layer of the decoder layers is quantized on its chip as its weight arrives (one tensor
+in full precision at a time) and becomes a ``QuantizedLinear``; embeddings, norms and the head keep
+the load dtype.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from torch import nn
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+from chipspan.quant import QuantizedLinear, QuantSettings
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+LAYERS_PREFIX = "model.layers."
 # Buffers some weight files carry that this model computes instead.
 _IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -35,12 +40,14 @@ def load_pretrained(
     layers: Iterable[int] | None = None,
     embed: bool = True,
     head: bool = True,
+    quant: QuantSettings | None = None,
 ) -> CausalLM:
-    """Build a CausalLM (or the slice given by layers/embed/head) from an HF model folder."""
+    """Build a CausalLM (or the slice given by layers/embed/head) from an HF model folder; with
+    ``quant``, its decoder layers' linear layers quantized as they load."""
     config = ModelConfig.from_folder(path)
     with torch.device("meta"):
         model = CausalLM(config, layers=layers, embed=embed, head=head)
-    load_weights(model, Path(path), dtype=dtype, device=device)
+    load_weights(model, Path(path), dtype=dtype, device=device, quant=quant)
     return model
 
 
@@ -64,12 +71,20 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Fill every parameter of ``model`` from the weight files in the model folder ``folder``.
+def load_weights(
+    model: CausalLM,
+    folder: Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quant: QuantSettings | None = None,
+) -> None:
+    """Fill every parameter of ``model`` from the weight files in the model folder ``folder``; with
+    ``quant``, each decoder-layer linear becomes a ``QuantizedLinear`` as its weight arrives.
 
     Raises ChipspanError naming the first few missing, unexpected or mis-shaped keys.
     """
     wanted = _parameters_by_key(model)  # weight key -> names of the model's parameters
+    quantized = {f"{name}.weight": name for name in decoder_linears(model)} if quant else {}
     expected = _full_model_shapes(model.config)
     loaded: set[str] = set()
     unexpected, mismatched = [], []
@@ -88,8 +103,12 @@ def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str 
                     mismatched.append(f"{key} {tuple(tensor.shape)} vs {expected[key]}")
                     continue
                 tensor = tensor.to(device=device, dtype=dtype)
-                for name in wanted[key]:
-                    _set_parameter(model, name, tensor)
+                if key in quantized:
+                    _quantize_module(model, quantized[key], tensor, quant)
+                else:
+                    for name in wanted[key]:
+                        _set_parameter(model, name, tensor)
+                del tensor  # a weight being quantized is the only full-precision one on the chip
                 loaded.add(key)
     missing = [key for key in wanted if key not in loaded]
     for problem, keys in (("shape mismatch", mismatched), ("unexpected keys", unexpected), ("missing keys", missing)):
@@ -100,6 +119,18 @@ def load_weights(model: CausalLM, folder: Path, dtype: torch.dtype, device: str 
                 f"of this config — {problem}: {', '.join(keys[:3])}{more}"
             )
     model.tie_weights()
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the decoder layers: what a quantized base quantizes."""
+    return [name for name, m in model.named_modules() if name.startswith(LAYERS_PREFIX) and isinstance(m, nn.Linear)]
+
+
+def quantize_decoder_linears(model: nn.Module, quant: QuantSettings) -> None:
+    """Quantize every decoder-layer linear of a built ``model`` in place (each on its own device)."""
+    for name in decoder_linears(model):
+        module = model.get_submodule(name)
+        _quantize_module(model, name, module.weight.detach(), quant)
 
 
 def remove_weights(folder: Path, prefix: str = "model") -> None:
@@ -190,6 +221,14 @@ def _full_model_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for name, p in full.named_parameters(remove_duplicate=False)
         if not (name == "lm_head.weight" and config.tie_word_embeddings)
     }
+
+
+def _quantize_module(model: nn.Module, name: str, weight: torch.Tensor, quant: QuantSettings) -> None:
+    """Put a ``QuantizedLinear`` of ``weight`` (out, in) in place of the linear module ``name``,
+    keeping its bias (loaded already, or still on ``meta`` until its key comes)."""
+    parent, _, child = name.rpartition(".")
+    bias = model.get_submodule(name).bias
+    setattr(model.get_submodule(parent), child, QuantizedLinear.from_weight(weight, bias, quant))
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ the parameter's dtype and its moments requantized.
 ``optimizer.state[p]`` holds tensors only, so the checkpoint code saves it by parameter name and
 loads it under any placement:
   step             0-dim float32 on the CPU, as torch's AdamW keeps it
-  exp_avg          fp32 of the parameter's shape, or (8-bit) uint8 codes (numel,) of the signed
+  exp_avg          the parameter's shape and dtype (as torch's AdamW keeps it), or (8-bit) uint8 codes (numel,) of the signed
                    dynamic code with exp_avg_absmax, fp32 (ceil(numel / BLOCK),)
   exp_avg_sq       the same, with the unsigned dynamic code and exp_avg_sq_absmax
   rounding_seed    0-dim int64 on the CPU (stochastic rounding only): with the step, it seeds the
@@ -40,8 +40,8 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update for ``params`` (tensors, (name, tensor) pairs or groups, as torch
     takes them; each group's "lr" is what the LR scheduler changes).
 
-    ``state_bits=32``: fp32 moments, also for bf16/fp16 parameters (whose update is computed in fp32
-    from the parameter's value). ``state_bits=8``: the moments of tensors of at least
+    ``state_bits=32``: moments in the parameter's dtype, as torch.optim.AdamW keeps them (the update
+    is computed in fp32 chunk by chunk, also for bf16/fp16 parameters). ``state_bits=8``: the moments of tensors of at least
     ``MIN_8BIT_SIZE`` elements in about 1 byte per element each (see ``state_bytes_of``).
     ``stochastic_rounding=True``: a bf16/fp16 parameter's new value is rounded up or down at random
     with the probability that makes it exact on average; ``seed`` and each parameter's name (or, for
@@ -138,20 +138,21 @@ class AdamW(torch.optim.Optimizer):
         self._store_moments(state, start, end, exp_avg, exp_avg_sq)
 
     def _fresh_state(self, p: torch.Tensor) -> dict:
-        """Step 0 and zero moments: fp32 of p's shape, or 8-bit codes and block absmax."""
+        """Step 0 and zero moments: p's shape and dtype, or 8-bit codes and block absmax."""
         state = {"step": torch.tensor(0.0)}
         for key, _ in MOMENTS:
             if self.state_bits == 32 or p.numel() < MIN_8BIT_SIZE:
-                state[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             else:
                 state[key] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
                 state[f"{key}_absmax"] = torch.zeros(math.ceil(p.numel() / BLOCK), dtype=torch.float32, device=p.device)
         return state
 
     def _moments(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (end - start,) moments of elements start..end: views of fp32 state, or dequantized."""
+        """fp32 (end - start,) moments of elements start..end: views of fp32 state, fp32 copies of
+        16-bit state, or dequantized 8-bit state."""
         if state["exp_avg"].dtype != torch.uint8:
-            return state["exp_avg"].view(-1)[start:end], state["exp_avg_sq"].view(-1)[start:end]
+            return tuple(state[key].view(-1)[start:end].float() for key, _ in MOMENTS)
         blocks = slice(start // BLOCK, math.ceil(end / BLOCK))
         exp_avg, exp_avg_sq = (
             dequantize_blockwise(
@@ -167,8 +168,13 @@ class AdamW(torch.optim.Optimizer):
         return exp_avg, exp_avg_sq
 
     def _store_moments(self, state: dict, start: int, end: int, *moments: torch.Tensor) -> None:
-        """Requantize the updated 8-bit moments of elements start..end (fp32 ones were updated in place)."""
+        """Store the updated moments of elements start..end: fp32 ones were updated in place, 16-bit
+        ones are rounded to nearest, 8-bit ones requantized."""
+        if state["exp_avg"].dtype == torch.float32:
+            return
         if state["exp_avg"].dtype != torch.uint8:
+            for (key, _), moment in zip(MOMENTS, moments):
+                state[key].view(-1)[start:end] = moment
             return
         for (key, signed), moment in zip(MOMENTS, moments):
             codes, absmax = quantize_blockwise(moment, self._code(signed, moment.device), BLOCK)
@@ -241,24 +247,27 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def state_bytes_of(numel: int, state_bits: int) -> int:
-    """Bytes that the two moments of a tensor of ``numel`` elements take on its chip (its step and
-    rounding seed live on the host)."""
+def state_bytes_of(numel: int, state_bits: int, dtype_bytes: int = 4) -> int:
+    """Bytes that the two moments of a tensor of ``numel`` elements of ``dtype_bytes`` each take on
+    its chip (its step and rounding seed live on the host)."""
     if state_bits == 32 or numel < MIN_8BIT_SIZE:
-        return 2 * 4 * numel
+        return 2 * dtype_bytes * numel
     return 2 * (numel + 4 * math.ceil(numel / BLOCK))
 
 
 def step_scratch_bytes(numel: int, dtype: torch.dtype, state_bits: int, stochastic_rounding: bool) -> int:
     """At most the bytes that one step of a ``dtype`` tensor of ``numel`` elements allocates on its
     chip beyond what it holds: one chunk's fp32 scratch (per element, measured on the emulated chips:
-    8, 20 with 8-bit moments; 16-bit weights 16, 24 with 8-bit moments; with stochastic rounding
-    30 and 38)."""
+    8, 20 with 8-bit moments; 16-bit weights 24, 24 with 8-bit moments; with stochastic rounding
+    38 and 38)."""
     per_element = 8  # the denominator and its square root
+    quantized = state_bits == 8 and numel >= MIN_8BIT_SIZE
     if dtype != torch.float32:
         per_element += 8  # fp32 copies of the chunk's values and gradients
-    if state_bits == 8 and numel >= MIN_8BIT_SIZE:
+    if quantized:
         per_element += 12  # the dequantized moments, and requantizing them
+    elif dtype != torch.float32:
+        per_element += 8  # fp32 copies of the chunk's 16-bit moments
     if stochastic_rounding and dtype in ROUNDED_DTYPES:
         per_element += 14  # the noise, the two neighbours and the chance of each
     return per_element * min(numel, CHUNK)

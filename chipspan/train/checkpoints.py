@@ -88,7 +88,9 @@ RUN_OUTPUTS = (
     "runs",
 )
 # The settings a checkpoint is continued with only if this run asks for the same (see run_settings).
-CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target")
+CONTINUED_SETTINGS = ("finetuning_type", "lora_rank", "lora_alpha", "lora_target", "optim", "offload_optimizer")
+# What a setting recorded only by later versions meant in a checkpoint that lacks it.
+SETTINGS_BEFORE_RECORDED = {"optim": "adamw_torch", "offload_optimizer": False}
 
 
 def save_trained_weights(stages: list[CausalLM], folder: Path, base_model: str, is_lora: bool) -> None:
@@ -404,6 +406,8 @@ def run_settings(run: RunArguments, config: ModelConfig) -> dict:
     ft = run.finetuning
     settings = {
         "finetuning_type": ft.finetuning_type,
+        "optim": run.training.optim,  # the optimizer state's layout
+        "offload_optimizer": run.training.offload_optimizer,
         "model_name_or_path": str(Path(run.model.model_name_or_path).resolve()),
         "model_config": json.loads(
             json.dumps(
@@ -427,10 +431,11 @@ def check_continues(folder: Path, settings: dict, report: Callable[[str], None])
     saved = manifest.read(folder, CHECKPOINT)["settings"]
     afresh = "or start afresh in another output_dir (or with --overwrite_output_dir)"
     for key in CONTINUED_SETTINGS:
-        if saved.get(key) != settings.get(key):
+        before = saved.get(key, SETTINGS_BEFORE_RECORDED.get(key))
+        if before != settings.get(key):
             raise ChipspanError(
-                f"{folder.name} was trained with {key} {_shown(saved.get(key))}, this run asks for "
-                f"{_shown(settings.get(key))}: pass --{key} {_shown(saved.get(key))} to continue it, "
+                f"{folder.name} was trained with {key} {_shown(before)}, this run asks for "
+                f"{_shown(settings.get(key))}: pass --{key} {_shown(before)} to continue it, "
                 f"{afresh}"
             )
     ours, theirs = settings["model_config"], saved.get("model_config", {})

@@ -1,5 +1,15 @@
 """AdamW and its learning-rate schedule over the trained parameters of some stages, as the Hugging
-Face Trainer builds them: no weight decay on biases and norm weights."""
+Face Trainer builds them: no weight decay on biases and norm weights.
+
+Which AdamW (one update rule, three ways to keep its state):
+
+- ``--optim adamw_torch``: torch.optim.AdamW, moments in the trained weights' dtype on their chip;
+  with 16-bit trained weights (--pure_bf16) and --stochastic_rounding, chipspan's AdamW instead,
+  which rounds each new weight at random so updates below a bf16 step still count;
+- ``--optim adamw_8bit``: chipspan's AdamW with block-wise 8-bit moments (``chipspan.train.adamw``);
+- ``--offload_optimizer``: fp32 master weights and moments in host memory, stepped there while
+  the chips go on (``chipspan.train.offload``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,8 @@ import torch
 
 from chipspan.args import TrainingArguments
 from chipspan.models.decoder import CausalLM
+from chipspan.train import adamw
+from chipspan.train.offload import HostOffloadedAdamW
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
@@ -27,26 +39,48 @@ def parameter_names(stages: list[CausalLM]) -> dict[int, str]:
 
 
 def build_optimizer(
-    stages: list[CausalLM], args: TrainingArguments, steps: int
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR] | tuple[None, None]:
-    """AdamW over the trained parameters of ``stages`` (groups as ``KINDS``, the empty one left out)
-    and its schedule over ``steps`` optimizer steps; (None, None) when nothing of them trains."""
+    stages: list[CausalLM], args: TrainingArguments, steps: int, stochastic_rounding: bool = False
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR] | tuple[None, None]:
+    """The AdamW ``args`` choose (see the module notes) over the trained parameters of ``stages``
+    (groups as ``KINDS``, the empty one left out) and its schedule over ``steps`` optimizer steps;
+    (None, None) when nothing of them trains. ``stochastic_rounding``: round the updates of 16-bit
+    trained weights at random (``chipspan.chips.job.rounds_stochastically`` says when)."""
     groups: dict[str, list] = {kind: [] for kind in KINDS}
     seen: set[int] = set()
     for stage in stages:
         for name, param in stage.named_parameters():
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                groups[kind_of(name)].append(param)
+                groups[kind_of(name)].append((name, param))
     decay = {"decay": args.weight_decay, "no_decay": 0.0}
-    present = [{"params": params, "weight_decay": decay[kind]} for kind, params in groups.items() if params]
+    present = [(kind, named, decay[kind]) for kind, named in groups.items() if named]
     if not present:
         return None, None
-    optimizer = torch.optim.AdamW(
-        present, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-    )
+    settings = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if args.offload_optimizer:
+        optimizer = HostOffloadedAdamW(_unnamed(present), **settings, modules=stages)
+    elif args.optim == "adamw_8bit" or stochastic_rounding:
+        named = [{"params": params, "weight_decay": wd} for _, params, wd in present]  # names seed the rounding
+        bits = 8 if args.optim == "adamw_8bit" else 32
+        optimizer = adamw.AdamW(
+            named, **settings, state_bits=bits, stochastic_rounding=stochastic_rounding, seed=args.seed
+        )
+    else:
+        optimizer = torch.optim.AdamW(_unnamed(present), **settings)
     warmup = warmup_steps_for(steps, args.warmup_steps, args.warmup_ratio)
     return optimizer, build_scheduler(optimizer, args.lr_scheduler_type, steps, warmup)
+
+
+def settle(optimizer: torch.optim.Optimizer | None) -> None:
+    """Wait until every update ``optimizer`` started is on its chip: call before reading weights
+    (checkpoints, the final save). Only HostOffloadedAdamW steps in the background."""
+    if isinstance(optimizer, HostOffloadedAdamW):
+        optimizer.synchronize()
+
+
+def _unnamed(present: list[tuple[str, list, float]]) -> list[dict]:
+    """torch's parameter groups of (kind, (name, param) pairs, weight decay) entries."""
+    return [{"params": [p for _, p in named], "weight_decay": wd} for _, named, wd in present]
 
 
 def group_kind(group: dict, names: dict[int, str]) -> str:

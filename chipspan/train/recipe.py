@@ -20,6 +20,7 @@ import torch
 
 from chipspan import devices
 from chipspan.args import RunArguments
+from chipspan.chips.job import quant_settings
 from chipspan.chips.placement import Placement
 from chipspan.chips.plan import train_chips
 from chipspan.chips.runner import ChipsRunner
@@ -67,7 +68,7 @@ def run_train(run: RunArguments, report: Callable[[str], None] = print) -> Path:
     preflight.seed_everything(train_args.seed)
     lora = ft_args.finetuning_type == "lora"
     weights = resume if (resume and not lora) else Path(model_args.model_name_or_path)
-    model = SpannedModel.load(weights, placement, choice.base_dtype)
+    model = SpannedModel.load(weights, placement, choice.base_dtype, quant_settings(run))
     for stage in model.stages:
         stage.gradient_checkpointing = not train_args.disable_gradient_checkpointing
     adapter = resume if (resume and lora) else model_args.adapter_name_or_path

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chipspan.args import RunArguments
+from chipspan.chips.job import rounds_stochastically
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.precision import Precision
 from chipspan.train import checkpoints
 from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
 from chipspan.train.loop import train
-from chipspan.train.optim import build_optimizer
+from chipspan.train.optim import build_optimizer, settle
 from chipspan.train.reporting import (
     LOG_FILE,
     TrainerState,
@@ -76,7 +77,8 @@ def train_and_save(
     numbers of each log line; ``peaks``: those of the results."""
     train_args, stages, files = run.training, writer.stages, writer.files
     output_dir, tokenizer, is_lora = files.output_dir, files.tokenizer, files.is_lora
-    optimizer, scheduler = build_optimizer(stages, train_args, steps)
+    rounding = rounds_stochastically(run, precision.choice)
+    optimizer, scheduler = build_optimizer(stages, train_args, steps, stochastic_rounding=rounding)
     step = TrainStep(runner, optimizer, scheduler, precision, train_args.max_grad_norm, train_args.learning_rate)
     state = TrainerState(
         max_steps=steps,
@@ -97,6 +99,7 @@ def train_and_save(
         refuse_nonfinite_weights(writer.agree_nonfinite(name), where)
 
     def save(number: int) -> None:
+        settle(optimizer)
         trained_weights_finite(f"checkpoint-{number}")
         written = writer.checkpoint(number, optimizer, scheduler, state, precision.state_dict())
         if written is not None:
@@ -120,6 +123,7 @@ def train_and_save(
         if log is not None:
             log.close()
     metrics.update(peaks())
+    settle(optimizer)
     trained_weights_finite(f"the final {'adapter' if is_lora else 'model'}")
     writer.final_weights()
     if writer.writes_outputs:
