@@ -49,9 +49,10 @@ from chipspan.chips.runner import ChipsRunner  # noqa: E402
 from chipspan.chips.span import SpannedModel  # noqa: E402
 from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
+from chipspan.models.weights import quantize_decoder_linears  # noqa: E402
 from chipspan.precision import Precision, PrecisionChoice, choose_precision  # noqa: E402
 from chipspan.train.finetune import prepare_trainable  # noqa: E402
-from chipspan.train.optim import build_optimizer  # noqa: E402
+from chipspan.train.optim import build_optimizer, settle  # noqa: E402
 
 aten = torch.ops.aten
 PHASES = ("forward", "backward", "step")
@@ -72,6 +73,9 @@ class Job:
     micro_batches_in_flight: int = 1  # forwards run before one backward (GPipe-style)
     num_layer_trainable: int = 3
     name_module_trainable: str = "mlp"
+    quantization_bit: int | None = None  # LoRA's base quantized (nf4 with double quantization at 4)
+    optim: str = "adamw_torch"  # or adamw_8bit
+    offload_optimizer: bool = False
 
     def run_arguments(self):
         """The `train` flags of this job (one micro-batch per batch)."""
@@ -81,6 +85,8 @@ class Job:
             *("--lora_rank", str(self.lora_rank), "--cutoff_len", str(self.seq_len)),
             *("--per_device_train_batch_size", str(self.batch), "--num_layer_trainable", str(self.num_layer_trainable)),
             *("--name_module_trainable", self.name_module_trainable, *precision),
+            *("--optim", self.optim, *(["--offload_optimizer"] if self.offload_optimizer else [])),
+            *(["--quantization_bit", str(self.quantization_bit)] if self.quantization_bit else []),
         ]
         return parse_run_arguments(
             flags if self.gradient_checkpointing else [*flags, "--disable_gradient_checkpointing"], {}
@@ -212,8 +218,11 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     finally:
         torch.set_default_dtype(default)
     model = SpannedModel(stages, Placement(tuple(devices), layers))
+    plan_job = job.plan_job()
     for stage in model.stages:
         stage.gradient_checkpointing = job.gradient_checkpointing
+        if plan_job.quant is not None:
+            quantize_decoder_linears(stage, plan_job.quant)
     ft = FinetuningArguments(
         finetuning_type=job.finetuning_type,
         lora_target=",".join(job.lora_targets),
@@ -222,8 +231,11 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
         name_module_trainable=job.name_module_trainable,
     )
     prepare_trainable(stages, ft, trained_dtype=precision.trained_dtype)
-    optimizer, _ = build_optimizer(stages, TrainingArguments(learning_rate=1e-4, weight_decay=0.01), steps=1)
-    if isinstance(next(model.parameters()), FakeTensor):
+    settings = TrainingArguments(
+        learning_rate=1e-4, weight_decay=0.01, optim=job.optim, offload_optimizer=job.offload_optimizer
+    )
+    optimizer, _ = build_optimizer(stages, settings, steps=1, stochastic_rounding=plan_job.stochastic_rounding)
+    if isinstance(optimizer, torch.optim.AdamW) and isinstance(next(model.parameters()), FakeTensor):
         # torch picks AdamW's foreach path for Parameters on an accelerator (emu included) but
         # not for fake ones; take the path the real chips take.
         for group in optimizer.param_groups:
@@ -264,6 +276,7 @@ def train_step(
     if scaled:
         precision.update(overflowed)
     optimizer.zero_grad(set_to_none=True)
+    settle(optimizer)
     phase("idle")
 
 
@@ -388,6 +401,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num_layer_trainable", type=int, default=3)
     parser.add_argument("--name_module_trainable", default="mlp")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--quantization_bit", type=int, choices=(4, 8))
+    parser.add_argument("--optim", default="adamw_torch", choices=("adamw_torch", "adamw_8bit"))
+    parser.add_argument("--offload_optimizer", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = ModelConfig.from_folder(args.config) if args.config else small_config(args.layers, args.hidden, args.vocab)
@@ -407,6 +423,9 @@ def main(argv=None) -> int:
         micro_batches_in_flight=args.in_flight,
         num_layer_trainable=args.num_layer_trainable,
         name_module_trainable=args.name_module_trainable,
+        quantization_bit=args.quantization_bit,
+        optim=args.optim,
+        offload_optimizer=args.offload_optimizer,
     )
     results = measure(config, split, job, args.mode, steps=args.steps)
     print(

@@ -1,4 +1,4 @@
-"""chipspan's AdamW (chipspan/train/adamw.py): torch's AdamW update, stochastic rounding of bf16
+"""chipspan's AdamW (chipspan/optim/adamw.py): torch's AdamW update, stochastic rounding of bf16
 and fp16 weights, resumable bit for bit from the by-name checkpoint state under another placement."""
 
 import io
@@ -9,9 +9,10 @@ from torch import nn
 
 import chipspan.emu as emu
 from chipspan.errors import ChipspanError
+from chipspan.optim import adamw
+from chipspan.optim.adamw import AdamW, rounding_noise, state_bytes_of, stochastic_round
 from chipspan.quant.dynamic8 import dequantize_blockwise, dynamic_map
-from chipspan.train import adamw, checkpoints
-from chipspan.train.adamw import AdamW, rounding_noise, state_bytes_of, stochastic_round
+from chipspan.train import checkpoints
 
 CHIPS = 2
 

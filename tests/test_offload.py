@@ -1,4 +1,4 @@
-"""The host-offloaded AdamW (chipspan.train.offload): torch's AdamW updates with the master weights and
+"""The host-offloaded AdamW (chipspan.optim.offload): torch's AdamW updates with the master weights and
 moments in host memory, stepped by a worker per chip while the chips go on."""
 
 import copy
@@ -15,9 +15,9 @@ from chipspan.chips.placement import even_placement
 from chipspan.chips.span import SpannedModel
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
-from chipspan.train import offload
+from chipspan.optim import offload
+from chipspan.optim.offload import HOST_TENSORS, HostOffloadedAdamW, host_bytes_of
 from chipspan.train.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE, load_optimizer_state, optimizer_state_by_name
-from chipspan.train.offload import HOST_TENSORS, HostOffloadedAdamW, host_bytes_of
 from chipspan.train.optim import kind_of
 from chipspan.train.schedule import build_scheduler
 

@@ -18,11 +18,16 @@ import math
 from dataclasses import dataclass, replace
 from functools import cache
 
+import torch
+
 from chipspan.adapters.freeze import freeze_layers, freeze_modules
 from chipspan.chips.job import Job
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.loss import LOGITS_CHUNK_ELEMENTS
+from chipspan.optim.adamw import state_bytes_of, step_scratch_bytes
+from chipspan.optim.offload import host_bytes_of
+from chipspan.quant import dequantize_chunk_bytes, quantized_bytes_of
 
 FP32 = 4  # what the norms, attention's log-sum-exp and the loss compute in, whatever the job's dtypes
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,6 +92,7 @@ class ChipMemory:
     total: int  # the predicted peak
     peak_at: str  # "forward" (the loss), "backward" or "optimizer step"
     in_flight: int = 1  # micro-batches whose activations it holds at once
+    host: int = 0  # host memory for this chip's trained weights (--offload_optimizer), beside the chip
 
 
 def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: Job) -> ChipMemory:
@@ -134,7 +140,10 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
     full, in_flight = finetuning_type == "full", job.micro_batches_in_flight
 
     weights = (params - trained) * job.base_bytes + trained_total * job.trained_bytes
-    gradients, optimizer = trained_total * job.gradient_bytes, trained_total * 2 * job.moment_bytes
+    if job.quant is not None:  # LoRA's frozen decoder linears, quantized
+        weights -= len(layers) * _quantized_savings_per_layer(config, job)
+    gradients, optimizer = trained_total * job.gradient_bytes, _moment_bytes(job, trained_total)
+    largest = _largest_trained(config, job, full and (first or head_here))
     states = weights + optimizer  # alive all step long
 
     activations, backward, backward_end, forward = 0, 0, 0, 0
@@ -157,26 +166,30 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
             config, job, grad_path.start in trained_layers, "attention", grad_path.start != gradless
         ) + _attention_backward_bytes(config, job)
         forward = _adapter_forward_bytes(config, job)
+        backward += _dequantize_bytes(config, job)
+        forward += _dequantize_bytes(config, job)
     if len(grad_path) < len(layers):  # layers before the gradient path run forward before any saving
-        forward = max(forward, _forward_bytes(config, job) - activations)
+        forward = max(forward, _forward_bytes(config, job) + _dequantize_bytes(config, job) - activations)
     loss_saved = in_flight * _loss_saved_bytes(config, job) if last else 0
     logits = _loss_working_bytes(config, job) if last else 0
     head_gradient = embed * job.gradient_bytes if (last and full and head_here) else 0
+    embed_gradient = embed * job.gradient_bytes if (first and full and not job.gradients_held) else 0
 
     held = gradients if job.gradients_held else 0
     moments = {
         "forward": states + held + activations + max(loss_saved + logits, forward),
         "backward": max(
             states + held + activations + (0 if job.gradients_held else head_gradient) + backward,
-            states + gradients + backward_end,
+            states + gradients - embed_gradient + backward_end,  # the embeddings' gradient comes last
+            states + gradients,
         ),
-        "optimizer step": states + gradients + _adamw_step_bytes(job, decay),
+        "optimizer step": states + gradients + _adamw_step_bytes(job, decay, largest),
     }
     peak_at = max(moments, key=moments.get)
     workspace = {
         "forward": max(logits, forward),
         "backward": backward,
-        "optimizer step": _adamw_step_bytes(job, decay),
+        "optimizer step": _adamw_step_bytes(job, decay, largest),
     }[peak_at]
     return ChipMemory(
         layers=layers,
@@ -189,6 +202,7 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
         total=moments[peak_at],
         peak_at=peak_at,
         in_flight=in_flight,
+        host=host_bytes_of(trained_total) if job.offload_optimizer else 0,
     )
 
 
@@ -534,11 +548,57 @@ def _loss_working_bytes(config: ModelConfig, job: Job) -> int:
     return 2 * job.base_bytes * n * h + head_copy + max(2 * FP32 * chunk, gradient_phase)
 
 
-def _adamw_step_bytes(job: Job, decay_parameters: int) -> int:
-    """AdamW's foreach step (torch's default on accelerators) allocates sqrt(v) for every parameter
-    of a group at once, in the moments' dtype: for each parameter of the largest group, the
-    weight-decay group."""
+def _adamw_step_bytes(job: Job, decay_parameters: int, largest: int) -> int:
+    """The optimizer step's transient on the chip. torch's foreach AdamW (its default on
+    accelerators) allocates sqrt(v) for every parameter of a group at once, in the moments' dtype:
+    for each parameter of the largest group, the weight-decay group. chipspan's AdamW (8-bit
+    moments, stochastic rounding) steps one tensor at a time, a chunk of it at once
+    (``step_scratch_bytes`` of the largest, ``largest`` elements). The host-offloaded AdamW steps on
+    the host and writes each weight back in place: nothing on the chip."""
+    if job.offload_optimizer:
+        return 0
+    if job.moment_bits == 8 or job.stochastic_rounding:
+        dtype = torch.float32 if job.trained_bytes == 4 else torch.bfloat16
+        return step_scratch_bytes(min(decay_parameters, largest), dtype, job.moment_bits, job.stochastic_rounding)
     return job.moment_bytes * decay_parameters
+
+
+def _moment_bytes(job: Job, trained: int) -> int:
+    """AdamW's two moments of ``trained`` elements on the chip: in the trained weights' dtype, in
+    8 bits and a scale per block (taking every tensor as big enough to be quantized), or none (on
+    the host)."""
+    if job.offload_optimizer:
+        return 0
+    return state_bytes_of(trained, job.moment_bits, job.moment_bytes)
+
+
+def _largest_trained(config: ModelConfig, job: Job, embeddings_trained: bool) -> int:
+    """Elements of the largest trained tensor on a chip: the embeddings or head where they train
+    (``embeddings_trained``), else a linear weight of a layer (LoRA: an adapter matrix)."""
+    shapes = _linear_shapes(config).values()
+    if job.finetuning_type == "lora":
+        return job.lora_rank * max(max(shape) for shape in shapes)
+    largest = max(inputs * outputs for inputs, outputs in shapes)
+    return max(largest, config.vocab_size * config.hidden_size) if embeddings_trained else largest
+
+
+def _quantized_savings_per_layer(config: ModelConfig, job: Job) -> int:
+    """Bytes a decoder layer saves with its linear weights quantized (their biases stay as loaded)."""
+    return sum(
+        inputs * outputs * job.base_bytes - quantized_bytes_of(outputs, inputs, job.quant)
+        for inputs, outputs in _linear_shapes(config).values()
+    )
+
+
+def _dequantize_bytes(config: ModelConfig, job: Job) -> int:
+    """A quantized linear's transient in forward or backward: one chunk of dequantized rows and
+    its product with the input (``dequantize_chunk_bytes``), for the widest input."""
+    if job.quant is None:
+        return 0
+    return max(
+        dequantize_chunk_bytes(inputs, job.compute_bytes, job.tokens, outputs)
+        for inputs, outputs in _linear_shapes(config).values()
+    )
 
 
 def _q_width(config: ModelConfig) -> int:

@@ -327,6 +327,11 @@ def render(plan: Plan) -> str:
         "(GiB; m: micro-batches in flight; peak: the predicted peak of a training step, at the moment "
         "named — the largest of its moments, not the sum of the columns; see docs/plan.md)"
     )
+    host = sum(chip.host for chip in plan.chips)
+    if host:
+        rows.append(
+            f"host memory for the offloaded AdamW (fp32 master weights, moments, gradient copies): {_size(host)}"
+        )
     if virtual > 1:
         rows.append(
             "per chip, its stages together (a bound from above): "

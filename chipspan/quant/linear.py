@@ -51,16 +51,17 @@ def chunk_rows(in_features: int) -> int:
     return max(align, DEQUANT_CHUNK_ELEMENTS // in_features // align * align)
 
 
-def dequantize_chunk_bytes(in_features: int, dtype_bytes: int, tokens: int = 0) -> int:
+def dequantize_chunk_bytes(in_features: int, dtype_bytes: int, tokens: int = 0, out_features: int | None = None) -> int:
     """Most bytes QuantizedLinear's forward or backward holds beyond its inputs and its output.
 
     Dequantizing one chunk of E = chunk_rows * in_features weights takes 6 bytes each at most
     (fp32 values beside their int32 byte index or their cast), plus the chunk's scales and a
     2 KiB table; then the chunk (E * dtype_bytes) and, in forward, its product with the input
     (``tokens`` = batch * sequence rows by chunk_rows) are alive together. The bound is what
-    4-bit weights take on the emulated chips; int8 takes no more.
+    4-bit weights take on the emulated chips; int8 takes no more. ``out_features``: a weight with
+    fewer rows than a chunk dequantizes only those.
     """
-    rows = chunk_rows(in_features)
+    rows = chunk_rows(in_features) if out_features is None else min(chunk_rows(in_features), out_features)
     weights = rows * in_features
     dequantizing = 6 * weights + 4 * math.ceil(weights / BLOCK) + _PAIR_TABLE_BYTES  # and the chunk's scales
     return max(dequantizing, (weights + tokens * rows) * dtype_bytes)

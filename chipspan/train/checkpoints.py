@@ -52,9 +52,9 @@ from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, save_weights
+from chipspan.optim.offload import state_device
 from chipspan.precision import Precision
 from chipspan.train.loop import save_due
-from chipspan.train.offload import state_device
 from chipspan.train.optim import KINDS, group_kind, parameter_names
 from chipspan.train.reporting import LOG_FILE, PREDICTIONS_FILE, STATE_FILE, TrainerState
 

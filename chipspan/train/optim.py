@@ -6,9 +6,9 @@ Which AdamW (one update rule, three ways to keep its state):
 - ``--optim adamw_torch``: torch.optim.AdamW, moments in the trained weights' dtype on their chip;
   with 16-bit trained weights (--pure_bf16) and --stochastic_rounding, chipspan's AdamW instead,
   which rounds each new weight at random so updates below a bf16 step still count;
-- ``--optim adamw_8bit``: chipspan's AdamW with block-wise 8-bit moments (``chipspan.train.adamw``);
+- ``--optim adamw_8bit``: chipspan's AdamW with block-wise 8-bit moments (``chipspan.optim.adamw``);
 - ``--offload_optimizer``: fp32 master weights and moments in host memory, stepped there while
-  the chips go on (``chipspan.train.offload``).
+  the chips go on (``chipspan.optim.offload``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from chipspan.args import TrainingArguments
 from chipspan.models.decoder import CausalLM
-from chipspan.train import adamw
-from chipspan.train.offload import HostOffloadedAdamW
+from chipspan.optim import adamw
+from chipspan.optim.offload import HostOffloadedAdamW
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
