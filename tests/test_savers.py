@@ -49,7 +49,10 @@ def test_lora_on_a_quantized_base_trains_and_saves_an_adapter_for_the_unquantize
     unquantized model."""
     plain, quantized = tmp_path / "plain", tmp_path / "quantized"
     run(command(tiny_workspace, plain, "lora"))
-    run(command(tiny_workspace, quantized, "lora") + ["--quantization_bit", str(bits)])
+    lines = []
+    run(command(tiny_workspace, quantized, "lora") + ["--quantization_bit", str(bits)], report=lines.append)
+    kind = "nf4 double-quant" if bits == 4 else "int8"
+    assert any(line.startswith("frozen base: 28 linear weights") and kind in line for line in lines)
     assert losses(quantized) == pytest.approx(losses(plain), rel=0.01)
     assert losses(quantized) != losses(plain) or bits == 8  # 4-bit rounding shows in the loss
     saved = json.loads((quantized / "adapter_config.json").read_text())

@@ -33,6 +33,7 @@ from chipspan.distributed.trainable import prepare_stages
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.precision import Precision, choose_precision
+from chipspan.quant import quantized_summary
 from chipspan.train import checkpoints, preflight
 from chipspan.train.loop import total_steps
 from chipspan.train.step import eval_loss
@@ -86,6 +87,9 @@ def run_distributed_train(run: RunArguments, report: Callable[[str], None] = pri
         piece.gradient_checkpointing = not train_args.disable_gradient_checkpointing
     adapter = resume if (resume and lora) else model_args.adapter_name_or_path
     prepare_stages(pieces, config, ft_args, str(adapter) if adapter else None, choice.trained_dtype)
+    quantized = quantized_summary(pieces)
+    if quantized:
+        say(f"rank's stages: {quantized}")
     say(
         f"{world} processes: {layout.pipeline} pipeline rank(s) x {layout.data} data-parallel replica(s), "
         f"{layout.num_stages} stages ({run.chips.pipeline_schedule}, {train_args.micro_batches} micro-batch(es) "

@@ -13,6 +13,7 @@ from .linear import (
     dequantize_chunk_bytes,
     quantize_transient_bytes,
     quantized_bytes_of,
+    quantized_summary,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "dequantize_chunk_bytes",
     "quantize_transient_bytes",
     "quantized_bytes_of",
+    "quantized_summary",
 ]

@@ -248,9 +248,23 @@ class QuantizedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        kind = (
-            "int8"
-            if self.settings.bits == 8
-            else self.settings.kind + (" double-quant" if self.settings.double_quant else "")
-        )
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {_kind(self.settings)}, bias={self.bias is not None}"
+
+
+def _kind(settings: QuantSettings) -> str:
+    if settings.bits == 8:
+        return "int8"
+    return settings.kind + (" double-quant" if settings.double_quant else "")
+
+
+def quantized_summary(modules: list[nn.Module]) -> str | None:
+    """One line on the quantized linears inside ``modules`` (a run's stages), or None if there are none."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    held = sum(layer.quantized_bytes() for layer in layers)
+    weights = sum(layer.in_features * layer.out_features for layer in layers)
+    return (
+        f"frozen base: {len(layers)} linear weights ({weights:,} parameters) quantized to "
+        f"{_kind(layers[0].settings)} as they loaded, {held / 2**20:.1f} MiB"
+    )

@@ -276,9 +276,9 @@ _FIXED_BYTES = 64 * 1024  # scheduler.pt, rng_state.pth, scaler.pt, config/adapt
 
 
 def checkpoint_size(weights: int, moments: int, trained_tensors: int, tokenizer_bytes: int, logs: int) -> int:
-    """Bytes one checkpoint holds: ``weights`` (the saved weights), ``moments`` (AdamW's, 8 per trained
-    element), then what comes with them: per-tensor records for ``trained_tensors`` tensors, the
-    tokenizer's files, a trainer state of ``logs`` log entries, and the small files."""
+    """Bytes one checkpoint holds: ``weights`` (the saved weights), ``moments`` (the optimizer's state,
+    ``optim.saved_state_bytes``), then what comes with them: per-tensor records for ``trained_tensors``
+    tensors, the tokenizer's files, a trainer state of ``logs`` log entries, and the small files."""
     return (
         weights + moments + trained_tensors * _BYTES_PER_TENSOR + tokenizer_bytes + logs * _BYTES_PER_LOG + _FIXED_BYTES
     )

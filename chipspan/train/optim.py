@@ -18,7 +18,7 @@ import torch
 from chipspan.args import TrainingArguments
 from chipspan.models.decoder import CausalLM
 from chipspan.optim import adamw
-from chipspan.optim.offload import HostOffloadedAdamW
+from chipspan.optim.offload import HOST_TENSORS, HostOffloadedAdamW
 from chipspan.train.schedule import build_scheduler, warmup_steps_for
 
 KINDS = ("decay", "no_decay")  # AdamW's parameter groups, in the order build_optimizer lists them
@@ -69,6 +69,14 @@ def build_optimizer(
         optimizer = torch.optim.AdamW(_unnamed(present), **settings)
     warmup = warmup_steps_for(steps, args.warmup_steps, args.warmup_ratio)
     return optimizer, build_scheduler(optimizer, args.lr_scheduler_type, steps, warmup)
+
+
+def saved_state_bytes(args: TrainingArguments, numel: int, dtype_bytes: int) -> int:
+    """Bytes the chosen AdamW's state of ``numel`` trained elements of ``dtype_bytes`` each takes in a
+    checkpoint: two moments (8-bit with --optim adamw_8bit), or fp32 master and moments (offloaded)."""
+    if args.offload_optimizer:
+        return 4 * len(HOST_TENSORS) * numel
+    return adamw.state_bytes_of(numel, 8 if args.optim == "adamw_8bit" else 32, dtype_bytes)
 
 
 def settle(optimizer: torch.optim.Optimizer | None) -> None:

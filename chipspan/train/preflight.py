@@ -21,6 +21,7 @@ from chipspan.paths import check_output, run_inputs
 from chipspan.precision import PrecisionChoice
 from chipspan.train import checkpoints
 from chipspan.train.finetune import check_finetuning_arguments, count_trainable
+from chipspan.train.optim import saved_state_bytes
 from chipspan.train.reporting import trackers_wanted
 
 
@@ -101,7 +102,7 @@ def check_disk(
         weights = trainable * trained_bytes + (total - trainable) * precision.base_dtype.itemsize
     tokenizer_bytes = checkpoints.tokenizer_size(tokenizer)
     logs = steps // max(train_args.logging_steps, 1) + 1 + (steps if train_args.eval_strategy != "no" else 0)
-    moments = 0 if train_args.save_only_model else 2 * trainable * trained_bytes
+    moments = 0 if train_args.save_only_model else saved_state_bytes(train_args, trainable, trained_bytes)
     one = checkpoints.checkpoint_size(weights, moments, trained_tensors, tokenizer_bytes, logs)
     final = checkpoints.checkpoint_size(weights, 0, trained_tensors, tokenizer_bytes, logs)
     checkpoints.check_disk_space(

@@ -30,6 +30,7 @@ from chipspan.infer.chat import stop_token_ids
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.precision import Precision, choose_precision
+from chipspan.quant import QuantizedLinear, quantized_summary
 from chipspan.train import checkpoints, preflight
 from chipspan.train.evaluate import predictions, sampling_settings
 from chipspan.train.finetune import prepare_trainable
@@ -140,11 +141,15 @@ def _report_placement(
 ) -> None:
     trainable = sum(p.numel() for p in model.unique_parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.unique_parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     pipelined = f", each batch in {micro_batches} micro-batches (GPipe)" if micro_batches > 1 else ""
     report(f"placement over {placement.num_chips} chip(s){pipelined}:")
     for line in placement.describe(model.config):
         report(f"  {line}")
     report(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    quantized = quantized_summary(list(model.stages))
+    if quantized:
+        report(quantized)
 
 
 def _chip_stats(placement: Placement) -> list[tuple[int, torch.device, dict[str, int]]]:
