@@ -11,17 +11,20 @@ import os
 import shlex
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 import transformers
 from tokenizers import pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chipspan import assets
+from chipspan import assets, emu
 from chipspan.args import parse_run_arguments
+from chipspan.errors import ChipspanError
 from chipspan.train.recipe import run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,3 +389,16 @@ def train_flags(tiny_workspace, out, *extra):
 def one_process(argv):
     """``argv`` (as from :func:`train_flags`) trained in this process."""
     run_train(parse_run_arguments([str(a) for a in argv], {}), report=lambda _: None)
+
+
+@contextmanager
+def emu_chips(count: int):
+    """Emulated chips emu:0..count-1 for a test module's fixture; skips the module where the emu
+    device cannot be built (no C++ compiler), saying why."""
+    if not emu.is_available():
+        with pytest.raises(ChipspanError) as why:
+            emu.enable(num_chips=count)
+        pytest.skip(str(why.value))
+    emu.enable(num_chips=count)
+    yield
+    emu.enable(num_chips=count)  # leave no limit behind for later test files

@@ -5,10 +5,10 @@ import io
 
 import pytest
 import torch
+from helpers import emu_chips
 from torch import nn
 
 import chipspan.emu as emu
-from chipspan.errors import ChipspanError
 from chipspan.optim import adamw
 from chipspan.optim.adamw import AdamW, rounding_noise, state_bytes_of, stochastic_round
 from chipspan.quant.dynamic8 import dequantize_blockwise, dynamic_map
@@ -19,13 +19,8 @@ CHIPS = 2
 
 @pytest.fixture(scope="module")
 def chips():
-    if not emu.is_available():
-        with pytest.raises(ChipspanError) as why:
-            emu.enable(num_chips=CHIPS)
-        pytest.skip(str(why.value))
-    emu.enable(num_chips=CHIPS)
-    yield
-    emu.enable(num_chips=CHIPS)  # leave no limit behind for later test files
+    with emu_chips(CHIPS):
+        yield
 
 
 @pytest.fixture(params=["whole", "chunked"])

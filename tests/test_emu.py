@@ -10,6 +10,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import emu_chips
 from torch import nn
 
 import chipspan.emu as emu
@@ -22,13 +23,8 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module", autouse=True)
 def chips():
-    if not emu.is_available():
-        with pytest.raises(ChipspanError) as why:
-            emu.enable(num_chips=CHIPS)
-        pytest.skip(str(why.value))
-    emu.enable(num_chips=CHIPS)
-    yield
-    emu.enable(num_chips=CHIPS)  # leave no limit behind for later test files
+    with emu_chips(CHIPS):
+        yield
 
 
 # --- a model spanned over four chips ------------------------------------------------------

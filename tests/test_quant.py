@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bitsandbytes.backends.default import ops as bnb_torch_ops
+from helpers import emu_chips
 from hypothesis import strategies as st
 from torch._subclasses import FakeTensorMode
 
@@ -37,13 +38,8 @@ IDS = ["nf4", "fp4", "nf4-double", "int8"]
 @pytest.fixture(scope="module")
 def chips():
     """Emulated chips emu:0, emu:1 (as tests/test_emu.py gets them), for the tests that ask."""
-    if not emu.is_available():
-        with pytest.raises(ChipspanError) as why:
-            emu.enable(num_chips=CHIPS)
-        pytest.skip(str(why.value))
-    emu.enable(num_chips=CHIPS)
-    yield
-    emu.enable(num_chips=CHIPS)  # leave no limit behind for later test files
+    with emu_chips(CHIPS):
+        yield
 
 
 def weight(shape, dtype=torch.float32, seed=0):
