@@ -310,6 +310,11 @@ class TrainingArguments:
     )
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder (default output_dir/runs)"})
 
+    @property
+    def moment_bits(self) -> int:
+        """Bits per element of each AdamW moment as --optim keeps it: 8 (adamw_8bit) or 32."""
+        return 8 if self.optim == "adamw_8bit" else 32
+
 
 @dataclass
 class ChipArguments:

@@ -102,7 +102,7 @@ def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | N
         name_module_trainable=ft.name_module_trainable,
         gradients_held=train.gradient_accumulation_steps > 1 and not one_process_per_chip(run),
         quant=quant_settings(run),
-        moment_bits=8 if train.optim == "adamw_8bit" else 32,
+        moment_bits=train.moment_bits,
         offload_optimizer=train.offload_optimizer,
         stochastic_rounding=rounds_stochastically(run, precision),
     )

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
+from chipspan.optim import closure_loss
 from chipspan.quant.dynamic8 import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 CHUNK = 1 << 20  # elements of a parameter stepped at once: bounds the step's fp32 scratch (whole blocks)
@@ -98,10 +99,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.adamw import adamw
 
 from chipspan.models.decoder import CausalLM
+from chipspan.optim import closure_loss
 
 HOST = torch.device("cpu")
 HOST_BYTES_PER_PARAMETER = 16  # fp32 master, exp_avg, exp_avg_sq, and the fp32 gradient staging buffer
@@ -90,10 +91,7 @@ class HostOffloadedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Start the update of every parameter with a gradient; returns before they are done."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         pending = [
             (p, {key: group[key] for key in SETTINGS})  # the settings now: the scheduler changes them next
             for group in self.param_groups

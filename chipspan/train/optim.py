@@ -61,9 +61,8 @@ def build_optimizer(
         optimizer = HostOffloadedAdamW(_unnamed(present), **settings, modules=stages)
     elif args.optim == "adamw_8bit" or stochastic_rounding:
         named = [{"params": params, "weight_decay": wd} for _, params, wd in present]  # names seed the rounding
-        bits = 8 if args.optim == "adamw_8bit" else 32
         optimizer = adamw.AdamW(
-            named, **settings, state_bits=bits, stochastic_rounding=stochastic_rounding, seed=args.seed
+            named, **settings, state_bits=args.moment_bits, stochastic_rounding=stochastic_rounding, seed=args.seed
         )
     else:
         optimizer = torch.optim.AdamW(_unnamed(present), **settings)
@@ -76,7 +75,7 @@ def saved_state_bytes(args: TrainingArguments, numel: int, dtype_bytes: int) -> 
     checkpoint: two moments (8-bit with --optim adamw_8bit), or fp32 master and moments (offloaded)."""
     if args.offload_optimizer:
         return 4 * len(HOST_TENSORS) * numel
-    return adamw.state_bytes_of(numel, 8 if args.optim == "adamw_8bit" else 32, dtype_bytes)
+    return adamw.state_bytes_of(numel, args.moment_bits, dtype_bytes)
 
 
 def settle(optimizer: torch.optim.Optimizer | None) -> None:
