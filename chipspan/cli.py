@@ -161,14 +161,20 @@ def _run_plan(args: argparse.Namespace) -> None:
     if _help_asked(
         args.flags,
         "chipspan plan: train's flags (the model may be a config.json), --chip_memory 16GiB, "
-        "--usable_fraction 0.9, --chips N-M or auto, --json",
+        "--usable_fraction 0.9, --chips N-M or auto, --json, --suggest (which memory savers make the job fit)",
     ):
         return
-    as_json = "--json" in args.flags
-    run = parse_run_arguments([f for f in args.flags if f != "--json"])
-    plan = make_plan(run)
+    as_json, suggesting = "--json" in args.flags, "--suggest" in args.flags
+    run = parse_run_arguments([f for f in args.flags if f not in ("--json", "--suggest")])
     for notice in run.notices:
         print(notice, file=sys.stderr)
+    if suggesting:
+        from chipspan.chips import suggest
+
+        as_is, kept = suggest.suggest(run)
+        print(suggest.to_json(as_is, kept) if as_json else suggest.render(as_is, kept, run.chips.chips == "auto"))
+        return
+    plan = make_plan(run)
     print(to_json(plan) if as_json else render(plan))
 
 
