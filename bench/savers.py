@@ -3,9 +3,11 @@ chipbot_identity, two emulated chips) trained with each saver and without.
 
     python bench/savers.py                  # LoRA (16-bit vs 4/8-bit base) and full (AdamW variants)
     python bench/savers.py --steps 60 --only lora
+    python bench/savers.py --only lora-all  # LoRA on every linear layer, as QLoRA trains
 
 Each variant runs as its own `chipspan train` process, one after another, so the emulated chips'
-peak counters start at zero; the table gives the last logged loss (the mean over the last
+peak counters start at zero; the table gives the eval loss before training (LoRA: what the
+quantized base's rounding alone costs), the last logged loss (the mean over the last
 ``--logging_steps`` steps), the mean training loss, seconds per step and the fullest chip's peak,
 each as a ratio to the variant's plain job (the first of its group). The machines are shared and
 noisy: compare ratios from one run, not times across runs.
@@ -33,6 +35,11 @@ GROUPS = {
         ("4-bit nf4 base", ["--quantization_bit", "4"]),
         ("8-bit base", ["--quantization_bit", "8"]),
     ],
+    "lora-all": [  # QLoRA's recipe: an adapter on every linear layer, which can make up for the base's rounding
+        ("fp32 base (plain)", ["--lora_target", "all"]),
+        ("4-bit nf4 base", ["--lora_target", "all", "--quantization_bit", "4"]),
+        ("8-bit base", ["--lora_target", "all", "--quantization_bit", "8"]),
+    ],
     "full": [
         ("fp32 AdamW (plain)", []),
         ("8-bit AdamW", ["--optim", "adamw_8bit"]),
@@ -55,10 +62,24 @@ def job(model: Path, out: Path, group: str, steps: int, extra: list[str]) -> lis
     return argv + extra
 
 
-def run(argv: list[str], threads: int) -> dict:
-    """Train in a new process; its results, last logged loss and fullest chip's peak."""
+def loss_before(argv: list[str], threads: int) -> float:
+    """The eval loss of ``argv``'s model over all its rows before any training: what the base's
+    rounding alone costs (``train --do_eval`` without ``--do_train``)."""
+    argv = [flag for flag in argv if flag != "--do_train"] + ["--do_eval"]
+    out = Path(argv[argv.index("--output_dir") + 1] + "-before")
+    argv[argv.index("--output_dir") + 1] = str(out)
+    _train(argv, threads)
+    return json.loads((out / "all_results.json").read_text())["eval_loss"]
+
+
+def _train(argv: list[str], threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "chipspan", "train", *argv], env=env, check=True, capture_output=True)
+
+
+def run(argv: list[str], threads: int) -> dict:
+    """Train in a new process; its results, last logged loss and fullest chip's peak."""
+    _train(argv, threads)
     out = Path(argv[argv.index("--output_dir") + 1])
     results = json.loads((out / "all_results.json").read_text())
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -80,7 +101,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = Path(demo_model_dir(None))
     print(
-        f"{'variant':36s} {'last loss':>10} {'ratio':>6} {'mean loss':>10} {'ratio':>6} {'s/step':>7} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}"
+        f"{'variant':36s} {'before':>7} {'ratio':>6} {'last loss':>10} {'ratio':>6} {'mean loss':>10} {'ratio':>6}"
+        f" {'s/step':>7} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         for group, variants in GROUPS.items():
@@ -88,10 +110,14 @@ def main(argv=None) -> int:
                 continue
             plain = None
             for i, (name, extra) in enumerate(variants):
-                measured = run(job(model, Path(scratch) / f"{group}{i}", group, args.steps, extra), args.threads)
+                argv = job(model, Path(scratch) / f"{group}{i}", group, args.steps, extra)
+                measured = run(argv, args.threads)
+                # full fine-tuning starts from the same weights whatever the saver
+                measured["before"] = loss_before(argv, args.threads) if group != "full" else float("nan")
                 plain = plain or measured
                 print(
-                    f"{group + ': ' + name:36s} {measured['last_loss']:10.4f} {measured['last_loss'] / plain['last_loss']:6.3f}"
+                    f"{group + ': ' + name:36s} {measured['before']:7.4f} {measured['before'] / plain['before']:6.3f}"
+                    f" {measured['last_loss']:10.4f} {measured['last_loss'] / plain['last_loss']:6.3f}"
                     f" {measured['train_loss']:10.4f} {measured['train_loss'] / plain['train_loss']:6.3f}"
                     f" {measured['seconds_per_step']:7.2f} {measured['seconds_per_step'] / plain['seconds_per_step']:6.2f}"
                     f" {measured['peak'] / 2**20:9.1f} {measured['peak'] / plain['peak']:6.3f}",
