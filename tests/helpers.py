@@ -294,6 +294,10 @@ def run(argv, report=lambda _: None):
     return run_train(parse_run_arguments(argv[1:], {}), report=report)
 
 
+# LLaMA-Factory 0.5's jobs on Sophgo chips as `chipspan plan` prices them: --fp16 runs (and is priced) as fp16
+# there, as fp32 on the CPU; batch 1 (sequence 1024, the default cutoff_len).
+LF05_CHIP_FLAGS = ["--device", "tpu", "--stage", "sft", "--do_train", "--per_device_train_batch_size", "1", "--fp16"]
+
 # LLaMA-Factory 0.5's LoRA command line (its 7B and 13B LoRA jobs), with {model} and {out} to fill in.
 LF05_LORA = (
     "--stage sft --do_train --model_name_or_path {model} --dataset alpaca_gpt4_zh --template default "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LF05_CHIP_FLAGS
 
 from chipspan import emu
 from chipspan.args import parse_run_arguments
@@ -242,14 +243,7 @@ def test_bad_knobs_are_user_errors(change, message):
 # --- `chipspan plan` on LLaMA-Factory 0.5's command lines -------------------------------------------------
 
 LF05_FLAGS = [
-    "--device",  # LLaMA-Factory 0.5's Sophgo chips: --fp16 runs (and is priced) as fp16 there, as fp32 on the CPU
-    "tpu",
-    "--stage",
-    "sft",
-    "--do_train",
-    "--per_device_train_batch_size",
-    "1",
-    "--fp16",
+    *LF05_CHIP_FLAGS,
     "--disable_gradient_checkpointing",
     "--chip_memory",
     "14GB",

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import LF05_CHIP_FLAGS
 
 from chipspan.cli import main
 from chipspan.errors import ChipspanError
@@ -21,16 +22,7 @@ def _flags(size, finetuning, chips, *extra):
         "--finetuning_type",
         finetuning,
         *target,
-        "--device",
-        "tpu",
-        "--stage",
-        "sft",
-        "--do_train",
-        "--per_device_train_batch_size",
-        "1",
-        "--cutoff_len",
-        "1024",
-        "--fp16",
+        *LF05_CHIP_FLAGS,
         "--chip_memory",
         "14GiB",
         "--chips",

@@ -47,6 +47,16 @@ class Plan:
     processes: bool = False  # one process per chip (torchrun) rather than one process
 
     @property
+    def num_chips(self) -> int:
+        """Chips spanned (stages / stages per chip)."""
+        return len(self.chips) // self.schedule.virtual
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offloaded AdamW needs (0 without it)."""
+        return sum(chip.host for chip in self.chips)
+
+    @property
     def chip_totals(self) -> list[int]:
         """Each chip's predicted peak (the sum of its stages' under interleaved1f1b)."""
         return chip_totals(self.chips, self.schedule)
@@ -244,7 +254,7 @@ def _check_chips_exist(device_type: str, needed: int, usable: int) -> None:
     available = devices.device_count(device_type)
     if needed > available:
         raise ChipspanError(
-            f"--chips auto: this job needs {needed} chips of {_size(usable)} usable, but this "
+            f"--chips auto: this job needs {needed} chips of {size_text(usable)} usable, but this "
             f"machine shows {available} '{device_type}' device(s)"
         )
 
@@ -262,7 +272,7 @@ def check_fits(config: ModelConfig, span: Span, usable: int, device_type: str, c
     name = device_type if device_type in devices.SINGLE_DEVICE_TYPES else f"{device_type}:{chip_ids[worst]}"
     raise ChipspanError(
         f"chip {chip_ids[worst]} ({name}) would run out of memory: the plan (docs/plan.md) predicts "
-        f"a {_size(totals[worst])} peak for {held} against {_size(usable)} usable; "
+        f"a {size_text(totals[worst])} peak for {held} against {size_text(usable)} usable; "
         f"{_what_fits(config, span, len(totals), usable, chip_ids[0])}"
     )
 
@@ -294,7 +304,8 @@ def _chip_peaks(config: ModelConfig, span: Span) -> list[int]:
     return chip_totals(split_estimates(config, span.layers, span.job, span.schedule), span.schedule)
 
 
-def _size(num_bytes: int) -> str:
+def size_text(num_bytes: int) -> str:
+    """``num_bytes`` in GiB (2 decimals), or MiB below one GiB."""
     return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB else f"{num_bytes / (1 << 20):.1f} MiB"
 
 
@@ -306,7 +317,7 @@ def render(plan: Plan) -> str:
         f"{'logits':>8}  {'work':>8}  {'peak':>8}  at"
     )
     rows = [_how_it_runs(plan), header]
-    num_chips = len(plan.chips) // virtual
+    num_chips = plan.num_chips
     for stage, chip in enumerate(plan.chips):
         span = f"{chip.layers.start}-{chip.layers.stop - 1}"
         cells = [
@@ -327,10 +338,10 @@ def render(plan: Plan) -> str:
         "(GiB; m: micro-batches in flight; peak: the predicted peak of a training step, at the moment "
         "named — the largest of its moments, not the sum of the columns; see docs/plan.md)"
     )
-    host = sum(chip.host for chip in plan.chips)
+    host = plan.host_bytes
     if host:
         rows.append(
-            f"host memory for the offloaded AdamW (fp32 master weights, moments, gradient copies): {_size(host)}"
+            f"host memory for the offloaded AdamW (fp32 master weights, moments, gradient copies): {size_text(host)}"
         )
     if virtual > 1:
         rows.append(
@@ -359,7 +370,7 @@ def _how_it_runs(plan: Plan) -> str:
 
 
 def to_json(plan: Plan) -> str:
-    num_chips = len(plan.chips) // plan.schedule.virtual
+    num_chips = plan.num_chips
     chips = [
         {
             **{k: v for k, v in asdict(chip).items() if k != "layers"},

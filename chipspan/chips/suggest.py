@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from chipspan.args import RunArguments
-from chipspan.chips.plan import Plan, make_plan
+from chipspan.chips.plan import Plan, make_plan, size_text
 from chipspan.errors import ChipspanError
 
 
@@ -120,11 +120,6 @@ class Priced:
         """Bytes: the fullest chip's predicted peak."""
         return max(self.plan.chip_totals)
 
-    @property
-    def host(self) -> int:
-        """Bytes of host memory the offloaded optimizer needs (0 without it)."""
-        return sum(chip.host for chip in self.plan.chips)
-
 
 def suggest(run: RunArguments) -> tuple[Priced, list[Priced]]:
     """The job as it is, and the combinations of savers that hold it on its chips (none when it fits
@@ -166,25 +161,21 @@ def _needless(combo: Priced, priced: dict[tuple[Saver, ...], Priced]) -> bool:
             if (
                 other is not None
                 and other.fullest <= combo.fullest
-                and other.host <= combo.host
-                and (other.plan.min_chips or 0) <= (combo.plan.min_chips or 0)
+                and other.plan.host_bytes <= combo.plan.host_bytes
+                and other.plan.min_chips <= combo.plan.min_chips
             ):
                 return True
     return False
 
 
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / (1 << 30):.2f} GiB"
-
-
 def render(as_is: Priced, kept: list[Priced], auto: bool) -> str:
     """The job as it is, then one line per combination of savers, cheapest first."""
     plan = as_is.plan
-    chips = len(plan.chips) // plan.schedule.virtual
+    chips = plan.num_chips
     where = f"{plan.min_chips} chip(s)" if auto else f"{chips} chip(s)"
     verdict = "" if auto else ("fits" if plan.fits else "does NOT fit") + ", "
     rows = [
-        f"as it is: fullest chip {_size(as_is.fullest)} on {where} of {_size(plan.chip_bytes)} usable "
+        f"as it is: fullest chip {size_text(as_is.fullest)} on {where} of {size_text(plan.chip_bytes)} usable "
         f"({verdict}fewest chips {plan.min_chips})"
     ]
     if plan.fits and not auto:
@@ -203,9 +194,9 @@ def render(as_is: Priced, kept: list[Priced], auto: bool) -> str:
     )
     width = max(len(_flags(combo)) for combo in kept)
     for combo in kept:
-        host = f", host {_size(combo.host)}" if combo.host else ""
+        host = f", host {size_text(combo.plan.host_bytes)}" if combo.plan.host_bytes else ""
         rows.append(
-            f"  {_flags(combo):<{width}}  fullest chip {_size(combo.fullest)}{host}, fewest chips "
+            f"  {_flags(combo):<{width}}  fullest chip {size_text(combo.fullest)}{host}, fewest chips "
             f"{combo.plan.min_chips}; gives up: {'; '.join(s.gives_up for s in combo.savers)}"
         )
     return "\n".join(rows)
@@ -221,7 +212,7 @@ def to_json(as_is: Priced, kept: list[Priced]) -> str:
             "flags": [saver.flag for saver in combo.savers],
             "cost": combo.cost,
             "fullest_chip_bytes": combo.fullest,
-            "host_bytes": combo.host,
+            "host_bytes": combo.plan.host_bytes,
             "fits": combo.plan.fits,
             "min_chips": combo.plan.min_chips,
         }
