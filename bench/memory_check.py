@@ -50,6 +50,7 @@ from chipspan.chips.span import SpannedModel  # noqa: E402
 from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
 from chipspan.models.weights import quantize_decoder_linears  # noqa: E402
+from chipspan.optim.in_backward import StepInBackward  # noqa: E402
 from chipspan.precision import Precision, PrecisionChoice, choose_precision  # noqa: E402
 from chipspan.train.finetune import prepare_trainable  # noqa: E402
 from chipspan.train.optim import build_optimizer, settle  # noqa: E402
@@ -76,6 +77,7 @@ class Job:
     quantization_bit: int | None = None  # LoRA's base quantized (nf4 with double quantization at 4)
     optim: str = "adamw_torch"  # or adamw_8bit
     offload_optimizer: bool = False
+    optimizer_in_bwd: bool = False  # each weight steps inside backward (no clipping: --max_grad_norm 0)
 
     def run_arguments(self):
         """The `train` flags of this job (one micro-batch per batch)."""
@@ -87,6 +89,7 @@ class Job:
             *("--name_module_trainable", self.name_module_trainable, *precision),
             *("--optim", self.optim, *(["--offload_optimizer"] if self.offload_optimizer else [])),
             *(["--quantization_bit", str(self.quantization_bit)] if self.quantization_bit else []),
+            *(["--optimizer_in_bwd", "--max_grad_norm", "0"] if self.optimizer_in_bwd else []),
         ]
         return parse_run_arguments(
             flags if self.gradient_checkpointing else [*flags, "--disable_gradient_checkpointing"], {}
@@ -205,7 +208,8 @@ class Tracker(TorchDispatchMode):
 
 def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.device]):
     """A SpannedModel with ``split[i]`` layers on ``devices[i]``, prepared as ``train`` prepares it,
-    and its AdamW and Precision (random weights; under FakeTensorMode, fake ones)."""
+    its AdamW and Precision (random weights; under FakeTensorMode, fake ones), and the hooks that step
+    AdamW inside backward (--optimizer_in_bwd; else None)."""
     starts = [sum(split[:i]) for i in range(len(split))]
     layers = tuple(range(a, a + n) for a, n in zip(starts, split))
     precision = job.precision()
@@ -232,7 +236,11 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
     )
     prepare_trainable(stages, ft, trained_dtype=precision.trained_dtype)
     settings = TrainingArguments(
-        learning_rate=1e-4, weight_decay=0.01, optim=job.optim, offload_optimizer=job.offload_optimizer
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        optim=job.optim,
+        offload_optimizer=job.offload_optimizer,
+        optimizer_in_bwd=job.optimizer_in_bwd,
     )
     optimizer, _ = build_optimizer(stages, settings, steps=1, stochastic_rounding=plan_job.stochastic_rounding)
     if isinstance(optimizer, torch.optim.AdamW) and isinstance(next(model.parameters()), FakeTensor):
@@ -240,7 +248,12 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
         # not for fake ones; take the path the real chips take.
         for group in optimizer.param_groups:
             group["foreach"] = True
-    return model, optimizer, Precision(precision)
+    stepper = (
+        StepInBackward(optimizer, ChipsRunner(model, 1, contextlib.nullcontext).trained)
+        if job.optimizer_in_bwd
+        else None
+    )
+    return model, optimizer, Precision(precision), stepper
 
 
 def train_step(
@@ -269,6 +282,9 @@ def train_step(
     (loss * precision.loss_scale if scaled else loss).backward()
     del loss
     phase("step")
+    if job.optimizer_in_bwd:  # already stepped, in backward
+        phase("idle")
+        return
     overflowed = scaled and precision.unscale(runner.gradients(), runner.any_rank)
     runner.clip_gradients(1.0)
     if not overflowed:
@@ -318,7 +334,7 @@ def measure(
     else:
         raise ValueError(f"mode must be fake or emu, not {mode!r}")
     with outer, tracker if tracker is not None else contextlib.nullcontext():
-        model, optimizer, precision = build(config, split, job, devices)
+        model, optimizer, precision, _stepper = build(config, split, job, devices)
         for step in range(steps):
             if step == steps - 1:
                 if tracker is not None:
@@ -335,7 +351,7 @@ def measure(
             measured = emu.peak_memory(i) if mode == "emu" else tracked
             phases = dict(tracker.peaks.get(str(device), {})) if tracker is not None else {}
             results.append(ChipResult(layers[i], predicted, measured, tracked, phases))
-        del model, optimizer
+        del model, optimizer, _stepper
     return results
 
 
@@ -404,6 +420,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization_bit", type=int, choices=(4, 8))
     parser.add_argument("--optim", default="adamw_torch", choices=("adamw_torch", "adamw_8bit"))
     parser.add_argument("--offload_optimizer", action="store_true")
+    parser.add_argument("--optimizer_in_bwd", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = ModelConfig.from_folder(args.config) if args.config else small_config(args.layers, args.hidden, args.vocab)
@@ -426,6 +443,7 @@ def main(argv=None) -> int:
         quantization_bit=args.quantization_bit,
         optim=args.optim,
         offload_optimizer=args.offload_optimizer,
+        optimizer_in_bwd=args.optimizer_in_bwd,
     )
     results = measure(config, split, job, args.mode, steps=args.steps)
     print(

@@ -265,6 +265,10 @@ class TrainingArguments:
         default=False,
         metadata={"help": "fp32 master weights and AdamW moments in host memory, stepped there (DeepSpeed's name)"},
     )
+    optimizer_in_bwd: bool = field(
+        default=False,
+        metadata={"help": "step each weight inside backward, so whole-model gradients never exist (torchtune's name)"},
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1", "range": BETA})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2", "range": BETA})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon", "range": POSITIVE})

@@ -28,6 +28,7 @@ from chipspan.train.recipe import _placement, run_train
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 LLAMA2_7B = ModelConfig.from_folder(CONFIGS / "llama2-7b.json")
+IN_BACKWARD = ["--optimizer_in_bwd", "--max_grad_norm", "0"]  # each weight stepped inside backward
 LLAMA2_13B = ModelConfig.from_folder(CONFIGS / "llama2-13b.json")
 # LLaMA-Factory 0.5's LoRA job: --fp16 on a chip (a frozen fp16 base, fp16 autocast, fp32 adapters); its full job
 # in fp32
@@ -274,11 +275,14 @@ def test_plan_command_on_the_lf05_jobs(size, finetuning, chips, capsys):
         ("13b", "lora", ["--quantization_bit", "4"], 1),
         ("7b", "full", ["--pure_bf16", "--optim", "adamw_8bit"], 3),
         ("13b", "full", ["--pure_bf16", "--offload_optimizer"], 4),
+        ("7b", "full", ["--pure_bf16", "--optim", "adamw_8bit", *IN_BACKWARD], 2),
+        ("13b", "full", ["--pure_bf16", "--optim", "adamw_8bit", *IN_BACKWARD], 4),  # no host memory
     ],
 )
 def test_the_savers_bring_the_lf05_jobs_to_fewer_chips(size, finetuning, savers, chips, capsys):
     """LLaMA-Factory 0.5's 2 / 4 / 11 / 21 chips of 14 GiB with recomputation (the default) and a
-    saver each: 1 / 1 / 3 / 4; the offloaded job says how much host memory it takes."""
+    saver each: 1 / 1 / 3 / 4 (2 and 4 with each weight stepped inside backward); the offloaded job
+    says how much host memory it takes."""
     plan = _plan_lf05_job(size, finetuning, savers, chips, capsys, recompute=True, chip_memory="14GiB")
     host = sum(chip["host"] for chip in plan["chips"])
     assert (host > 0) == ("--offload_optimizer" in savers)
@@ -330,6 +334,7 @@ def _measure(config, split, job, mode):
         dict(finetuning_type="lora", half=True, quantization_bit=4),
         dict(finetuning_type="full", optim="adamw_8bit", gradient_checkpointing=True),
         dict(finetuning_type="full", pure_bf16=True, gradient_checkpointing=True),  # stochastic rounding
+        dict(finetuning_type="full", pure_bf16=True, gradient_checkpointing=True, optimizer_in_bwd=True),
     ],
 )
 def test_estimate_matches_fake_tensor_peaks_at_7b_shape(job):
@@ -358,6 +363,9 @@ def test_estimate_matches_fake_tensor_peaks_at_7b_shape(job):
         dict(finetuning_type="full", pure_bf16=True, optim="adamw_8bit"),
         dict(finetuning_type="full", offload_optimizer=True),
         dict(finetuning_type="full", pure_bf16=True, offload_optimizer=True),
+        dict(finetuning_type="full", optimizer_in_bwd=True),
+        dict(finetuning_type="full", pure_bf16=True, optim="adamw_8bit", optimizer_in_bwd=True),
+        dict(finetuning_type="lora", optimizer_in_bwd=True),
     ],
 )
 def test_estimate_matches_emu_peaks(job):

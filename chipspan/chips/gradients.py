@@ -67,13 +67,19 @@ def clip_global_norm(
     device first, as ``torch.nn.utils.clip_grad_norm_`` does, rounds differently for each placement.)
     """
     grads = [p.grad for p in counted if p.grad is not None]
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
-    squares = torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
-    if reduce is not None:
-        reduce(squares)
-    total = squares.sqrt()
+    total = global_norm([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads], device, reduce)
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads + [p.grad for p in also_scaled if p.grad is not None]:
             g.mul_(scale.to(g.device, g.dtype))
     return float(total)
+
+
+def global_norm(norms: list[torch.Tensor], device: torch.device, reduce: Reduce | None = None) -> torch.Tensor:
+    """The L2 norm of gradients whose own fp32 norms are ``norms`` (0-dim, in parameter order, on any
+    chips): gathered on ``device``, their squares summed there (``reduce``: with other processes')."""
+    gathered = [norm.to(device) for norm in norms]
+    squares = torch.stack(gathered).square().sum() if gathered else torch.zeros((), device=device)
+    if reduce is not None:
+        reduce(squares)
+    return squares.sqrt()

@@ -30,7 +30,9 @@ class Job:
     The savers: ``quant`` stores the decoder layers' frozen linear weights quantized (LoRA);
     ``moment_bits`` 8 keeps AdamW's moments block-wise in 8 bits; ``offload_optimizer`` keeps the
     fp32 master weights and moments in host memory and steps them there; ``stochastic_rounding``
-    rounds 16-bit trained weights' updates at random (chipspan's AdamW, fp32 scratch per chunk).
+    rounds 16-bit trained weights' updates at random (chipspan's AdamW, fp32 scratch per chunk);
+    ``optimizer_in_backward`` steps each weight as soon as its gradient is complete, so a chip holds
+    a gradient or two at a time, not all of its own.
     """
 
     finetuning_type: str  # "lora", "full" or "freeze" (validated with the run's arguments)
@@ -53,6 +55,7 @@ class Job:
     moment_bits: int = 32
     offload_optimizer: bool = False
     stochastic_rounding: bool = False
+    optimizer_in_backward: bool = False
 
     def __post_init__(self):
         sizes = (self.base_bytes, self.compute_bytes, self.trained_bytes, self.gradient_bytes, self.moment_bytes)
@@ -75,7 +78,7 @@ def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | N
     fit the batch. The micro-batches in flight come from the schedule (``Schedule``); one process
     holds the gradients of earlier accumulation steps while it runs the next (one process per chip
     runs a step's accumulation steps as micro-batches of one schedule)."""
-    check_savers(run)
+    check_savers(run, precision)
     ft, train = run.finetuning, run.training
     batch, micro = train.per_device_train_batch_size, micro_batches or train.micro_batches or 1
     if not 1 <= micro <= max(batch, 1):
@@ -105,6 +108,7 @@ def job_of(run: RunArguments, precision: PrecisionChoice, micro_batches: int | N
         moment_bits=train.moment_bits,
         offload_optimizer=train.offload_optimizer,
         stochastic_rounding=rounds_stochastically(run, precision),
+        optimizer_in_backward=train.optimizer_in_bwd,
     )
 
 
@@ -126,8 +130,8 @@ def rounds_stochastically(run: RunArguments, precision: PrecisionChoice) -> bool
     )
 
 
-def check_savers(run: RunArguments) -> None:
-    """Refuse memory savers that cannot go together, in one line, before anything loads."""
+def check_savers(run: RunArguments, precision: PrecisionChoice) -> None:
+    """Refuse memory savers that cannot go together (in ``precision``), in one line, before anything loads."""
     ft, train = run.finetuning, run.training
     if run.model.quantization_bit is not None and ft.finetuning_type != "lora":
         raise ChipspanError(
@@ -141,6 +145,54 @@ def check_savers(run: RunArguments) -> None:
             "nothing left to save on the chip: choose one (adamw_8bit keeps 2 bytes of moments per weight "
             "on the chip; offloading keeps none there)"
         )
+    if train.optimizer_in_bwd:
+        _check_steps_in_backward(run, precision)
+
+
+def _check_steps_in_backward(run: RunArguments, precision: PrecisionChoice) -> None:
+    """Refuse with --optimizer_in_bwd what needs every gradient of a step before a weight changes,
+    or more than one backward per step (``chipspan.optim.in_backward``)."""
+    train = run.training
+    processes = one_process_per_chip(run)
+    conflicts = [
+        (
+            train.gradient_accumulation_steps > 1,
+            f"--gradient_accumulation_steps {train.gradient_accumulation_steps}",
+            "each weight would step after the first batch's backward; use a larger per_device_train_batch_size "
+            "(--micro_batches keeps each micro-batch small)",
+        ),
+        (
+            train.max_grad_norm > 0,
+            f"--max_grad_norm {train.max_grad_norm:g}",
+            "clipping by the global norm needs every gradient before the first step; add --max_grad_norm 0",
+        ),
+        (
+            precision.loss_scaling,
+            "--fp16",
+            "the loss scaler skips a step only after seeing every gradient; use --bf16 or --pure_bf16",
+        ),
+        (train.offload_optimizer, "--offload_optimizer", "the host already steps while the chips go on; choose one"),
+        (
+            processes and run.chips.data_parallel > 1,
+            f"--data_parallel {run.chips.data_parallel}",
+            "the replicas' gradients are summed only after backward; use --data_parallel 1",
+        ),
+        (
+            processes and (train.micro_batches or 1) > 1,
+            f"--micro_batches {train.micro_batches}",
+            "under torchrun each micro-batch runs its own backward, so gradients add up anyway; use --micro_batches 1, "
+            "or span the chips in one process (one backward over every micro-batch)",
+        ),
+        (
+            processes and run.chips.pipeline_schedule != "gpipe",
+            f"--pipeline_schedule {run.chips.pipeline_schedule}",
+            "under torchrun it runs one micro-batch per step, fewer than torch's 1F1B schedules take; "
+            "use --pipeline_schedule gpipe, or span the chips in one process",
+        ),
+    ]
+    for refused, flag, reason in conflicts:
+        if refused:
+            raise ChipspanError(f"--optimizer_in_bwd cannot go with {flag}: {reason}")
 
 
 def one_process_per_chip(run: RunArguments, environ: Mapping[str, str] = os.environ) -> bool:

@@ -109,6 +109,10 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
 
     With ``job.gradients_held`` the gradients of earlier micro-batches are alive in the first two
     moments too: gradient accumulation, or a 1F1B stage that runs forwards after backwards.
+
+    With ``job.optimizer_in_backward`` there is no optimizer step apart: backward holds, beside every
+    activation, one gradient at a time (the head's or a layer's, with its step's scratch) and a
+    tied embedding's, which lives from the head's backward to the embedding's.
     """
     num_layers = config.num_hidden_layers
     if not layers or layers.start < 0 or layers.stop > num_layers or layers.step != 1:
@@ -175,22 +179,39 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
     head_gradient = embed * job.gradient_bytes if (last and full and head_here) else 0
     embed_gradient = embed * job.gradient_bytes if (first and full and not job.gradients_held) else 0
 
-    held = gradients if job.gradients_held else 0
-    moments = {
-        "forward": states + held + activations + max(loss_saved + logits, forward),
-        "backward": max(
-            states + held + activations + (0 if job.gradients_held else head_gradient) + backward,
-            states + gradients - embed_gradient + backward_end,  # the embeddings' gradient comes last
-            states + gradients,
-        ),
-        "optimizer step": states + gradients + _adamw_step_bytes(job, decay, largest),
-    }
+    step = _adamw_step_bytes(job, decay, largest)
+    if job.optimizer_in_backward:  # each gradient steps and goes as soon as it is complete
+        # the untied head's gradient comes first and steps at once; then each layer's in turn; the
+        # embedding's last, when the activations are gone. A tied embedding's lives from the head's
+        # backward to the embedding's.
+        tied = embed * job.gradient_bytes if (first and last and full and config.tie_word_embeddings) else 0
+        embedding = embed * job.gradient_bytes if (first and full) else 0
+        linear = _largest_trained(config, job, embeddings_trained=False)
+        layer_step = _adamw_step_bytes(job, decay, linear)
+        gradients = max(head_gradient, embedding, tied + linear * job.gradient_bytes)
+        moments = {
+            "forward": states + activations + max(loss_saved + logits, forward),
+            "backward": max(
+                states + activations + head_gradient + step,
+                states + activations + tied + backward + layer_step,
+                states + embedding + step,
+            ),
+        }
+        workspace = {"forward": max(logits, forward), "backward": moments["backward"] - states - activations}
+    else:
+        held = gradients if job.gradients_held else 0
+        moments = {
+            "forward": states + held + activations + max(loss_saved + logits, forward),
+            "backward": max(
+                states + held + activations + (0 if job.gradients_held else head_gradient) + backward,
+                states + gradients - embed_gradient + backward_end,  # the embeddings' gradient comes last
+                states + gradients,
+            ),
+            "optimizer step": states + gradients + step,
+        }
+        workspace = {"forward": max(logits, forward), "backward": backward, "optimizer step": step}
     peak_at = max(moments, key=moments.get)
-    workspace = {
-        "forward": max(logits, forward),
-        "backward": backward,
-        "optimizer step": _adamw_step_bytes(job, decay, largest),
-    }[peak_at]
+    workspace = workspace[peak_at]
     return ChipMemory(
         layers=layers,
         weights=weights,
@@ -552,12 +573,12 @@ def _adamw_step_bytes(job: Job, decay_parameters: int, largest: int) -> int:
     """The optimizer step's transient on the chip. torch's foreach AdamW (its default on
     accelerators) allocates sqrt(v) for every parameter of a group at once, in the moments' dtype:
     for each parameter of the largest group, the weight-decay group. chipspan's AdamW (8-bit
-    moments, stochastic rounding) steps one tensor at a time, a chunk of it at once
+    moments, stochastic rounding, stepping in backward) steps one tensor at a time, a chunk of it at once
     (``step_scratch_bytes`` of the largest, ``largest`` elements). The host-offloaded AdamW steps on
     the host and writes each weight back in place: nothing on the chip."""
     if job.offload_optimizer:
         return 0
-    if job.moment_bits == 8 or job.stochastic_rounding:
+    if job.moment_bits == 8 or job.stochastic_rounding or job.optimizer_in_backward:
         dtype = torch.float32 if job.trained_bytes == 4 else torch.bfloat16
         return step_scratch_bytes(min(decay_parameters, largest), dtype, job.moment_bits, job.stochastic_rounding)
     return job.moment_bytes * decay_parameters

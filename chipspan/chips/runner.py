@@ -13,7 +13,13 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from chipspan.chips.gradients import clip_global_norm, sum_tied_gradients, tied_copies, trained_parameters
+from chipspan.chips.gradients import (
+    clip_global_norm,
+    global_norm,
+    sum_tied_gradients,
+    tied_copies,
+    trained_parameters,
+)
 from chipspan.chips.pipeline import pipelined_loss
 from chipspan.chips.span import SpannedModel
 
@@ -49,6 +55,10 @@ class ChipsRunner:
         """Sum the tied copies' gradients, clip the global norm (0: only measure); the norm before."""
         sum_tied_gradients(self.embedding_copies + self.head_copies)
         return clip_global_norm(self.trained, max_norm, self.device, also_scaled=self.head_copies)
+
+    def gradient_norm(self, norms: list[torch.Tensor]) -> float:
+        """The global norm of gradients already applied, from their own norms (--optimizer_in_bwd)."""
+        return float(global_norm(norms, self.device))
 
     @torch.no_grad()
     def forward_only(self, batch: dict[str, torch.Tensor]) -> float:

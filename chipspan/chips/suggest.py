@@ -2,7 +2,7 @@
 chips (``--chips N``), cheapest first; with ``--chips auto``, how few chips each combination needs.
 
 Every combination of the savers that apply to the job (at most one of each kind: recomputation,
-the frozen base's bits, the precision, where AdamW keeps its state) is priced by the same plan
+the frozen base's bits, the precision, where AdamW keeps its state, when it steps) is priced by the same plan
 ``chipspan plan`` shows. A combination is left out when a part of it alone already holds the
 fullest chip as low (the rest would cost without saving), and where it does not fit. Each saver
 has a cost rank (what it gives up: step time, then numerics; docs/plan.md, "The savers"); a
@@ -84,6 +84,14 @@ SAVERS = (
         "fp32 master weights and moments in host memory, stepped there (host memory, step time)",
         lambda run: _trains_base(run) and not run.training.offload_optimizer,
         _set("training", offload_optimizer=True, optim="adamw_torch"),
+    ),
+    Saver(
+        "--optimizer_in_bwd --max_grad_norm 0",
+        "stepping",
+        4,
+        "each weight steps inside backward, so no clipping by the global norm (and no accumulation)",
+        lambda run: _trains_base(run) and not run.training.optimizer_in_bwd,
+        _set("training", optimizer_in_bwd=True, max_grad_norm=0.0),
     ),
     Saver(
         "--pure_bf16",

@@ -18,7 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from chipspan.chips.gradients import clip_global_norm, sum_tied_gradients, tied_copies, trained_parameters
+from chipspan.chips.gradients import (
+    clip_global_norm,
+    global_norm,
+    sum_tied_gradients,
+    tied_copies,
+    trained_parameters,
+)
 from chipspan.data.encode import IGNORE_INDEX
 from chipspan.distributed.mesh import Layout, tied_group
 from chipspan.distributed.pipeline import PipelineRunner
@@ -114,8 +120,15 @@ class RankRunner:
             max_norm,
             self.device,
             also_scaled=self.head_copies,
-            reduce=lambda squares: dist.all_reduce(squares, group=self.pipeline_group),
+            reduce=self._sum_over_pipeline,
         )
+
+    def gradient_norm(self, norms: list[torch.Tensor]) -> float:
+        """The global norm over the pipeline of gradients already applied, from their own norms."""
+        return float(global_norm(norms, self.device, self._sum_over_pipeline))
+
+    def _sum_over_pipeline(self, total: torch.Tensor) -> None:
+        dist.all_reduce(total, group=self.pipeline_group)
 
     def forward_only(self, batch: dict[str, torch.Tensor]) -> float | None:
         """The token-mean loss of one whole batch on the rank with the last stage, else None."""

@@ -103,11 +103,14 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_parameter(p, group)
+                    self.step_parameter(p, group)
         return loss
 
-    def _step_parameter(self, p: torch.Tensor, group: dict) -> None:
-        """One AdamW step of ``p``, chunk by chunk."""
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict) -> None:
+        """One AdamW step of ``p`` (of ``group``) with its ``.grad``, chunk by chunk: what ``step``
+        does for each parameter, and what stepping inside backward does for one whose gradient is
+        complete (``chipspan.optim.in_backward``)."""
         if p.grad.is_sparse:
             raise RuntimeError("AdamW does not support sparse gradients")
         state = self.state[p]

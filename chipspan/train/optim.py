@@ -9,6 +9,9 @@ Which AdamW (one update rule, three ways to keep its state):
 - ``--optim adamw_8bit``: chipspan's AdamW with block-wise 8-bit moments (``chipspan.optim.adamw``);
 - ``--offload_optimizer``: fp32 master weights and moments in host memory, stepped there while
   the chips go on (``chipspan.optim.offload``).
+
+``--optimizer_in_bwd`` steps each weight inside backward with chipspan's AdamW (whose
+per-parameter step it needs; its state is torch's AdamW's, so checkpoints are the same).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def build_optimizer(
     settings = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if args.offload_optimizer:
         optimizer = HostOffloadedAdamW(_unnamed(present), **settings, modules=stages)
-    elif args.optim == "adamw_8bit" or stochastic_rounding:
+    elif args.optim == "adamw_8bit" or stochastic_rounding or args.optimizer_in_bwd:
         named = [{"params": params, "weight_decay": wd} for _, params, wd in present]  # names seed the rounding
         optimizer = adamw.AdamW(
             named, **settings, state_bits=args.moment_bits, stochastic_rounding=stochastic_rounding, seed=args.seed

@@ -7,11 +7,14 @@ A *runner* holds the stages one process runs — every stage, one chip each
     forward_backward(batches, loss_scale) -> the step's loss (the same on every rank)
     gradients()                           -> the gradients this process applies
     clip_gradients(max_norm)              -> the global norm before clipping (tied copies summed)
+    gradient_norm(norms)                  -> the global norm of gradients from their own norms
     forward_only(batch)                   -> a batch's token-mean loss where the last stage is, else None
     sum_over_ranks / max_over_ranks / any_rank, replica / replicas, set_training(mode)
 
 ``TrainStep`` is the rest, written once: unscale (fp16), clip, the non-finite guard, AdamW and the
-learning-rate schedule, skipped together by every rank when a step must not be applied.
+learning-rate schedule, skipped together by every rank when a step must not be applied. Under
+--optimizer_in_bwd AdamW has stepped each weight inside backward (``chipspan.optim.in_backward``);
+what is left is the norm, the guard and the schedule.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from chipspan.data import Example, collate
+from chipspan.optim.in_backward import StepInBackward
 from chipspan.precision import Precision
 from chipspan.train.health import NonFiniteGuard
 
@@ -34,9 +38,12 @@ class TrainStep:
         precision: Precision,
         max_grad_norm: float,
         learning_rate: float,
+        in_backward: StepInBackward | None = None,
     ):
-        """``optimizer``/``scheduler``: None on a rank whose stages train nothing (it still takes part)."""
+        """``optimizer``/``scheduler``: None on a rank whose stages train nothing (it still takes
+        part); ``in_backward``: the hooks that step ``optimizer`` inside backward, if so."""
         self.runner, self.optimizer, self.scheduler = runner, optimizer, scheduler
+        self.in_backward = in_backward
         self.precision, self.max_grad_norm = precision, max_grad_norm
         self.guard = NonFiniteGuard(learning_rate, scaled=precision.scaler is not None)
 
@@ -48,6 +55,8 @@ class TrainStep:
         A step whose gradients overflow under fp16 loss scaling, or whose loss or gradient norm is
         inf/NaN, leaves the weights and the learning rate as they were."""
         loss = self.runner.forward_backward(batches, self.precision.loss_scale)
+        if self.in_backward is not None:
+            return loss, self._finish_stepped_in_backward(number, loss, report)
         overflowed = self.precision.unscale(self.runner.gradients(), self.runner.any_rank)
         grad_norm = self.runner.clip_gradients(self.max_grad_norm)
         applied = self.guard.allows(number, loss, grad_norm, report) and not overflowed
@@ -58,6 +67,20 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         self.precision.update(overflowed)
         return loss, grad_norm
+
+    def _finish_stepped_in_backward(self, number: int, loss: float, report: Callable[[str], None]) -> float:
+        """The global gradient norm of a step whose weights were stepped in backward; the schedule
+        moves on unless the guard refuses the step (whose finite gradients are applied already)."""
+        norms, stepped = self.in_backward.finish_step()
+        grad_norm = self.runner.gradient_norm(norms)
+        stepped = int(self.runner.sum_over_ranks(stepped))
+        if self.guard.allows(number, loss, grad_norm, report):
+            if self.optimizer is not None:
+                self.optimizer.step()  # no gradient is left, so nothing steps: it tells the scheduler
+                self.scheduler.step()
+        elif stepped:
+            report(f"warning: under --optimizer_in_bwd, {stepped} parameter(s) with finite gradients already stepped")
+        return grad_norm
 
     def learning_rate(self) -> float:
         """The learning rate of the next step, as the scheduler has it (a collective under torchrun)."""

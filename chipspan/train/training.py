@@ -1,5 +1,6 @@
-"""What every placement does around the loop, written once: AdamW and its schedule, resume, the
-log, checkpoints at ``save_steps``, a refusal to write inf/NaN weights, and the final outputs.
+"""What every placement does around the loop, written once: AdamW and its schedule (stepped inside
+backward with --optimizer_in_bwd), resume, the log, checkpoints at ``save_steps``, a refusal to
+write inf/NaN weights, and the final outputs.
 
 What differs between one process and a torchrun rank is how its stages reach the disk: a *writer*
 (``LocalWriter`` here, ``chipspan.distributed.checkpoints.RankWriter`` for a rank) says whether this
@@ -18,6 +19,7 @@ from chipspan.args import RunArguments
 from chipspan.chips.job import rounds_stochastically
 from chipspan.models.decoder import CausalLM
 from chipspan.models.tokenizer import Tokenizer
+from chipspan.optim.in_backward import StepInBackward
 from chipspan.precision import Precision
 from chipspan.train import checkpoints
 from chipspan.train.health import nonfinite_weight, refuse_nonfinite_weights
@@ -79,7 +81,10 @@ def train_and_save(
     output_dir, tokenizer, is_lora = files.output_dir, files.tokenizer, files.is_lora
     rounding = rounds_stochastically(run, precision.choice)
     optimizer, scheduler = build_optimizer(stages, train_args, steps, stochastic_rounding=rounding)
-    step = TrainStep(runner, optimizer, scheduler, precision, train_args.max_grad_norm, train_args.learning_rate)
+    in_backward = StepInBackward(optimizer, runner.trained) if train_args.optimizer_in_bwd else None
+    step = TrainStep(
+        runner, optimizer, scheduler, precision, train_args.max_grad_norm, train_args.learning_rate, in_backward
+    )
     state = TrainerState(
         max_steps=steps,
         num_train_epochs=train_args.num_train_epochs,
