@@ -248,18 +248,21 @@ def build(config: ModelConfig, split: list[int], job: Job, devices: list[torch.d
         # not for fake ones; take the path the real chips take.
         for group in optimizer.param_groups:
             group["foreach"] = True
-    stepper = (
-        StepInBackward(optimizer, ChipsRunner(model, 1, contextlib.nullcontext).trained)
-        if job.optimizer_in_bwd
-        else None
-    )
+    stepper = StepInBackward(optimizer, ChipsRunner(model, 1, contextlib.nullcontext)) if job.optimizer_in_bwd else None
     return model, optimizer, Precision(precision), stepper
 
 
 def train_step(
-    model: SpannedModel, optimizer, precision: Precision, job: Job, tracker: Tracker | None, use_scaler: bool
+    model: SpannedModel,
+    optimizer,
+    precision: Precision,
+    job: Job,
+    tracker: Tracker | None,
+    use_scaler: bool,
+    stepper: StepInBackward | None = None,
 ) -> None:
-    """One optimizer step as ``chipspan.train.step.TrainStep`` runs it, with ``micro_batches_in_flight``
+    """One optimizer step as ``chipspan.train.step.TrainStep`` runs it (``stepper``: the weights
+    step in backward, a tied embedding's copies after it), with ``micro_batches_in_flight``
     forwards kept alive before a single backward (m = 1: the step exactly)."""
     scaled = use_scaler and precision.scaler is not None
     runner = ChipsRunner(model, micro_batches=1, autocast=precision.autocast)
@@ -282,7 +285,9 @@ def train_step(
     (loss * precision.loss_scale if scaled else loss).backward()
     del loss
     phase("step")
-    if job.optimizer_in_bwd:  # already stepped, in backward
+    if stepper is not None:
+        runner.join_tied_gradients()
+        stepper.finish_step()
         phase("idle")
         return
     overflowed = scaled and precision.unscale(runner.gradients(), runner.any_rank)
@@ -334,14 +339,14 @@ def measure(
     else:
         raise ValueError(f"mode must be fake or emu, not {mode!r}")
     with outer, tracker if tracker is not None else contextlib.nullcontext():
-        model, optimizer, precision, _stepper = build(config, split, job, devices)
+        model, optimizer, precision, stepper = build(config, split, job, devices)
         for step in range(steps):
             if step == steps - 1:
                 if tracker is not None:
                     tracker.reset_peaks()
                 if mode == "emu":
                     emu.reset_peak_memory()
-            train_step(model, optimizer, precision, job, tracker, use_scaler=mode == "emu")
+            train_step(model, optimizer, precision, job, tracker, use_scaler=mode == "emu", stepper=stepper)
         results = []
         layers = model.placement.layers
         for i, device in enumerate(devices):
@@ -351,7 +356,7 @@ def measure(
             measured = emu.peak_memory(i) if mode == "emu" else tracked
             phases = dict(tracker.peaks.get(str(device), {})) if tracker is not None else {}
             results.append(ChipResult(layers[i], predicted, measured, tracked, phases))
-        del model, optimizer, _stepper
+        del model, optimizer, stepper
     return results
 
 

@@ -51,15 +51,16 @@ def llama2_vocab_dir():
     return assets.fetch_llama2_vocab()
 
 
-def make_workspace(root, num_layers: int):
-    """A random Llama-2-shaped model of ``num_layers`` layers with the real Llama-2 tokenizer in
-    ``root/model``, and LLaMA-Factory 0.5's data folder (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in
-    ``root/data``."""
+def make_workspace(root, num_layers: int, tied: bool = False):
+    """A random Llama-2-shaped model of ``num_layers`` layers (``tied``: its embedding is its head)
+    with the real Llama-2 tokenizer in ``root/model``, and LLaMA-Factory 0.5's data folder
+    (alpaca_zh_demo as alpaca_gpt4_data_zh.json) in ``root/data``."""
     from helpers import DEMO_DATA, LLAMA2_TOKENIZER, make_reference
 
     make_reference(
         root / "model",
         "llama2-mha",
+        tie_word_embeddings=tied,
         vocab_size=32000,
         hidden_size=32,
         intermediate_size=64,
@@ -78,6 +79,12 @@ def make_workspace(root, num_layers: int):
 def tiny_workspace(tmp_path_factory):
     """4 layers; see tests/helpers.py's ``command`` for the command that trains it."""
     return make_workspace(tmp_path_factory.mktemp("tiny"), 4)
+
+
+@pytest.fixture(scope="session")
+def tied_workspace(tmp_path_factory):
+    """tiny_workspace's shape with tied embeddings, as SmolLM2's."""
+    return make_workspace(tmp_path_factory.mktemp("tied"), 4, tied=True)
 
 
 @pytest.fixture(scope="session")

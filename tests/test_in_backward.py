@@ -1,10 +1,10 @@
-"""--optimizer_in_bwd: each weight steps inside backward. It trains as stepping after backward does,
-resumes, runs under torchrun, and is refused, before anything loads, with what needs every gradient
-of a step at once."""
+"""--optimizer_in_bwd: each weight steps inside backward. It trains as stepping after backward does
+(tied embeddings too), resumes, runs under torchrun, and is refused, before anything loads, with what
+needs every gradient of a step at once."""
 
 from __future__ import annotations
 
-import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ from helpers import losses, one_process, torchrun, train_flags
 from safetensors.torch import load_file
 
 from chipspan.args import parse_run_arguments
-from chipspan.cli import main
 from chipspan.errors import ChipspanError
 from chipspan.optim.adamw import AdamW
 from chipspan.optim.in_backward import StepInBackward
@@ -26,31 +25,29 @@ def _weights(out):
     return load_file(out / "model.safetensors")
 
 
+TWO_CHIPS = ["--chips", "0-1", "--device", "cpu"]
+
+
 @pytest.mark.parametrize(
-    "flags",
+    "workspace, flags",
     [
-        ["--optim", "adamw_8bit"],  # chipspan's AdamW both ways: the same arithmetic in another order
-        ["--chips", "0-1", "--device", "cpu", "--micro_batches", "2"],  # one backward over both micro-batches
-        ["--finetuning_type", "freeze", "--chips", "0-1", "--device", "cpu"],
+        ("tiny_workspace", ["--optim", "adamw_8bit"]),  # chipspan's AdamW both ways
+        ("tiny_workspace", [*TWO_CHIPS, "--micro_batches", "2"]),  # one backward over both micro-batches
+        ("tiny_workspace", ["--finetuning_type", "freeze", *TWO_CHIPS]),
+        ("tied_workspace", TWO_CHIPS),  # the embedding's two copies step after backward, summed
+        ("tied_workspace", []),  # one matrix, used twice: it steps once its two gradients are in
     ],
 )
-def test_stepping_in_backward_trains_exactly_as_stepping_after_it(tiny_workspace, tmp_path, flags):
+def test_stepping_in_backward_trains_exactly_as_stepping_after_it(request, tmp_path, workspace, flags):
+    """The same losses and weights, bit for bit (torch's AdamW and chipspan's compute one update)."""
+    workspace = request.getfixturevalue(workspace)
     after, inside = tmp_path / "after", tmp_path / "inside"
-    one_process(train_flags(tiny_workspace, after, *STEPPED_AFTER, *flags))
-    one_process(train_flags(tiny_workspace, inside, *IN_BACKWARD, *flags))
+    one_process(train_flags(workspace, after, *STEPPED_AFTER, *flags))
+    one_process(train_flags(workspace, inside, *IN_BACKWARD, *flags))
     assert losses(inside) == losses(after)
-    ours, theirs, base = _weights(inside), _weights(after), _weights(tiny_workspace / "model")
+    ours, theirs, base = _weights(inside), _weights(after), _weights(workspace / "model")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any(not torch.equal(ours[k], base[k]) for k in ours)  # it trained
-
-
-def test_stepping_in_backward_follows_torchs_adamw(tiny_workspace, tmp_path):
-    """--optim adamw_torch steps with torch.optim.AdamW after backward, with chipspan's AdamW (the
-    same update, computed in chunks) inside it."""
-    after, inside = tmp_path / "after", tmp_path / "inside"
-    one_process(train_flags(tiny_workspace, after, *STEPPED_AFTER))
-    one_process(train_flags(tiny_workspace, inside, *IN_BACKWARD))
-    assert losses(inside) == pytest.approx(losses(after), rel=1e-5)
 
 
 def test_a_run_stepped_in_backward_resumes_as_if_never_stopped(tiny_workspace, tmp_path):
@@ -62,11 +59,12 @@ def test_a_run_stepped_in_backward_resumes_as_if_never_stopped(tiny_workspace, t
 
 
 @pytest.mark.multiprocess
-def test_stepping_in_backward_under_torchrun_equals_one_process(tiny_workspace, tmp_path):
+def test_stepping_in_backward_under_torchrun_equals_one_process(tied_workspace, tmp_path):
+    """Two ranks, the tied embedding's copies on both: summed over the ranks, then stepped."""
     single, staged = tmp_path / "single", tmp_path / "staged"
-    one_process(train_flags(tiny_workspace, single, *IN_BACKWARD, "--chips", "0-1", "--device", "cpu"))
+    one_process(train_flags(tied_workspace, single, *IN_BACKWARD, *TWO_CHIPS))
     gpipe = ["--pipeline_schedule", "gpipe", "--micro_batches", "1"]
-    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, staged, *IN_BACKWARD, *gpipe))
+    torchrun("-m", "chipspan", "train", *train_flags(tied_workspace, staged, *IN_BACKWARD, *gpipe))
     assert losses(staged) == pytest.approx(losses(single), rel=1e-5)
 
 
@@ -97,7 +95,7 @@ def test_a_non_finite_gradient_is_not_applied_and_the_rest_step():
     finite, broken = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
     reference = torch.nn.Parameter(finite.detach().clone())
     optimizer = AdamW([finite, broken], lr=0.1, weight_decay=0.0)
-    stepper = StepInBackward(optimizer, [finite, broken])
+    stepper = StepInBackward(optimizer, SimpleNamespace(trained=[finite, broken], embedding_copies=[], head_copies=[]))
     start, before = finite.detach().clone(), broken.detach().clone()
     (finite.square().sum() + (broken * torch.tensor(float("nan"))).sum()).backward()
     norms, stepped = stepper.finish_step()
@@ -109,19 +107,3 @@ def test_a_non_finite_gradient_is_not_applied_and_the_rest_step():
     assert torch.equal(finite.detach(), reference.detach())
     assert float(norms[0]) == pytest.approx(float((2 * start).norm()))
     assert torch.isnan(norms[1])
-
-
-def test_a_trained_tied_embedding_over_two_chips_is_refused_before_loading(tiny_workspace, tmp_path, no_weight_loading):
-    tied = tmp_path / "tied"
-    tied.mkdir()
-    for file in (tiny_workspace / "model").iterdir():
-        (tied / file.name).symlink_to(file)
-    config = json.loads((tiny_workspace / "model" / "config.json").read_text())
-    (tied / "config.json").unlink()
-    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    argv = train_flags(tiny_workspace, tmp_path / "out", *IN_BACKWARD, "--chips", "0-1", "--device", "cpu")
-    argv[argv.index(tiny_workspace / "model")] = tied
-    with pytest.raises(ChipspanError, match="cannot train this model's tied embedding over 2 stages"):
-        one_process(argv)
-    lora = ["--finetuning_type", "lora", "--lora_target", "q_proj,v_proj"]  # frozen embeddings: nothing to sum
-    assert main(["plan", *map(str, argv), *lora]) == 0

@@ -381,6 +381,22 @@ def test_estimate_matches_emu_peaks(job):
         assert 0.9 < predicted / measured < 1.1
 
 
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_estimate_matches_emu_peaks_with_a_tied_embedding_over_two_chips(in_backward):
+    """The embedding on the first chip, its copy as the head on the last: their gradients summed
+    after backward, on the first chip without a third copy."""
+    import memory_check
+
+    from chipspan import emu
+
+    if not emu.is_available():
+        pytest.skip("the emu device cannot be built here (no C++ compiler?)")
+    config = dataclasses.replace(memory_check.small_config(layers=2, hidden=128, vocab=4096), tie_word_embeddings=True)
+    job = memory_check.Job(finetuning_type="full", seq_len=128, optimizer_in_bwd=in_backward)
+    for predicted, measured in _measure(config, [1, 1], job, "emu"):
+        assert 0.9 < predicted / measured < 1.1
+
+
 def test_the_plan_prices_the_precision_the_run_computes_in(tmp_path):
     folder = _model_folder(tmp_path, **HEAVY_LAYERS)
     config = ModelConfig.from_folder(folder)

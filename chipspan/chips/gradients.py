@@ -42,12 +42,16 @@ def sum_tied_gradients(copies: list[nn.Parameter], reduce: Reduce | None = None)
     copies other processes hold)."""
     if not copies:
         return
-    device = copies[0].device
-    total = sum((p.grad if p.grad is not None else torch.zeros_like(p)).to(device) for p in copies)
+    first, others = copies[0], copies[1:]
+    total = first.grad if first.grad is not None else torch.zeros_like(first)  # summed in place: no third copy
+    for p in others:
+        if p.grad is not None:
+            total.add_(p.grad.to(total.device))
     if reduce is not None:
         reduce(total)
-    for p in copies:
-        p.grad = total.to(p.device, copy=True) if len(copies) > 1 else total
+    first.grad = total
+    for p in others:
+        p.grad = total.to(p.device, copy=True)
 
 
 def clip_global_norm(

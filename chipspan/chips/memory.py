@@ -112,7 +112,7 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
 
     With ``job.optimizer_in_backward`` there is no optimizer step apart: backward holds, beside every
     activation, one gradient at a time (the head's or a layer's, with its step's scratch) and a
-    tied embedding's, which lives from the head's backward to the embedding's.
+    tied embedding's head gradient, which waits for the embedding's (on the first chip, last).
     """
     num_layers = config.num_hidden_layers
     if not layers or layers.start < 0 or layers.stop > num_layers or layers.step != 1:
@@ -181,20 +181,21 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
 
     step = _adamw_step_bytes(job, decay, largest)
     if job.optimizer_in_backward:  # each gradient steps and goes as soon as it is complete
-        # the untied head's gradient comes first and steps at once; then each layer's in turn; the
-        # embedding's last, when the activations are gone. A tied embedding's lives from the head's
-        # backward to the embedding's.
-        tied = embed * job.gradient_bytes if (first and last and full and config.tie_word_embeddings) else 0
+        # an untied head's gradient comes first and steps at once, then each layer's in turn, the
+        # embedding's last, when the activations are gone; a tied embedding's head (or its head
+        # copy, on the last chip) keeps its gradient until the embedding's has joined it
+        tied = embed * job.gradient_bytes if (last and full and config.tie_word_embeddings) else 0
+        head_now = 0 if config.tie_word_embeddings else head_gradient
         embedding = embed * job.gradient_bytes if (first and full) else 0
         linear = _largest_trained(config, job, embeddings_trained=False)
         layer_step = _adamw_step_bytes(job, decay, linear)
-        gradients = max(head_gradient, embedding, tied + linear * job.gradient_bytes)
+        gradients = max(head_now, embedding, tied + linear * job.gradient_bytes)
         moments = {
             "forward": states + activations + max(loss_saved + logits, forward),
             "backward": max(
-                states + activations + head_gradient + step,
+                states + activations + head_now + step,
                 states + activations + tied + backward + layer_step,
-                states + embedding + step,
+                states + max(embedding, tied) + step,
             ),
         }
         workspace = {"forward": max(logits, forward), "backward": moments["backward"] - states - activations}

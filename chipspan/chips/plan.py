@@ -116,7 +116,6 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
             f"{num_chips}"
         )
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
-    _check_tied_split(run, config, num_chips * virtual)
     precision = choose_precision(run, device_type)
     spans = []
     for micro in candidates:
@@ -125,20 +124,6 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
         if usable is None or max(_chip_peaks(config, spans[-1])) <= usable:
             return spans[-1]
     return spans[0]
-
-
-def _check_tied_split(run: RunArguments, config: ModelConfig, num_stages: int) -> None:
-    """Refuse --optimizer_in_bwd where a trained tied embedding spans stages: its two copies (the
-    embedding first, the head last) must add their gradients before either steps."""
-    ft = run.finetuning
-    fully_trained = {name.strip() for name in (ft.additional_target or "").split(",")}
-    trains_embeddings = ft.finetuning_type == "full" or bool(fully_trained & {"embed_tokens", "lm_head"})
-    if run.training.optimizer_in_bwd and config.tie_word_embeddings and trains_embeddings and num_stages > 1:
-        raise ChipspanError(
-            f"--optimizer_in_bwd cannot train this model's tied embedding over {num_stages} stages: its copies on the "
-            "first and last chips must sum their gradients before either steps; use one chip, keep the "
-            "embeddings frozen (LoRA), or drop --optimizer_in_bwd"
-        )
 
 
 def _whole_rounds(schedule: Schedule, num_chips: int) -> bool:

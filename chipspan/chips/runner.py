@@ -51,9 +51,13 @@ class ChipsRunner:
         """Every gradient the step applies (a tied head copy's too)."""
         return [p.grad for p in self.trained + self.head_copies if p.grad is not None]
 
+    def join_tied_gradients(self) -> None:
+        """Give both copies of a tied embedding the sum of their gradients."""
+        sum_tied_gradients(self.embedding_copies + self.head_copies)
+
     def clip_gradients(self, max_norm: float) -> float:
         """Sum the tied copies' gradients, clip the global norm (0: only measure); the norm before."""
-        sum_tied_gradients(self.embedding_copies + self.head_copies)
+        self.join_tied_gradients()
         return clip_global_norm(self.trained, max_norm, self.device, also_scaled=self.head_copies)
 
     def gradient_norm(self, norms: list[torch.Tensor]) -> float:

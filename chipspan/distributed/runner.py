@@ -108,13 +108,17 @@ class RankRunner:
         """Every gradient this rank applies (a tied head copy's too)."""
         return [p.grad for p in self.trained + self.head_copies if p.grad is not None]
 
-    def clip_gradients(self, max_norm: float) -> float:
-        """Sum the tied copies' gradients over their two ranks, clip the norm over the pipeline."""
+    def join_tied_gradients(self) -> None:
+        """Give both copies of a tied embedding the sum of their gradients, over their two ranks."""
         tied = self.tied_group
         sum_tied_gradients(
             self.embedding_copies + self.head_copies,
             (lambda total: dist.all_reduce(total, group=tied)) if tied is not None else None,
         )
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Sum the tied copies' gradients over their two ranks, clip the norm over the pipeline."""
+        self.join_tied_gradients()
         return clip_global_norm(
             self.trained,
             max_norm,

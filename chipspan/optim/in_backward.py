@@ -2,11 +2,14 @@
 as soon as a trained parameter's gradient of the step is complete, chipspan's AdamW steps it and the
 gradient is dropped, so a chip holds a few tensors' gradients at a time instead of all of its own.
 
+A tied embedding spanned over chips lives twice (the embedding on the first stage, its copy as the
+head on the last, ``chipspan.chips.gradients``): both copies wait for the end of backward, where the
+runner sums their gradients and ``finish_step`` steps them, so they stay equal.
+
 It asks for exactly one backward per optimizer step and for nothing that needs every gradient
 before a weight may change; ``chipspan.chips.job.check_savers`` refuses, before anything loads,
-gradient accumulation, clipping by the global norm, the fp16 loss scaler, data-parallel replicas,
-and micro-batches under torchrun (each runs its own backward), and ``chipspan.chips.plan`` a trained
-tied embedding split over two chips (its two copies' gradients must be summed first).
+gradient accumulation, clipping by the global norm, the fp16 loss scaler, the host-offloaded AdamW,
+data-parallel replicas, and micro-batches under torchrun (each runs its own backward there).
 
 A gradient holding inf/NaN is not applied: that parameter keeps its value and moments. The step's
 global gradient norm is still measured (from each parameter's norm, taken before its step), so the
@@ -16,7 +19,6 @@ log and the non-finite guard see what they see without this option.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,20 +27,26 @@ from chipspan.optim.adamw import AdamW
 
 
 class StepInBackward:
-    """Hooks that step each of ``parameters`` (trained, in the order the global norm sums them) with
-    ``optimizer`` (None: this process trains nothing) the moment its gradient is accumulated. Keep
-    this object while the parameters train: the hooks hold it only weakly."""
+    """Hooks that step each trained parameter of ``runner`` (a runner of ``chipspan.train.step``)
+    with ``optimizer`` (None: this process trains nothing) the moment its gradient is accumulated;
+    the copies of a tied embedding step in ``finish_step``. Keep this object while the parameters
+    train: the hooks hold it only weakly."""
 
-    def __init__(self, optimizer: AdamW | None, parameters: Sequence[nn.Parameter]):
+    def __init__(self, optimizer: AdamW | None, runner):
+        self.optimizer = optimizer
+        self.counted = list(runner.trained)  # the global norm's parameters, in its order
+        self.tied = [*runner.embedding_copies, *runner.head_copies]
         groups = {p: group for group in optimizer.param_groups for p in group["params"]} if optimizer else {}
-        if set(groups) != set(parameters):
-            raise ValueError("the optimizer must hold exactly the parameters stepped in backward")
-        self.optimizer, self.parameters, self._groups = optimizer, list(parameters), groups
+        if set(groups) != set(self.counted) | set(self.tied):
+            raise ValueError("the optimizer must hold exactly the runner's trained parameters")
+        self._groups = groups
         self._norms: dict[nn.Parameter, torch.Tensor] = {}
         self._stepped = 0  # parameters stepped in the step being run
         this = weakref.ref(self)  # the hooks live in autograd's C++ nodes: a strong reference would leak the model
-        for p in self.parameters:
-            p.register_post_accumulate_grad_hook(lambda param: this()._step(param))
+        waiting = set(self.tied)
+        for p in self.counted:
+            if p not in waiting:
+                p.register_post_accumulate_grad_hook(lambda param: this()._step(param))
 
     def _step(self, param: nn.Parameter) -> None:
         """Step ``param`` with its complete gradient, unless the gradient is not finite; drop it."""
@@ -50,8 +58,12 @@ class StepInBackward:
         param.grad = None
 
     def finish_step(self) -> tuple[list[torch.Tensor], int]:
-        """(the gradient norms of the step just run, fp32 scalars in parameter order; how many
+        """After backward, once the runner has summed the tied copies' gradients: step the copies;
+        (the gradient norms of the step, fp32 scalars in the global norm's order; how many
         parameters stepped), forgotten here for the next step."""
-        norms = [self._norms[p] for p in self.parameters if p in self._norms]
+        for p in self.tied:
+            if p.grad is not None:
+                self._step(p)
+        norms = [self._norms[p] for p in self.counted if p in self._norms]
         stepped, self._norms, self._stepped = self._stepped, {}, 0
         return norms, stepped

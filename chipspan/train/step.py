@@ -6,6 +6,7 @@ A *runner* holds the stages one process runs — every stage, one chip each
 
     forward_backward(batches, loss_scale) -> the step's loss (the same on every rank)
     gradients()                           -> the gradients this process applies
+    join_tied_gradients()                 -> both copies of a tied embedding get their summed gradient
     clip_gradients(max_norm)              -> the global norm before clipping (tied copies summed)
     gradient_norm(norms)                  -> the global norm of gradients from their own norms
     forward_only(batch)                   -> a batch's token-mean loss where the last stage is, else None
@@ -71,6 +72,7 @@ class TrainStep:
     def _finish_stepped_in_backward(self, number: int, loss: float, report: Callable[[str], None]) -> float:
         """The global gradient norm of a step whose weights were stepped in backward; the schedule
         moves on unless the guard refuses the step (whose finite gradients are applied already)."""
+        self.runner.join_tied_gradients()
         norms, stepped = self.in_backward.finish_step()
         grad_norm = self.runner.gradient_norm(norms)
         stepped = int(self.runner.sum_over_ranks(stepped))

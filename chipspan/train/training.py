@@ -81,7 +81,7 @@ def train_and_save(
     output_dir, tokenizer, is_lora = files.output_dir, files.tokenizer, files.is_lora
     rounding = rounds_stochastically(run, precision.choice)
     optimizer, scheduler = build_optimizer(stages, train_args, steps, stochastic_rounding=rounding)
-    in_backward = StepInBackward(optimizer, runner.trained) if train_args.optimizer_in_bwd else None
+    in_backward = StepInBackward(optimizer, runner) if train_args.optimizer_in_bwd else None
     step = TrainStep(
         runner, optimizer, scheduler, precision, train_args.max_grad_norm, train_args.learning_rate, in_backward
     )
