@@ -4,6 +4,7 @@ chipbot_identity, two emulated chips) trained with each saver and without.
     python bench/savers.py                  # LoRA (16-bit vs 4/8-bit base) and full (AdamW variants)
     python bench/savers.py --steps 60 --only lora
     python bench/savers.py --only lora-all  # LoRA on every linear layer, as QLoRA trains
+    python bench/savers.py --only full-in-backward  # --optimizer_in_bwd, against the unclipped plain job
 
 Each variant runs as its own `chipspan train` process, one after another, so the emulated chips'
 peak counters start at zero; the table gives the eval loss before training (LoRA: what the
@@ -47,6 +48,14 @@ GROUPS = {
         ("pure bf16, nearest rounding", ["--pure_bf16", "--stochastic_rounding", "false"]),
         ("host-offloaded AdamW", ["--offload_optimizer"]),
     ],
+    "full-in-backward": [  # stepping inside backward cannot clip by the global norm: compared unclipped
+        ("fp32 AdamW, no clipping (plain)", ["--max_grad_norm", "0"]),
+        ("stepped in backward", ["--max_grad_norm", "0", "--optimizer_in_bwd"]),
+        (
+            "pure bf16, 8-bit AdamW, in backward",
+            ["--max_grad_norm", "0", "--optimizer_in_bwd", "--pure_bf16", "--optim", "adamw_8bit"],
+        ),
+    ],
 }
 FULL_LEARNING_RATE = "2e-5"  # the demo's 2e-3 is LoRA's
 
@@ -56,7 +65,7 @@ def job(model: Path, out: Path, group: str, steps: int, extra: list[str]) -> lis
     argv = train_command(model, out)
     argv[argv.index("--device") + 1] = "emu"
     argv += ["--max_steps", str(steps), "--logging_steps", "5"]
-    if group == "full":
+    if group.startswith("full"):
         argv[argv.index("--finetuning_type") + 1] = "full"
         argv[argv.index("--learning_rate") + 1] = FULL_LEARNING_RATE
     return argv + extra
@@ -113,7 +122,7 @@ def main(argv=None) -> int:
                 argv = job(model, Path(scratch) / f"{group}{i}", group, args.steps, extra)
                 measured = run(argv, args.threads)
                 # full fine-tuning starts from the same weights whatever the saver
-                measured["before"] = loss_before(argv, args.threads) if group != "full" else float("nan")
+                measured["before"] = loss_before(argv, args.threads) if not group.startswith("full") else float("nan")
                 plain = plain or measured
                 print(
                     f"{group + ': ' + name:36s} {measured['before']:7.4f} {measured['before'] / plain['before']:6.3f}"

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -154,3 +155,20 @@ def test_a_checkpoint_continues_only_with_the_optimizer_that_wrote_it(tiny_works
     again = train_flags(tiny_workspace, out, "--optim", "adamw_8bit", "--resume_from_checkpoint", out / "checkpoint-2")
     with pytest.raises(ChipspanError, match="trained with optim adamw_torch, this run asks for adamw_8bit"):
         one_process(again)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("flags", [["--optim", "adamw_8bit"], ["--offload_optimizer"]])
+def test_8bit_and_host_states_resume_across_one_process_and_torchrun(tiny_workspace, tmp_path, flags):
+    """A torchrun run's checkpoint (a state share per stage) continues in one process, and one
+    process's under torchrun, to the losses of the run that never stopped."""
+    single, staged, resumed = tmp_path / "single", tmp_path / "staged", tmp_path / "resumed"
+    one_process(train_flags(tiny_workspace, single, *flags))
+    straight = losses(single)
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, staged, *flags))
+    assert losses(staged) == pytest.approx(straight, rel=1e-4)
+    one_process(train_flags(tiny_workspace, staged, *flags, "--resume_from_checkpoint", staged / "checkpoint-2"))
+    assert losses(staged) == pytest.approx(straight, rel=1e-4)
+    shutil.copytree(single / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun("-m", "chipspan", "train", *train_flags(tiny_workspace, resumed, *flags))  # resumes the last checkpoint
+    assert losses(resumed) == pytest.approx(straight[2:], rel=1e-4)

@@ -115,6 +115,12 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
             "per step (--micro_batches x gradient_accumulation_steps) a multiple of "
             f"{num_chips}"
         )
+    candidates = [m for m in candidates if _enough_for_1f1b(schedule_of(run, m), num_chips)]
+    if not candidates:
+        raise ChipspanError(
+            f"1f1b needs at least one micro-batch per stage, {num_chips} per step: raise --micro_batches "
+            "(or gradient_accumulation_steps), or use --pipeline_schedule gpipe"
+        )
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
     precision = choose_precision(run, device_type)
     spans = []
@@ -130,6 +136,11 @@ def _whole_rounds(schedule: Schedule, num_chips: int) -> bool:
     """Whether torch's interleaved 1F1B takes this many micro-batches: whole rounds of the chips."""
     per_step = schedule.micro_batches
     return schedule.name != "interleaved1f1b" or per_step % max(1, per_step // num_chips) == 0
+
+
+def _enough_for_1f1b(schedule: Schedule, num_chips: int) -> bool:
+    """Whether torch's 1F1B takes this many micro-batches per step: no fewer than its stages."""
+    return schedule.name != "1f1b" or schedule.micro_batches >= num_chips
 
 
 def make_plan(run: RunArguments) -> Plan:
