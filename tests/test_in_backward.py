@@ -50,9 +50,11 @@ def test_stepping_in_backward_trains_exactly_as_stepping_after_it(request, tmp_p
     assert any(not torch.equal(ours[k], base[k]) for k in ours)  # it trained
 
 
-def test_a_run_stepped_in_backward_resumes_as_if_never_stopped(tiny_workspace, tmp_path):
+@pytest.mark.parametrize("first", [IN_BACKWARD, STEPPED_AFTER])
+def test_a_run_stepped_in_backward_resumes_as_if_never_stopped(tiny_workspace, tmp_path, first):
+    """Its own checkpoint, or one written stepping after backward: AdamW's state is the same."""
     out = tmp_path / "out"
-    one_process(train_flags(tiny_workspace, out, *IN_BACKWARD))
+    one_process(train_flags(tiny_workspace, out, *first))
     straight = losses(out)
     one_process(train_flags(tiny_workspace, out, *IN_BACKWARD, "--resume_from_checkpoint", out / "checkpoint-2"))
     assert losses(out) == straight
