@@ -268,3 +268,40 @@ def test_without_a_compiler_enable_says_so(monkeypatch):
     assert "no C++ compiler" in _build.missing_tool()
     with pytest.raises(ChipspanError, match="no C\\+\\+ compiler"):
         _build.load()
+
+
+# --- a profile: the chip the emulated ones stand in for ------------------------------------------
+
+
+@pytest.fixture()
+def bm1684x():
+    emu.enable(num_chips=CHIPS, profile="bm1684x")
+    yield
+    emu.enable(num_chips=CHIPS)
+
+
+def test_the_bm1684x_profile_refuses_int64_on_a_chip_as_torch_tpu_does(bm1684x):
+    assert emu.profile().name == "bm1684x" and emu.device_module.mem_get_info(0)[1] == 14 << 30
+    made = [
+        lambda: torch.arange(4, device="emu:1"),
+        lambda: torch.zeros(3, dtype=torch.int64, device="emu:0"),
+        lambda: torch.tensor([1, 2]).to("emu:0"),
+        lambda: torch.randn(4, 5, device="emu:0").argmax(-1),  # an op whose output is int64
+    ]
+    for make in made:
+        with pytest.raises(TypeError, match=r"emu:\d \(bm1684x\) does not support dtype Long"):
+            make()
+    ids = torch.tensor([3, 1, 2], dtype=torch.int32).to("emu:0")  # int32 indices are what it takes
+    table = torch.randn(5, 4, device="emu:0")
+    assert torch.equal(F.embedding(ids, table).cpu(), F.embedding(ids.cpu(), table.cpu()))
+
+
+def test_without_a_profile_any_dtype_lives_on_a_chip_and_unknown_profiles_are_named(bm1684x, monkeypatch):
+    emu.enable(num_chips=CHIPS)
+    assert emu.profile().name == "plain"
+    assert torch.arange(4, device="emu:0").dtype == torch.int64
+    monkeypatch.setenv("CHIPSPAN_EMU_PROFILE", "bm1684x")
+    emu.enable(num_chips=CHIPS, memory_limit_bytes=MiB)  # the profile from the environment, a limit given
+    assert emu.profile().name == "bm1684x" and emu.device_module.mem_get_info(0)[1] == MiB
+    with pytest.raises(ChipspanError, match="no emulated chip profile 'sc7': choose one of plain, bm1684x"):
+        emu.enable(num_chips=CHIPS, profile="sc7")

@@ -14,13 +14,14 @@ import torch
 
 from chipspan.errors import ChipspanError
 
-from . import _build, device_module
+from . import _build, device_module, profiles
 
 DEFAULT_CHIPS = 8
 MAX_CHIPS = 64
 
 _lock = threading.Lock()
 _ext = None
+_profile = profiles.PLAIN
 
 
 def is_available() -> bool:
@@ -30,15 +31,19 @@ def is_available() -> bool:
     return _privateuse1_owner() is None and _build.missing_tool() is None
 
 
-def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None) -> None:
+def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None, profile: str | None = None) -> None:
     """Make ``emu:0`` … ``emu:<num_chips-1>`` available, building the backend on first use.
 
-    ``num_chips`` defaults to ``$CHIPSPAN_EMU_CHIPS``, else 8; ``memory_limit_bytes`` caps
-    every chip (None: no cap). Calling again reconfigures both; chips can be removed only
-    while they hold no tensors. PyTorch allows one PrivateUse1 backend per process, so emu
-    cannot share a process with another plugin such as torch_tpu.
+    ``num_chips`` defaults to ``$CHIPSPAN_EMU_CHIPS``, else 8; ``profile`` (default
+    ``$CHIPSPAN_EMU_PROFILE``, else "plain") names the chip they stand in for
+    (``chipspan.emu.profiles``: e.g. "bm1684x" refuses int64 tensors); ``memory_limit_bytes``
+    caps every chip (None: the profile's memory, no cap for "plain"). Calling again reconfigures
+    all three; chips can be removed only while they hold no tensors. PyTorch allows one
+    PrivateUse1 backend per process, so emu cannot share a process with another plugin such as
+    torch_tpu.
     """
-    global _ext
+    global _ext, _profile
+    chosen = profiles.profile_named(profile or os.environ.get("CHIPSPAN_EMU_PROFILE") or profiles.PLAIN.name)
     if num_chips is None:
         try:
             num_chips = int(os.environ.get("CHIPSPAN_EMU_CHIPS") or DEFAULT_CHIPS)
@@ -59,7 +64,15 @@ def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None) 
             _ext.set_chip_count(num_chips)
         except RuntimeError as e:
             raise ChipspanError(str(e).splitlines()[0]) from e
-        set_memory_limit(memory_limit_bytes)
+        _ext.set_refused_dtypes(list(chosen.refused_dtypes), chosen.name)
+        _profile = chosen
+        set_memory_limit(memory_limit_bytes if memory_limit_bytes is not None else chosen.memory_bytes)
+
+
+def profile() -> profiles.Profile:
+    """The chip the emulated chips stand in for now (``enable``'s profile)."""
+    _enabled()
+    return _profile
 
 
 def peak_memory(chip) -> int:

@@ -6,7 +6,11 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/Device.h>
 
+#include <c10/core/ScalarType.h>
+
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace chipspan_emu {
 
@@ -36,5 +40,8 @@ void set_limit(c10::DeviceIndex chip, int64_t limit);
 c10::Device device_of_pointer(const void* ptr);
 c10::Allocator* pinned_allocator();
 bool is_pinned(const void* ptr);
+
+// ops.cpp: the dtypes a profile (such as bm1684x) refuses to hold on a chip, named in the error.
+void set_refused_dtypes(const std::vector<at::ScalarType>& dtypes, const std::string& profile);
 
 }  // namespace chipspan_emu

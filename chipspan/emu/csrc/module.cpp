@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(chip >= 0 && chip < emu::kMaxChips, "no chip emu:", chip);
     emu::set_limit(chip, limit);
   });
+  m.def("set_refused_dtypes", &emu::set_refused_dtypes);
   m.def("default_generator", [](int chip) {
     return py::reinterpret_steal<py::object>(THPGenerator_initDefaultGenerator(emu::default_generator(chip)));
   });

@@ -20,6 +20,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 
 namespace chipspan_emu {
@@ -34,11 +35,22 @@ Tensor host_view(const Tensor& t) {
   return at::from_blob(t.data_ptr(), t.sizes(), t.strides(), t.options().device(at::kCPU));
 }
 
+// The active profile's refused dtypes (set before any tensor is made; read by every allocation).
+std::array<bool, static_cast<size_t>(at::ScalarType::NumOptions)> refused_dtypes{};
+std::string profile_name;
+
+// Every tensor made on a chip passes here: a dtype the profile refuses fails as the vendor's plugin does.
+void check_dtype(at::ScalarType dtype, c10::Device device) {
+  TORCH_CHECK_TYPE(!refused_dtypes[static_cast<size_t>(dtype)], device, " (", profile_name, ") does not support dtype ",
+                   c10::toString(dtype), ": keep such tensors on the host or use a narrower dtype");
+}
+
 Tensor emu_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtype,
                  std::optional<at::Layout> layout, std::optional<at::Device> device,
                  std::optional<bool> pin_memory, std::optional<at::MemoryFormat> memory_format) {
   const auto dev = c10::device_or_default(device);
   TORCH_CHECK(c10::layout_or_default(layout) == at::Layout::Strided, "emu tensors are strided only");
+  check_dtype(c10::dtype_or_default(dtype), dev);
   c10::DeviceGuard guard(dev);
   return at::detail::empty_generic(size, c10::GetAllocator(kEmu), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
                                    c10::dtype_or_default(dtype), memory_format);
@@ -49,6 +61,7 @@ Tensor emu_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, std::op
                          std::optional<bool> pin_memory) {
   const auto dev = c10::device_or_default(device);
   TORCH_CHECK(c10::layout_or_default(layout) == at::Layout::Strided, "emu tensors are strided only");
+  check_dtype(c10::dtype_or_default(dtype), dev);
   c10::DeviceGuard guard(dev);
   return at::detail::empty_strided_generic(size, stride, c10::GetAllocator(kEmu),
                                            c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
@@ -199,6 +212,12 @@ void emu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }
 
 }  // namespace
+
+void set_refused_dtypes(const std::vector<at::ScalarType>& dtypes, const std::string& profile) {
+  refused_dtypes.fill(false);
+  for (const auto dtype : dtypes) refused_dtypes[static_cast<size_t>(dtype)] = true;
+  profile_name = profile;
+}
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("empty.memory_format", emu_empty);
