@@ -21,6 +21,10 @@ PLUGINS = {"tpu": "torch_tpu", "npu": "torch_npu"}
 # Device types that have a single device however many chips are asked for.
 SINGLE_DEVICE_TYPES = ("cpu", "mps")
 MAX_CHIPS = 1 << 16  # chips one job may name: far more than any model has layers to span
+# What a device type's plugin cannot hold (torch-tpu lists these as unsupported); emu's come from its profile.
+REFUSED_DTYPES = {
+    "tpu": (torch.int64, torch.quint8, torch.quint4x2, torch.quint2x4, torch.qint32, torch.qint8),
+}
 
 
 def default_device_type() -> str:
@@ -108,6 +112,21 @@ def memory_stats(device: torch.device) -> dict[str, int] | None:
         return {"allocated": module.memory_allocated(device), "peak": module.max_memory_allocated(device)}
     except (AttributeError, RuntimeError):
         return None
+
+
+def refused_dtypes(device_type: str) -> tuple[torch.dtype, ...]:
+    """The dtypes no tensor on a chip of ``device_type`` may have (emu: its profile's)."""
+    if device_type == "emu":
+        from chipspan import emu
+
+        return emu.profile().refused_dtypes
+    return REFUSED_DTYPES.get(device_type, ())
+
+
+def index_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of token ids, positions and gather indices on ``device``: int64, or int32 where
+    the chip cannot hold int64."""
+    return torch.int32 if torch.int64 in refused_dtypes(torch.device(device).type) else torch.int64
 
 
 def supports_half_compute(device_type: str) -> bool:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from chipspan.chips.placement import Placement
+from chipspan.devices import index_dtype
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
-from chipspan.models.loss import ScoredTokens
+from chipspan.models.loss import ScoredTokens, scored_tokens
 from chipspan.models.weights import load_pretrained
 from chipspan.quant import QuantSettings
 
@@ -71,12 +72,15 @@ class SpannedModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids (b, s), positions (b, s) and the attention mask (bool (b, 1, s, s), or None for
-        plain causal), all on the first chip: what ``stage_forward(0, ...)`` takes."""
+        plain causal), all on the first chip: what ``stage_forward(0, ...)`` takes. Ids and positions
+        travel in the chip's index dtype (int32 where it cannot hold int64); all three are made from
+        the host's tensors on the host."""
         b, s = input_ids.shape
         device = self.placement.devices[0]
-        positions = default_position_ids(attention_mask, b, s, 0, device).to(device)  # from the host mask
-        mask = build_attention_mask(attention_mask.to(device) if attention_mask is not None else None, s, 0, device)
-        return input_ids.to(device), positions, mask
+        index = index_dtype(device)
+        positions = default_position_ids(attention_mask, b, s, 0).to(device, index)
+        mask = build_attention_mask(attention_mask, s, 0)
+        return input_ids.to(device, index), positions, mask.to(device) if mask is not None else None
 
     def stage_forward(
         self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
@@ -94,8 +98,10 @@ class SpannedModel(nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor | ScoredTokens, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy (fp32 scalar, "mean" or "sum" over labels != -100) of the last
         stage's hidden states (b, s, hidden) against labels (b, s) or their ``ScoredTokens``, on
-        the last chip."""
-        return self.last.loss(hidden, labels.to(hidden.device), reduction=reduction)
+        the last chip. Labels are scored where they are (the host, for a batch) and only the
+        scored tokens cross, in the chip's index dtype."""
+        scored = labels if isinstance(labels, ScoredTokens) else scored_tokens(labels)
+        return self.last.loss(hidden, scored.to(hidden.device), reduction=reduction)
 
     def unique_parameters(self) -> list[nn.Parameter]:
         """Every parameter once: the head copy of embeddings tied across chips left out."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chipspan.devices import index_dtype
 from chipspan.models.decoder import CausalLM, KVCache
 
 
@@ -32,21 +33,24 @@ def generate(
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device
+    index = index_dtype(device)
+    # a chip without int64 cannot hold argmax's or multinomial's answer: it picks on the host
+    picks_on = device if index == torch.int64 else torch.device("cpu")
     stop = set(stop_ids)
-    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+    generator = torch.Generator(device=picks_on).manual_seed(settings.seed) if settings.seed is not None else None
     cache = KVCache()
-    step_input = torch.tensor([prompt_ids], device=device)
+    step_input = torch.tensor([prompt_ids], dtype=index, device=device)
     new_ids: list[int] = []
     model.eval()
     for _ in range(settings.max_new_tokens):
-        logits = model(step_input, cache=cache).logits[0, -1].float()  # (vocab,)
+        logits = model(step_input, cache=cache).logits[0, -1].float().to(picks_on)  # (vocab,)
         token = _pick(logits, settings, generator)
         if token in stop:
             break
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
-        step_input = torch.tensor([[token]], device=device)
+        step_input = torch.tensor([[token]], dtype=index, device=device)
     return new_ids
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from chipspan.devices import index_dtype
 from chipspan.models.config import ModelConfig
 from chipspan.models.loss import ScoredTokens, causal_lm_loss
 
@@ -276,8 +277,10 @@ class CausalLM(nn.Module):
         segment ids 1, 2, 3, … for packed examples (see ``build_attention_mask``)."""
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, b, s, past, input_ids.device)
+        if position_ids is None:  # made where the mask is (or on the host), in the ids' chip's index dtype
+            where = attention_mask.device if attention_mask is not None else "cpu"
+            position_ids = default_position_ids(attention_mask, b, s, past, where)
+            position_ids = position_ids.to(input_ids.device, index_dtype(input_ids.device))
         mask = build_attention_mask(attention_mask, s, past, input_ids.device)
         hidden = self.run_layers(self.embed(input_ids), position_ids, mask, cache)
         loss = self.loss(hidden, labels) if labels is not None else None

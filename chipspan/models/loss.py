@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chipspan.devices import index_dtype
+
 IGNORE_INDEX = -100
 LOGITS_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 
@@ -30,7 +32,9 @@ class ScoredTokens:
     count: int
 
     def to(self, device: torch.device | str) -> ScoredTokens:
-        return ScoredTokens(self.positions.to(device), self.targets.to(device), self.count)
+        """On ``device``, in its index dtype (int32 where it cannot hold int64)."""
+        index = index_dtype(device)
+        return ScoredTokens(self.positions.to(device, index), self.targets.to(device, index), self.count)
 
 
 def scored_tokens(labels: torch.Tensor) -> ScoredTokens:
@@ -85,11 +89,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk_tokens]
             logits = (h @ weight.T).float()  # (chunk, vocab)
             log_normalizer = torch.logsumexp(logits, dim=-1)
-            total += (log_normalizer - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            # each target's logit by its flat index (chunk·vocab < 2**31), in t's index dtype: index_select
+            # and index_add take int32 where a chip holds no int64 (gather and advanced indexing do not)
+            flat = torch.arange(t.shape[0], dtype=t.dtype, device=t.device) * logits.shape[1] + t
+            total += (log_normalizer - logits.view(-1).index_select(0, flat)).sum()
             if need_hidden_grad or need_weight_grad:
                 # d(sum CE)/d logits = softmax - one_hot(target)
                 d_logits = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
-                d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                d_logits.view(-1).index_add_(0, flat, torch.full_like(flat, -1, dtype=d_logits.dtype))
                 d_logits = d_logits.to(weight.dtype)
                 if need_hidden_grad:
                     grad_hidden[start : start + chunk_tokens] = d_logits @ weight

@@ -114,6 +114,6 @@ def dequantize_blockwise(
     Each value is code[index] * absmax of its block, computed in fp32 and then cast.
     """
     n = codes.numel()
-    values = code.to(codes.device)[codes.reshape(-1).int()]
+    values = code.to(codes.device).index_select(0, codes.reshape(-1).int())  # int32 indices: any chip takes them
     padded = torch.nn.functional.pad(values, (0, -n % block)).view(-1, block)
     return (padded * absmax[:, None]).view(-1)[:n].to(dtype).view(shape)

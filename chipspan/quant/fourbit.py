@@ -54,13 +54,13 @@ def code_book(kind: str) -> torch.Tensor:
 
 
 def _nearest_nibble(normalized: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """uint8 (normalized's shape): the 4-bit index whose code value is nearest each element.
+    """uint8 (normalized's shape): the 4-bit index whose value in ``code`` (16, on the host) is nearest each element.
 
     Of two equal values (FP4's +0 and -0) the lower index wins, as in bitsandbytes.
     """
-    order = torch.argsort(code, stable=True)
+    order = torch.argsort(code, stable=True)  # on the host, where int64 indices may live
     position = dynamic8.nearest_code(normalized, code[order])
-    return order.to(torch.uint8)[position.int()]
+    return order.to(normalized.device, torch.uint8).index_select(0, position.int())
 
 
 def quantize_4bit(weight: torch.Tensor, kind: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def quantize_4bit(weight: torch.Tensor, kind: str, block: int) -> tuple[torch.Te
     """
     flat = weight.detach().reshape(-1)
     n = flat.numel()
-    code = code_book(kind).to(weight.device)
+    code = code_book(kind)  # on the host
     packed = torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(math.ceil(n / block), dtype=torch.float32, device=weight.device)
     step = dynamic8.chunk_step(block)
@@ -124,5 +124,6 @@ def undo_double_quant(
     stop: int,
 ) -> torch.Tensor:
     """fp32 (stop-first,): the block scales first..stop-1 that ``double_quantize`` stored."""
-    second_level = scales[torch.arange(first, stop, device=codes.device) // DOUBLE_QUANT_BLOCK]
-    return dynamic_code[codes[first:stop].int()] * second_level + offset
+    # int32 indices through index_select: what a chip without int64 takes
+    blocks = torch.arange(first, stop, dtype=torch.int32, device=codes.device) // DOUBLE_QUANT_BLOCK
+    return dynamic_code.index_select(0, codes[first:stop].int()) * scales.index_select(0, blocks) + offset
