@@ -20,7 +20,7 @@ from torch import nn
 from chipspan.chips.placement import Placement
 from chipspan.devices import index_dtype
 from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
-from chipspan.models.loss import ScoredTokens, scored_tokens
+from chipspan.models.loss import ScoredTokens
 from chipspan.models.weights import load_pretrained
 from chipspan.quant import QuantSettings
 
@@ -98,10 +98,8 @@ class SpannedModel(nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor | ScoredTokens, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy (fp32 scalar, "mean" or "sum" over labels != -100) of the last
         stage's hidden states (b, s, hidden) against labels (b, s) or their ``ScoredTokens``, on
-        the last chip. Labels are scored where they are (the host, for a batch) and only the
-        scored tokens cross, in the chip's index dtype."""
-        scored = labels if isinstance(labels, ScoredTokens) else scored_tokens(labels)
-        return self.last.loss(hidden, scored.to(hidden.device), reduction=reduction)
+        the last chip."""
+        return self.last.loss(hidden, labels, reduction=reduction)
 
     def unique_parameters(self) -> list[nn.Parameter]:
         """Every parameter once: the head copy of embeddings tied across chips left out."""

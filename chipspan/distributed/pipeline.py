@@ -13,7 +13,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from chipspan.chips.memory import VIRTUAL_STAGES
+from chipspan.devices import index_dtype
 from chipspan.errors import ChipspanError
+from chipspan.models.decoder import default_position_ids
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
 assert SCHEDULES.keys() == VIRTUAL_STAGES.keys()
@@ -71,17 +73,18 @@ class PipelineRunner:
         shape = tuple(batch["input_ids"].shape)
         if shape != self._shape:
             self._schedule, self._shape = self._build(*shape), shape
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        mask = inputs["attention_mask"]
+        inputs = self._on_chip(batch)
+        mask, positions = inputs["attention_mask"], inputs["position_ids"]
         args = (inputs["input_ids"],) if 0 in self.stage_ids else ()
         if not self.has_last_stage:
-            self._schedule.step(*args, attention_mask=mask, return_outputs=False)
+            self._schedule.step(*args, attention_mask=mask, position_ids=positions, return_outputs=False)
             return None
         losses: list[torch.Tensor] = []
         labels = inputs["labels"]
         self._schedule.step(
             *args,
             attention_mask=mask,
+            position_ids=positions,
             labels=labels,
             loss_weight=inputs["loss_weight"],
             target=labels,
@@ -95,8 +98,8 @@ class PipelineRunner:
         """Forward of one whole batch (evaluation), no schedule and no micro-batches: the stages run in
         order, each rank as the hidden states reach its stages (blocking send/recv over the pipeline
         group). Returns the last stage's weighted loss on the rank holding it, else None."""
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        mask, (b, s) = inputs["attention_mask"], inputs["input_ids"].shape
+        inputs = self._on_chip(batch)
+        mask, positions, (b, s) = inputs["attention_mask"], inputs["position_ids"], inputs["input_ids"].shape
         pipeline_ranks = dist.get_world_size(self.group)  # stage k runs on pipeline rank k % pipeline_ranks
         hidden: torch.Tensor | None = None
         for index, module in sorted(zip(self.stage_ids, self.modules), key=lambda pair: pair[0]):
@@ -107,11 +110,20 @@ class PipelineRunner:
                 hidden = torch.empty(b, s, self.hidden_size, dtype=self.activation_dtype, device=self.device)
                 dist.recv(hidden, group=self.group, group_src=(index - 1) % pipeline_ranks)
             if index == self.num_stages - 1:
-                return float(module(hidden, mask, inputs["labels"], inputs["loss_weight"]))
-            hidden = module(hidden, mask)
+                return float(module(hidden, mask, positions, inputs["labels"], inputs["loss_weight"]))
+            hidden = module(hidden, mask, positions)
             if index + 1 not in self.stage_ids:
                 dist.send(hidden.contiguous(), group=self.group, group_dst=(index + 1) % pipeline_ranks)
         return None
+
+    def _on_chip(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` on this rank's chip, ids and masks in its index dtype, with the positions
+        (position_ids (b, s)) counted on the host from the attention mask."""
+        b, s = batch["input_ids"].shape
+        positions = default_position_ids(batch["attention_mask"], b, s, 0)
+        index = index_dtype(self.device)
+        on_chip = {k: v.to(self.device, v.dtype if v.is_floating_point() else index) for k, v in batch.items()}
+        return {**on_chip, "position_ids": positions.to(self.device, index)}
 
     def _build(self, batch_size: int, seq_len: int):
         micro = batch_size // self.micro_batches

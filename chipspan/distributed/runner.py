@@ -26,6 +26,7 @@ from chipspan.chips.gradients import (
     trained_parameters,
 )
 from chipspan.data.encode import IGNORE_INDEX
+from chipspan.devices import index_dtype
 from chipspan.distributed.mesh import Layout, tied_group
 from chipspan.distributed.pipeline import PipelineRunner
 from chipspan.distributed.replicas import data_parallel
@@ -97,7 +98,8 @@ class RankRunner:
             key: [F.pad(b[key][rows], (0, length - b[key].shape[1]), value=value) for b in batches]
             for key, value in fill.items()
         }
-        counts = torch.tensor([_trained_tokens(labels) for labels in parts["labels"]], device=self.device)
+        counts = [_trained_tokens(labels) for labels in parts["labels"]]
+        counts = torch.tensor(counts, dtype=index_dtype(self.device), device=self.device)
         dist.all_reduce(counts, group=self.data_group)  # trained tokens of each global batch
         weights = 1.0 / (counts.cpu().clamp_min(1).double() * len(batches))
         stacked = {key: torch.cat(values) for key, values in parts.items()}

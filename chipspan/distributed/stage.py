@@ -1,11 +1,12 @@
 """One pipeline stage's module: a ``CausalLM`` piece plus what crosses the stage boundary.
 
-    first stage:  forward(input_ids (b, s), attention_mask (b, s))          -> hidden (b, s, h)
-    middle stage: forward(hidden (b, s, h), attention_mask)                 -> hidden (b, s, h)
-    last stage:   forward(hidden, attention_mask, labels (b, s), loss_weight (b,)) -> loss, fp32 scalar
+    first stage:  forward(input_ids (b, s), attention_mask (b, s), position_ids (b, s))  -> hidden (b, s, h)
+    middle stage: forward(hidden (b, s, h), attention_mask, position_ids)               -> hidden (b, s, h)
+    last stage:   forward(hidden, attention_mask, position_ids, labels (b, s), loss_weight (b,)) -> loss
 
-The forward runs under the run's autocast, as one process runs it. Only the hidden states travel between ranks; every stage rebuilds the positions and the attention
-mask from ``attention_mask`` (the schedule hands every stage its micro-batch of it). The last stage
+The forward runs under the run's autocast, as one process runs it. Only the hidden states travel
+between ranks; every stage gets its micro-batch of the attention mask and the positions (counted
+on the host) from the schedule, and rebuilds the attention mask from them. The last stage
 returns the micro-batch's *sum* of token losses times its ``loss_weight`` (the same for every row of
 a micro-batch: 1 / (trained tokens of the whole global batch × gradient accumulation steps)), so the
 micro-batch losses add up to the loss a single process computes and the gradients need no further
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from chipspan.models.config import ModelConfig
-from chipspan.models.decoder import CausalLM, build_attention_mask, default_position_ids
+from chipspan.models.decoder import CausalLM, build_attention_mask
 from chipspan.models.weights import load_pretrained
 from chipspan.quant import QuantSettings
 
@@ -40,16 +41,15 @@ class PipelinePiece(nn.Module):
         self,
         inputs: torch.Tensor,
         attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         with self.autocast():
-            return self._forward(inputs, attention_mask, labels, loss_weight)
+            return self._forward(inputs, attention_mask, position_ids, labels, loss_weight)
 
-    def _forward(self, inputs, attention_mask, labels, loss_weight) -> torch.Tensor:
-        b, s = attention_mask.shape
-        positions = default_position_ids(attention_mask, b, s, 0, attention_mask.device)
-        mask = build_attention_mask(attention_mask, s, 0, attention_mask.device)
+    def _forward(self, inputs, attention_mask, positions, labels, loss_weight) -> torch.Tensor:
+        mask = build_attention_mask(attention_mask, attention_mask.shape[1], 0, attention_mask.device)
         hidden = self.piece.embed(inputs) if self.is_first else inputs
         hidden = self.piece.run_layers(hidden, positions, mask)
         if self.is_last:

@@ -303,9 +303,9 @@ def build_attention_mask(
         if past == 0 or q_len == 1:
             return None
         attention_mask = None
-    kv_len = past + q_len
-    q_pos = torch.arange(past, kv_len, device=device).unsqueeze(1)
-    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    kv_len = past + q_len  # int32 positions: a chip without int64 builds the mask too
+    q_pos = torch.arange(past, kv_len, dtype=torch.int32, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, dtype=torch.int32, device=device).unsqueeze(0)
     mask = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, q, kv)
     if attention_mask is None:
         return mask

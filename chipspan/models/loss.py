@@ -59,13 +59,14 @@ def causal_lm_loss(
         hidden: final-normed hidden states (b, s, h).
         head_weight: the LM head (vocab, h).
         labels: (b, s) token ids; position t is scored on predicting labels[:, t + 1]; -100 is ignored.
-            Or the ``scored_tokens`` of such labels, on hidden's device.
+            Labels are scored on the host (a chip need hold no int64 for it), or given as their
+            ``scored_tokens``; either way they reach hidden's device in its index dtype.
         reduction: "mean" over scored tokens, or "sum". With no scored token the loss is 0.
         chunk_elements: fp32 logits computed at once; sets the chunk's token count.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-    scored = labels if isinstance(labels, ScoredTokens) else scored_tokens(labels)
+    scored = (labels if isinstance(labels, ScoredTokens) else scored_tokens(labels.cpu())).to(hidden.device)
     if scored.count == 0:
         return hidden.sum().float() * 0.0
     chunk_tokens = max(1, chunk_elements // head_weight.shape[0])
