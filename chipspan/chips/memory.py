@@ -186,16 +186,15 @@ def estimate(config: ModelConfig, layers: range, first: bool, last: bool, job: J
         # copy, on the last chip) keeps its gradient until the embedding's has joined it
         tied = embed * job.gradient_bytes if (last and full and config.tie_word_embeddings) else 0
         head_now = 0 if config.tie_word_embeddings else head_gradient
-        embedding = embed * job.gradient_bytes if (first and full) else 0
         linear = _largest_trained(config, job, embeddings_trained=False)
         layer_step = _adamw_step_bytes(job, decay, linear)
-        gradients = max(head_now, embedding, tied + linear * job.gradient_bytes)
+        gradients = max(head_now, embed_gradient, tied + linear * job.gradient_bytes)
         moments = {
             "forward": states + activations + max(loss_saved + logits, forward),
             "backward": max(
                 states + activations + head_now + step,
                 states + activations + tied + backward + layer_step,
-                states + max(embedding, tied) + step,
+                states + max(embed_gradient, tied) + step,
             ),
         }
         workspace = {"forward": max(logits, forward), "backward": moments["backward"] - states - activations}

@@ -78,7 +78,7 @@ class SpannedModel(nn.Module):
         b, s = input_ids.shape
         device = self.placement.devices[0]
         index = index_dtype(device)
-        positions = default_position_ids(attention_mask, b, s, 0).to(device, index)
+        positions = default_position_ids(attention_mask, b, s, 0, device)
         mask = build_attention_mask(attention_mask, s, 0)
         return input_ids.to(device, index), positions, mask.to(device) if mask is not None else None
 

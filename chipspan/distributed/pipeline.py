@@ -120,10 +120,10 @@ class PipelineRunner:
         """``batch`` on this rank's chip, ids and masks in its index dtype, with the positions
         (position_ids (b, s)) counted on the host from the attention mask."""
         b, s = batch["input_ids"].shape
-        positions = default_position_ids(batch["attention_mask"], b, s, 0)
+        positions = default_position_ids(batch["attention_mask"], b, s, 0, self.device)
         index = index_dtype(self.device)
         on_chip = {k: v.to(self.device, v.dtype if v.is_floating_point() else index) for k, v in batch.items()}
-        return {**on_chip, "position_ids": positions.to(self.device, index)}
+        return {**on_chip, "position_ids": positions}
 
     def _build(self, batch_size: int, seq_len: int):
         micro = batch_size // self.micro_batches

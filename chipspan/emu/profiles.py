@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chipspan.devices import REFUSED_DTYPES
 from chipspan.errors import ChipspanError
 
 GIB = 1 << 30
@@ -25,12 +26,7 @@ PROFILES = {
     profile.name: profile
     for profile in (
         PLAIN,
-        # Sophgo's BM1684X (SC7 cards) under torch-tpu, which lists these dtypes as unsupported
-        Profile(
-            "bm1684x",
-            (torch.int64, torch.quint8, torch.quint4x2, torch.quint2x4, torch.qint32, torch.qint8),
-            14 * GIB,
-        ),
+        Profile("bm1684x", REFUSED_DTYPES["tpu"], 14 * GIB),  # Sophgo's BM1684X (SC7 cards) under torch-tpu
     )
 }
 

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from chipspan.chips.span import SpannedModel
-from chipspan.devices import index_dtype
-from chipspan.models.decoder import CausalLMOutput, KVCache, build_attention_mask
+from chipspan.models.decoder import CausalLMOutput, KVCache, build_attention_mask, default_position_ids
 
 
 class SpannedDecoder(nn.Module):
@@ -29,6 +28,6 @@ class SpannedDecoder(nn.Module):
         hidden = self.stages[0].embed(input_ids.to(self.devices[0]))
         for stage, device in zip(self.stages, self.devices):
             hidden = hidden.to(device)
-            positions = torch.arange(past, past + s, dtype=index_dtype(device), device=device).unsqueeze(0)
+            positions = default_position_ids(None, 1, s, past, device)
             hidden = stage.run_layers(hidden, positions, build_attention_mask(None, s, past, device), cache)
         return CausalLMOutput(logits=self.stages[-1].logits(hidden), loss=None)

@@ -277,10 +277,8 @@ class CausalLM(nn.Module):
         segment ids 1, 2, 3, … for packed examples (see ``build_attention_mask``)."""
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:  # made where the mask is (or on the host), in the ids' chip's index dtype
-            where = attention_mask.device if attention_mask is not None else "cpu"
-            position_ids = default_position_ids(attention_mask, b, s, past, where)
-            position_ids = position_ids.to(input_ids.device, index_dtype(input_ids.device))
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, b, s, past, input_ids.device)
         mask = build_attention_mask(attention_mask, s, past, input_ids.device)
         hidden = self.run_layers(self.embed(input_ids), position_ids, mask, cache)
         loss = self.loss(hidden, labels) if labels is not None else None
@@ -319,13 +317,17 @@ def default_position_ids(
 ) -> torch.Tensor:
     """Positions (b, q_len) of the new tokens: past, past + 1, …, restarting at 0 at the first
     token of each packed example when ``attention_mask`` (b, past + q_len) holds segment ids.
+    Counted where the mask is (the host without one) and delivered on ``device`` in its index
+    dtype (int32 where a chip cannot hold int64).
 
     Padding continues the count, as in an unpacked row; under ``dynamic`` rope, whose base follows
     the batch's largest position, a packed row's trailing padding can therefore still raise it.
     """
     if attention_mask is None:
-        return (past + torch.arange(q_len, device=device)).unsqueeze(0).expand(batch, -1)
-    return segment_positions(attention_mask)[:, past:]
+        positions = (past + torch.arange(q_len)).unsqueeze(0).expand(batch, -1)
+    else:
+        positions = segment_positions(attention_mask)[:, past:]
+    return positions.to(device, index_dtype(device))
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
