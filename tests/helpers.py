@@ -330,10 +330,10 @@ def losses(out):
 # --- torchrun ----------------------------------------------------------------------------------------
 
 
-def torchrun(*args, timeout=120, processes=2, succeed=True):
-    """``torchrun --standalone --nproc-per-node=processes args...`` from the repository; asserts it
-    succeeded (``succeed=False``: asserts it failed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def torchrun(*args, timeout=120, processes=2, succeed=True, env=None):
+    """``torchrun --standalone --nproc-per-node=processes args...`` from the repository, with ``env``
+    added to the environment; asserts it succeeded (``succeed=False``: asserts it failed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     result = subprocess.run(
         [
             sys.executable,

@@ -180,6 +180,12 @@ def test_enable_sets_a_limit_on_every_chip_and_can_add_chips():
     assert torch.accelerator.device_count() == CHIPS
 
 
+def test_the_chips_keep_one_name_per_process():
+    with pytest.raises(ChipspanError, match="already enabled as 'emu' in this process; it cannot become 'tpu'"):
+        emu.enable(num_chips=CHIPS, device_type="tpu")
+    assert torch.ones(1, device="emu:1").device == torch.device("emu", 1)  # tests/test_sophgo.py: named tpu
+
+
 # --- random numbers, autocast, GradScaler, save/load, torch.accelerator --------------------
 
 

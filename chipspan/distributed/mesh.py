@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from chipspan import devices
+from chipspan.distributed import host_staged
 from chipspan.errors import ChipspanError
 
-# The collective library of each device type; other types use what their plugin registered.
+# The collective library of each device type; other types use what their plugin registered, and
+# where it registered none (Sophgo's BM1684X, emulated chips) host-staged gloo (host_staged.py).
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl"}
 
 
@@ -62,13 +64,14 @@ class Layout:
 
 
 def backend_for(device_type: str) -> str:
-    """gloo on CPU, nccl on CUDA, hccl on Ascend; otherwise the backend the vendor plugin registered."""
-    backend = BACKENDS.get(device_type) or dist.Backend.default_device_backend_map.get(device_type)
-    if backend is None:
-        raise ChipspanError(
-            f"no torch.distributed backend is known for device '{device_type}'; its vendor plugin must register one"
-        )
-    return backend
+    """gloo on CPU, nccl on CUDA, hccl on Ascend; otherwise the backend the vendor plugin registered
+    (``sccl`` on Sophgo's SG2260), else gloo through host memory."""
+    if device_type in BACKENDS:
+        return BACKENDS[device_type]
+    vendors = dist.Backend.default_device_backend_map.get(device_type)
+    if vendors is not None and vendors != host_staged.NAME:
+        return vendors
+    return host_staged.register(device_type)
 
 
 def environment_world() -> tuple[int, int, int, int]:

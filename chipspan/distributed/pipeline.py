@@ -91,7 +91,7 @@ class PipelineRunner:
             losses=losses,
             return_outputs=False,
         )
-        return float(torch.stack(losses).sum()) / loss_scale
+        return float(torch.stack(losses).detach().sum()) / loss_scale
 
     @torch.no_grad()
     def forward_only(self, batch: dict[str, torch.Tensor]) -> float | None:

@@ -22,6 +22,7 @@ MAX_CHIPS = 64
 _lock = threading.Lock()
 _ext = None
 _profile = profiles.PLAIN
+NAME = "emu"  # the device type PyTorch knows the chips by
 
 
 def is_available() -> bool:
@@ -31,7 +32,12 @@ def is_available() -> bool:
     return _privateuse1_owner() is None and _build.missing_tool() is None
 
 
-def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None, profile: str | None = None) -> None:
+def enable(
+    num_chips: int | None = None,
+    memory_limit_bytes: int | None = None,
+    profile: str | None = None,
+    device_type: str = NAME,
+) -> None:
     """Make ``emu:0`` … ``emu:<num_chips-1>`` available, building the backend on first use.
 
     ``num_chips`` defaults to ``$CHIPSPAN_EMU_CHIPS``, else 8; ``profile`` (default
@@ -41,6 +47,10 @@ def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None, 
     all three; chips can be removed only while they hold no tensors. PyTorch allows one
     PrivateUse1 backend per process, so emu cannot share a process with another plugin such as
     torch_tpu.
+
+    ``device_type`` names the chips for PyTorch, once per process: "emu" registers
+    ``torch.emu``; another name (a stand-in for a vendor plugin, such as tests/plugins/torch_tpu
+    for "tpu") leaves registering ``torch.<device_type>`` to the stand-in.
     """
     global _ext, _profile
     chosen = profiles.profile_named(profile or os.environ.get("CHIPSPAN_EMU_PROFILE") or profiles.PLAIN.name)
@@ -59,7 +69,12 @@ def enable(num_chips: int | None = None, memory_limit_bytes: int | None = None, 
                     f"cannot enable emu: this process already uses the `{owner}` "
                     "device plugin (one per process); run emu in its own process"
                 )
-            _register(_build.load())
+            _register(_build.load(), device_type)
+        elif device_type != device_module.name():
+            raise ChipspanError(
+                f"emu is already enabled as '{device_module.name()}' in this process; "
+                f"it cannot become '{device_type}' too (one name per process)"
+            )
         try:
             _ext.set_chip_count(num_chips)
         except RuntimeError as e:
@@ -114,16 +129,16 @@ def _enabled():
 def _privateuse1_owner() -> str | None:
     """The name another plugin gave PrivateUse1, if one did."""
     name = torch._C._get_privateuse1_backend_name()
-    return None if name in ("privateuseone", "emu") else name
+    return None if name == "privateuseone" else name
 
 
-def _register(ext) -> None:
+def _register(ext, device_type: str) -> None:
     global _ext
     device_module._C = ext
-    if torch._C._get_privateuse1_backend_name() != "emu":
-        torch.utils.rename_privateuse1_backend("emu")
-        torch._register_device_module("emu", device_module)
-        torch.utils.generate_methods_for_privateuse1_backend(for_storage=True)
+    torch.utils.rename_privateuse1_backend(device_type)
+    if device_type == NAME:
+        torch._register_device_module(device_type, device_module)
+    torch.utils.generate_methods_for_privateuse1_backend(for_storage=True)
     _ext = ext
     # PyTorch's autograd engine sizes its per-device worker threads once per process, at
     # the first backward, so chips added later (or emu enabled after a CPU backward) would

@@ -10,6 +10,11 @@ import torch
 _C = None  # the compiled backend, set by chipspan.emu.enable()
 
 
+def name() -> str:
+    """The device type of the chips: "emu", or the name a stand-in plugin gave them ("tpu")."""
+    return torch._C._get_privateuse1_backend_name()
+
+
 def _index(device=None) -> int:
     """A chip index from an int, "emu", "emu:3" or torch.device; None means the current chip."""
     if device is None:
@@ -17,8 +22,8 @@ def _index(device=None) -> int:
     if isinstance(device, int):
         return device
     device = torch.device(device)
-    if device.type != "emu":
-        raise ValueError(f"expected an emu device, got {device}")
+    if device.type != name():
+        raise ValueError(f"expected an {name()} device, got {device}")
     return current_device() if device.index is None else device.index
 
 
@@ -107,11 +112,11 @@ def initial_seed() -> int:
     return default_generator().initial_seed()
 
 
-def get_rng_state(device="emu") -> torch.Tensor:
+def get_rng_state(device=None) -> torch.Tensor:
     return default_generator(device).get_state()
 
 
-def set_rng_state(new_state: torch.Tensor, device="emu") -> None:
+def set_rng_state(new_state: torch.Tensor, device=None) -> None:
     default_generator(device).set_state(new_state)
 
 

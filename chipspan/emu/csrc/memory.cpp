@@ -51,7 +51,7 @@ class ChipAllocator final : public c10::DeviceAllocator {
     const int64_t limit = limits_[chip];
     if (limit >= 0 && used + static_cast<int64_t>(bytes) > limit) {
       stats.num_ooms += 1;
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "emu:", int(chip), " out of memory: tried to allocate ",
+      TORCH_CHECK_WITH(OutOfMemoryError, false, device, " out of memory: tried to allocate ",
                        human_bytes(bytes), " with ", human_bytes(used), " of its ",
                        human_bytes(limit), " limit in use; put fewer layers on this chip, ",
                        "shorten the batch, or use more chips");

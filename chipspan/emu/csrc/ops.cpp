@@ -127,9 +127,7 @@ int64_t emu_sdp_choice(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 // --- the fallback ---------------------------------------------------------------------
 
-std::string where(const c10::Device& d) {
-  return d.is_privateuseone() ? "emu:" + std::to_string(d.index()) : d.str();
-}
+std::string where(const c10::Device& d) { return d.str(); }  // "emu:3", or "tpu:3" under a stand-in plugin
 
 // Finds the one chip the op's tensors live on; fails if they span two chips, or if a
 // CPU tensor that is not a scalar joins emu tensors (a real chip would refuse both).
@@ -191,9 +189,9 @@ void emu_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       value = cpu_twin(default_generator(chip));
     } else {
       const auto device = value.toGenerator().device();
-      TORCH_CHECK(device == c10::Device(kEmu, chip), op.schema().name(), " on emu:", int(chip),
-                  " got a generator for ", where(device), "; create it with torch.Generator(\"emu:",
-                  int(chip), "\")");
+      const c10::Device here(kEmu, chip);
+      TORCH_CHECK(device == here, op.schema().name(), " on ", where(here), " got a generator for ", where(device),
+                  "; create it with torch.Generator(\"", where(here), "\")");
       value = cpu_twin(value.toGenerator());
     }
   }
