@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import log_lines, losses, one_process, torchrun, train_flags  # noqa: E402
+from helpers import log_lines, losses, needs_few_micro_batches, one_process, torchrun, train_flags  # noqa: E402
 
 # torchrun worker: argv = OUT POISON_STEP MODE chipspan-arguments...; MODE "scaler": fp32 arithmetic
 # with a loss scaler, rank 0's gradients poisoned in step POISON_STEP (0: never), each rank's
@@ -152,6 +152,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tiny_workspace, tm
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@needs_few_micro_batches  # --micro_batches 1 over two stages
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_half_precision_autocasts_under_torchrun_as_in_one_process(

@@ -145,7 +145,9 @@ def test_memory_is_counted_per_chip_with_peaks_and_reset():
     del x, y
     assert emu.memory_allocated(2) == before[2]
     assert emu.peak_memory(2) == before[2] + 4 * MiB
-    assert torch.accelerator.max_memory_allocated(2) == emu.peak_memory("emu:2")
+    if hasattr(torch.accelerator, "max_memory_allocated"):  # torch >= 2.9 reads the chips' allocator
+        assert torch.accelerator.max_memory_allocated(2) == emu.peak_memory("emu:2")
+    assert torch.get_device_module("emu").max_memory_allocated(2) == emu.peak_memory("emu:2")
     assert torch.get_device_module("emu").memory_allocated(2) == before[2]
     emu.reset_peak_memory(2)
     assert emu.peak_memory(2) == before[2]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import losses, one_process, torchrun, train_flags
+from helpers import losses, needs_few_micro_batches, one_process, torchrun, train_flags
 from safetensors.torch import load_file
 
 from chipspan.args import parse_run_arguments
@@ -61,6 +61,7 @@ def test_a_run_stepped_in_backward_resumes_as_if_never_stopped(tiny_workspace, t
 
 
 @pytest.mark.multiprocess
+@needs_few_micro_batches  # one backward per step: one micro-batch over two stages
 def test_stepping_in_backward_under_torchrun_equals_one_process(tied_workspace, tmp_path):
     """Two ranks, the tied embedding's copies on both: summed over the ranks, then stepped."""
     single, staged = tmp_path / "single", tmp_path / "staged"

@@ -493,7 +493,10 @@ def test_micro_batches_in_flight_per_schedule():
 
 
 def test_interleaved_in_flight_follows_torchs_warm_up():
-    from torch.distributed.pipelining.schedules import _get_warmup_ops
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    if not hasattr(schedules, "_get_warmup_ops"):
+        pytest.skip(f"torch {torch.__version__} has no _get_warmup_ops to hold the plan to (torch >= 2.9 has)")
+    _get_warmup_ops = schedules._get_warmup_ops
 
     for chips, micro in itertools.product((2, 3, 4), (2, 4, 6, 8, 12)):
         per_round = micro // max(1, micro // chips)
@@ -552,6 +555,22 @@ def test_the_plan_chooses_the_micro_batches(tmp_path):
     with pytest.raises(ChipspanError, match="1f1b needs at least one micro-batch per stage, 2 per step"):
         choose_span(one, config, 2, None, "cpu")
     assert choose_span(replace_training(one, gradient_accumulation_steps=2), config, 2, None, "cpu").micro_batches == 1
+
+
+def test_under_torch_2_8_every_schedule_needs_a_micro_batch_per_stage(tmp_path, monkeypatch):
+    """torch 2.8's GPipe refuses fewer micro-batches per step than stages (2.9's takes them): the
+    plan says so before anything loads; one process runs its own schedule and is not held to it."""
+    from chipspan.chips import plan
+
+    folder = _model_folder(tmp_path, **HEAVY_LAYERS)
+    config = ModelConfig.from_folder(folder)
+    gpipe = _train_run(folder, "--launcher", "torchrun", "--pipeline_schedule", "gpipe", "--micro_batches", "1")
+    assert choose_span(gpipe, config, 2, None, "cpu").micro_batches == 1
+    monkeypatch.setattr(plan, "TORCH_SCHEDULES_TAKE_FEW_MICRO_BATCHES", False)
+    with pytest.raises(ChipspanError, match=r"pipeline schedules need at least one micro-batch per stage, 2 per step"):
+        choose_span(gpipe, config, 2, None, "cpu")
+    one_process = _train_run(folder, "--micro_batches", "1")
+    assert choose_span(one_process, config, 2, None, "cpu").micro_batches == 1
 
 
 def replace_training(run, **changes):

@@ -34,6 +34,8 @@ from chipspan.precision import choose_precision
 # Devices whose chips finish each op before returning, so micro-batches in one process cannot
 # overlap: the CPU's "chips" are one CPU, emulated chips compute on it.
 SYNCHRONOUS_DEVICE_TYPES = (*devices.SINGLE_DEVICE_TYPES, "emu")
+# torch >= 2.9's GPipe and interleaved 1F1B take fewer micro-batches per step than stages; 2.8's do not
+TORCH_SCHEDULES_TAKE_FEW_MICRO_BATCHES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)
 
 
 @dataclass
@@ -115,12 +117,9 @@ def choose_span(run: RunArguments, config: ModelConfig, num_chips: int, usable: 
             "per step (--micro_batches x gradient_accumulation_steps) a multiple of "
             f"{num_chips}"
         )
-    candidates = [m for m in candidates if _enough_for_1f1b(schedule_of(run, m), num_chips)]
+    candidates = [m for m in candidates if _enough_micro_batches(schedule_of(run, m), num_chips, processes)]
     if not candidates:
-        raise ChipspanError(
-            f"1f1b needs at least one micro-batch per stage, {num_chips} per step: raise --micro_batches "
-            "(or gradient_accumulation_steps), or use --pipeline_schedule gpipe"
-        )
+        raise ChipspanError(_too_few_micro_batches(run.chips.pipeline_schedule, num_chips))
     virtual = VIRTUAL_STAGES[run.chips.pipeline_schedule] if processes else 1
     precision = choose_precision(run, device_type)
     spans = []
@@ -138,9 +137,23 @@ def _whole_rounds(schedule: Schedule, num_chips: int) -> bool:
     return schedule.name != "interleaved1f1b" or per_step % max(1, per_step // num_chips) == 0
 
 
-def _enough_for_1f1b(schedule: Schedule, num_chips: int) -> bool:
-    """Whether torch's 1F1B takes this many micro-batches per step: no fewer than its stages."""
-    return schedule.name != "1f1b" or schedule.micro_batches >= num_chips
+def _enough_micro_batches(schedule: Schedule, num_chips: int, processes: bool) -> bool:
+    """Whether torch's schedules take this many micro-batches per step: 1F1B no fewer than its
+    stages, and under torch 2.8 (one process per stage) every schedule."""
+    asks = schedule.name == "1f1b" or (processes and not TORCH_SCHEDULES_TAKE_FEW_MICRO_BATCHES)
+    return not asks or schedule.micro_batches >= num_chips
+
+
+def _too_few_micro_batches(schedule: str, num_chips: int) -> str:
+    if schedule == "1f1b":
+        return (
+            f"1f1b needs at least one micro-batch per stage, {num_chips} per step: raise --micro_batches "
+            "(or gradient_accumulation_steps), or use --pipeline_schedule gpipe"
+        )
+    return (
+        f"torch {torch.__version__}'s pipeline schedules need at least one micro-batch per stage, {num_chips} "
+        "per step: raise --micro_batches (or gradient_accumulation_steps), or use torch 2.9 or newer"
+    )
 
 
 def make_plan(run: RunArguments) -> Plan:

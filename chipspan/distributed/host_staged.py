@@ -91,6 +91,10 @@ class HostStagedGroup(dist.ProcessGroup):
     def _set_group_name(self, name: str) -> None:
         self.name = name
 
+    def _get_backend(self, device) -> dist.ProcessGroupGloo:
+        """What serves ``device``: gloo, for every device (torch 2.14 asks whether it coalesces)."""
+        return self.gloo
+
     def allreduce(self, tensors, opts):
         host = _to_host(tensors)
         self.gloo.allreduce(host, opts).wait()

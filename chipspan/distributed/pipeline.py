@@ -7,6 +7,8 @@ stage boundary changes from batch to batch. The stages are therefore declared wi
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -19,6 +21,10 @@ from chipspan.models.decoder import default_position_ids
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B}
 assert SCHEDULES.keys() == VIRTUAL_STAGES.keys()
+# torch >= 2.9 can be told not to keep the last stage's outputs; torch 2.8 would pass the flag on to forward
+KEEP_NO_OUTPUTS = (
+    {"return_outputs": False} if "return_outputs" in inspect.signature(ScheduleGPipe.step).parameters else {}
+)
 
 
 def check_schedule(name: str, micro_batches: int | None, batch_size: int) -> None:
@@ -77,7 +83,7 @@ class PipelineRunner:
         mask, positions = inputs["attention_mask"], inputs["position_ids"]
         args = (inputs["input_ids"],) if 0 in self.stage_ids else ()
         if not self.has_last_stage:
-            self._schedule.step(*args, attention_mask=mask, position_ids=positions, return_outputs=False)
+            self._schedule.step(*args, attention_mask=mask, position_ids=positions, **KEEP_NO_OUTPUTS)
             return None
         losses: list[torch.Tensor] = []
         labels = inputs["labels"]
@@ -89,7 +95,7 @@ class PipelineRunner:
             loss_weight=inputs["loss_weight"],
             target=labels,
             losses=losses,
-            return_outputs=False,
+            **KEEP_NO_OUTPUTS,
         )
         return float(torch.stack(losses).detach().sum()) / loss_scale
 
@@ -134,7 +140,7 @@ class PipelineRunner:
         for module, index in zip(self.modules, self.stage_ids):
             first, last = index == 0, index == self.num_stages - 1
             inputs = torch.empty(micro, seq_len, dtype=torch.long, device="meta") if first else hidden
-            outputs = torch.empty((), dtype=torch.float32, device="meta") if last else hidden
+            outputs = torch.empty(1, dtype=torch.float32, device="meta") if last else hidden
             stages.append(
                 PipelineStage(
                     module,
@@ -152,5 +158,5 @@ class PipelineRunner:
         )
 
     def _scaled_loss(self, loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
-        """The last stage already returns its weighted loss; only the loss scale is left to apply."""
-        return loss * self._loss_scale
+        """The last stage already returns its weighted loss (1,); only the loss scale is left to apply."""
+        return (loss * self._loss_scale).sum()

@@ -2,7 +2,7 @@
 
     first stage:  forward(input_ids (b, s), attention_mask (b, s), position_ids (b, s))  -> hidden (b, s, h)
     middle stage: forward(hidden (b, s, h), attention_mask, position_ids)               -> hidden (b, s, h)
-    last stage:   forward(hidden, attention_mask, position_ids, labels (b, s), loss_weight (b,)) -> loss
+    last stage:   forward(hidden, attention_mask, position_ids, labels (b, s), loss_weight (b,)) -> loss (1,)
 
 The forward runs under the run's autocast, as one process runs it. Only the hidden states travel
 between ranks; every stage gets its micro-batch of the attention mask and the positions (counted
@@ -10,7 +10,8 @@ on the host) from the schedule, and rebuilds the attention mask from them. The l
 returns the micro-batch's *sum* of token losses times its ``loss_weight`` (the same for every row of
 a micro-batch: 1 / (trained tokens of the whole global batch × gradient accumulation steps)), so the
 micro-batch losses add up to the loss a single process computes and the gradients need no further
-scaling.
+scaling. It is a one-element tensor, not a scalar: torch 2.8's schedules concatenate the last
+stage's outputs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class PipelinePiece(nn.Module):
         hidden = self.piece.embed(inputs) if self.is_first else inputs
         hidden = self.piece.run_layers(hidden, positions, mask)
         if self.is_last:
-            return self.piece.loss(hidden, labels, reduction="sum") * loss_weight[0]
+            return (self.piece.loss(hidden, labels, reduction="sum") * loss_weight[0]).reshape(1)
         if not hidden.requires_grad and torch.is_grad_enabled():
             hidden.requires_grad_()  # nothing trains up to here: the schedule still sends a gradient back
         return hidden.to(self.activation_dtype)

@@ -153,7 +153,7 @@ def reset_peak_memory_stats(device=None) -> None:
 
 def mem_get_info(device=None) -> tuple[int, int]:
     """(free, total) bytes: the chip's limit, or the host's memory when it has none."""
-    return torch.accelerator.get_memory_info(_index(device))
+    return _C.memory_info(_index(device))
 
 
 def empty_cache() -> None:

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace chipspan_emu {
@@ -35,6 +36,7 @@ struct ChipMemory {
   int64_t limit = -1;  // -1: no limit
 };
 ChipMemory chip_memory(c10::DeviceIndex chip);
+std::pair<size_t, size_t> memory_info(c10::DeviceIndex chip);  // (free, total) bytes
 void reset_peak(c10::DeviceIndex chip);
 void set_limit(c10::DeviceIndex chip, int64_t limit);
 c10::Device device_of_pointer(const void* ptr);

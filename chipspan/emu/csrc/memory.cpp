@@ -1,11 +1,21 @@
 // Chip memory: host memory handed out per chip, with per-chip counts (current, peak)
 // and an optional per-chip limit that fails the way a full chip does. Registered as
-// PrivateUse1's allocator, so torch.accelerator.memory_allocated() sees it too.
+// PrivateUse1's allocator, so torch.accelerator.memory_allocated() sees it too (torch >= 2.9,
+// whose DeviceAllocator carries the statistics; torch 2.8 has a plain Allocator).
 #include "emu.h"
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 9
+#define EMU_DEVICE_ALLOCATOR 1
+#define EMU_STATS_OVERRIDE override
+#else
+#define EMU_DEVICE_ALLOCATOR 0
+#define EMU_STATS_OVERRIDE
+#endif
 
 #include <array>
 #include <cstdio>
@@ -38,7 +48,11 @@ struct Block {
   size_t bytes;
 };
 
+#if EMU_DEVICE_ALLOCATOR
 class ChipAllocator final : public c10::DeviceAllocator {
+#else
+class ChipAllocator final : public c10::Allocator {
+#endif
  public:
   c10::DataPtr allocate(size_t bytes) override {
     const auto chip = current_chip();
@@ -69,29 +83,31 @@ class ChipAllocator final : public c10::DeviceAllocator {
     default_copy_data(dest, src, count);
   }
 
+#if EMU_DEVICE_ALLOCATOR
   bool initialized() override { return true; }
   void emptyCache(c10::MempoolId_t) override {}
   void recordStream(const c10::DataPtr&, c10::Stream) override {}
+#endif
 
-  DeviceStats getDeviceStats(c10::DeviceIndex chip) override {
+  DeviceStats getDeviceStats(c10::DeviceIndex chip) EMU_STATS_OVERRIDE {
     check_chip(chip);
     std::lock_guard<std::mutex> lock(mutex_);
     return stats_[chip];
   }
-  void resetAccumulatedStats(c10::DeviceIndex chip) override {
+  void resetAccumulatedStats(c10::DeviceIndex chip) EMU_STATS_OVERRIDE {
     check_chip(chip);
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto* stat : byte_stats(stats_[chip])) stat->reset_accumulated();
     stats_[chip].allocation[0].reset_accumulated();
   }
-  void resetPeakStats(c10::DeviceIndex chip) override {
+  void resetPeakStats(c10::DeviceIndex chip) EMU_STATS_OVERRIDE {
     check_chip(chip);
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto* stat : byte_stats(stats_[chip])) stat->reset_peak();
     stats_[chip].allocation[0].reset_peak();
   }
   // (free, total): the chip's limit, or the host's memory when it has none.
-  std::pair<size_t, size_t> getMemoryInfo(c10::DeviceIndex chip) override {
+  std::pair<size_t, size_t> getMemoryInfo(c10::DeviceIndex chip) EMU_STATS_OVERRIDE {
     check_chip(chip);
     const auto memory = chip_memory(chip);
     if (memory.limit < 0) {
@@ -204,6 +220,7 @@ const bool g_allocator_registered = [] {
 }  // namespace
 
 ChipMemory chip_memory(c10::DeviceIndex chip) { return chips().memory(chip); }
+std::pair<size_t, size_t> memory_info(c10::DeviceIndex chip) { return chips().getMemoryInfo(chip); }
 void reset_peak(c10::DeviceIndex chip) { chips().resetPeakStats(chip); }
 void set_limit(c10::DeviceIndex chip, int64_t limit) { chips().set_limit(chip, limit); }
 c10::Device device_of_pointer(const void* ptr) { return chips().device_of(ptr); }

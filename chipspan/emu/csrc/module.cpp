@@ -17,6 +17,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto memory = emu::chip_memory(chip);
     return py::make_tuple(memory.allocated, memory.peak, memory.limit);
   });
+  m.def("memory_info", [](int chip) {  // (free, total) bytes: the limit, or the host's memory without one
+    emu::check_chip(chip);
+    const auto info = emu::memory_info(chip);
+    return py::make_tuple(info.first, info.second);
+  });
   m.def("reset_peak", [](int chip) { emu::reset_peak(chip); });
   m.def("set_limit", [](int chip, int64_t limit) {  // any chip up to the maximum, enabled or not
     TORCH_CHECK(chip >= 0 && chip < emu::kMaxChips, "no chip emu:", chip);
