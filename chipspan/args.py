@@ -622,11 +622,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def environment_device(environ: Mapping[str, str]) -> str | None:
+    """The device LLaMA-Factory 0.5's variables ask for: tpu under USE_SOPHGO=1, else None."""
+    return "tpu" if environ.get("USE_SOPHGO", "0") not in ("", "0") else None
+
+
 def _sophgo_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """LLaMA-Factory 0.5's chip variables as flags: USE_SOPHGO=1 -> device tpu; SOPHGO_SPLIT=N, CHIPS=K -> K..K+N-1."""
     values: dict[str, Any] = {}
-    if environ.get("USE_SOPHGO", "0") not in ("", "0"):
-        values["device"] = "tpu"
+    if environment_device(environ):
+        values["device"] = environment_device(environ)
     split, first = environ.get("SOPHGO_SPLIT"), environ.get("CHIPS")
     if split is not None or first is not None:
         try:

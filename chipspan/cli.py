@@ -6,6 +6,7 @@
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
     chipspan demo                            a real model, end to end
+    chipspan env [--device TYPE] [--json]    versions, chips and memory: send it with a bug report
 
 A ChipspanError is printed as one line (``chipspan: error: ...``) and exits 1; ``--debug`` shows
 the traceback instead.
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache_dir", help="where fetched models go (default: $CHIPSPAN_CACHE or ~/.cache/chipspan)")
     demo.add_argument("--output_dir", default="demo_out", help="where the adapter and plots go")
     demo.set_defaults(run=_run_demo)
+
+    env = commands.add_parser("env", help="versions, chips and their memory, chip variables: for a bug report")
+    env.add_argument("--device", help="the device type to list (default: the accelerator PyTorch reports, else cpu)")
+    env.add_argument("--json", action="store_true", help="print JSON")
+    env.set_defaults(run=_run_env)
     return parser
 
 
@@ -214,6 +220,13 @@ def _take_option(flags: list[str], name: str) -> tuple[list[str], str | None]:
             rest.append(flags[i])
         i += 1
     return rest, value
+
+
+def _run_env(args: argparse.Namespace) -> None:
+    from chipspan import env_report
+
+    report = env_report.collect(args.device)
+    print(env_report.to_json(report) if args.json else env_report.render(report))
 
 
 def _run_demo(args: argparse.Namespace) -> None:

@@ -146,3 +146,10 @@ def test_a_vendors_collective_library_is_preferred_to_host_staging(monkeypatch):
     monkeypatch.setitem(dist.Backend.default_device_backend_map, "tpu", "sccl")
     assert mesh.backend_for("tpu") == "sccl"
     assert mesh.backend_for("cuda") == "nccl"
+
+
+def test_chipspan_env_lists_the_sophgo_chips_and_their_memory():
+    printed = on_sophgo(["env"], 2).splitlines()
+    assert "device tpu: 24 chip(s)" in printed and "  tpu:23: 14.00 GiB free of 14.00 GiB" in printed
+    assert f"plugin: {PLUGINS / 'torch_tpu' / '__init__.py'}" in printed
+    assert {"USE_SOPHGO=1", "SOPHGO_SPLIT=2", "CHIPS=0"} <= set(printed)
