@@ -65,12 +65,12 @@ class Layout:
 
 def backend_for(device_type: str) -> str:
     """gloo on CPU, nccl on CUDA, hccl on Ascend; otherwise the backend the vendor plugin registered
-    (``sccl`` on Sophgo's SG2260), else gloo through host memory."""
+    (``sccl`` on Sophgo's SG2260) with gloo for host tensors, else gloo through host memory."""
     if device_type in BACKENDS:
         return BACKENDS[device_type]
     vendors = dist.Backend.default_device_backend_map.get(device_type)
     if vendors is not None and vendors != host_staged.NAME:
-        return vendors
+        return f"cpu:gloo,{device_type}:{vendors}"  # host tensors (counts, object lists) over gloo
     return host_staged.register(device_type)
 
 
