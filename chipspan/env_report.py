@@ -4,6 +4,7 @@ that cannot be asked is reported with the reason, never raised."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -106,7 +107,8 @@ def _plugin_file(device_type: str) -> str | None:
 def _chips(device_type: str) -> list[dict] | str:
     """Each chip of ``device_type`` with its memory, or why they cannot be listed."""
     try:
-        devices.prepare_device_type(device_type)
+        with contextlib.redirect_stdout(sys.stderr):  # torch-tpu prints which chip it found as it imports
+            devices.prepare_device_type(device_type)
         count = devices.device_count(device_type)
         chips = devices.chip_devices(device_type, list(range(count)))
     except (ChipspanError, ImportError, RuntimeError, OSError) as exc:

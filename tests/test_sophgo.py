@@ -6,6 +6,7 @@ one's is ``emu``: each Sophgo run is a process of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,11 +51,13 @@ def on_sophgo(argv, split, first=0, timeout=300):
 
 
 def plugin_says(code):
-    """What ``code`` prints in a process that imported the stand-in plugin."""
+    """What ``code`` prints in a process that imported the stand-in plugin, after the plugin's own line."""
     env = {**os.environ, **SOPHGO, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip()
+    chatter, _, said = done.stdout.strip().partition("\n")
+    assert chatter == "Arch bm1684x selected because libtpudnn.bm1684x.so works"
+    return said
 
 
 @pytest.mark.slow
@@ -153,3 +156,9 @@ def test_chipspan_env_lists_the_sophgo_chips_and_their_memory():
     assert "device tpu: 24 chip(s)" in printed and "  tpu:23: 14.00 GiB free of 14.00 GiB" in printed
     assert f"plugin: {PLUGINS / 'torch_tpu' / '__init__.py'}" in printed
     assert {"USE_SOPHGO=1", "SOPHGO_SPLIT=2", "CHIPS=0"} <= set(printed)
+    report = json.loads(on_sophgo(["env", "--json"], 2))  # the plugin's chatter on import stays out of it
+    assert report["device_type"] == "tpu" and report["chips"][23] == {
+        "device": "tpu:23",
+        "free_bytes": 14 << 30,
+        "total_bytes": 14 << 30,
+    }

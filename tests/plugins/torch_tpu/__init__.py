@@ -13,6 +13,7 @@ import torch
 
 from chipspan import emu
 
+print("Arch bm1684x selected because libtpudnn.bm1684x.so works")  # the plugin's own words on import
 emu.enable(profile="bm1684x", device_type="tpu")
 
 from . import tpu  # noqa: E402  (after the device exists, as in the plugin)
