@@ -5,10 +5,9 @@ Sophgo's BM1684X under torch-tpu has no collective library of its own (its SG226
 ``sccl``), and chipspan's emulated chips have none either; gloo takes CPU tensors only. This group
 serves what chipspan's torchrun jobs use: all-reduce (DDP's gradient buckets, token counts, norms),
 broadcast and all-gather (DDP's start-up checks), gather (checkpoint shards' names to rank 0),
-send/recv (pipeline stages) and barrier. Every
-collective finishes before it returns, except send and recv, which finish in ``wait()`` so a
-pipeline can post its receives before its sends. Activations and gradients cross the host twice,
-which is what the plugin's own gloo fallback does too.
+send/recv (pipeline stages) and barrier. Every collective finishes before it returns, except send
+and recv, which finish in ``wait()`` so a pipeline can post its receives before its sends.
+Activations and gradients cross the host twice, which is what the plugin's own gloo fallback does too.
 """
 
 from __future__ import annotations
@@ -71,6 +70,23 @@ def _copy_back(tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
             tensor.copy_(staged)
 
 
+def _in_place(collective, tensors: list[torch.Tensor], opts) -> _Done:
+    """``collective`` (gloo's all-reduce or broadcast) on host copies of ``tensors``, written back."""
+    host = _to_host(tensors)
+    collective(host, opts).wait()
+    _copy_back(tensors, host)
+    return _Done(tensors)
+
+
+def _collected(collective, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts) -> _Done:
+    """``collective`` (gloo's all-gather or gather) of host copies of ``inputs`` into ``outputs``."""
+    host = [_host_buffers(per_rank) for per_rank in outputs]
+    collective(host, _to_host(inputs), opts).wait()
+    for per_rank, staged in zip(outputs, host):
+        _copy_back(per_rank, staged)
+    return _Done(outputs)
+
+
 class HostStagedGroup(dist.ProcessGroup):
     """A process group over ``size`` ranks whose chip tensors are staged through host memory and gloo."""
 
@@ -96,30 +112,16 @@ class HostStagedGroup(dist.ProcessGroup):
         return self.gloo
 
     def allreduce(self, tensors, opts):
-        host = _to_host(tensors)
-        self.gloo.allreduce(host, opts).wait()
-        _copy_back(tensors, host)
-        return _Done(tensors)
+        return _in_place(self.gloo.allreduce, tensors, opts)
 
     def broadcast(self, tensors, opts):
-        host = _to_host(tensors)
-        self.gloo.broadcast(host, opts).wait()
-        _copy_back(tensors, host)
-        return _Done(tensors)
+        return _in_place(self.gloo.broadcast, tensors, opts)
 
     def allgather(self, outputs, inputs, opts):
-        host = [_host_buffers(per_rank) for per_rank in outputs]
-        self.gloo.allgather(host, _to_host(inputs), opts).wait()
-        for per_rank, staged in zip(outputs, host):
-            _copy_back(per_rank, staged)
-        return _Done(outputs)
+        return _collected(self.gloo.allgather, outputs, inputs, opts)
 
     def gather(self, outputs, inputs, opts):  # outputs: one list per rank on the root, empty elsewhere
-        host = [_host_buffers(per_rank) for per_rank in outputs]
-        self.gloo.gather(host, _to_host(inputs), opts).wait()
-        for per_rank, staged in zip(outputs, host):
-            _copy_back(per_rank, staged)
-        return _Done(outputs)
+        return _collected(self.gloo.gather, outputs, inputs, opts)
 
     def barrier(self, opts):
         self.gloo.barrier(opts).wait()
