@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from chipspan.args import RunArguments
+from chipspan.errors import ChipspanError
 
 # Devices whose 16-bit arithmetic is slow or emulated: the flags are ignored there.
 FP32_ONLY_DEVICE_TYPES = ("cpu",)
@@ -50,8 +51,10 @@ class PrecisionChoice:
 
 
 def choose_precision(run: RunArguments, device_type: str) -> PrecisionChoice:
-    """The precision of ``run`` (at most one of its flags set) on ``device_type``."""
+    """The precision of ``run`` on ``device_type``; ChipspanError when more than one of its flags is set."""
     fp16, bf16, pure_bf16 = run.training.fp16, run.training.bf16, run.finetuning.pure_bf16
+    if fp16 + bf16 + pure_bf16 > 1:
+        raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
     flag = "fp16" if fp16 else "bf16" if bf16 else "pure_bf16" if pure_bf16 else None
     fp32 = PrecisionChoice(device_type, None, False, torch.float32, torch.float32)
     if flag is None:

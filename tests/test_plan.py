@@ -296,6 +296,8 @@ def _plan_lf05_job(size, finetuning, savers, chips, capsys, recompute=False, chi
     from chipspan.cli import main
 
     target = ["--lora_target", "q_proj,v_proj"] if finetuning == "lora" else []
+    dropped = {"--disable_gradient_checkpointing"} if recompute else set()
+    dropped |= {"--fp16"} if "--pure_bf16" in savers else set()  # --pure_bf16 takes its place
     argv = [
         "plan",
         "--model_name_or_path",
@@ -303,7 +305,7 @@ def _plan_lf05_job(size, finetuning, savers, chips, capsys, recompute=False, chi
         "--finetuning_type",
         finetuning,
         *target,
-        *[flag for flag in LF05_FLAGS[:-5] if not (recompute and flag == "--disable_gradient_checkpointing")],
+        *[flag for flag in LF05_FLAGS[:-5] if flag not in dropped],
         *LF05_FLAGS[-3:],
         *savers,
         "--chip_memory",

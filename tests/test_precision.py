@@ -96,3 +96,16 @@ def test_the_loss_scaler_follows_torchs_grad_scaler():
     loaded = torch.amp.GradScaler("cpu")
     loaded.load_state_dict(scaler.state_dict()["scaler"])
     assert loaded.state_dict() == reference.state_dict()
+
+
+def test_plan_and_train_refuse_two_precision_flags_alike(tiny_workspace, tmp_path, capsys):
+    """`chipspan plan` once let --pure_bf16 win over --fp16 while `train` refused the pair: both refuse it now."""
+    from chipspan.cli import main
+
+    model = tiny_workspace / "model"
+    assert main(["plan", "--model_name_or_path", str(model), "--fp16", "--pure_bf16", "--chip_memory", "1GiB"]) == 1
+    assert capsys.readouterr().err.strip() == "chipspan: error: choose one of --fp16, --bf16 and --pure_bf16"
+    out = tmp_path / "out"
+    assert main(["train", *command(tiny_workspace, out, "full")[1:], "--bf16", "--pure_bf16"]) == 1
+    assert capsys.readouterr().err.strip() == "chipspan: error: choose one of --fp16, --bf16 and --pure_bf16"
+    assert not out.exists()

@@ -49,10 +49,12 @@ def test_7b_full_on_three_chips_takes_8_bit_moments_and_pure_bf16_first(capsys):
     assert not answer["as_is"]["fits"] and answer["as_is"]["min_chips"] == 11
     suggested = [entry["flags"] for entry in answer["suggestions"]]
     assert suggested[:2] == [["--optim adamw_8bit", "--pure_bf16"], ["--offload_optimizer", "--pure_bf16"]]
+    assert answer["suggestions"][0]["drop"] == ["--fp16"]  # --pure_bf16 takes the place of the job's --fp16
     costs = [entry["cost"] for entry in answer["suggestions"]]
     assert costs == sorted(costs)
     for entry in answer["suggestions"]:
-        plan = _plan(flags + " ".join(entry["flags"]).split(), capsys)
+        kept = [flag for flag in flags if flag not in entry["drop"]]
+        plan = _plan(kept + " ".join(entry["flags"]).split(), capsys)
         assert plan["fits"] and max(chip["total"] for chip in plan["chips"]) == entry["fullest_chip_bytes"]
         assert sum(chip["host"] for chip in plan["chips"]) == entry["host_bytes"]
     offloaded = answer["suggestions"][1]

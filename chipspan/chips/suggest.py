@@ -29,6 +29,7 @@ class Saver:
     gives_up: str  # in words
     applies: Callable[[RunArguments], bool]  # whether it changes this run
     apply: Callable[[RunArguments], RunArguments]
+    drops: Callable[[RunArguments], tuple[str, ...]] = lambda run: ()  # flags of the run it replaces
 
 
 def _set(group: str, **values) -> Callable[[RunArguments], RunArguments]:
@@ -38,6 +39,11 @@ def _set(group: str, **values) -> Callable[[RunArguments], RunArguments]:
 
 def _no_precision_flag(run: RunArguments) -> bool:
     return not (run.training.fp16 or run.training.bf16 or run.finetuning.pure_bf16)
+
+
+def _half_precision_flags(run: RunArguments) -> tuple[str, ...]:
+    """--fp16 or --bf16 where the run sets it (--pure_bf16 takes its place)."""
+    return tuple(flag for flag, on in (("--fp16", run.training.fp16), ("--bf16", run.training.bf16)) if on)
 
 
 def _trains_base(run: RunArguments) -> bool:
@@ -100,6 +106,7 @@ SAVERS = (
         "bf16 trained weights, updates rounded at random (the loss moves a little)",
         lambda run: _trains_base(run) and not run.finetuning.pure_bf16,
         lambda run: _set("finetuning", pure_bf16=True)(_set("training", fp16=False, bf16=False)(run)),
+        _half_precision_flags,
     ),
     Saver(
         "--quantization_bit 4",
@@ -118,6 +125,7 @@ class Priced:
 
     savers: tuple[Saver, ...]
     plan: Plan
+    drops: tuple[str, ...] = ()  # flags of the job's command line the savers replace
 
     @property
     def cost(self) -> int:
@@ -151,7 +159,8 @@ def suggest(run: RunArguments) -> tuple[Priced, list[Priced]]:
         for saver in savers:
             changed = saver.apply(changed)
         try:
-            priced[savers] = Priced(savers, make_plan(changed))
+            drops = tuple(sorted({flag for saver in savers for flag in saver.drops(run)}))
+            priced[savers] = Priced(savers, make_plan(changed), drops)
         except ChipspanError:
             continue  # savers this job refuses together (docs name why)
     kept = [
@@ -211,13 +220,15 @@ def render(as_is: Priced, kept: list[Priced], auto: bool) -> str:
 
 
 def _flags(combo: Priced) -> str:
-    return " ".join(saver.flag for saver in combo.savers)
+    dropped = f" (drop {' '.join(combo.drops)})" if combo.drops else ""
+    return " ".join(saver.flag for saver in combo.savers) + dropped
 
 
 def to_json(as_is: Priced, kept: list[Priced]) -> str:
     def entry(combo: Priced) -> dict:
         return {
             "flags": [saver.flag for saver in combo.savers],
+            "drop": list(combo.drops),
             "cost": combo.cost,
             "fullest_chip_bytes": combo.fullest,
             "host_bytes": combo.plan.host_bytes,

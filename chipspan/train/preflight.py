@@ -38,8 +38,6 @@ def check_arguments(run: RunArguments) -> ModelConfig:
     ):
         if not value:
             raise ChipspanError(f"--{flag} is required")
-    if train_args.fp16 + train_args.bf16 + ft.pure_bf16 > 1:
-        raise ChipspanError("choose one of --fp16, --bf16 and --pure_bf16")
     if train_args.max_steps <= 0 and train_args.num_train_epochs <= 0:
         raise ChipspanError("set --num_train_epochs or --max_steps to a positive number")
     if not one_process_per_chip(run) and (run.chips.data_parallel != 1 or run.chips.pipeline_schedule != "1f1b"):
