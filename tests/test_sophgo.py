@@ -39,8 +39,8 @@ def without(argv, *flags):
 
 
 def on_sophgo(argv, split, first=0, timeout=300):
-    """``chipspan train argv`` in its own process on the stand-in plugin's chips first..first+split-1,
-    as ``USE_SOPHGO=1 SOPHGO_SPLIT=split CHIPS=first``; its printed output."""
+    """``chipspan argv`` (train, env) in its own process on the stand-in plugin's chips
+    first..first+split-1, as ``USE_SOPHGO=1 SOPHGO_SPLIT=split CHIPS=first``; its printed output."""
     env = {**os.environ, **SOPHGO, "SOPHGO_SPLIT": str(split), "CHIPS": str(first), "OMP_NUM_THREADS": "1"}
     argv = [str(a) for a in argv]
     done = subprocess.run(
