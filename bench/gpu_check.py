@@ -62,7 +62,7 @@ from chipspan.models.config import ModelConfig  # noqa: E402
 from chipspan.models.decoder import CausalLM  # noqa: E402
 from chipspan.models.tokenizer import Tokenizer  # noqa: E402
 from chipspan.models.weights import model_state_dict, save_weights  # noqa: E402
-from chipspan.precision import choose_precision  # noqa: E402
+from chipspan.precision import Precision, choose_precision  # noqa: E402
 
 PARITY_TOLERANCE = 1e-3  # fp32 on two devices, or over two chips: largest relative difference of a step's loss
 BF16_TOLERANCE = 2e-2  # --bf16 (bf16 frozen base, bf16 autocast, fp32 adapters) against fp32
@@ -175,7 +175,7 @@ def find_tokenizer(given: str | None) -> Path:
         if not (Path(given) / "tokenizer.json").is_file():
             raise CheckError(f"--tokenizer {given} holds no tokenizer.json: pass a Hugging Face tokenizer folder")
         return Path(given)
-    cache = Path(os.environ.get("CHIPSPAN_CACHE") or Path.home() / ".cache" / "chipspan")
+    cache = assets.resolve_cache_dir()
     for name in (assets.DEMO_MODEL, assets.LLAMA2_TOKENIZER):
         if (cache / name / "tokenizer.json").is_file():
             return cache / name
@@ -437,7 +437,7 @@ def hf_tokens_per_second(flags: list[str], setup: Setup) -> float:
         if step == warmup:
             started = time.perf_counter()
         batch_ids = ids[(torch.arange(batch) + step * batch) % len(ids)].to(setup.device)
-        with autocast(setup.device, choice.autocast_dtype):
+        with Precision(choice).autocast():
             loss = model(input_ids=batch_ids, labels=batch_ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, run.training.max_grad_norm)
@@ -445,11 +445,6 @@ def hf_tokens_per_second(flags: list[str], setup: Setup) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # waits for the step, as chipspan's loop does
     return (run.training.max_steps - warmup) * batch * cutoff / (time.perf_counter() - started)
-
-
-def autocast(device: str, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``, or nothing when None."""
-    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def hf_row(flags: list[str], chipspan_speed: float, setup: Setup) -> Row:

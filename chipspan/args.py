@@ -630,8 +630,9 @@ def environment_device(environ: Mapping[str, str]) -> str | None:
 def _sophgo_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """LLaMA-Factory 0.5's chip variables as flags: USE_SOPHGO=1 -> device tpu; SOPHGO_SPLIT=N, CHIPS=K -> K..K+N-1."""
     values: dict[str, Any] = {}
-    if environment_device(environ):
-        values["device"] = environment_device(environ)
+    device = environment_device(environ)
+    if device:
+        values["device"] = device
     split, first = environ.get("SOPHGO_SPLIT"), environ.get("CHIPS")
     if split is not None or first is not None:
         try:

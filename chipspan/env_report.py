@@ -30,6 +30,7 @@ def collect(device_type: str | None = None) -> dict:
     """The report as a dict: ``device_type`` (default: tpu under USE_SOPHGO=1, else the accelerator
     PyTorch reports, else cpu) is the device asked about; its plugin is imported to count the chips."""
     kind = device_type or environment_device(os.environ) or devices.default_device_type()
+    chips = _chips(kind)  # imports the plugin, so _plugin_file can say where from
     return {
         "chipspan": __version__,
         "python": sys.version.split()[0],
@@ -40,7 +41,7 @@ def collect(device_type: str | None = None) -> dict:
         "packages": {name: _version(name) for name in PACKAGES},
         "plugin_notes": _plugin_notes(),
         "device_type": kind,
-        "chips": _chips(kind),
+        "chips": chips,
         "plugin": _plugin_file(kind),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k in VARIABLES or k.startswith(VARIABLE_PREFIXES)},
     }
@@ -99,7 +100,7 @@ def _plugin_notes() -> list[str]:
 
 
 def _plugin_file(device_type: str) -> str | None:
-    """Where the plugin of ``device_type`` was imported from (after ``_chips`` tried), if it was."""
+    """Where the plugin of ``device_type`` was imported from (once ``_chips`` tried), if it was."""
     module = sys.modules.get(devices.PLUGINS.get(device_type, ""))
     return getattr(module, "__file__", None)
 
