@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from chipspan.adapters.peft_io import adapter_folders
 from chipspan.args import DataArguments, RunArguments
 from chipspan.errors import ChipspanError
 
@@ -54,12 +55,9 @@ def _check_shape(path: Path, flag: str, kind: str) -> None:
 def run_inputs(run: RunArguments) -> dict[str, Path | None]:
     """What a run reads, by how the user named it: the model folder, each adapter, the datasets."""
     inputs: dict[str, Path | None] = {"the model folder (--model_name_or_path)": _path(run.model.model_name_or_path)}
-    given = run.model.adapter_name_or_path
-    adapters = (
-        [] if not given else [given] if Path(given).exists() else [a.strip() for a in given.split(",") if a.strip()]
-    )
+    adapters = adapter_folders(run.model.adapter_name_or_path)
     for i, adapter in enumerate(adapters):
-        inputs[f"the adapter (--adapter_name_or_path{f', #{i + 1}' if len(adapters) > 1 else ''})"] = Path(adapter)
+        inputs[f"the adapter (--adapter_name_or_path{f', #{i + 1}' if len(adapters) > 1 else ''})"] = adapter
     inputs.update(dataset_inputs(run.data))
     return inputs
 

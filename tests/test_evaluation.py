@@ -10,10 +10,10 @@ from helpers import command, run
 
 from chipspan.args import parse_run_arguments
 from chipspan.data import collate
+from chipspan.data.encode import last_answer
 from chipspan.data.loader import load_dataset_split
 from chipspan.errors import ChipspanError
 from chipspan.models.tokenizer import Tokenizer
-from chipspan.train.evaluate import last_answer
 
 
 def eval_only(tiny_workspace, out, *extra):

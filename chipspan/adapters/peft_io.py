@@ -24,7 +24,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from chipspan.adapters.lora import LoraSettings, additional_modules, apply_lora, lora_layers, ties_trained_embeddings
+from chipspan.adapters.lora import (
+    LoraSettings,
+    additional_modules,
+    apply_lora,
+    lora_layers,
+    merge_and_unload,
+    ties_trained_embeddings,
+)
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
@@ -330,6 +337,31 @@ def load_adapter(model: CausalLM, folder: str | Path) -> list[str]:
                 if key in shapes:
                     param.copy_(get(key))
     return wrapped
+
+
+def adapter_folders(given: str | None) -> list[Path]:
+    """The folders ``--adapter_name_or_path`` names: one path, or several separated by commas (a
+    path that exists as written is one folder, even with a comma in its name)."""
+    if not given:
+        return []
+    if Path(given).exists():
+        return [Path(given)]
+    return [Path(part.strip()) for part in given.split(",") if part.strip()]
+
+
+def check_adapters(config: ModelConfig, folders: list[Path]) -> list[LoraSettings]:
+    """:func:`check_adapter` for each folder, before any weight is read."""
+    return [check_adapter(config, folder) for folder in folders]
+
+
+def load_adapters(model: CausalLM, folders: list[Path], keep_last: bool) -> None:
+    """Apply adapters in order, as LLaMA-Factory does: each is merged into the weights before the
+    next loads (in the weights' dtype: load in fp32 to merge in fp32). With ``keep_last`` the last
+    stays a LoRA layer (to train further or to run unmerged); otherwise it is merged too."""
+    for i, folder in enumerate(folders):
+        load_adapter(model, folder)
+        if not (keep_last and i == len(folders) - 1):
+            merge_and_unload(model)
 
 
 # --- helpers -------------------------------------------------------------------------------------

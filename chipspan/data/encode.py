@@ -167,6 +167,36 @@ def _join_lf09(
     return Example(input_ids, labels)
 
 
+def last_answer(example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the answer is the last run of trained tokens, the prompt all before it."""
+    trained = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+    if not trained:
+        return list(example.input_ids), []
+    end = start = trained[-1]
+    while start > 0 and example.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(example.input_ids[:start]), list(example.input_ids[start : end + 1])
+
+
+def encode_prompt(
+    messages: list[tuple[str, str]],
+    template: Template | ChatTemplate,
+    tokenizer: Tokenizer,
+    system: str = "",
+    tools: str = "",
+) -> list[int]:
+    """The ids training puts before the next answer of ``messages`` (``(role, content)``, alternating
+    as in :class:`Conversation`, ending on the user side): what a chat with the trained model sends
+    it, token for token, untruncated."""
+    with_answer = [*messages, ("assistant", "")]
+    if isinstance(template, ChatTemplate):
+        text, spans = template.render_spans(with_answer, system, tools)
+        encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+        return encoding.ids[: bisect_left([offset[0] for offset in encoding.offsets], spans[-1][0])]
+    rendered = template.render(with_answer, system, tools)
+    return list(chain.from_iterable(_tokenize([rendered], template, tokenizer)[0][:-1]))
+
+
 def encode_pretrain(texts: list[str], tokenizer: Tokenizer, cutoff_len: int) -> list[Example]:
     """Blocks of ``cutoff_len`` tokens from the texts, each followed by EOS (no BOS), as LLaMA-Factory 0.5 did.
 

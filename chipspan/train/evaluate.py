@@ -7,21 +7,11 @@ from collections.abc import Callable, Sequence
 
 from chipspan.args import GeneratingArguments
 from chipspan.chips.span import SpannedModel
-from chipspan.data import IGNORE_INDEX, Example
+from chipspan.data import Example
+from chipspan.data.encode import last_answer
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.infer.spanned import SpannedDecoder
 from chipspan.models.tokenizer import Tokenizer
-
-
-def last_answer(example: Example) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids): the answer is the last run of trained tokens, the prompt all before it."""
-    trained = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
-    if not trained:
-        return list(example.input_ids), []
-    end = start = trained[-1]
-    while start > 0 and example.labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return list(example.input_ids[:start]), list(example.input_ids[start : end + 1])
 
 
 def sampling_settings(args: GeneratingArguments, seed: int) -> SamplingSettings:

@@ -10,7 +10,7 @@ import torch
 
 from chipspan.adapters.freeze import freeze_layers, freeze_modules
 from chipspan.adapters.lora import inject_lora
-from chipspan.adapters.peft_io import check_adapter, load_adapter
+from chipspan.adapters.peft_io import adapter_folders, check_adapter, load_adapter
 from chipspan.args import FinetuningArguments
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
@@ -24,7 +24,13 @@ def check_finetuning_arguments(args: FinetuningArguments, config: ModelConfig, a
     """
     num_layers = config.num_hidden_layers
     if args.finetuning_type == "lora" and adapter:
-        check_adapter(config, adapter)
+        folders = adapter_folders(adapter)
+        if len(folders) > 1:
+            raise ChipspanError(
+                f"--adapter_name_or_path names {len(folders)} adapters; training continues one: merge the "
+                "others into the base first (chipspan export), then train on the exported model"
+            )
+        check_adapter(config, folders[0])
         return
     if args.finetuning_type == "lora" and not args.lora_target:
         raise ChipspanError("LoRA needs --lora_target: the layers to adapt, e.g. q_proj,v_proj (or all)")
