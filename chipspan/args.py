@@ -117,6 +117,10 @@ MIX_STRATEGIES = Choices(("concat", "interleave_under", "interleave_over", "inte
 PIPELINE_SCHEDULES = Choices(("gpipe", "1f1b", "interleaved1f1b"))
 LAUNCHERS = Choices(("torchrun",))
 QUANTIZATION_TYPES = Choices(("nf4", "fp4"))
+EXPORT_DEVICES = Choices(("cpu", "auto"))
+EXPORT_FORMATS = Choices(("hf",))
+GGUF_TYPES = Choices(("f32", "f16", "bf16", "q8_0"))
+EXPORT_DTYPES = Choices(("auto", "float32", "float16", "bfloat16"))
 # The Hugging Face Trainer's names; fused and device-specific AdamW kernels compute the same AdamW.
 OPTIMIZERS = Choices(
     ("adamw_torch", "adamw_8bit"),
@@ -378,6 +382,44 @@ class GeneratingArguments:
 
 
 @dataclass
+class ExportArguments:
+    """``chipspan export``: LLaMA-Factory's export flags (0.5's defaults) and the GGUF ones."""
+
+    export_dir: str | None = field(default=None, metadata={"help": "folder to write (new or empty)"})
+    export_size: str = field(
+        default="1", metadata={"help": "shard size: GB as a whole number (LLaMA-Factory's), or a size like 500MB"}
+    )
+    export_device: str = field(
+        default="cpu",
+        metadata={"help": "where adapters merge: cpu, or auto (the first chip)", "choices": EXPORT_DEVICES},
+    )
+    export_legacy_format: bool = field(default=False, metadata={"help": "write pytorch_model*.bin, not safetensors"})
+    infer_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the written weights (auto: the base model's)", "choices": EXPORT_DTYPES},
+    )
+    export_format: str = field(
+        default="hf", metadata={"help": "hf (a Hugging Face folder) or gguf (llama.cpp)", "choices": EXPORT_FORMATS}
+    )
+    export_quantization: str = field(default="f16", metadata={"help": "gguf: the tensors' type", "choices": GGUF_TYPES})
+    export_quantization_bit: int | None = field(
+        default=None,
+        metadata={
+            "help": "refused: GPTQ",
+            "refused": "GPTQ quantization needs CUDA-only libraries; export --export_format gguf "
+            "--export_quantization q8_0 instead",
+        },
+    )
+    export_hub_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "refused: uploading",
+            "refused": "chipspan uploads nothing (no network); upload export_dir with `huggingface-cli upload`",
+        },
+    )
+
+
+@dataclass
 class RunArguments:
     model: ModelArguments
     data: DataArguments
@@ -385,7 +427,9 @@ class RunArguments:
     training: TrainingArguments
     chips: ChipArguments
     generating: GeneratingArguments
+    export: ExportArguments = field(default_factory=ExportArguments)  # read by `chipspan export` only
     notices: tuple[str, ...] = ()  # one line each: what was accepted without effect, whose defaults apply
+    given: frozenset[str] = frozenset()  # the flags the run set (by flag, YAML or environment)
 
 
 _GROUPS = (
@@ -396,40 +440,51 @@ _GROUPS = (
     ("chips", ChipArguments),
     ("generating", GeneratingArguments),
 )
+# The flag groups each command reads; a command not named reads train's.
+COMMAND_GROUPS = {"export": (*_GROUPS, ("export", ExportArguments))}
 
 
-def known_flags() -> dict[str, tuple[str, dataclasses.Field, type]]:
-    """flag name -> (group, field, python type)."""
+def _groups(command: str) -> tuple[tuple[str, type], ...]:
+    return COMMAND_GROUPS.get(command, _GROUPS)
+
+
+def known_flags(command: str = "train") -> dict[str, tuple[str, dataclasses.Field, type]]:
+    """flag name -> (group, field, python type), for ``command``'s flags."""
     flags = {}
-    for group, cls in _GROUPS:
+    for group, cls in _groups(command):
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flags[f.name] = (group, f, hints[f.name])
     return flags
 
 
-def parse_run_arguments(argv: list[str], environ: Mapping[str, str] = os.environ) -> RunArguments:
-    """Parse ``[run.yaml] [key=value ...] [--key value ...]``; later settings win."""
+def parse_run_arguments(
+    argv: list[str], environ: Mapping[str, str] = os.environ, command: str = "train"
+) -> RunArguments:
+    """Parse ``[run.yaml] [key=value ...] [--key value ...]`` as ``command`` reads them; later settings win."""
     values = _collect(argv)
     values = {**_sophgo_environment(environ), **values}
-    return build_run_arguments(values)
+    return build_run_arguments(values, command)
 
 
 # Other names of flags (LLaMA-Factory 0.9's, the Hugging Face Trainer's older ones), read as chipspan's.
 ALIASES = lf_keys.RENAMED
 
 
-def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
+def build_run_arguments(values: Mapping[str, Any], command: str = "train") -> RunArguments:
     """Typed, validated RunArguments from a flat name -> value mapping (strings are converted).
 
     Every problem of the settings (unknown or refused keys, values of the wrong kind, out of range or
     not among the choices) is reported at once, in one ChipspanError; what was accepted without effect,
     and 0.9's defaults for a run written for LLaMA-Factory 0.9, become ``notices``."""
-    flags = known_flags()
+    groups = _groups(command)
+    flags = known_flags(command)
     settings, problems, idle = _sort_keys(values, flags)
     lf09_keys = sorted(set(values) & lf_keys.LF09_ONLY)
-    lf09_defaults = {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k not in settings} if lf09_keys else {}
-    grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in _GROUPS}
+    lf09_defaults = (
+        {k: v for k, v in lf_keys.LF09_DEFAULTS.items() if k in flags and k not in settings} if lf09_keys else {}
+    )
+    grouped: dict[str, dict[str, Any]] = {group: {} for group, _ in groups}
     for name, raw in {**settings, **lf09_defaults}.items():
         group, spec, kind = flags[name]
         choices = spec.metadata.get("choices")
@@ -441,8 +496,8 @@ def build_run_arguments(values: Mapping[str, Any]) -> RunArguments:
             problems.append(str(exc))
             continue
         grouped[group][name] = choices.current(value) if choices and isinstance(value, str) else value
-    run = RunArguments(**{group: cls(**grouped[group]) for group, cls in _GROUPS})
-    problems += _value_problems(run)
+    run = RunArguments(**{group: cls(**grouped[group]) for group, cls in groups}, given=frozenset(settings))
+    problems += _value_problems(run, groups)
     if problems:
         raise ChipspanError(_all_of(problems))
     notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
@@ -509,14 +564,17 @@ def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments
     )
 
 
-def _value_problems(run: RunArguments) -> list[str]:
+def _value_problems(run: RunArguments, groups: tuple[tuple[str, type], ...]) -> list[str]:
     """One line for each setting outside its field's range (NaN and infinity never are) or choices,
     or a --chip_memory that is not a positive size."""
     problems = []
-    for group, cls in _GROUPS:
+    for group, cls in groups:
         settings = getattr(run, group)
         for f in dataclasses.fields(cls):
             value = getattr(settings, f.name)
+            if "refused" in f.metadata and value != f.default:
+                problems.append(f"--{f.name} {shown(value)}: {f.metadata['refused']}")
+                continue
             if value is None or isinstance(value, bool):
                 continue
             try:
@@ -606,7 +664,7 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 
 
 def _is_bool_flag(name: str) -> bool:
-    flags = known_flags()
+    flags = {**known_flags(), **known_flags("export")}
     return name in flags and flags[name][2] is bool
 
 
@@ -688,14 +746,14 @@ def _unknown_flag_message(name: str, flags: Mapping[str, Any]) -> str:
     return f"unknown flag --{name}{hint}"
 
 
-def flags_help() -> str:
-    """Every flag of `chipspan train`, grouped, with its default and meaning."""
+def flags_help(command: str = "train") -> str:
+    """Every flag of ``command`` (`chipspan train`'s by default), grouped, with its default and meaning."""
     lines = [
-        "usage: chipspan train [run.yaml] [key=value ...] [--flag value ...]",
+        f"usage: chipspan {command} [run.yaml] [key=value ...] [--flag value ...]",
         "chips also from the environment: USE_SOPHGO=1 (device tpu), SOPHGO_SPLIT=N, CHIPS=K",
         "other names: " + ", ".join(f"--{old} = --{new}" for old, new in ALIASES.items()),
     ]
-    for group, cls in _GROUPS:
+    for group, cls in _groups(command):
         lines.append(f"\n{group}:")
         for f in dataclasses.fields(cls):
             allowed = f.metadata.get("range") or f.metadata.get("choices")

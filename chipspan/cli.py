@@ -4,6 +4,7 @@
     chipspan plan [--flag ...]               memory per chip, before anything loads
     chipspan data [--flag ...] [--out FILE]  the encoded dataset as JSON lines, masked spans marked
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
+    chipspan export [--flag ...]             merge adapters into the base: a Hugging Face folder or GGUF
     chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
     chipspan demo                            a real model, end to end
     chipspan env [--device TYPE] [--json]    versions, chips and memory: send it with a bug report
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.set_defaults(run=_run_data)
 
+    export = commands.add_parser(
+        "export",
+        add_help=False,
+        help="merge adapters into the base and write it: Hugging Face folder or GGUF (LLaMA-Factory's export flags)",
+    )
+    export.set_defaults(run=_run_export)
+
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
     chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
     chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "plan", "data"):
+    if args.command in ("train", "plan", "data", "export"):
         args.flags = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -158,6 +166,19 @@ def _run_train(args: argparse.Namespace) -> None:
             raise SystemExit(code)
     else:
         run_train(run)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.export.command import run_export
+
+    if {"-h", "--help"} & set(args.flags):
+        print(flags_help("export"))
+        return
+    run = parse_run_arguments(args.flags, command="export")
+    for notice in run.notices:
+        print(notice, file=sys.stderr)
+    print(f"wrote {run_export(run)}")
 
 
 def _run_plan(args: argparse.Namespace) -> None:

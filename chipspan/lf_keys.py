@@ -71,7 +71,7 @@ _LOGS = "chipspan's own logs and trainer_log.jsonl"
 _LAUNCHER = "torchrun and --chips choose the processes and devices"
 _KERNELS = "a CUDA library; chipspan's layers are its own PyTorch code"
 _ENGINE = "settings of an inference engine; chipspan generates with its own code"
-_EXPORT = "settings of export, not of training"
+_EXPORT = "settings of export (chipspan export), not of this command"
 _PREFERENCE = "settings of the preference stages (rm, ppo, dpo, kto), which chipspan does not run"
 _UNUSED_METHOD = "settings of a method that is off in this run"
 _EVAL_LOOP = "the Trainer's evaluation loop internals; chipspan reports eval_loss itself"
@@ -215,13 +215,14 @@ IDLE: dict[str, str] = {
             "export_size",
             "export_device",
             "export_quantization_bit",
-            "export_quantization_dataset",
-            "export_quantization_nsamples",
-            "export_quantization_maxlen",
             "export_legacy_format",
             "export_hub_model_id",
         ],
         _EXPORT,
+    ),
+    **dict.fromkeys(
+        ["export_quantization_dataset", "export_quantization_nsamples", "export_quantization_maxlen"],
+        "settings of GPTQ quantization on export, which chipspan does not run",
     ),
     **dict.fromkeys(
         [
@@ -518,4 +519,5 @@ LF09_DEFAULTS = {
     "num_layer_trainable": 2,
     "name_module_trainable": "all",
     "max_new_tokens": 1024,
+    "export_size": "5",
 }

@@ -41,7 +41,7 @@ def test_each_key_has_one_meaning():
     assert set(lf_keys.RENAMED.values()) <= flags
     assert set(lf_keys.CONVERTED) <= refused  # values it does not convert are refused unless off
     assert all(flag in flags for values in lf_keys.CONVERTED.values() for flag, _ in values.values())
-    assert set(lf_keys.LF09_DEFAULTS) <= flags
+    assert set(lf_keys.LF09_DEFAULTS) <= flags | set(known_flags("export"))  # export_size is export's
 
 
 def test_the_keys_that_mark_a_llamafactory_09_run_are_those_05_never_had():

@@ -21,10 +21,7 @@ nothing else.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 
 import gguf
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from chipspan import manifest
+from chipspan import sealed_output
 from chipspan.errors import ChipspanError
 
 CONVERTED = "converted"  # the kind of folder the manifest of a conversion marks
@@ -101,20 +98,12 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", tokenizer_dir=None, overwr
     else:
         tokenizer_files = _read_tokenizer_dir(Path(tokenizer_dir))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with sealed_output.writing(out_dir, CONVERTED) as tmp:
         (tmp / "config.json").write_text(_json(config))
         (tmp / "generation_config.json").write_text(_json(_generation_config(config)))
         _write_safetensors(tmp / "model.safetensors", plan, DTYPES[dtype])
         for name, content in tokenizer_files.items():
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-        manifest.seal(tmp, CONVERTED)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -531,43 +520,10 @@ def _generation_config(config: dict) -> dict:
 
 
 def _check_out_dir(out_dir: Path, gguf_path: Path, overwrite: bool) -> None:
-    """Refuse an ``out_dir`` that is not a folder, or not empty — with ``overwrite``, one that is not
-    wholly an earlier conversion's."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ChipspanError(f"output {out_dir} exists and is not a folder; choose another output folder")
-    if not (out_dir.is_dir() and any(out_dir.iterdir())):
-        return
-    if not overwrite:
-        raise ChipspanError(f"output folder {out_dir} is not empty; use overwrite to replace it")
-    if out_dir.resolve() in gguf_path.resolve().parents:
+    """Refuse an ``out_dir`` that cannot be replaced (see ``sealed_output.check_replaceable``), or that holds the GGUF."""
+    if overwrite and out_dir.is_dir() and out_dir.resolve() in gguf_path.resolve().parents:
         raise ChipspanError(f"GGUF file {gguf_path} lies inside the output folder; choose another folder")
-    earlier = manifest.read(out_dir, CONVERTED)
-    if earlier is None:
-        raise ChipspanError(
-            f"output folder {out_dir} was not written by chipspan convert, and overwrite replaces "
-            "only a folder it wrote; choose another output folder, or empty this one"
-        )
-    others = manifest.unlisted(out_dir, earlier)
-    if others:
-        raise ChipspanError(
-            f"output folder {out_dir} holds {others[0]}, which chipspan convert did not write; "
-            "move it out, or choose another output folder"
-        )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out_dir``, removing an earlier conversion's files only after."""
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = tmp.with_name(tmp.name.replace(".converting-", ".replaced-"))
-    out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    manifest.remove_sealed(old, CONVERTED)
+    sealed_output.check_replaceable(out_dir, CONVERTED, "chipspan convert", overwrite, "use overwrite")
 
 
 def _field(reader, key: str, default=_REQUIRED):
