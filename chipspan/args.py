@@ -551,11 +551,14 @@ def _all_of(problems: list[str]) -> str:
 
 def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments) -> str:
     """The line saying the run reads as LLaMA-Factory 0.9's, and which of 0.9's defaults matter to it."""
+    training = run.export.export_dir is None  # an export reads the template and the export flags only
     matters = {
-        "lora_target": run.finetuning.finetuning_type == "lora",
+        "cutoff_len": training,
+        "lora_target": training and run.finetuning.finetuning_type == "lora",
         "num_layer_trainable": run.finetuning.finetuning_type == "freeze",
         "name_module_trainable": run.finetuning.finetuning_type == "freeze",
-        "max_new_tokens": run.training.do_predict,
+        "max_new_tokens": training and run.training.do_predict,
+        "export_size": not training,
     }
     shown_keys = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
     applied = ", ".join(f"{name} {value}" for name, value in defaults.items() if matters.get(name, True))

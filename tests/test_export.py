@@ -5,6 +5,7 @@ the exported folder and for ``apply_chat_template``; chipspan's training encoder
 """
 
 import json
+import os
 import shutil
 import warnings
 
@@ -114,6 +115,11 @@ def test_two_adapters_are_merged_in_order_and_the_dtype_is_the_bases(base, tmp_p
     want = transformers_model.state_dict()[key] + delta["a1"] + delta["a2"]
     assert (tensors(out)[key] - want).abs().max() < 1e-6
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        [p.name for p in out.iterdir()], 0o666 & ~umask
+    )  # a server running as another user can read them (safetensors alone writes 0600)
 
 
 def test_legacy_format_writes_bin_shards_that_transformers_loads(base, tmp_path):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from chipspan.adapters.lora import (
@@ -35,6 +34,7 @@ from chipspan.adapters.lora import (
 from chipspan.errors import ChipspanError
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
+from chipspan.models.weights import write_safetensors
 
 try:
     from re import _parser as _regex_parser  # Python 3.11+
@@ -177,11 +177,7 @@ def save_adapter(
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(
-        {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
-        folder / ADAPTER_WEIGHTS,
-        metadata={"format": "pt"},
-    )
+    write_safetensors({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, folder / ADAPTER_WEIGHTS)
     return folder
 
 

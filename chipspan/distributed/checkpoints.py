@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from chipspan import manifest
 from chipspan.adapters.peft_io import adapter_state_dict
 from chipspan.distributed.mesh import Layout
 from chipspan.models.decoder import CausalLM
-from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, remove_weights
+from chipspan.models.weights import SAFETENSORS_INDEX, model_state_dict, remove_weights, write_safetensors
 from chipspan.train import checkpoints
 from chipspan.train.reporting import TrainerState
 
@@ -96,7 +95,7 @@ def write_weights(
     mine = None
     if layout.replica == 0:
         shard = f"model-{layout.stage_rank + 1:05d}-of-{layout.pipeline:05d}.safetensors"
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        write_safetensors(tensors, folder / shard)
         checkpoints.fsync(folder / shard)
         mine = {
             "tensors": {name: (shard, t.numel() * t.element_size()) for name, t in tensors.items()},

@@ -167,7 +167,8 @@ def _write_hf(
 ) -> None:
     """The Hugging Face folder: weights, config, generation config, tokenizer."""
     export = run.export
-    say(f"merging {len(adapters)} adapter(s) into {base} part by part on {device}, writing {str(dtype)[6:]}")
+    merging = f"merging {len(adapters)} adapter(s) into" if adapters else "reading"
+    say(f"{merging} {base} part by part on {device}, writing {str(dtype).removeprefix('torch.')}")
     files = write_merged(
         base, adapters, folder, dtype, shard_bytes(export.export_size), export.export_legacy_format, device
     )

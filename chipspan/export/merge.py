@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from chipspan.adapters.peft_io import load_adapters
 from chipspan.models.config import ModelConfig
 from chipspan.models.decoder import CausalLM
-from chipspan.models.weights import load_pretrained, model_state_dict
+from chipspan.models.weights import load_pretrained, model_state_dict, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -121,4 +120,4 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, legacy: bool) -> 
     if legacy:
         torch.save(tensors, path)
     else:
-        save_file(tensors, path, metadata={"format": "pt"})
+        write_safetensors(tensors, path)

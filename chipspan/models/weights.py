@@ -11,6 +11,7 @@ the load dtype.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 LAYERS_PREFIX = "model.layers."
 # Buffers some weight files carry that this model computes instead.
 _IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+_UMASK = os.umask(0o022)  # read it (os has no getter) and put it back
+os.umask(_UMASK)
 
 
 def load_pretrained(
@@ -167,9 +170,7 @@ def save_weights(
     else:
         names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(
-            {k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, folder / name, metadata={"format": "pt"}
-        )
+        write_safetensors({k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, folder / name)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
@@ -177,6 +178,13 @@ def save_weights(
         }
         (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file of CPU tensors, readable as the umask allows (safetensors itself writes
+    it for its owner only, which a server running as another user cannot read)."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
