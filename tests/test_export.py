@@ -261,3 +261,33 @@ def test_a_non_empty_folder_is_kept_and_an_earlier_export_is_replaced_only_when_
     )
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert "is not empty; add --overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_a_llamafactory_09_merge_yaml_runs_as_it_is(base, tmp_path, capsys):
+    """examples/merge_lora/llama3_lora_sft.yaml's keys: read as LLaMA-Factory 0.9's (export_size 5)."""
+    _, folder = base
+    make_adapter(folder, tmp_path / "adapter", 1, target_modules=["q_proj"])
+    yaml_file = tmp_path / "merge.yaml"
+    yaml_file.write_text(
+        f"model_name_or_path: {folder}\nadapter_name_or_path: {tmp_path / 'adapter'}\ntemplate: llama2\n"
+        f"trust_remote_code: true\nexport_dir: {tmp_path / 'out'}\nexport_size: 5\nexport_device: cpu\n"
+        "export_legacy_format: false\n"
+    )
+    assert export(yaml_file) == 0
+    err = capsys.readouterr().err
+    assert "settings of LLaMA-Factory 0.9" in err and "template 'llama2' (lf-0.9)" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_merging_on_a_chip_writes_what_merging_on_the_cpu_writes(base, tmp_path):
+    from helpers import emu_chips
+
+    _, folder = base
+    make_adapter(folder, tmp_path / "adapter", 3, target_modules=["q_proj", "up_proj"])
+    common = ["--model_name_or_path", folder, "--adapter_name_or_path", tmp_path / "adapter"]
+    assert export(*common, "--export_dir", tmp_path / "cpu") == 0
+    with emu_chips(2):
+        flags = ["--export_dir", tmp_path / "chip", "--export_device", "auto", "--device", "emu", "--chips", "1"]
+        assert export(*common, *flags) == 0
+    on_cpu, on_chip = tensors(tmp_path / "cpu"), tensors(tmp_path / "chip")
+    assert on_cpu.keys() == on_chip.keys() and all(torch.equal(on_cpu[k], on_chip[k]) for k in on_cpu)
