@@ -500,7 +500,7 @@ def build_run_arguments(values: Mapping[str, Any], command: str = "train") -> Ru
     problems += _value_problems(run, groups)
     if problems:
         raise ChipspanError(_all_of(problems))
-    notices = [_lf09_notice(lf09_keys, lf09_defaults, run)] if lf09_keys else []
+    notices = [_lf09_notice(lf09_keys, lf09_defaults, run, command)] if lf09_keys else []
     if idle:
         notices.append("no effect here: " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in idle.items()))
     return dataclasses.replace(run, notices=tuple(f"note: {line}" for line in notices))
@@ -549,9 +549,9 @@ def _all_of(problems: list[str]) -> str:
     return f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
 
 
-def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments) -> str:
+def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments, command: str) -> str:
     """The line saying the run reads as LLaMA-Factory 0.9's, and which of 0.9's defaults matter to it."""
-    training = run.export.export_dir is None  # an export reads the template and the export flags only
+    training = command != "export"  # an export reads the template and the export flags only
     matters = {
         "cutoff_len": training,
         "lora_target": training and run.finetuning.finetuning_type == "lora",

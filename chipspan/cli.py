@@ -134,15 +134,15 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _help_asked(flags: list[str], summary: str = "") -> bool:
-    """Whether -h/--help is among a command's flags; if so, print ``summary`` and train's flags."""
+def _help_asked(flags: list[str], summary: str = "", command: str = "train") -> bool:
+    """Whether -h/--help is among a command's flags; if so, print ``summary`` and ``command``'s flags."""
     if not {"-h", "--help"} & set(flags):
         return False
     from chipspan.args import flags_help
 
     if summary:
         print(summary + "\n")
-    print(flags_help())
+    print(flags_help(command))
     return True
 
 
@@ -169,11 +169,10 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from chipspan.args import flags_help, parse_run_arguments
+    from chipspan.args import parse_run_arguments
     from chipspan.export.command import run_export
 
-    if {"-h", "--help"} & set(args.flags):
-        print(flags_help("export"))
+    if _help_asked(args.flags, "chipspan export: LLaMA-Factory's export flags (docs/export.md)", "export"):
         return
     run = parse_run_arguments(args.flags, command="export")
     for notice in run.notices:
