@@ -69,9 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
     chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
-    chat.add_argument("--adapter_name_or_path", metavar="DIR", help="a LoRA adapter folder (PEFT format)")
+    chat.add_argument(
+        "--adapter_name_or_path", metavar="DIR", help="LoRA adapter folders (PEFT format), comma-separated, in order"
+    )
     chat.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
     chat.add_argument("--system", help="system message")
+    chat.add_argument(
+        "--template",
+        help="the template trained with: prompts are encoded as training encoded them "
+        "(default: the model's own chat template)",
+    )
+    chat.add_argument("--template_revision", choices=("lf-0.5", "lf-0.9"), default="lf-0.5")
     chat.add_argument("--max_new_tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--top_p", type=float, default=1.0)
