@@ -138,8 +138,8 @@ def _set_chat_template(tokenizer: Tokenizer, template: Template, say) -> None:
     say(
         f"note: chat template: {name} differs from training's ids {where} ({len(written.differences)} "
         f"checks, e.g. {written.differences[0]}): training tokenizes each template piece alone, and this "
-        "tokenizer merges some pieces with their neighbours in one text; chipspan chat and chipspan api "
-        "encode exactly as training"
+        "tokenizer merges some pieces with their neighbours in one text; chipspan chat --template encodes "
+        "exactly as training"
     )
 
 
