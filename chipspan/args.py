@@ -364,7 +364,8 @@ class ChipArguments:
 
 @dataclass
 class GeneratingArguments:
-    """How --do_predict answers (LLaMA-Factory 0.5's defaults: sampling at temperature 0.95, top_p 0.7, top_k 50)."""
+    """How chat, api and --do_predict answer (LLaMA-Factory 0.5's defaults: sampling at temperature 0.95,
+    top_p 0.7, top_k 50)."""
 
     do_sample: bool = field(default=True, metadata={"help": "sample (false: greedy)"})
     temperature: float = field(default=0.95, metadata={"help": "sampling temperature", "range": POSITIVE})
@@ -377,7 +378,12 @@ class GeneratingArguments:
     )
     num_beams: int = field(default=1, metadata={"help": "1 (beam search is not supported)", "range": AT_LEAST_1})
     repetition_penalty: float = field(
-        default=1.0, metadata={"help": "1.0 (penalties are not supported)", "range": POSITIVE}
+        default=1.0,
+        metadata={
+            "help": "chat/api: divide the logits of tokens already in the sequence by it, as transformers "
+            "does (1.0: off; --do_predict takes 1.0 only)",
+            "range": POSITIVE,
+        },
     )
 
 
@@ -551,14 +557,14 @@ def _all_of(problems: list[str]) -> str:
 
 def _lf09_notice(keys: list[str], defaults: Mapping[str, Any], run: RunArguments, command: str) -> str:
     """The line saying the run reads as LLaMA-Factory 0.9's, and which of 0.9's defaults matter to it."""
-    training = command != "export"  # an export reads the template and the export flags only
+    training = command == "train"  # export, chat and api read the template and their own flags
     matters = {
         "cutoff_len": training,
         "lora_target": training and run.finetuning.finetuning_type == "lora",
-        "num_layer_trainable": run.finetuning.finetuning_type == "freeze",
-        "name_module_trainable": run.finetuning.finetuning_type == "freeze",
-        "max_new_tokens": training and run.training.do_predict,
-        "export_size": not training,
+        "num_layer_trainable": training and run.finetuning.finetuning_type == "freeze",
+        "name_module_trainable": training and run.finetuning.finetuning_type == "freeze",
+        "max_new_tokens": command in ("chat", "api") or (training and run.training.do_predict),
+        "export_size": command == "export",
     }
     shown_keys = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
     applied = ", ".join(f"{name} {value}" for name, value in defaults.items() if matters.get(name, True))

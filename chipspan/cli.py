@@ -5,7 +5,7 @@
     chipspan data [--flag ...] [--out FILE]  the encoded dataset as JSON lines, masked spans marked
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan export [--flag ...]             merge adapters into the base: a Hugging Face folder or GGUF
-    chipspan chat --model_name_or_path DIR   talk to a model (and an adapter)
+    chipspan chat --model_name_or_path DIR   talk to a model (and adapters), spanned over chips
     chipspan demo                            a real model, end to end
     chipspan env [--device TYPE] [--json]    versions, chips and memory: send it with a bug report
 
@@ -67,26 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_run_export)
 
-    chat = commands.add_parser("chat", help="chat with a model, using its own chat template")
-    chat.add_argument("--model_name_or_path", required=True, metavar="DIR", help="Hugging Face model folder")
-    chat.add_argument(
-        "--adapter_name_or_path", metavar="DIR", help="LoRA adapter folders (PEFT format), comma-separated, in order"
+    chat = commands.add_parser(
+        "chat",
+        add_help=False,
+        help="chat with a model spanned over chips (LLaMA-Factory's inference flags; --prompt TEXT answers once)",
     )
-    chat.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
-    chat.add_argument("--system", help="system message")
-    chat.add_argument(
-        "--template",
-        help="the template trained with: prompts are encoded as training encoded them "
-        "(default: the model's own chat template)",
-    )
-    chat.add_argument("--template_revision", choices=("lf-0.5", "lf-0.9"), default="lf-0.5")
-    chat.add_argument("--max_new_tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    chat.add_argument("--top_p", type=float, default=1.0)
-    chat.add_argument("--top_k", type=int, default=0)
-    chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--dtype", choices=DTYPES, default="float32")
-    chat.add_argument("--device", default="cpu")
     chat.set_defaults(run=_run_chat)
 
     demo = commands.add_parser("demo", help="fetch a small real model and run the main job end to end")
@@ -104,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "plan", "data", "export"):
+    if args.command in ("train", "plan", "data", "export", "chat"):
         args.flags = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -263,29 +248,35 @@ def _run_demo(args: argparse.Namespace) -> None:
     run_demo(args.cache_dir, args.output_dir)
 
 
-def _run_chat(args: argparse.Namespace) -> None:
-    from chipspan.args import SEEDS, Range, check_range
-    from chipspan.infer.chat import ChatSession
+CHAT_SUMMARY = (
+    "chipspan {command}: LLaMA-Factory's inference flags and YAML (model_name_or_path, adapter_name_or_path, "
+    "template, template_revision, default_system, do_sample, temperature, top_p, top_k, max_new_tokens, "
+    "repetition_penalty, --device, --chips; docs/serve.md), and --system TEXT, --dtype float32|bfloat16|float16"
+)
 
-    for name, allowed in (
-        ("max_new_tokens", Range(1, example="256")),
-        ("temperature", Range(0, example="0.7")),
-        ("top_k", Range(0, example="50")),
-        ("top_p", Range(0, 1, low_open=True, example="0.9")),
-        ("seed", SEEDS),
-    ):
-        if getattr(args, name) is not None:
-            check_range(name, getattr(args, name), allowed)
-    session = ChatSession.load(args)
-    if args.prompt is not None:
-        session.reply(args.prompt, stream=sys.stdout)
+
+def _engine_flags(flags: list[str], command: str):
+    """(the engine, the --system text): --system and --dtype are taken out, the rest read as
+    train's flags are; the engine loaded with notes on stderr."""
+    from chipspan.args import parse_run_arguments
+    from chipspan.infer.engine import Engine
+
+    flags, system = _take_option(flags, "--system")
+    flags, dtype = _take_option(flags, "--dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ChipspanError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    run = parse_run_arguments(flags, command=command)
+    for notice in run.notices:
+        print(notice, file=sys.stderr)
+    engine = Engine.load(run, getattr(torch, dtype) if dtype else None, lambda line: print(line, file=sys.stderr))
+    return engine, system
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from chipspan.infer.chat import run_chat
+
+    if _help_asked(args.flags, CHAT_SUMMARY.format(command="chat") + ", --prompt TEXT (answer once, exit)", "chat"):
         return
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        if line.strip():
-            session.reply(line.rstrip("\n"), stream=sys.stdout)
+    flags, prompt = _take_option(args.flags, "--prompt")
+    engine, system = _engine_flags(flags, "chat")
+    run_chat(engine, prompt, system)

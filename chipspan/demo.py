@@ -11,13 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from chipspan.adapters.peft_io import load_adapter
 from chipspan.args import parse_run_arguments
 from chipspan.assets import demo_model_dir
-from chipspan.infer.chat import ChatSession, stop_token_ids
-from chipspan.infer.generate import SamplingSettings
-from chipspan.models.tokenizer import Tokenizer
-from chipspan.models.weights import load_pretrained
+from chipspan.infer.chat import ChatSession
+from chipspan.infer.engine import Engine
 from chipspan.train.recipe import run_train
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -77,9 +74,7 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict
     print(f"   model folder: {folder}")
 
     print("\n== 2. the model before fine-tuning")
-    model = load_pretrained(folder)
-    tokenizer = Tokenizer.from_folder(folder)
-    before = ask(model, tokenizer, folder)
+    before = ask(folder)
 
     out = Path(output_dir).resolve()
     command = train_command(folder, out)
@@ -87,8 +82,7 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict
     run_train(parse_run_arguments(command, environ={}))
 
     print("\n== 4. the model after fine-tuning (base + the adapter just trained)")
-    load_adapter(model, out)
-    after = ask(model, tokenizer, folder)
+    after = ask(folder, out)
     print(
         f"\nadapter (PEFT format): {out}\nloss plot: {out / 'training_loss.png'}\n"
         f"chat with it: chipspan chat --model_name_or_path {folder} --adapter_name_or_path {out}"
@@ -96,12 +90,16 @@ def run_demo(cache_dir: str | None = None, output_dir: str = "demo_out") -> dict
     return {"before": before, "after": after}
 
 
-def ask(model, tokenizer: Tokenizer, folder: Path) -> list[str]:
-    """Each question in a fresh conversation, greedy, answers streamed; returns the answers."""
-    stop = stop_token_ids(folder, model, tokenizer)
+def ask(folder: Path, adapter: Path | None = None) -> list[str]:
+    """Each question in a fresh conversation, greedy, answers streamed (the model with ``adapter``,
+    as `chipspan chat` loads it); returns the answers."""
+    flags = ["--model_name_or_path", str(folder), "--do_sample", "false", "--max_new_tokens", "40"]
+    engine = Engine.load(
+        parse_run_arguments(flags + (["--adapter_name_or_path", str(adapter)] if adapter else []), {}),
+        report=lambda _: None,
+    )
     answers = []
     for question in QUESTIONS:
-        session = ChatSession(model, tokenizer, SamplingSettings(max_new_tokens=40), stop, system=SYSTEM)
         print(f"> {question}\n  ", end="")
-        answers.append(session.reply(question, stream=sys.stdout))
+        answers.append(ChatSession(engine, SYSTEM).reply(question, sys.stdout))
     return answers

@@ -105,8 +105,8 @@ def test_gguf_of_another_architecture(tmp_path):
 @pytest.mark.parametrize(
     "flag,value,message",
     [
-        ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.9)"),
-        ("temperature", "nan", "--temperature nan: must be a finite number >= 0"),
+        ("top_p", "0", "--top_p 0.0: must be a finite number in (0, 1] (e.g. 0.7)"),
+        ("temperature", "nan", "--temperature nan: must be a finite number > 0"),
         ("max_new_tokens", "0", "--max_new_tokens 0: must be a whole number >= 1"),
         ("seed", "-1", "--seed -1: must be a whole number in [0, 4294967295]"),
     ],

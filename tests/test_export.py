@@ -291,8 +291,9 @@ def test_merging_on_a_chip_writes_what_merging_on_the_cpu_writes(base, tmp_path)
 def test_chat_with_the_trained_template_sends_training_ids_and_merges_adapters_in_order(base, tmp_path, capsys):
     """`chipspan chat --template` encodes as training did; its greedy answer over two adapters is the
     exported model's (which merged them), generated from those ids."""
-    from chipspan.cli import build_parser
+    from chipspan.args import parse_run_arguments
     from chipspan.infer.chat import ChatSession
+    from chipspan.infer.engine import Engine
     from chipspan.infer.generate import SamplingSettings, generate
     from chipspan.models.weights import load_pretrained
 
@@ -300,21 +301,19 @@ def test_chat_with_the_trained_template_sends_training_ids_and_merges_adapters_i
     for i in (1, 2):
         make_adapter(folder, tmp_path / f"a{i}", i, target_modules=["q_proj", "v_proj"])
     adapters = f"{tmp_path / 'a1'},{tmp_path / 'a2'}"
-    args = build_parser().parse_args(
-        ["chat", "--model_name_or_path", str(folder), "--adapter_name_or_path", adapters, "--template", "llama2",
-         "--system", "Be brief.", "--max_new_tokens", "6"]
+    run = parse_run_arguments(
+        ["--model_name_or_path", str(folder), "--adapter_name_or_path", adapters, "--template", "llama2",
+         "--do_sample", "false", "--max_new_tokens", "6"], {}
     )  # fmt: skip
-    session = ChatSession.load(args)
-    session.messages.append({"role": "user", "content": "Hi"})
+    engine = Engine.load(run, report=lambda _: None)
     ours = Tokenizer.from_folder(folder)
     llama2 = get_template("llama2", "lf-0.5", tokenizer=ours)
-    prompt = session.prompt_ids()
+    prompt = engine.prompt_ids([("user", "Hi")], "Be brief.")
     assert prompt == encode_prompt([("user", "Hi")], llama2, ours, "Be brief.")
-    session.messages.pop()
-    answer = session.reply("Hi")
+    answer = ChatSession(engine, "Be brief.").reply("Hi")
     assert (
         export("--model_name_or_path", folder, "--adapter_name_or_path", adapters, "--export_dir", tmp_path / "m") == 0
     )
     merged = load_pretrained(tmp_path / "m")
-    want = generate(merged, prompt, session.stop_ids, SamplingSettings(max_new_tokens=6, temperature=0.0))
+    want = generate(merged, prompt, engine.stop_ids, SamplingSettings(max_new_tokens=6, temperature=0.0))
     assert answer == ours.decode(want)

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from chipspan.args import GeneratingArguments
 from chipspan.chips.span import SpannedModel
 from chipspan.data import Example
 from chipspan.data.encode import last_answer
 from chipspan.infer.generate import SamplingSettings, generate
 from chipspan.infer.spanned import SpannedDecoder
 from chipspan.models.tokenizer import Tokenizer
-
-
-def sampling_settings(args: GeneratingArguments, seed: int) -> SamplingSettings:
-    """The generation flags as sampler settings (greedy without --do_sample)."""
-    return SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature if args.do_sample else 0.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=seed,
-    )
 
 
 def predictions(

@@ -15,6 +15,7 @@ from chipspan.chips.job import one_process_per_chip
 from chipspan.data.loader import DataSplit
 from chipspan.data.packing import pack_examples, packing_summary
 from chipspan.errors import ChipspanError
+from chipspan.infer.generate import sampling_settings
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.paths import check_output, run_inputs
@@ -71,10 +72,7 @@ def _check_evaluation(run: RunArguments) -> None:
         )
     if train_args.do_predict and run.finetuning.stage != "sft":
         raise ChipspanError("--do_predict answers prompts: it needs --stage sft")
-    if generating.num_beams != 1 or generating.repetition_penalty != 1.0:
-        raise ChipspanError(
-            "beam search and repetition penalties are not supported: use --num_beams 1 --repetition_penalty 1.0"
-        )
+    sampling_settings(generating)  # refuses what generation cannot do, before anything loads
 
 
 def check_disk(

@@ -26,13 +26,14 @@ from chipspan.chips.plan import train_chips
 from chipspan.chips.runner import ChipsRunner
 from chipspan.chips.span import SpannedModel
 from chipspan.data.loader import load_dataset_split
-from chipspan.infer.chat import stop_token_ids
+from chipspan.infer.engine import stop_token_ids
+from chipspan.infer.generate import sampling_settings
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.precision import Precision, choose_precision
 from chipspan.quant import QuantizedLinear, quantized_summary
 from chipspan.train import checkpoints, preflight
-from chipspan.train.evaluate import predictions, sampling_settings
+from chipspan.train.evaluate import predictions
 from chipspan.train.finetune import prepare_trainable
 from chipspan.train.loop import total_steps
 from chipspan.train.reporting import PREDICTIONS_FILE, write_results
