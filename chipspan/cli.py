@@ -6,6 +6,7 @@
     chipspan convert MODEL.gguf OUT_DIR      GGUF -> Hugging Face folder
     chipspan export [--flag ...]             merge adapters into the base: a Hugging Face folder or GGUF
     chipspan chat --model_name_or_path DIR   talk to a model (and adapters), spanned over chips
+    chipspan api --model_name_or_path DIR    serve it behind OpenAI's /v1/chat/completions
     chipspan demo                            a real model, end to end
     chipspan env [--device TYPE] [--json]    versions, chips and memory: send it with a bug report
 
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(run=_run_chat)
 
+    api = commands.add_parser(
+        "api", add_help=False, help="an OpenAI-compatible HTTP server (chat's flags; API_HOST, API_PORT, API_KEY)"
+    )
+    api.set_defaults(run=_run_api)
+
     demo = commands.add_parser("demo", help="fetch a small real model and run the main job end to end")
     demo.add_argument("--cache_dir", help="where fetched models go (default: $CHIPSPAN_CACHE or ~/.cache/chipspan)")
     demo.add_argument("--output_dir", default="demo_out", help="where the adapter and plots go")
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "plan", "data", "export", "chat"):
+    if args.command in ("train", "plan", "data", "export", "chat", "api"):
         args.flags = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -280,3 +286,17 @@ def _run_chat(args: argparse.Namespace) -> None:
     flags, prompt = _take_option(args.flags, "--prompt")
     engine, system = _engine_flags(flags, "chat")
     run_chat(engine, prompt, system)
+
+
+def _run_api(args: argparse.Namespace) -> None:
+    from chipspan.infer.api import ServerSettings, serve
+
+    if _help_asked(
+        args.flags,
+        CHAT_SUMMARY.format(command="api") + "; API_HOST, API_PORT, API_KEY, API_MODEL_NAME, API_QUEUE",
+        "api",
+    ):
+        return
+    server = ServerSettings.from_environment()  # checked before the model loads
+    engine, system = _engine_flags(args.flags, "api")
+    serve(engine, server, system)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from chipspan.errors import ChipspanError
 from chipspan.infer.engine import Engine
 
 
@@ -62,7 +63,10 @@ def interact(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             continue
         if terminal:
             stdout.write("Assistant: ")
-        session.reply(message, stdout)
+        try:
+            session.reply(message, stdout)
+        except ChipspanError as exc:  # e.g. a conversation grown past the context: the session goes on
+            print(f"chipspan: error: {exc}", file=stderr)
 
 
 def run_chat(engine: Engine, prompt: str | None, system: str | None) -> None:

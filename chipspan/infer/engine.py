@@ -77,9 +77,13 @@ class Engine:
         stop_ids: set[int],
         settings: SamplingSettings,
         seed: int,
+        name: str = "model",
     ):
+        """``name``: what the model is called to clients (the API's model id)."""
         self.decoder, self.tokenizer, self.template, self.stop_ids = decoder, tokenizer, template, stop_ids
-        self.settings, self.vocab_rows = settings, decoder.stages[0].config.vocab_size
+        config = decoder.stages[0].config
+        self.settings, self.vocab_rows, self.context = settings, config.vocab_size, config.max_position_embeddings
+        self.name = name
         self.generator = torch.Generator(device=picking_device(decoder.devices[-1])).manual_seed(seed)
 
     @classmethod
@@ -131,7 +135,9 @@ class Engine:
         if placement.num_chips > 1:
             report(f"placement over {placement.num_chips} chips: " + "; ".join(placement.describe(config)))
         stops = stop_token_ids(folder, model.last, tokenizer, template)
-        return cls(SpannedDecoder(model), tokenizer, template, stops, settings, run.training.seed)
+        return cls(
+            SpannedDecoder(model), tokenizer, template, stops, settings, run.training.seed, folder.resolve().name
+        )
 
     def prompt_ids(self, messages: Sequence[tuple[str, str]], system: str | None = None) -> list[int]:
         """The ids training put before the answer to ``messages`` (checked by :func:`check_messages`);
@@ -159,6 +165,12 @@ class Engine:
         the engine's generator (seeded with --seed once) unless ``settings.seed`` is set."""
         settings = settings or self.settings
         prompt = self.prompt_ids(messages, system)
+        if len(prompt) >= self.context:
+            raise ChipspanError(
+                f"the conversation is {len(prompt)} tokens, as long as the model's context "
+                f"({self.context} positions) or longer: start a new conversation (clear) or shorten it"
+            )
+        settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, self.context - len(prompt)))
         stream = TextStream(self.tokenizer, stop)
 
         def on_token(token: int) -> None:
