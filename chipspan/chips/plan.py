@@ -202,11 +202,8 @@ def train_chips(run: RunArguments, config: ModelConfig, device_type: str) -> tup
     """
     auto = run.chips.chips == "auto"
     chip_ids = None if auto else devices.parse_chip_ids(run.chips.chips)
-    if not auto and len(chip_ids) > config.num_hidden_layers:
-        raise ChipspanError(
-            f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
-            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}"
-        )
+    if not auto:
+        check_chip_count(len(chip_ids), config)
     chip_bytes = _chip_memory(run, device_type, chip_ids[0] if chip_ids else 0)
     if chip_bytes is None:
         if auto:
@@ -247,16 +244,31 @@ def _auto_needs_memory(device_type: str) -> str:
     )
 
 
+def check_chip_count(count: int, config: ModelConfig) -> None:
+    """Refuse more chips than decoder layers: every chip holds at least one."""
+    if count > config.num_hidden_layers:
+        raise ChipspanError(
+            f"{count} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
+            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}"
+        )
+
+
+def emulated_chip_memory(run: RunArguments, device_type: str) -> int | None:
+    """--chip_memory in bytes (None when not given); refused on chips that report their own."""
+    if run.chips.chip_memory is None:
+        return None
+    if device_type != "emu":
+        raise ChipspanError(
+            f"--chip_memory sets the memory of emulated chips (--device emu); device '{device_type}' reports its own"
+        )
+    return parse_size(run.chips.chip_memory)
+
+
 def _chip_memory(run: RunArguments, device_type: str, chip_id: int) -> int | None:
     """Total bytes of one chip: --chip_memory on emulated chips, what chip ``chip_id`` reports on
     an accelerator, None where nothing says (the CPU)."""
     if run.chips.chip_memory is not None:
-        if device_type != "emu":
-            raise ChipspanError(
-                "--chip_memory sets the memory of emulated chips (--device emu); "
-                f"device '{device_type}' reports its own"
-            )
-        return parse_size(run.chips.chip_memory)
+        return emulated_chip_memory(run, device_type)
     if device_type == "emu" or device_type in devices.SINGLE_DEVICE_TYPES:
         return None
     devices.prepare_device_type(device_type)  # the plugin, before asking the chip

@@ -309,7 +309,9 @@ class Server:
     def _generate(self, chat: ChatRequest, on_text) -> Completion | RequestError:
         settings = self.engine.with_settings(**chat.changes)
         try:
-            return self.engine.generate(chat.turns, chat.system or self.system, settings, chat.stop, on_text)
+            return self.engine.generate(
+                chat.turns, chat.system or self.system, settings, chat.stop, on_text, within_context=True
+            )
         except ChipspanError as exc:  # the conversation itself is wrong (roles, length)
             return RequestError(400, str(exc), "messages")
         except _ClientGone:

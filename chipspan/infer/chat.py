@@ -65,7 +65,7 @@ def interact(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             stdout.write("Assistant: ")
         try:
             session.reply(message, stdout)
-        except ChipspanError as exc:  # e.g. a conversation grown past the context: the session goes on
+        except ChipspanError as exc:  # the session goes on
             print(f"chipspan: error: {exc}", file=stderr)
 
 

@@ -20,6 +20,7 @@ from chipspan.adapters.peft_io import adapter_folders, check_adapters, load_adap
 from chipspan.args import RunArguments
 from chipspan.chips.job import quant_settings
 from chipspan.chips.placement import even_placement
+from chipspan.chips.plan import check_chip_count, emulated_chip_memory
 from chipspan.chips.span import SpannedModel
 from chipspan.data.encode import encode_prompt
 from chipspan.data.template_auto import ChatTemplate
@@ -30,7 +31,6 @@ from chipspan.infer.spanned import SpannedDecoder
 from chipspan.infer.stream import TextStream
 from chipspan.models.config import ModelConfig
 from chipspan.models.tokenizer import Tokenizer
-from chipspan.models.weights import parse_size
 from chipspan.precision import choose_precision
 
 USER_SIDE, ASSISTANT_SIDE = ("user", "observation"), ("assistant", "function")
@@ -159,18 +159,23 @@ class Engine:
         settings: SamplingSettings | None = None,
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        within_context: bool = False,
     ) -> Completion:
         """Answer ``messages``; ``on_text`` gets the answer's text as it becomes final (whole
         characters, never the start of a ``stop`` string) and may raise to stop. Sampling draws from
-        the engine's generator (seeded with --seed once) unless ``settings.seed`` is set."""
+        the engine's generator (seeded with --seed once) unless ``settings.seed`` is set.
+        ``within_context``: refuse a prompt that fills the model's context (``max_position_embeddings``)
+        and end the answer where the context ends, which bounds what a client can make the chips hold;
+        otherwise positions past it are computed as transformers computes them."""
         settings = settings or self.settings
         prompt = self.prompt_ids(messages, system)
-        if len(prompt) >= self.context:
-            raise ChipspanError(
-                f"the conversation is {len(prompt)} tokens, as long as the model's context "
-                f"({self.context} positions) or longer: start a new conversation (clear) or shorten it"
-            )
-        settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, self.context - len(prompt)))
+        if within_context:
+            if len(prompt) >= self.context:
+                raise ChipspanError(
+                    f"the conversation is {len(prompt)} tokens, as long as the model's context "
+                    f"({self.context} positions) or longer: shorten it"
+                )
+            settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, self.context - len(prompt)))
         stream = TextStream(self.tokenizer, stop)
 
         def on_token(token: int) -> None:
@@ -230,18 +235,8 @@ def _placement(run: RunArguments, config: ModelConfig):
     if run.chips.chips == "auto":
         raise ChipspanError("--chips auto sizes a training job; name the chips to span, e.g. --chips 0-1")
     chip_ids = devices.parse_chip_ids(run.chips.chips or index or None)  # --device cuda:1 is chip 1
-    limit = None
-    if run.chips.chip_memory is not None:
-        if device_type != "emu":
-            raise ChipspanError(
-                f"--chip_memory sets the memory of emulated chips (--device emu); device '{device_type}' reports its own"
-            )
-        limit = parse_size(run.chips.chip_memory)
-    if len(chip_ids) > config.num_hidden_layers:
-        raise ChipspanError(
-            f"{len(chip_ids)} chips asked for (SOPHGO_SPLIT / --chips) but the model has only "
-            f"{config.num_hidden_layers} decoder layers; use at most {config.num_hidden_layers}"
-        )
+    check_chip_count(len(chip_ids), config)
+    limit = emulated_chip_memory(run, device_type)
     devices.prepare_device_type(device_type, chip_ids[-1] + 1, emu_memory_limit=limit)
     return even_placement(config, devices.chip_devices(device_type, chip_ids))
 
