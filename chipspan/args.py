@@ -118,7 +118,7 @@ PIPELINE_SCHEDULES = Choices(("gpipe", "1f1b", "interleaved1f1b"))
 LAUNCHERS = Choices(("torchrun",))
 QUANTIZATION_TYPES = Choices(("nf4", "fp4"))
 EXPORT_DEVICES = Choices(("cpu", "auto"))
-EXPORT_FORMATS = Choices(("hf",))
+EXPORT_FORMATS = Choices(("hf", "gguf"))
 GGUF_TYPES = Choices(("f32", "f16", "bf16", "q8_0"))
 EXPORT_DTYPES = Choices(("auto", "float32", "float16", "bfloat16"))
 # The Hugging Face Trainer's names; fused and device-specific AdamW kernels compute the same AdamW.

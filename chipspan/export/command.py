@@ -24,8 +24,9 @@ from chipspan.data.templates import Template, fix_tokenizer, get_template
 from chipspan.devices import chip_devices, default_device_type, parse_chip_ids, prepare_device_type
 from chipspan.errors import ChipspanError
 from chipspan.export.chat_template import chat_template_for
-from chipspan.export.merge import write_merged
+from chipspan.export.merge import merged_parts, tensor_shapes, write_merged
 from chipspan.models.config import ModelConfig
+from chipspan.models.gguf_export import check_config, tokenizer_metadata, write_gguf
 from chipspan.models.tokenizer import Tokenizer
 from chipspan.models.weights import parse_size
 from chipspan.paths import check_output, run_inputs
@@ -41,14 +42,26 @@ def run_export(run: RunArguments, say=lambda line: print(line, file=sys.stderr))
     out = _check_flags(run)
     base = Path(run.model.model_name_or_path)
     config = ModelConfig.from_folder(base)
+    gguf = export.export_format == "gguf"
+    if gguf:
+        check_config(config)
     adapters = adapter_folders(run.model.adapter_name_or_path)
     check_adapters(config, adapters)
     dtype = _export_dtype(export.infer_dtype, config)
     tokenizer, stop_words = _exported_tokenizer(run, base, config, say)
+    if gguf:
+        tokenizer_metadata(tokenizer, config.vocab_size)  # refuses a tokenizer a GGUF cannot hold
     device = _merge_device(run)
     settings = {"base": str(base.resolve()), "adapters": [str(a.resolve()) for a in adapters], "dtype": str(dtype)}
+    if gguf:
+        settings = {**settings, "dtype": None, "gguf": export.export_quantization}
     with writing(out, EXPORTED, settings) as folder:
-        _write_hf(folder, base, adapters, config, tokenizer, stop_words, dtype, run, device, say)
+        if gguf:
+            _write_gguf(
+                folder, out.name, base, adapters, config, tokenizer, stop_words, export.export_quantization, device, say
+            )
+        else:
+            _write_hf(folder, base, adapters, config, tokenizer, stop_words, dtype, run, device, say)
     return out
 
 
@@ -73,8 +86,14 @@ def _check_flags(run: RunArguments) -> Path:
         )
     if "export_quantization" in run.given and export.export_format != "gguf":
         raise ChipspanError("--export_quantization applies to --export_format gguf; drop it for a Hugging Face folder")
-    if export.export_format == "gguf" and export.export_legacy_format:
-        raise ChipspanError("--export_legacy_format writes .bin weights, which a GGUF export has none of; drop it")
+    if export.export_format == "gguf":
+        for flag, why in (
+            ("export_legacy_format", "writes .bin weights"),
+            ("export_size", "shards a Hugging Face folder"),
+            ("infer_dtype", "sets a Hugging Face folder's dtype (a GGUF's is --export_quantization)"),
+        ):
+            if flag in run.given:
+                raise ChipspanError(f"--{flag} {why}; a GGUF export is one file: drop it")
     out = Path(export.export_dir)
     check_output(out, "--export_dir", run_inputs(run))
     check_replaceable(out, EXPORTED, "chipspan export", run.training.overwrite_output_dir, "add --overwrite_output_dir")
@@ -180,6 +199,36 @@ def _write_hf(
         json.dumps(_generation_config(base, config, tokenizer, stop_words), indent=2) + "\n"
     )
     tokenizer.save(folder)
+
+
+def _write_gguf(
+    folder: Path,
+    name: str,
+    base: Path,
+    adapters: list[Path],
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    stop_words: tuple[str, ...],
+    quantization: str,
+    device: torch.device,
+    say,
+) -> None:
+    """One GGUF file, ``NAME-QUANT.gguf``, streamed from the merged parts."""
+    file = folder / f"{name}-{quantization}.gguf"
+    merging = f"merging {len(adapters)} adapter(s) into" if adapters else "reading"
+    say(f"{merging} {base} part by part on {device}, writing GGUF {quantization}")
+    tensors = (item for part in merged_parts(base, adapters, torch.float32, device) for item in part.items())
+    write_gguf(
+        file,
+        config,
+        tokenizer,
+        tensor_shapes(config),
+        tensors,
+        quantization,
+        name,
+        stop_words[0] if stop_words else None,
+    )
+    say(f"wrote {file.name} ({file.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _generation_config(base: Path, config: ModelConfig, tokenizer: Tokenizer, stop_words: tuple[str, ...]) -> dict:

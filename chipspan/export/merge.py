@@ -9,6 +9,7 @@ tensors' shapes before anything loads, so the peak is one part in fp32 plus one 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +37,20 @@ def parts(config: ModelConfig) -> list[Part]:
     return [Part((), True, False), *layers, Part((), False, True)]
 
 
-def tensor_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each tensor the export writes, in write order (read from a meta model: nothing loads)."""
-    sizes = {}
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor an export writes, in the order :func:`merged_parts` gives them (read
+    from a meta model: nothing loads)."""
+    shapes = {}
     for part in parts(config):
         with torch.device("meta"):
             model = CausalLM(config, layers=part.layers, embed=part.embed, head=part.head)
-        sizes.update({name: t.numel() * dtype.itemsize for name, t in model_state_dict(model).items()})
-    return sizes
+        shapes.update({name: tuple(t.shape) for name, t in model_state_dict(model).items()})
+    return shapes
+
+
+def tensor_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of each tensor the export writes in ``dtype``, in write order."""
+    return {name: math.prod(shape) * dtype.itemsize for name, shape in tensor_shapes(config).items()}
 
 
 def shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -78,7 +85,7 @@ def write_merged(
     shard_of = {name: i for i, shard in enumerate(plan) for name in shard}
     pending: dict[str, torch.Tensor] = {}
     written = 0
-    for tensors in _merged_parts(base, adapters, dtype, device):
+    for tensors in merged_parts(base, adapters, dtype, device):
         pending.update(tensors)
         while written < len(plan) and all(name in pending for name in plan[written]):
             _write_shard({name: pending.pop(name) for name in plan[written]}, out / names[written], legacy)
@@ -96,10 +103,10 @@ def write_merged(
     return [out / name for name in names]
 
 
-def _merged_parts(
+def merged_parts(
     base: Path, adapters: list[Path], dtype: torch.dtype, device: str | torch.device
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Each part's tensors, merged and cast, on the CPU."""
+    """Each part's HF-named tensors, merged and cast to ``dtype``, on the CPU (one part in fp32 at a time)."""
     config = ModelConfig.from_folder(base)
     for part in parts(config):
         model = load_pretrained(base, torch.float32, device, layers=part.layers, embed=part.embed, head=part.head)

@@ -36,8 +36,8 @@ CONVERTED = "converted"  # the kind of folder the manifest of a conversion marks
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -49,7 +49,7 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-_ROPE_FREQS = "rope_freqs.weight"
+ROPE_FREQS = "rope_freqs.weight"
 
 # Files of a Hugging Face tokenizer folder, copied as they are when ``tokenizer_dir`` is given.
 _TOKENIZER_FILES = (
@@ -66,7 +66,7 @@ _TOKENIZER_FILES = (
 _PASS_TOKENIZER_DIR = "pass tokenizer_dir (a Hugging Face folder with the model's tokenizer.json)"
 
 # The pre-tokenizer split of Llama 3 (tiktoken's pattern), llama.cpp's "llama-bpe".
-_LLAMA3_SPLIT = (
+LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -157,7 +157,7 @@ def hf_config(reader: gguf.GGUFReader, dtype: str) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": _short_float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
-        "rope_scaling": _rope_scaling(reader, tensors.get(_ROPE_FREQS), theta, head_dim),
+        "rope_scaling": _rope_scaling(reader, tensors.get(ROPE_FREQS), theta, head_dim),
         "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": False,
@@ -276,16 +276,7 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], vocab: d
     scores = meta.get("tokenizer.ggml.scores")
     if not scores or len(scores) != len(tokens):
         raise ChipspanError(f"GGUF SentencePiece tokenizer has no score for every token; {_PASS_TOKENIZER_DIR}")
-    ranked = []
-    for piece_id, (piece, kind) in enumerate(zip(tokens, types)):
-        if kind != _NORMAL:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
-            if left is not None and right is not None:
-                ranked.append((-scores[piece_id], left, right))
-    ranked.sort()
-    merges = [(tokens[left], tokens[right]) for _, left, right in ranked]
+    merges = sentencepiece_merges(tokens, types, scores, vocab)
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -299,6 +290,23 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], vocab: d
         ]
     )
     return tokenizer
+
+
+def sentencepiece_merges(
+    tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]
+) -> list[tuple[str, str]]:
+    """The BPE merges of a SentencePiece vocabulary: every split of a normal piece into two pieces of
+    ``vocab`` (token -> first id), best-scored piece first, ties by the left then the right part's id."""
+    ranked = []
+    for piece_id, (piece, kind) in enumerate(zip(tokens, types)):
+        if kind != _NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
+            if left is not None and right is not None:
+                ranked.append((-scores[piece_id], left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, left, right in ranked]
 
 
 def _split_merge(merge: str) -> tuple[str, str]:
@@ -321,7 +329,7 @@ def _byte_level_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bo
     if pre in ("llama-bpe", "llama3", "llama-v3"):
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         ), True
@@ -380,7 +388,7 @@ def llama3_rope_scaling(divisors: np.ndarray, theta: float, head_dim: int) -> di
     factor = _short_float(divisors.max())
     if factor <= 1.0:
         return None
-    wavelen = 2 * np.pi * theta ** (np.arange(len(divisors)) * 2 / head_dim)
+    wavelen = rope_wavelengths(theta, head_dim)
     between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
     unknown = ChipspanError("GGUF rope_freqs tensor is not llama3 rope scaling; chipspan cannot convert it")
     if between.sum() < 2:
@@ -395,13 +403,19 @@ def llama3_rope_scaling(divisors: np.ndarray, theta: float, head_dim: int) -> di
         "high_freq_factor": high,
         "original_max_position_embeddings": int(round(a * (high - 1))),
     }
-    if not np.allclose(_llama3_divisors(scaling, wavelen), divisors, rtol=1e-4):
+    if not np.allclose(llama3_divisors(scaling, wavelen), divisors, rtol=1e-4):
         raise unknown
     return scaling
 
 
-def _llama3_divisors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
-    """The per-frequency divisors llama3 scaling applies, ``[head_dim/2]`` (HF's formula)."""
+def rope_wavelengths(theta: float, head_dim: int) -> np.ndarray:
+    """The wavelength of each rotary frequency, ``2*pi / theta^(-2i/head_dim)``, ``[head_dim/2]``."""
+    return 2 * np.pi * theta ** (np.arange(head_dim // 2) * 2 / head_dim)
+
+
+def llama3_divisors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
+    """The per-frequency divisors llama3 scaling applies, ``[head_dim/2]`` (HF's formula); llama.cpp
+    stores them as the ``rope_freqs`` tensor."""
     factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     s = np.clip((scaling["original_max_position_embeddings"] / wavelen - lo) / (hi - lo), 0, 1)
     return 1 / ((1 - s) / factor + s)
@@ -430,7 +444,7 @@ def _tensor_plan(reader, config: dict) -> list[tuple[str, object, int | None]]:
     heads = {"self_attn.q_proj": n_head, "self_attn.k_proj": n_kv}
     plan = []
     for t in reader.tensors:
-        if t.name == _ROPE_FREQS:
+        if t.name == ROPE_FREQS:
             continue
         name = _hf_name(t.name, config["num_hidden_layers"])
         kind = re.sub(r"^model\.layers\.\d+\.", "", name).removesuffix(".weight")
@@ -447,7 +461,7 @@ def _tensor_plan(reader, config: dict) -> list[tuple[str, object, int | None]]:
         plan.append((name, t, heads.get(kind)))
     layers = range(config["num_hidden_layers"])
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{n}.weight" for i in layers for n in _LAYER_NAMES.values()
+        f"model.layers.{i}.{n}.weight" for i in layers for n in LAYER_NAMES.values()
     }
     missing = sorted(expected - {name for name, _, _ in plan})
     if missing:
@@ -460,11 +474,11 @@ def _tensor_plan(reader, config: dict) -> list[tuple[str, object, int | None]]:
 def _hf_name(gguf_name: str, n_layers: int) -> str:
     """HF key of a GGUF tensor: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     m = _LAYER_TENSOR.fullmatch(gguf_name)
-    if m and m[2] in _LAYER_NAMES and int(m[1]) < n_layers:
-        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.weight"
+    if m and m[2] in LAYER_NAMES and int(m[1]) < n_layers:
+        return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.weight"
     base = gguf_name.removesuffix(".weight")
-    if gguf_name.endswith(".weight") and base in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[base]}.weight"
+    if gguf_name.endswith(".weight") and base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.weight"
     raise ChipspanError(f"GGUF tensor {gguf_name!r} has no place in a plain Llama model")
 
 
