@@ -1,9 +1,9 @@
 """Peak host memory of `chipspan export` against the model's size, side by side in one run.
 
 A random Llama of about 0.8 GB (fp32; --layers and --hidden change it) with a LoRA adapter on every
-projection is exported three ways, each in its own process: importing chipspan and reading the
-config only (the baseline), loading the whole model (what a merge that holds the model needs), and
-`chipspan export` with shards of --shard_size. Each line is the process's peak RSS above the
+projection is exported four ways, each in its own process: importing chipspan and reading the
+config only (the baseline), loading the whole model (what a merge that holds the model needs),
+`chipspan export` with shards of --shard_size, and `chipspan export` to one GGUF file (q8_0). Each line is the process's peak RSS above the
 baseline, as a ratio of the model's bytes.
 
     python bench/export_memory.py [--layers 16] [--hidden 1024] [--shard_size 200MB]
@@ -35,6 +35,11 @@ STEPS = {
     "chipspan export": (
         "from chipspan.cli import main; main(['export', '--model_name_or_path', {base!r}, "
         "'--adapter_name_or_path', {adapter!r}, '--export_dir', {out!r}, '--export_size', {shard!r}])"
+    ),
+    "export to GGUF q8_0": (
+        "from chipspan.cli import main; main(['export', '--model_name_or_path', {base!r}, "
+        "'--adapter_name_or_path', {adapter!r}, '--export_dir', {out!r} + '-gguf', '--export_format', 'gguf', "
+        "'--export_quantization', 'q8_0'])"
     ),
 }
 
@@ -79,9 +84,9 @@ def main() -> None:
         values = dict(base=str(base), adapter=str(adapter), out=str(Path(tmp) / "out"), shard=args.shard_size)
         peaks = {name: peak_rss(code.format(**values)) for name, code in STEPS.items()}
         print(f"model: {size / 1e9:.2f} GB fp32, {args.layers} layers; shards of {args.shard_size}")
-        for name in ("whole model", "chipspan export"):
+        for name in ("whole model", "chipspan export", "export to GGUF q8_0"):
             extra = peaks[name] - peaks["baseline"]
-            print(f"  {name:<16} peak above baseline {extra / 1e9:5.2f} GB = {extra / size:.2f} x the model")
+            print(f"  {name:<20} peak above baseline {extra / 1e9:5.2f} GB = {extra / size:.2f} x the model")
 
 
 if __name__ == "__main__":

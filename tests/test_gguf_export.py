@@ -261,6 +261,21 @@ def test_a_failure_midway_leaves_nothing_and_an_export_is_replaced_only_when_ask
     assert sorted(p.name for p in out.iterdir()) == ["chipspan_manifest.json", "out-q8_0.gguf"]
 
 
+def test_f16_refuses_values_beyond_its_range_and_leaves_nothing(tmp_path, capsys):
+    model, folder = model_folder(tmp_path, "llama2-mha")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = 1e5
+    model.save_pretrained(folder)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert (
+        main(["export", "--model_name_or_path", str(folder), "--export_dir", str(out), "--export_format", "gguf"]) == 1
+    )
+    assert "blk.1.ffn_up.weight holds values beyond float16's range" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert export_gguf(folder, out, "--export_quantization", "bf16").name == "out-bf16.gguf"
+
+
 def test_rope_rows_permute_and_unpermute_are_inverse():
     from chipspan.models.gguf_import import unpermute_rope_rows
 
