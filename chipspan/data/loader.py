@@ -31,7 +31,7 @@ from chipspan.data.examples import EncodedExamples
 from chipspan.data.formats import TEXT_ONLY, BadRow, Conversation, converter, media_column
 from chipspan.data.stats import DataStats
 from chipspan.data.template_auto import ChatTemplate
-from chipspan.data.templates import Template, fix_tokenizer, get_template, revision_notice
+from chipspan.data.templates import Template, fix_tokenizer, revision_notice, run_template
 from chipspan.errors import ChipspanError, shown
 
 if TYPE_CHECKING:
@@ -199,13 +199,7 @@ def _check(
         raise ChipspanError("supervised fine-tuning needs a template: pass --template, e.g. default")
     template = None
     if data.template is not None:
-        template = get_template(
-            data.template,
-            data.template_revision,
-            tokenizer=tokenizer,
-            default_system=data.default_system,
-            tool_format=data.tool_format,
-        )
+        template = run_template(data, tokenizer)
         check_options(template, data.train_on_prompt, data.mask_history)
     probs = mixing.parse_probs(data.mix_strategy, data.interleave_probs, len(entries))
     return entries, files, template, probs

@@ -28,6 +28,7 @@ from chipspan.data import template_tools
 from chipspan.errors import ChipspanError
 
 if TYPE_CHECKING:
+    from chipspan.args import DataArguments
     from chipspan.data.template_auto import ChatTemplate
     from chipspan.models.tokenizer import Tokenizer
 
@@ -251,6 +252,18 @@ def _tables() -> dict[str, dict[str, Template]]:
 
 
 TEMPLATES: dict[str, dict[str, Template]] = _tables()
+
+
+def run_template(data: DataArguments, tokenizer: Tokenizer | None = None) -> Template | ChatTemplate:
+    """The template a run's --template, --template_revision, --default_system and --tool_format name,
+    as training, chat and export all read it."""
+    return get_template(
+        data.template,
+        data.template_revision,
+        tokenizer=tokenizer,
+        default_system=data.default_system,
+        tool_format=data.tool_format,
+    )
 
 
 def get_template(

@@ -20,7 +20,7 @@ import torch
 from chipspan.adapters.peft_io import adapter_folders, check_adapters
 from chipspan.args import RunArguments
 from chipspan.data.template_auto import ChatTemplate
-from chipspan.data.templates import Template, fix_tokenizer, get_template
+from chipspan.data.templates import Template, fix_tokenizer, run_template
 from chipspan.devices import chip_devices, default_device_type, parse_chip_ids, prepare_device_type
 from chipspan.errors import ChipspanError
 from chipspan.export.chat_template import chat_template_for
@@ -131,9 +131,7 @@ def _exported_tokenizer(run: RunArguments, base: Path, config: ModelConfig, say)
         )
         return tokenizer, ()
     data = run.data
-    template = get_template(
-        data.template, data.template_revision, tokenizer=tokenizer, default_system=data.default_system
-    )
+    template = run_template(data, tokenizer)
     fix_tokenizer(tokenizer, template)
     if len(tokenizer) > config.vocab_size:
         raise ChipspanError(

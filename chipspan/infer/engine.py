@@ -24,7 +24,7 @@ from chipspan.chips.plan import check_chip_count, emulated_chip_memory
 from chipspan.chips.span import SpannedModel
 from chipspan.data.encode import encode_prompt
 from chipspan.data.template_auto import ChatTemplate
-from chipspan.data.templates import Template, fix_tokenizer, get_template
+from chipspan.data.templates import Template, fix_tokenizer, get_template, run_template
 from chipspan.errors import ChipspanError
 from chipspan.infer.generate import SamplingSettings, generate, picking_device, sampling_settings
 from chipspan.infer.spanned import SpannedDecoder
@@ -207,13 +207,7 @@ def chat_template(run: RunArguments, tokenizer: Tokenizer) -> tuple[Template | C
     saying which."""
     data = run.data
     if "template" in run.given:
-        template = get_template(
-            data.template,
-            data.template_revision,
-            tokenizer=tokenizer,
-            default_system=data.default_system,
-            tool_format=data.tool_format,
-        )
+        template = run_template(data, tokenizer)
         revision = "" if isinstance(template, ChatTemplate) else f" ({template.revision})"
         return template, f"note: template {template.name}{revision}: prompts are encoded as training encodes them"
     if tokenizer.chat_template is not None:
