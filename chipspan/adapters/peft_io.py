@@ -345,6 +345,17 @@ def adapter_folders(given: str | None) -> list[Path]:
     return [Path(part.strip()) for part in given.split(",") if part.strip()]
 
 
+def run_adapters(adapter_name_or_path: str | None, finetuning_type: str) -> list[Path]:
+    """The adapter folders a run names, refused unless they sit on a LoRA run (chat, api, export)."""
+    folders = adapter_folders(adapter_name_or_path)
+    if folders and finetuning_type != "lora":
+        raise ChipspanError(
+            f"--adapter_name_or_path is for LoRA adapters, but --finetuning_type is {finetuning_type}: a "
+            "full or freeze fine-tune is a whole model folder; pass it as --model_name_or_path, without adapters"
+        )
+    return folders
+
+
 def check_adapters(config: ModelConfig, folders: list[Path]) -> list[LoraSettings]:
     """:func:`check_adapter` for each folder, before any weight is read."""
     return [check_adapter(config, folder) for folder in folders]

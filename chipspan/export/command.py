@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from chipspan.adapters.peft_io import adapter_folders, check_adapters
+from chipspan.adapters.peft_io import adapter_folders, check_adapters, run_adapters
 from chipspan.args import RunArguments
 from chipspan.data.template_auto import ChatTemplate
 from chipspan.data.templates import Template, fix_tokenizer, run_template
@@ -72,13 +72,7 @@ def _check_flags(run: RunArguments) -> Path:
         raise ChipspanError("chipspan export needs --model_name_or_path: the base model folder")
     if not export.export_dir:
         raise ChipspanError("chipspan export needs --export_dir: the folder to write the exported model in")
-    adapters = adapter_folders(run.model.adapter_name_or_path)
-    if adapters and run.finetuning.finetuning_type != "lora":
-        raise ChipspanError(
-            f"--adapter_name_or_path is for LoRA adapters, but --finetuning_type is "
-            f"{run.finetuning.finetuning_type}: a full or freeze fine-tune is exported from its own folder "
-            "(--model_name_or_path OUTPUT_DIR) without adapters"
-        )
+    run_adapters(run.model.adapter_name_or_path, run.finetuning.finetuning_type)
     if run.model.quantization_bit is not None:
         raise ChipspanError(
             "--quantization_bit: export merges adapters into the unquantized base (a merged 4- or 8-bit "

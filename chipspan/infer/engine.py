@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from chipspan import devices
-from chipspan.adapters.peft_io import adapter_folders, check_adapters, load_adapters
+from chipspan.adapters.peft_io import check_adapters, load_adapters, run_adapters
 from chipspan.args import RunArguments
 from chipspan.chips.job import quant_settings
 from chipspan.chips.placement import even_placement
@@ -109,12 +109,7 @@ class Engine:
                 f"template '{template.name}' makes {tokenizer.eos_token} the EOS, which the model's "
                 f"{config.vocab_size} embeddings lack: pick the template the model was trained with"
             )
-        adapters = adapter_folders(run.model.adapter_name_or_path)
-        if adapters and run.finetuning.finetuning_type != "lora":
-            raise ChipspanError(
-                f"--adapter_name_or_path is for LoRA: --finetuning_type {run.finetuning.finetuning_type} "
-                "models are whole folders; pass the trained folder as --model_name_or_path"
-            )
+        adapters = run_adapters(run.model.adapter_name_or_path, run.finetuning.finetuning_type)
         quant = quant_settings(run)
         if quant is not None and len(adapters) > 1:
             raise ChipspanError(
