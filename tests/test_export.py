@@ -186,6 +186,20 @@ def test_exported_chat_template_gives_the_prompt_ids_training_used(tmp_path, req
     assert {ours.token_to_id(word) for word in trained.stop_words} | {ours.eos_token_id} == set(eos)
 
 
+def test_template_auto_keeps_the_models_own_chat_template(tmp_path, smollm2_dir):
+    """--template auto trained with the model's own template: that template is what the export keeps."""
+    ours = Tokenizer.from_folder(smollm2_dir)
+    folder = chat_model(tmp_path, smollm2_dir, len(ours))
+    out = tmp_path / "merged"
+    assert export("--model_name_or_path", folder, "--export_dir", out, "--template", "auto") == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.chat_template == ours.chat_template
+    pairs = [(m["role"], m["content"]) for m in CONVERSATION[1:]]
+    trained = get_template("auto", tokenizer=ours)
+    got = _ids(theirs.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True))
+    assert got == encode_prompt(pairs, trained, ours, CONVERSATION[0]["content"])
+
+
 def _ids(encoded):
     """transformers 4.x returns a list of ids, 5.x a BatchEncoding."""
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
