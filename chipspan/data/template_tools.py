@@ -1,5 +1,6 @@
 """Tool use in prompts: the text that lists the tools (put after the system prompt) and the text of
-an assistant's function call, in each tool format a template can name.
+an assistant's function call, in each tool format a template can name; and, for serving, the calls
+read back out of a generated answer (:func:`extract_calls`).
 
 Formats: ``lf-0.5`` (LLaMA-Factory 0.5's only one), and LLaMA-Factory 0.9's ``default``, ``llama3``,
 ``qwen``, ``mistral`` and ``glm4``. Tools arrive as the dataset's JSON text (a list of function
@@ -10,6 +11,7 @@ text of one call ``{"name": ..., "arguments": ...}`` or a list of them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
 
@@ -208,3 +210,53 @@ def calls_text(tool_format: str, content: str) -> str:
             f"function call {content[:60]!r} is not JSON with name and arguments: fix the dataset"
         ) from exc
     return _CALLS[tool_format](calls)
+
+
+def extract_calls(tool_format: str, text: str) -> list[Call] | None:
+    """The function calls a generated answer makes in ``tool_format``, ``[(name, arguments JSON)]``;
+    None when the answer is text (no call, or one whose arguments are not a JSON object)."""
+    try:
+        calls = _EXTRACT[tool_format](text.strip())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    if not calls or not all(isinstance(name, str) and name and isinstance(args, dict) for name, args in calls):
+        return None
+    return [(name, _dumps(args)) for name, args in calls]
+
+
+_ACTION = re.compile(r"Action:\s*(.+?)\s*Action Input:\s*(.+?)(?=\s*Action:|\s*$)", re.DOTALL)
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>", re.DOTALL)
+
+
+def _default_extract(text: str) -> list[tuple[str, object]]:
+    return [(name.strip(), json.loads(args)) for name, args in _ACTION.findall(text)]
+
+
+def _glm4_extract(text: str) -> list[tuple[str, object]]:
+    name, args = text.split("\n", 1)
+    return [(name.strip(), json.loads(args))]
+
+
+def _llama3_extract(text: str) -> list[tuple[str, object]]:
+    parsed = json.loads(text)
+    return [(c["name"], c["parameters"]) for c in (parsed if isinstance(parsed, list) else [parsed])]
+
+
+def _mistral_extract(text: str) -> list[tuple[str, object]]:
+    parsed = json.loads(text.removeprefix("[TOOL_CALLS]").strip())
+    return [(c["name"], c["arguments"]) for c in (parsed if isinstance(parsed, list) else [parsed])]
+
+
+def _qwen_extract(text: str) -> list[tuple[str, object]]:
+    found = [json.loads(call) for call in _TOOL_CALL.findall(text)]
+    return [(c["name"], c["arguments"]) for c in found]
+
+
+_EXTRACT: dict[str, Callable[[str], list[tuple[str, object]]]] = {
+    "lf-0.5": _default_extract,  # LLaMA-Factory 0.5 wrote calls as "Action: ... Action Input: ..."
+    "default": _default_extract,
+    "llama3": _llama3_extract,
+    "qwen": _qwen_extract,
+    "mistral": _mistral_extract,
+    "glm4": _glm4_extract,
+}

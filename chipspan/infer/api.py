@@ -85,6 +85,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    tools: str = ""  # the tools' function schemas as JSON text ("" for none)
 
 
 def parse_chat_request(body: object, model_name: str, engine: Engine) -> ChatRequest:
@@ -97,9 +98,10 @@ def parse_chat_request(body: object, model_name: str, engine: Engine) -> ChatReq
     if model != model_name:
         raise RequestError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", "model")
     system, turns = _turns(body.get("messages"))
-    for name in ("tools", "functions", "tool_choice", "response_format", "logprobs"):
-        if body.get(name) not in (None, False, [], "none", {"type": "text"}):
-            raise RequestError(400, f"'{name}' is not supported by chipspan api yet", name)
+    tools = _tools(body.get("tools"), body.get("tool_choice"))
+    for name in ("functions", "response_format", "logprobs"):
+        if body.get(name) not in (None, False, [], {"type": "text"}):
+            raise RequestError(400, f"'{name}' is not supported by chipspan api", name)
     if _number(body, "n", 1, 1, 1, whole=True) != 1:
         raise RequestError(400, "'n' must be 1: one answer per request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -118,7 +120,27 @@ def parse_chat_request(body: object, model_name: str, engine: Engine) -> ChatReq
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", "stream_options")
-    return ChatRequest(turns, system, changes, stop, stream, bool(options.get("include_usage")))
+    return ChatRequest(turns, system, changes, stop, stream, bool(options.get("include_usage")), tools)
+
+
+def _tools(tools: object, choice: object) -> str:
+    """The function schemas of OpenAI's ``tools`` as the JSON text templates list; "" for none.
+    The model decides whether to call (``tool_choice`` "auto"); "none" sends no tools."""
+    if tools in (None, []) or choice == "none":
+        return ""
+    if choice not in (None, "auto"):
+        raise RequestError(
+            400, '\'tool_choice\' may be "auto" or "none": the model decides whether to call', "tool_choice"
+        )
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict)
+        and t.get("type", "function") == "function"
+        and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
+        raise RequestError(400, '\'tools\' must be a list of {"type": "function", "function": {"name", ...}}', "tools")
+    return json.dumps([t["function"] for t in tools], ensure_ascii=False)
 
 
 def _turns(messages: object) -> tuple[str | None, list[tuple[str, str]]]:
@@ -130,9 +152,11 @@ def _turns(messages: object) -> tuple[str | None, list[tuple[str, str]]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(400, f"{where} must be an object with 'role' and 'content'", where)
-        role, text = message.get("role"), _text(message.get("content"), where)
-        if message.get("tool_calls"):
-            raise RequestError(400, f"{where}: tool calls are not supported by chipspan api yet", where)
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            turns.append(("function", _calls_content(message["tool_calls"], where)))
+            continue
+        text = _text(message.get("content"), where)
         if role in ("system", "developer"):
             if i != 0:
                 raise RequestError(400, f"{where}: a system message must come first", where)
@@ -142,6 +166,21 @@ def _turns(messages: object) -> tuple[str | None, list[tuple[str, str]]]:
         else:
             raise RequestError(400, f"{where}: unknown role {str(role)[:40]!r} (system, user, assistant, tool)", where)
     return system, turns
+
+
+def _calls_content(tool_calls: object, where: str) -> str:
+    """An assistant's ``tool_calls`` as a function message's content: the JSON list of
+    ``{"name", "arguments"}``, the arguments read from their JSON text (as the datasets hold them)."""
+    calls = []
+    for call in tool_calls if isinstance(tool_calls, list) else [None]:
+        function = call.get("function") if isinstance(call, dict) else None
+        try:
+            calls.append({"name": function["name"], "arguments": json.loads(function.get("arguments") or "{}")})
+        except (TypeError, KeyError, ValueError, RecursionError):
+            raise RequestError(
+                400, f"{where}.tool_calls: each needs a function with a name and JSON arguments", f"{where}.tool_calls"
+            ) from None
+    return json.dumps(calls, ensure_ascii=False)
 
 
 def _text(content: object, where: str) -> str:
@@ -248,19 +287,21 @@ class Server:
         completion = await self._run(chat, on_text=None)
         if isinstance(completion, RequestError):
             return _error_response(completion)
-        return _json_response(
-            {
-                **self._envelope("chat.completion"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "finish_reason": completion.finish_reason,
-                    }
-                ],
-                "usage": _usage(completion),
-            }
-        )
+        message, finish_reason = self._message(chat, completion)
+        choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason}
+        return _json_response({**self._envelope("chat.completion"), "choices": [choice], "usage": _usage(completion)})
+
+    def _message(self, chat: ChatRequest, completion: Completion) -> tuple[dict, str]:
+        """The answer as an OpenAI message body and its finish reason: the function calls it makes
+        when the request offered tools, else its text."""
+        calls = self.engine.function_calls(completion.text) if chat.tools else None
+        if not calls:
+            return {"content": completion.text}, completion.finish_reason
+        tool_calls = [
+            {"id": f"call_{uuid.uuid4().hex}", "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls
+        ]
+        return {"content": None, "tool_calls": tool_calls}, "tool_calls"
 
     async def _streamed(self, chat: ChatRequest):
         from starlette.responses import StreamingResponse
@@ -272,7 +313,8 @@ class Server:
                 raise _ClientGone
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        task = asyncio.ensure_future(self._run(chat, on_text))
+        # with tools an answer may be a call, known only once it is complete: it comes in one piece
+        task = asyncio.ensure_future(self._run(chat, None if chat.tools else on_text))
         task.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         envelope = self._envelope("chat.completion.chunk")
 
@@ -289,7 +331,12 @@ class Server:
                 if isinstance(completion, RequestError):  # e.g. a prompt longer than the context
                     yield _event(_error_body(completion))
                 else:
-                    yield chunk({}, completion.finish_reason)
+                    finish_reason = completion.finish_reason
+                    if chat.tools:
+                        message, finish_reason = self._message(chat, completion)
+                        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls", []))]
+                        yield chunk({"tool_calls": calls} if calls else {"content": completion.text})
+                    yield chunk({}, finish_reason)
                     if chat.include_usage:
                         yield _event({**envelope, "choices": [], "usage": _usage(completion)})
                 yield "data: [DONE]\n\n"
@@ -310,7 +357,13 @@ class Server:
         settings = self.engine.with_settings(**chat.changes)
         try:
             return self.engine.generate(
-                chat.turns, chat.system or self.system, settings, chat.stop, on_text, within_context=True
+                chat.turns,
+                chat.system or self.system,
+                settings,
+                chat.stop,
+                on_text,
+                within_context=True,
+                tools=chat.tools,
             )
         except ChipspanError as exc:  # the conversation itself is wrong (roles, length)
             return RequestError(400, str(exc), "messages")

@@ -24,6 +24,7 @@ from chipspan.chips.plan import check_chip_count, emulated_chip_memory
 from chipspan.chips.span import SpannedModel
 from chipspan.data.encode import encode_prompt
 from chipspan.data.template_auto import ChatTemplate
+from chipspan.data.template_tools import extract_calls, tools_text
 from chipspan.data.templates import Template, fix_tokenizer, get_template, run_template
 from chipspan.errors import ChipspanError
 from chipspan.infer.generate import SamplingSettings, generate, picking_device, sampling_settings
@@ -134,11 +135,17 @@ class Engine:
             SpannedDecoder(model), tokenizer, template, stops, settings, run.training.seed, folder.resolve().name
         )
 
-    def prompt_ids(self, messages: Sequence[tuple[str, str]], system: str | None = None) -> list[int]:
+    def prompt_ids(self, messages: Sequence[tuple[str, str]], system: str | None = None, tools: str = "") -> list[int]:
         """The ids training put before the answer to ``messages`` (checked by :func:`check_messages`);
-        ``system`` None or "": the template's default system prompt."""
+        ``system`` None or "": the template's default system prompt; ``tools``: the JSON text of the
+        tools' schemas, listed as the template lists them."""
         check_messages(messages)
-        ids = encode_prompt(list(messages), self.template, self.tokenizer, system or "")
+        if tools and isinstance(self.template, Template) and not tools_text(self.template.tool_format, tools):
+            raise ChipspanError(
+                f"the tools cannot be listed in tool format {self.template.tool_format}: each needs a name and "
+                "parameters with properties"
+            )
+        ids = encode_prompt(list(messages), self.template, self.tokenizer, system or "", tools)
         beyond = [i for i in ids if i >= self.vocab_rows]
         if beyond:
             raise ChipspanError(
@@ -155,15 +162,17 @@ class Engine:
         stop: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         within_context: bool = False,
+        tools: str = "",
     ) -> Completion:
         """Answer ``messages``; ``on_text`` gets the answer's text as it becomes final (whole
         characters, never the start of a ``stop`` string) and may raise to stop. Sampling draws from
         the engine's generator (seeded with --seed once) unless ``settings.seed`` is set.
         ``within_context``: refuse a prompt that fills the model's context (``max_position_embeddings``)
         and end the answer where the context ends, which bounds what a client can make the chips hold;
-        otherwise positions past it are computed as transformers computes them."""
+        otherwise positions past it are computed as transformers computes them. ``tools``: as for
+        :meth:`prompt_ids`."""
         settings = settings or self.settings
-        prompt = self.prompt_ids(messages, system)
+        prompt = self.prompt_ids(messages, system, tools)
         if within_context:
             if len(prompt) >= self.context:
                 raise ChipspanError(
@@ -190,6 +199,13 @@ class Engine:
             on_text(rest)
         ended = stream.stopped or len(stream.ids) < settings.max_new_tokens
         return Completion(stream.text, len(prompt), len(stream.ids), "stop" if ended else "length")
+
+    def function_calls(self, answer: str) -> list[tuple[str, str]] | None:
+        """The function calls ``answer`` makes in the template's tool format, ``[(name, arguments
+        JSON)]``; None for a text answer, or under ``--template auto`` (its calls have no known form)."""
+        if isinstance(self.template, ChatTemplate):
+            return None
+        return extract_calls(self.template.tool_format, answer)
 
     def with_settings(self, **changes) -> SamplingSettings:
         """The engine's settings with ``changes`` (SamplingSettings fields)."""
