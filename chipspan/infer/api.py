@@ -273,14 +273,10 @@ class Server:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "chipspan"}
 
     async def chat_completions(self, request):
-        try:
-            self._check_key(request)
-            body = await _read_json(request)
-            chat = parse_chat_request(body, self.model_name, self.engine)
-            if self.waiting >= self.settings.queue:
-                raise RequestError(429, f"{self.waiting} requests are waiting; try again later")
-        except RequestError as exc:
-            return _error_response(exc)
+        self._check_key(request)
+        chat = parse_chat_request(await _read_json(request), self.model_name, self.engine)
+        if self.waiting >= self.settings.queue:
+            raise RequestError(429, f"{self.waiting} requests are waiting; try again later")
         return await (self._streamed(chat) if chat.stream else self._answered(chat))
 
     async def _answered(self, chat: ChatRequest):
